@@ -1,0 +1,147 @@
+"""Fill an abstract NNX module from tensors named and laid out as in PyTorch.
+
+jaxdiff's networks mirror the attribute names of the diffusers / transformers modules they are
+compatible with (``down_blocks.0.resnets.1.conv1``), so a single rule maps every checkpoint key onto
+an NNX parameter path: the last name ``weight`` becomes ``kernel`` (Linear, Conv: transposed to
+``(in, out)`` / ``(H, W, in, out)``), ``scale`` (norms) or ``embedding`` (Embed), and ``bias`` stays.
+Models whose names differ pass a ``rename`` function for the few keys that need it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+import re
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+M = TypeVar("M", bound=nnx.Module)
+
+_WEIGHT_ALIASES = ("kernel", "scale", "embedding")
+
+
+class CheckpointMismatchError(ValueError):
+    """Checkpoint tensors do not fit the model: lists the missing, unexpected and mis-shaped names."""
+
+
+def _torch_key(path: tuple[Any, ...]) -> tuple[str, str]:
+    """NNX path -> (torch key, kind of parameter)."""
+    *head, leaf = (str(p) for p in path)
+    kind = leaf
+    if leaf in _WEIGHT_ALIASES:
+        leaf = "weight"
+    return ".".join([*head, leaf]), kind
+
+
+def torch_name_map(abstract_state: nnx.State) -> dict[str, tuple[tuple[Any, ...], str]]:
+    """Torch key -> (NNX path, parameter kind) for every parameter of an abstract state."""
+    out = {}
+    for path, _ in nnx.to_flat_state(abstract_state):
+        key, kind = _torch_key(path)
+        out[key] = (path, kind)
+    return out
+
+
+def to_jax_layout(array: np.ndarray, kind: str) -> np.ndarray:
+    """PyTorch layout -> Flax layout for one tensor of the given parameter kind."""
+    if kind != "kernel":
+        return array
+    if array.ndim == 2:  # Linear (out, in) -> (in, out)
+        return array.T
+    if array.ndim >= 3:  # Conv (out, in, *spatial) -> (*spatial, in, out)
+        return np.transpose(array, (*range(2, array.ndim), 1, 0))
+    return array
+
+
+def _summarise(names: Iterable[str], limit: int = 20) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_torch_tensors(
+    module: M,
+    tensors: Mapping[str, Any],
+    *,
+    rename: Callable[[str], str | None] | None = None,
+    ignore: Iterable[str] = (),
+    dtype: Any = None,
+) -> M:
+    """Return ``module`` (abstract or concrete) with its parameters taken from ``tensors``.
+
+    ``tensors`` maps torch names to arrays (numpy, or anything ``np.asarray`` takes); it may be a
+    lazy mapping that reads one tensor at a time, so no second full copy is held. ``rename`` maps a
+    checkpoint key to the module's torch-style key (``None`` drops it); ``ignore`` holds regular
+    expressions of checkpoint keys to skip (buffers such as ``position_ids``). Raises
+    :class:`CheckpointMismatchError` naming every missing, unexpected or mis-shaped tensor.
+    """
+    graphdef, state = nnx.split(module)
+    name_map = torch_name_map(state)
+    ignore_re = [re.compile(p) for p in ignore]
+    flat = dict(nnx.to_flat_state(state))
+
+    plan: dict[tuple[Any, ...], tuple[str, str]] = {}
+    unexpected, misshaped = [], []
+    for ckpt_key in tensors.keys():
+        if any(r.search(ckpt_key) for r in ignore_re):
+            continue
+        key = rename(ckpt_key) if rename is not None else ckpt_key
+        if key is None:
+            continue
+        if key not in name_map:
+            unexpected.append(ckpt_key)
+            continue
+        path, kind = name_map[key]
+        plan[path] = (ckpt_key, kind)
+    missing = [_torch_key(p)[0] for p in flat if p not in plan]
+
+    # Shapes are checked before anything is converted, so a mismatch costs no memory.
+    shapes = getattr(tensors, "shapes", None)
+    for path, (ckpt_key, kind) in plan.items():
+        target = tuple(flat[path].get_value().shape)
+        if shapes is not None:
+            shape = tuple(shapes[ckpt_key])
+            if kind == "kernel":
+                shape = shape[::-1] if len(shape) == 2 else (*shape[2:], shape[1], shape[0]) if len(shape) >= 3 else shape
+            if shape != target:
+                misshaped.append(f"{ckpt_key}: checkpoint {tuple(shapes[ckpt_key])}, model expects {target}")
+    if missing or unexpected or misshaped:
+        raise CheckpointMismatchError(_mismatch_message(missing, unexpected, misshaped))
+
+    for path, (ckpt_key, kind) in plan.items():
+        var = flat[path]
+        target = var.get_value()
+        value = to_jax_layout(np.asarray(tensors[ckpt_key]), kind)
+        if value.shape != tuple(target.shape):
+            misshaped.append(f"{ckpt_key}: checkpoint {value.shape}, model expects {tuple(target.shape)}")
+            continue
+        want = dtype if dtype is not None else target.dtype
+        var.set_value(jnp.asarray(value, dtype=want))
+    if misshaped:
+        raise CheckpointMismatchError(_mismatch_message([], [], misshaped))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _mismatch_message(missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    parts = ["checkpoint does not match the model configuration:"]
+    if missing:
+        parts.append(f"  missing from checkpoint ({len(missing)}): {_summarise(missing)}")
+    if unexpected:
+        parts.append(f"  unexpected in checkpoint ({len(unexpected)}): {_summarise(unexpected)}")
+    if misshaped:
+        parts.append(f"  wrong shape ({len(misshaped)}): {_summarise(misshaped, 10)}")
+    parts.append("  check that config.json belongs to these weights (same architecture and sizes).")
+    return "\n".join(parts)
+
+
+def abstract(ctor: Callable[[], M]) -> M:
+    """Build a module without allocating its parameters (shapes and dtypes only)."""
+    return nnx.eval_shape(ctor)
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of parameters of a (possibly abstract) module."""
+    state = nnx.state(module, nnx.Param)
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(state)))

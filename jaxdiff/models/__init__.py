@@ -1,0 +1,1 @@
+"""Flax NNX networks, architecture-compatible with the public diffusers / transformers checkpoints."""
