@@ -74,7 +74,8 @@ def load_torch_tensors(
     ``tensors`` maps torch names to arrays (numpy, or anything ``np.asarray`` takes); it may be a
     lazy mapping that reads one tensor at a time, so no second full copy is held. ``rename`` maps a
     checkpoint key to the module's torch-style key (``None`` drops it); ``ignore`` holds regular
-    expressions of checkpoint keys to skip (buffers such as ``position_ids``). Raises
+    expressions of checkpoint keys to skip (buffers such as ``position_ids``). ``dtype`` casts the
+    floating parameters, one tensor at a time on the host (default: the module's own dtypes). Raises
     :class:`CheckpointMismatchError` naming every missing, unexpected or mis-shaped tensor.
     """
     graphdef, state = nnx.split(module)
@@ -110,6 +111,7 @@ def load_torch_tensors(
     if missing or unexpected or misshaped:
         raise CheckpointMismatchError(_mismatch_message(missing, unexpected, misshaped))
 
+    release = getattr(tensors, "release", None)
     for path, (ckpt_key, kind) in plan.items():
         var = flat[path]
         target = var.get_value()
@@ -117,11 +119,25 @@ def load_torch_tensors(
         if value.shape != tuple(target.shape):
             misshaped.append(f"{ckpt_key}: checkpoint {value.shape}, model expects {tuple(target.shape)}")
             continue
-        want = dtype if dtype is not None else target.dtype
-        var.set_value(jnp.asarray(value, dtype=want))
+        var.set_value(_to_device(value, _fill_dtype(target.dtype, dtype)))
+        if release is not None:  # a lazy reader may drop the pages it mapped for this tensor
+            release(ckpt_key)
     if misshaped:
         raise CheckpointMismatchError(_mismatch_message([], [], misshaped))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _fill_dtype(target: Any, dtype: Any) -> np.dtype:
+    """The requested dtype for floating parameters; others (integer tables) keep their own."""
+    target = np.dtype(target)
+    if dtype is None or not jnp.issubdtype(target, jnp.floating):
+        return target
+    return np.dtype(dtype)
+
+
+def _to_device(value: np.ndarray, dtype: np.dtype) -> jax.Array:
+    """Cast on the host, one tensor at a time, then copy to the device (the host copy is freed)."""
+    return jax.device_put(np.asarray(value, dtype=dtype))
 
 
 def _mismatch_message(missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
