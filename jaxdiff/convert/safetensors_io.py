@@ -41,6 +41,7 @@ DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "C64": np.dtype("<c8"),
 }
 
 
@@ -126,15 +127,16 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     refuse_pickle(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
+        head = f.read(9)
+        if len(head) < 9:
             raise SafetensorsError(
                 f"{path} is truncated or corrupt: a safetensors file starts with an 8-byte header "
-                f"length, but the file has only {size} bytes"
+                f"length and a JSON header, but the file has only {size} bytes"
             )
-        if _looks_like_pickle(head):
+        n = int.from_bytes(head[:8], "little")
+        if head[8:9] != b"{" and _looks_like_pickle(head):
             raise PickleCheckpointError(pickle_refusal_message(path) + " (its bytes are a pickle/zip archive.)")
-        n = int.from_bytes(head, "little")
+        f.seek(8)
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise SafetensorsError(
                 f"{path} is truncated or corrupt: its header claims {n} bytes, so the file should be at "
