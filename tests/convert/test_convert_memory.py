@@ -1,4 +1,4 @@
-"""Filling a module from a lazy safetensors file holds no second copy of the weights."""
+"""Loading a model folder fills the module from the lazy file: no second copy of the weights."""
 from __future__ import annotations
 
 import json
@@ -20,19 +20,20 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reas
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mem") / "stack.safetensors"
+    folder = tmp_path_factory.mktemp("mem")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "Stack", "layers": LAYERS, "width": WIDTH}))
     rng = np.random.default_rng(0)
     tensors = {}
     for i in range(LAYERS):
         tensors[f"layers.{i}.weight"] = rng.standard_normal((WIDTH, WIDTH), dtype=np.float32)
         tensors[f"layers.{i}.bias"] = rng.standard_normal((WIDTH,), dtype=np.float32)
-    save_file(tensors, str(path))
-    return path
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
 
 
 def _probe(path: Path, dtype: str, *extra: str) -> tuple[int, int]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(PROBE), str(path), str(LAYERS), str(WIDTH), dtype, *extra],
+    out = subprocess.run([sys.executable, str(PROBE), str(path), dtype, *extra],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
