@@ -38,7 +38,9 @@ def _torch_key(path: tuple[Any, ...]) -> tuple[str, str]:
 def torch_name_map(abstract_state: nnx.State) -> dict[str, tuple[tuple[Any, ...], str]]:
     """Torch key -> (NNX path, parameter kind) for every parameter of an abstract state."""
     out = {}
-    for path, _ in nnx.to_flat_state(abstract_state):
+    for path, var in nnx.to_flat_state(abstract_state):
+        if isinstance(var, nnx.RngState):  # random streams (dropout) are not checkpointed
+            continue
         key, kind = _torch_key(path)
         out[key] = (path, kind)
     return out
@@ -82,6 +84,7 @@ def load_torch_tensors(
     name_map = torch_name_map(state)
     ignore_re = [re.compile(p) for p in ignore]
     flat = dict(nnx.to_flat_state(state))
+    _fresh_rng_state(flat)
 
     plan: dict[tuple[Any, ...], tuple[str, str]] = {}
     unexpected, misshaped = [], []
@@ -96,7 +99,7 @@ def load_torch_tensors(
             continue
         path, kind = name_map[key]
         plan[path] = (ckpt_key, kind)
-    missing = [_torch_key(p)[0] for p in flat if p not in plan]
+    missing = [_torch_key(p)[0] for p, v in flat.items() if p not in plan and not isinstance(v, nnx.RngState)]
 
     # Shapes are checked before anything is converted, so a mismatch costs no memory.
     shapes = getattr(tensors, "shapes", None)
@@ -125,6 +128,18 @@ def load_torch_tensors(
     if misshaped:
         raise CheckpointMismatchError(_mismatch_message([], [], misshaped))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _fresh_rng_state(flat: dict[tuple[Any, ...], Any]) -> None:
+    """Give abstract random-stream variables (dropout's ``rngs``) concrete values: key 0, count 0."""
+    for var in flat.values():
+        value = var.get_value()
+        if not isinstance(var, nnx.RngState) or not isinstance(value, jax.ShapeDtypeStruct):
+            continue
+        if isinstance(var, nnx.RngKey):
+            var.set_value(jnp.broadcast_to(jax.random.key(0), value.shape))
+        else:
+            var.set_value(jnp.zeros(value.shape, value.dtype))
 
 
 def _fill_dtype(target: Any, dtype: Any) -> np.dtype:
