@@ -154,6 +154,14 @@ def _hook(cls: type, name: str, default: Any) -> Any:
     return getattr(importlib.import_module(cls.__module__), name, default)
 
 
+def _dtype_kwargs(fn: Any, dtype: np.dtype) -> dict[str, np.dtype]:
+    """``dtype`` (compute) and, where the function takes it, ``param_dtype`` (storage): both ``dtype``."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.name == "param_dtype" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return {"dtype": dtype, "param_dtype": dtype}
+    return {"dtype": dtype}
+
+
 def build_network(cls: type, config: Mapping[str, Any], tensors: Mapping[str, Any], *, dtype: Any = jnp.float32) -> nnx.Module:
     """Build ``cls`` from a reference config dict without allocating, then fill it from ``tensors``.
 
@@ -164,7 +172,7 @@ def build_network(cls: type, config: Mapping[str, Any], tensors: Mapping[str, An
     dtype = resolve_dtype(dtype)
     custom = getattr(cls, "from_pretrained_tensors", None)
     if callable(custom):
-        return custom(dict(config), tensors, dtype=dtype)
+        return custom(dict(config), tensors, **_dtype_kwargs(custom, dtype))
     cfg = config_class(cls).from_dict(dict(config))
     module = abstract(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     return load_torch_tensors(

@@ -81,3 +81,15 @@ def torch_twin(config: TinyNetConfig):
             return h
 
     return Twin()
+
+
+class TinyNetCustom(TinyNet):
+    """Like the real networks: a classmethod builder with separate compute and storage dtypes."""
+
+    @classmethod
+    def from_pretrained_tensors(cls, config, tensors, *, dtype=jnp.float32, param_dtype=jnp.float32):
+        from jaxdiff.convert import abstract, load_torch_tensors
+
+        cfg = TinyNetConfig.from_dict(dict(config))
+        module = abstract(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+        return load_torch_tensors(module, tensors, ignore=cls.IGNORED_TORCH_KEYS)

@@ -258,3 +258,13 @@ def test_torch_twin_output_parity(tmp_path):
         ref = twin(torch.from_numpy(x), torch.from_numpy(ids)).numpy()
     got = np.asarray(net(jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(ids)))
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_network_defined_builder_gets_both_dtypes(tmp_path):
+    tensors = tiny.torch_layout_tensors(CFG, seed=4)
+    folder = _write_model(tmp_path / "m", _tiny_config(_class_name="TinyNetCustom"), tensors)
+    reg = {"TinyNetCustom": NetworkSpec(tiny.__name__, "TinyNetCustom")}
+    net = load_model_folder(folder, dtype=jnp.bfloat16, registry=reg)
+    assert type(net) is tiny.TinyNetCustom
+    _check_filled(net, tensors, np.dtype(jnp.bfloat16))
+    assert net.blocks[0].dtype == jnp.bfloat16
