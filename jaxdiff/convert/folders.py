@@ -25,6 +25,7 @@ from flax import nnx
 
 from jaxdiff.convert.safetensors_io import (
     PickleCheckpointError,
+    SafetensorsError,
     is_pickle_path,
     open_safetensors,
     pickle_refusal_message,
@@ -293,11 +294,11 @@ def _component_problem(pf: PipelineFolder, name: str, variant: str | None) -> st
     if not (sub / "config.json").is_file():
         return f"{name} ({cls}): {name}/config.json is missing"
     try:
-        find_weights(sub, variant)
+        open_safetensors(find_weights(sub, variant)).close()  # headers only: catches truncated files
     except PickleCheckpointError:
         return (f"{name} ({cls}): only pickle weights in {name}/, which jaxdiff refuses to open "
                 "(pickle can run code); convert them with save_pretrained(..., safe_serialization=True)")
-    except FileNotFoundError as e:
+    except (FileNotFoundError, SafetensorsError) as e:
         return f"{name} ({cls}): {e}"
     return None
 

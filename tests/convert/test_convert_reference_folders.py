@@ -169,3 +169,17 @@ def test_unavailable_network_error_is_clear(sd_pipeline):
 def test_non_network_component_rejected(sd_pipeline):
     with pytest.raises(ValueError, match="scheduler .*PNDMScheduler.*read_component_config"):
         load_component(sd_pipeline[0], "scheduler")
+
+
+def test_truncated_component_reported_with_the_others(sd_pipeline, tmp_path):
+    root = _copy(sd_pipeline[0], tmp_path)
+    weights = root / "unet" / "diffusion_pytorch_model.safetensors"
+    full = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: full // 2])  # an interrupted download
+    shutil.rmtree(root / "scheduler")
+    with pytest.raises(MissingComponentsError) as err:
+        require_components(root)
+    scheduler, unet = err.value.problems  # in model_index.json order
+    assert "unet (UNet2DConditionModel)" in unet and "truncated" in unet
+    assert f"is {full // 2} bytes" in unet
+    assert scheduler == "scheduler (PNDMScheduler): folder scheduler/ is missing"
