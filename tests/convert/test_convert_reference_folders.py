@@ -2,7 +2,6 @@
 real jaxdiff networks (each activates by itself once its module exists)."""
 from __future__ import annotations
 
-import importlib
 import shutil
 
 import jax.numpy as jnp
