@@ -38,7 +38,9 @@ def _torch_key(path: tuple[Any, ...]) -> tuple[str, str]:
 def torch_name_map(abstract_state: nnx.State) -> dict[str, tuple[tuple[Any, ...], str]]:
     """Torch key -> (NNX path, parameter kind) for every parameter of an abstract state."""
     out = {}
-    for path, _ in nnx.to_flat_state(abstract_state):
+    for path, var in nnx.to_flat_state(abstract_state):
+        if isinstance(var, nnx.RngState):  # random streams (dropout) are not checkpointed
+            continue
         key, kind = _torch_key(path)
         out[key] = (path, kind)
     return out
@@ -74,13 +76,15 @@ def load_torch_tensors(
     ``tensors`` maps torch names to arrays (numpy, or anything ``np.asarray`` takes); it may be a
     lazy mapping that reads one tensor at a time, so no second full copy is held. ``rename`` maps a
     checkpoint key to the module's torch-style key (``None`` drops it); ``ignore`` holds regular
-    expressions of checkpoint keys to skip (buffers such as ``position_ids``). Raises
+    expressions of checkpoint keys to skip (buffers such as ``position_ids``). ``dtype`` casts the
+    floating parameters, one tensor at a time on the host (default: the module's own dtypes). Raises
     :class:`CheckpointMismatchError` naming every missing, unexpected or mis-shaped tensor.
     """
     graphdef, state = nnx.split(module)
     name_map = torch_name_map(state)
     ignore_re = [re.compile(p) for p in ignore]
     flat = dict(nnx.to_flat_state(state))
+    _fresh_rng_state(flat)
 
     plan: dict[tuple[Any, ...], tuple[str, str]] = {}
     unexpected, misshaped = [], []
@@ -95,7 +99,7 @@ def load_torch_tensors(
             continue
         path, kind = name_map[key]
         plan[path] = (ckpt_key, kind)
-    missing = [_torch_key(p)[0] for p in flat if p not in plan]
+    missing = [_torch_key(p)[0] for p, v in flat.items() if p not in plan and not isinstance(v, nnx.RngState)]
 
     # Shapes are checked before anything is converted, so a mismatch costs no memory.
     shapes = getattr(tensors, "shapes", None)
@@ -110,6 +114,7 @@ def load_torch_tensors(
     if missing or unexpected or misshaped:
         raise CheckpointMismatchError(_mismatch_message(missing, unexpected, misshaped))
 
+    release = getattr(tensors, "release", None)
     for path, (ckpt_key, kind) in plan.items():
         var = flat[path]
         target = var.get_value()
@@ -117,11 +122,37 @@ def load_torch_tensors(
         if value.shape != tuple(target.shape):
             misshaped.append(f"{ckpt_key}: checkpoint {value.shape}, model expects {tuple(target.shape)}")
             continue
-        want = dtype if dtype is not None else target.dtype
-        var.set_value(jnp.asarray(value, dtype=want))
+        var.set_value(_to_device(value, _fill_dtype(target.dtype, dtype)))
+        if release is not None:  # a lazy reader may drop the pages it mapped for this tensor
+            release(ckpt_key)
     if misshaped:
         raise CheckpointMismatchError(_mismatch_message([], [], misshaped))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _fresh_rng_state(flat: dict[tuple[Any, ...], Any]) -> None:
+    """Give abstract random-stream variables (dropout's ``rngs``) concrete values: key 0, count 0."""
+    for var in flat.values():
+        value = var.get_value()
+        if not isinstance(var, nnx.RngState) or not isinstance(value, jax.ShapeDtypeStruct):
+            continue
+        if isinstance(var, nnx.RngKey):
+            var.set_value(jnp.broadcast_to(jax.random.key(0), value.shape))
+        else:
+            var.set_value(jnp.zeros(value.shape, value.dtype))
+
+
+def _fill_dtype(target: Any, dtype: Any) -> np.dtype:
+    """The requested dtype for floating parameters; others (integer tables) keep their own."""
+    target = np.dtype(target)
+    if dtype is None or not jnp.issubdtype(target, jnp.floating):
+        return target
+    return np.dtype(dtype)
+
+
+def _to_device(value: np.ndarray, dtype: np.dtype) -> jax.Array:
+    """Cast on the host, one tensor at a time, then copy to the device (the host copy is freed)."""
+    return jax.device_put(np.asarray(value, dtype=dtype))
 
 
 def _mismatch_message(missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
