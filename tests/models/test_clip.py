@@ -158,3 +158,13 @@ def test_full_size_counts_match_meta(name):
 
 def _known(d: dict) -> dict:
     return {k: v for k, v in d.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+
+def test_bfloat16_compute_stays_close():
+    """bfloat16 weights and compute: same outputs to bfloat16 accuracy (a few % of the scale)."""
+    config, tensors, inputs, outputs = fx.load_case(DATA / "clip_text_gelu")
+    model = CLIPTextModelWithProjection.from_pretrained_tensors(config, tensors, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    got = jax.jit(lambda m, ids: m(ids).last_hidden_state)(PureModel.of(model), jnp.asarray(inputs["input_ids"]))
+    assert got.dtype == jnp.bfloat16
+    ref = outputs["last_hidden_state"]
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))) < 0.05 * np.abs(ref).max()

@@ -96,3 +96,14 @@ def test_dit_xl_count_matches_meta():
     with torch.device("meta"):
         ref = diffusers.DiTTransformer2DModel.from_config(json.loads((CONFIGS / "dit_xl_2_256.json").read_text()))
     assert sum(p.numel() for p in ref.parameters()) == DIT_XL_2
+
+
+def test_bfloat16_compute_stays_close():
+    """bfloat16 weights and compute: same outputs to bfloat16 accuracy (a few % of the scale)."""
+    config, tensors, inputs, outputs = fx.load_case(DATA / "dit_a")
+    model = from_pretrained_tensors(config, tensors, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    args = (jnp.asarray(inputs[k]) for k in ("latents_nhwc", "timesteps", "class_labels"))
+    got = _forward(PureModel.of(model), *args)
+    assert got.dtype == jnp.bfloat16
+    ref = outputs["sample_nhwc"]
+    assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))) < 0.05 * np.abs(ref).max()
