@@ -131,6 +131,7 @@ FULL_SIZE = {
     "clip_vit_l14_text": (CLIPTextModel, 123_060_480),  # SD 1.x text encoder (openai/clip-vit-large-patch14)
     "clip_vit_h14_text": (CLIPTextModel, 340_387_840),  # SD 2.x text encoder (OpenCLIP ViT-H/14, 23 layers)
     "clip_vit_h14_vision": (CLIPVisionModelWithProjection, 632_076_800),  # SD unCLIP / IP-Adapter image encoder
+    "clip_vit_bigg14_text": (CLIPTextModelWithProjection, 694_659_840),  # SDXL text_encoder_2 (OpenCLIP bigG/14)
 }
 
 
@@ -148,11 +149,9 @@ def test_full_size_counts_match_meta(name):
     transformers = pytest.importorskip("transformers")
     cls, expected = FULL_SIZE[name]
     d = json.loads((CONFIGS / f"{name}.json").read_text())
+    config_cls = transformers.CLIPVisionConfig if cls is CLIPVisionModelWithProjection else transformers.CLIPTextConfig
     with torch.device("meta"):
-        if cls is CLIPTextModel:
-            ref = transformers.CLIPTextModel(transformers.CLIPTextConfig(**_known(d)))
-        else:
-            ref = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**_known(d)))
+        ref = getattr(transformers, cls.__name__)(config_cls(**_known(d)))
     assert sum(p.numel() for p in ref.parameters()) == expected
 
 
