@@ -164,7 +164,9 @@ class CLIPEncoder(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
         self.layers = nnx.List([CLIPEncoderLayer(cfg, dt, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False, n: int | None = None) -> list[Array]:
+    def __call__(
+        self, x: Array, mask: Array | None = None, is_causal: bool = False, n: int | None = None,
+    ) -> list[Array]:
         """Hidden states: the input, then the output of each of the first ``n`` layers (all by default)."""
         states = [x]
         for layer in list(self.layers)[:n]:
@@ -263,7 +265,9 @@ class CLIPTextModel(nnx.Module):
 
     config_class = CLIPTextConfig
 
-    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    def __init__(
+        self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
         self.config = config
         self.text_model = CLIPTextTransformer(config, _Dtypes(dtype, param_dtype), rngs)
 
@@ -291,7 +295,10 @@ class CLIPTextModel(nnx.Module):
         return _route(key, _TEXT_KEYS, _VISION_KEYS, "text_model.")
 
     @classmethod
-    def from_pretrained_tensors(cls, config: Mapping[str, Any] | Any, tensors: Mapping[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    def from_pretrained_tensors(
+        cls, config: Mapping[str, Any] | Any, tensors: Mapping[str, Any],
+        *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
         """Build abstractly from a ``config.json`` dict (or config) and fill from torch-named ``tensors``."""
         return _from_tensors(cls, config, tensors, dtype, param_dtype)
 
@@ -299,7 +306,9 @@ class CLIPTextModel(nnx.Module):
 class CLIPTextModelWithProjection(CLIPTextModel):
     """Compatible with ``transformers.CLIPTextModelWithProjection`` (adds ``text_projection``, no bias)."""
 
-    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    def __init__(
+        self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
         super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         dt = _Dtypes(dtype, param_dtype)
         self.text_projection = _linear(config.hidden_size, config.projection_dim, dt, rngs, bias=False)
@@ -371,7 +380,9 @@ class CLIPVisionModelWithProjection(nnx.Module):
 
     config_class = CLIPVisionConfig
 
-    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    def __init__(
+        self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
         self.config = config
         dt = _Dtypes(dtype, param_dtype)
         self.vision_model = CLIPVisionTransformer(config, dt, rngs)
@@ -386,7 +397,10 @@ class CLIPVisionModelWithProjection(nnx.Module):
         return _route(key, _VISION_KEYS, _TEXT_KEYS, "vision_model.")
 
     @classmethod
-    def from_pretrained_tensors(cls, config: Mapping[str, Any] | Any, tensors: Mapping[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+    def from_pretrained_tensors(
+        cls, config: Mapping[str, Any] | Any, tensors: Mapping[str, Any],
+        *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
         """Build abstractly from a ``config.json`` dict (or config) and fill from torch-named ``tensors``."""
         return _from_tensors(cls, config, tensors, dtype, param_dtype)
 
@@ -395,4 +409,5 @@ def _from_tensors(cls: type, config: Any, tensors: Mapping[str, Any], dtype: Any
     if isinstance(config, Mapping):
         config = cls.config_class.from_dict(config)
     module = abstract(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return load_torch_tensors(module, tensors, rename=cls.rename_torch_key, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    rename = cls.rename_torch_key
+    return load_torch_tensors(module, tensors, rename=rename, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)

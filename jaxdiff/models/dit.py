@@ -51,7 +51,9 @@ class DiTConfig:
         if self.num_embeds_ada_norm is None:
             raise ValueError("num_embeds_ada_norm (number of classes) must be set for ada_norm_zero.")
         if self.activation_fn not in _ACTIVATIONS:
-            raise ValueError(f"activation_fn={self.activation_fn!r} is not supported; use one of {sorted(_ACTIVATIONS)}.")
+            raise ValueError(
+                f"activation_fn={self.activation_fn!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+            )
         if (self.num_attention_heads * self.attention_head_dim) % 4:
             raise ValueError("num_attention_heads * attention_head_dim must be divisible by 4 (2-D sin-cos table).")
 
@@ -176,7 +178,8 @@ class AdaLayerNormZero(nnx.Module):
         self.norm = _norm(d, 1e-6, False, kw)
 
     def __call__(self, x: Array, t: Array, labels: Array) -> tuple[Array, ...]:
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = jnp.split(self.linear(jax.nn.silu(self.emb(t, labels))), 6, -1)
+        params = self.linear(jax.nn.silu(self.emb(t, labels)))
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = jnp.split(params, 6, axis=-1)
         return modulate(self.norm(x), shift, scale), gate, shift_mlp, scale_mlp, gate_mlp
 
 
@@ -280,7 +283,10 @@ class DiTTransformer2DModel(nnx.Module):
         return key
 
     @classmethod
-    def from_pretrained_tensors(cls, config: Mapping[str, Any] | DiTConfig, tensors: Mapping[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> "DiTTransformer2DModel":
+    def from_pretrained_tensors(
+        cls, config: Mapping[str, Any] | DiTConfig, tensors: Mapping[str, Any],
+        *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ) -> "DiTTransformer2DModel":
         """Build abstractly from a ``config.json`` dict (or config) and fill from torch-named ``tensors``."""
         return from_pretrained_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype)
 
@@ -293,7 +299,10 @@ def unpatchify(x: Array, h: int, w: int, p: int) -> Array:
     return x.reshape(b, h * p, w * p, c)
 
 
-def from_pretrained_tensors(config: Mapping[str, Any] | DiTConfig, tensors: Mapping[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> DiTTransformer2DModel:
+def from_pretrained_tensors(
+    config: Mapping[str, Any] | DiTConfig, tensors: Mapping[str, Any],
+    *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+) -> DiTTransformer2DModel:
     """:class:`DiTTransformer2DModel` from a ``config.json`` dict and torch-named tensors (no second weight copy)."""
     cfg = DiTConfig.from_dict(config) if isinstance(config, Mapping) else config
     module = abstract(lambda: DiTTransformer2DModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))

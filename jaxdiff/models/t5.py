@@ -227,12 +227,18 @@ class T5EncoderModel(nnx.Module):
         return None if key == "encoder.embed_tokens.weight" else key
 
     @classmethod
-    def from_pretrained_tensors(cls, config: Mapping[str, Any] | T5Config, tensors: Mapping[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> "T5EncoderModel":
+    def from_pretrained_tensors(
+        cls, config: Mapping[str, Any] | T5Config, tensors: Mapping[str, Any],
+        *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ) -> "T5EncoderModel":
         """Build abstractly from a ``config.json`` dict (or config) and fill from torch-named ``tensors``."""
         return from_pretrained_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype)
 
 
-def from_pretrained_tensors(config: Mapping[str, Any] | T5Config, tensors: Mapping[str, Any], *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> T5EncoderModel:
+def from_pretrained_tensors(
+    config: Mapping[str, Any] | T5Config, tensors: Mapping[str, Any],
+    *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+) -> T5EncoderModel:
     """:class:`T5EncoderModel` from a ``config.json`` dict and torch-named tensors (no second weight copy)."""
     cfg = T5Config.from_dict(config) if isinstance(config, Mapping) else config
     module = abstract(lambda: T5EncoderModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))

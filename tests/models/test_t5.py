@@ -116,7 +116,8 @@ def test_bfloat16_compute_stays_close():
     """bfloat16 weights and compute: same outputs to bfloat16 accuracy (a few % of the scale)."""
     config, tensors, inputs, outputs = fx.load_case(DATA / "t5_gated_gelu")
     model = from_pretrained_tensors(config, tensors, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    got = jax.jit(lambda m, ids, mask: m(ids, mask))(PureModel.of(model), jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"]))
+    ids, mask = jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"])
+    got = jax.jit(lambda m, i, k: m(i, k))(PureModel.of(model), ids, mask)
     assert got.dtype == jnp.bfloat16
     ref = outputs["last_hidden_state"]
     assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))) < 0.05 * np.abs(ref).max()
