@@ -1,0 +1,413 @@
+"""CLIP text and vision transformers (Radford et al. 2021), compatible with transformers' layout.
+
+The modules mirror ``transformers.CLIPTextModel`` / ``CLIPTextModelWithProjection`` /
+``CLIPVisionModelWithProjection`` parameter names (``text_model.encoder.layers.0.self_attn.q_proj``,
+``vision_model.pre_layrnorm`` ...), so checkpoints load with :func:`jaxdiff.convert.load_torch_tensors`.
+Stable Diffusion 1.x uses OpenAI's ViT-L/14 text tower (last hidden state after the final layer
+norm); SD 2.x ships OpenCLIP ViT-H/14 with its last layer already removed; SDXL and "clip skip"
+take an earlier hidden state, which :meth:`CLIPTextModel.hidden_state` selects.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+IGNORED_TORCH_KEYS = (r"position_ids$",)
+
+
+def config_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
+    """Build the frozen dataclass ``cls`` from the keys of ``d`` it knows (unknown and ``_`` keys ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names and not k.startswith("_")})
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """Keys of transformers' ``CLIPTextConfig`` (defaults: transformers' defaults)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        _check_act(self.hidden_act)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}."
+            )
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
+        """From a ``config.json`` dict (a full ``CLIPConfig``'s ``text_config`` is used when present)."""
+        return config_from_dict(cls, d.get("text_config") or d)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    """Keys of transformers' ``CLIPVisionConfig`` (defaults: transformers' defaults)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check_act(self.hidden_act)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}.")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
+        """From a ``config.json`` dict (a full ``CLIPConfig``'s ``vision_config`` is used when present)."""
+        return config_from_dict(cls, d.get("vision_config") or d)
+
+
+class _Dtypes(NamedTuple):
+    dtype: Any
+    param_dtype: Any
+
+
+def _linear(din: int, dout: int, dt: _Dtypes, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs)
+
+
+def _layer_norm(dim: int, eps: float, dt: _Dtypes, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        dim, epsilon=eps, use_fast_variance=False, dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs
+    )
+
+
+class CLIPAttention(nnx.Module):
+    """Multi-head self-attention with ``q/k/v/out_proj`` (scale ``head_dim**-0.5``)."""
+
+    def __init__(self, dim: int, heads: int, dt: _Dtypes, rngs: nnx.Rngs):
+        self.heads = heads
+        self.q_proj = _linear(dim, dim, dt, rngs)
+        self.k_proj = _linear(dim, dim, dt, rngs)
+        self.v_proj = _linear(dim, dim, dt, rngs)
+        self.out_proj = _linear(dim, dim, dt, rngs)
+
+    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        return self.out_proj(out.reshape(b, t, d))
+
+
+class CLIPMLP(nnx.Module):
+    """``fc2(act(fc1(x)))``."""
+
+    def __init__(self, dim: int, inner: int, act: str, dt: _Dtypes, rngs: nnx.Rngs):
+        self.act = act
+        self.fc1 = _linear(dim, inner, dt, rngs)
+        self.fc2 = _linear(inner, dim, dt, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+    """Pre-norm transformer layer: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.self_attn = CLIPAttention(d, cfg.num_attention_heads, dt, rngs)
+        self.layer_norm1 = _layer_norm(d, cfg.layer_norm_eps, dt, rngs)
+        self.mlp = CLIPMLP(d, cfg.intermediate_size, cfg.hidden_act, dt, rngs)
+        self.layer_norm2 = _layer_norm(d, cfg.layer_norm_eps, dt, rngs)
+
+    def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
+        x = x + self.self_attn(self.layer_norm1(x), mask, is_causal)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nnx.Module):
+    """A stack of :class:`CLIPEncoderLayer` (``encoder.layers.i``)."""
+
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, dt, rngs) for _ in range(cfg.num_hidden_layers)])
+
+    def __call__(
+        self, x: Array, mask: Array | None = None, is_causal: bool = False, n: int | None = None,
+    ) -> list[Array]:
+        """Hidden states: the input, then the output of each of the first ``n`` layers (all by default)."""
+        states = [x]
+        for layer in list(self.layers)[:n]:
+            states.append(layer(states[-1], mask, is_causal))
+        return states
+
+
+# ----------------------------------------------------------------------------------------- text
+
+
+class CLIPTextEmbeddings(nnx.Module):
+    """Token plus learned absolute position embeddings."""
+
+    def __init__(self, cfg: CLIPTextConfig, dt: _Dtypes, rngs: nnx.Rngs):
+        kw = dict(dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs)
+        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+
+    def __call__(self, input_ids: Array) -> Array:
+        t = input_ids.shape[-1]
+        if t > self.position_embedding.num_embeddings:
+            raise ValueError(
+                f"sequence length {t} exceeds max_position_embeddings={self.position_embedding.num_embeddings}; "
+                "truncate the tokens (the CLIP tokenizer's max_length)."
+            )
+        return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))
+
+
+class CLIPTextOutput(NamedTuple):
+    """``last_hidden_state`` (after ``final_layer_norm``), ``pooler_output`` (the EOS token's row of it),
+    ``hidden_states`` (embeddings, then each layer's output, before any final norm) and, for
+    :class:`CLIPTextModelWithProjection`, ``text_embeds``."""
+
+    last_hidden_state: Array
+    pooler_output: Array
+    hidden_states: tuple[Array, ...]
+    text_embeds: Array | None = None
+
+
+class CLIPTextTransformer(nnx.Module):
+    """``text_model``: embeddings, causal encoder, final layer norm."""
+
+    def __init__(self, cfg: CLIPTextConfig, dt: _Dtypes, rngs: nnx.Rngs):
+        self.eos_token_id = cfg.eos_token_id
+        self.embeddings = CLIPTextEmbeddings(cfg, dt, rngs)
+        self.encoder = CLIPEncoder(cfg, dt, rngs)
+        self.final_layer_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dt, rngs)
+
+    def states(self, input_ids: Array, attention_mask: Array | None = None, n: int | None = None) -> list[Array]:
+        """Embeddings and the outputs of the first ``n`` causal layers."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {input_ids.shape}.")
+        mask = None
+        if attention_mask is not None:  # padding mask on keys, combined with the causal mask
+            mask = jnp.asarray(attention_mask, bool)[:, None, None, :]
+        return self.encoder(self.embeddings(input_ids), mask, is_causal=True, n=n)
+
+    def pool(self, last_hidden_state: Array, input_ids: Array) -> Array:
+        """The EOS token's hidden state, located as transformers does.
+
+        Configs with ``eos_token_id == 2`` (written before transformers PR #24773, e.g. SD 1.x/2.x) take the
+        position of the largest token id; others the first position holding ``eos_token_id``.
+        """
+        if self.eos_token_id == 2:
+            idx = jnp.argmax(input_ids, axis=-1)
+        else:
+            idx = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
+        return jnp.take_along_axis(last_hidden_state, idx[:, None, None], axis=1)[:, 0]
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> CLIPTextOutput:
+        states = self.states(input_ids, attention_mask)
+        last = self.final_layer_norm(states[-1])
+        return CLIPTextOutput(last, self.pool(last, input_ids), tuple(states))
+
+
+def _hidden_index(index: int, num_layers: int) -> int:
+    """``index`` into hidden states (``-1`` last, ``-2`` penultimate ...) -> number of layers to run."""
+    n = index if index >= 0 else num_layers + 1 + index
+    if not 0 <= n <= num_layers:
+        raise ValueError(f"hidden state index {index} is out of range for {num_layers} layers (+1 embedding output).")
+    return n
+
+
+def _route(key: str, own: tuple[str, ...], other: tuple[str, ...], prefix: str) -> str | None:
+    if key.startswith(other) or key == "logit_scale":
+        return None  # the other tower of a full CLIPModel checkpoint
+    return key if key.startswith(own) else prefix + key
+
+
+_TEXT_KEYS = ("text_model.", "text_projection.")
+_VISION_KEYS = ("vision_model.", "visual_projection.")
+
+
+class CLIPTextModel(nnx.Module):
+    """Compatible with ``transformers.CLIPTextModel`` (checkpoint names ``text_model.*``)."""
+
+    config_class = CLIPTextConfig
+
+    def __init__(
+        self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
+        self.config = config
+        self.text_model = CLIPTextTransformer(config, _Dtypes(dtype, param_dtype), rngs)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> CLIPTextOutput:
+        """All outputs of transformers' ``CLIPTextModel`` (with ``output_hidden_states=True``)."""
+        return self.text_model(input_ids, attention_mask)
+
+    def hidden_state(
+        self, input_ids: Array, index: int = -1, final_layer_norm: bool = True, attention_mask: Array | None = None
+    ) -> Array:
+        """``hidden_states[index]``, optionally through ``final_layer_norm``; runs only the layers needed.
+
+        SD 1.x: ``index=-1`` with the norm (= ``last_hidden_state``); "clip skip" k: ``index=-(k+1)`` with
+        the norm (diffusers' ``clip_skip``); SDXL: ``index=-2`` without it.
+        """
+        n = _hidden_index(index, self.config.num_hidden_layers)
+        h = self.text_model.states(input_ids, attention_mask, n=n)[-1]
+        return self.text_model.final_layer_norm(h) if final_layer_norm else h
+
+    @staticmethod
+    def rename_torch_key(key: str) -> str | None:
+        """transformers 5 saves ``CLIPTextModel`` without the ``text_model.`` prefix; older files have it."""
+        if key.startswith("text_projection."):
+            return None
+        return _route(key, _TEXT_KEYS, _VISION_KEYS, "text_model.")
+
+    @classmethod
+    def from_pretrained_tensors(
+        cls, config: Mapping[str, Any] | Any, tensors: Mapping[str, Any],
+        *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
+        """Build abstractly from a ``config.json`` dict (or config) and fill from torch-named ``tensors``."""
+        return _from_tensors(cls, config, tensors, dtype, param_dtype)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """Compatible with ``transformers.CLIPTextModelWithProjection`` (adds ``text_projection``, no bias)."""
+
+    def __init__(
+        self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        dt = _Dtypes(dtype, param_dtype)
+        self.text_projection = _linear(config.hidden_size, config.projection_dim, dt, rngs, bias=False)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> CLIPTextOutput:
+        out = self.text_model(input_ids, attention_mask)
+        return out._replace(text_embeds=self.text_projection(out.pooler_output))
+
+    @staticmethod
+    def rename_torch_key(key: str) -> str | None:
+        return _route(key, _TEXT_KEYS, _VISION_KEYS, "text_model.")
+
+
+# --------------------------------------------------------------------------------------- vision
+
+
+class CLIPVisionEmbeddings(nnx.Module):
+    """Class token + non-overlapping patches (conv without bias) + learned positions."""
+
+    def __init__(self, cfg: CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
+        d, p = cfg.hidden_size, cfg.patch_size
+        self.image_size = cfg.image_size
+        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), dt.param_dtype))
+        self.patch_embedding = nnx.Conv(
+            cfg.num_channels, d, (p, p), (p, p), padding="VALID", use_bias=False,
+            dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs,
+        )
+        n = (cfg.image_size // p) ** 2 + 1
+        self.position_embedding = nnx.Embed(n, d, dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs)
+
+    def __call__(self, pixels: Array) -> Array:
+        b, h, w, _ = pixels.shape
+        if (h, w) != (self.image_size, self.image_size):
+            raise ValueError(f"images must be {self.image_size}x{self.image_size} (NHWC), got {h}x{w}; resize first.")
+        patches = self.patch_embedding(pixels)
+        patches = patches.reshape(b, -1, patches.shape[-1])
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(patches.dtype), (b, 1, patches.shape[-1]))
+        pos = self.position_embedding(jnp.arange(self.position_embedding.num_embeddings))
+        return jnp.concatenate([cls, patches], axis=1) + pos
+
+
+class CLIPVisionOutput(NamedTuple):
+    """``image_embeds`` (projected, post-layernormed class token), ``last_hidden_state`` (no final norm),
+    ``pooler_output`` (post-layernormed class token) and ``hidden_states`` (after ``pre_layrnorm``, then each layer)."""
+
+    image_embeds: Array | None
+    last_hidden_state: Array
+    pooler_output: Array
+    hidden_states: tuple[Array, ...]
+
+
+class CLIPVisionTransformer(nnx.Module):
+    """``vision_model``: embeddings, ``pre_layrnorm`` (sic), encoder, ``post_layernorm`` on the class token."""
+
+    def __init__(self, cfg: CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
+        self.embeddings = CLIPVisionEmbeddings(cfg, dt, rngs)
+        self.pre_layrnorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dt, rngs)
+        self.encoder = CLIPEncoder(cfg, dt, rngs)
+        self.post_layernorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dt, rngs)
+
+    def __call__(self, pixels: Array) -> CLIPVisionOutput:
+        states = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))
+        pooled = self.post_layernorm(states[-1][:, 0])
+        return CLIPVisionOutput(None, states[-1], pooled, tuple(states))
+
+
+class CLIPVisionModelWithProjection(nnx.Module):
+    """Compatible with ``transformers.CLIPVisionModelWithProjection``; input: normalised NHWC pixels."""
+
+    config_class = CLIPVisionConfig
+
+    def __init__(
+        self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
+        self.config = config
+        dt = _Dtypes(dtype, param_dtype)
+        self.vision_model = CLIPVisionTransformer(config, dt, rngs)
+        self.visual_projection = _linear(config.hidden_size, config.projection_dim, dt, rngs, bias=False)
+
+    def __call__(self, pixel_values: Array) -> CLIPVisionOutput:
+        out = self.vision_model(pixel_values)
+        return out._replace(image_embeds=self.visual_projection(out.pooler_output))
+
+    @staticmethod
+    def rename_torch_key(key: str) -> str | None:
+        return _route(key, _VISION_KEYS, _TEXT_KEYS, "vision_model.")
+
+    @classmethod
+    def from_pretrained_tensors(
+        cls, config: Mapping[str, Any] | Any, tensors: Mapping[str, Any],
+        *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
+        """Build abstractly from a ``config.json`` dict (or config) and fill from torch-named ``tensors``."""
+        return _from_tensors(cls, config, tensors, dtype, param_dtype)
+
+
+def _from_tensors(cls: type, config: Any, tensors: Mapping[str, Any], dtype: Any, param_dtype: Any) -> Any:
+    if isinstance(config, Mapping):
+        config = cls.config_class.from_dict(config)
+    module = abstract(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    rename = cls.rename_torch_key
+    return load_torch_tensors(module, tensors, rename=rename, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)

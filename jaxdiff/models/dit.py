@@ -1,0 +1,309 @@
+"""Diffusion Transformer (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers").
+
+Compatible with diffusers' ``DiTTransformer2DModel`` (the layout of ``facebook/DiT-XL-2-256``):
+patchify (``pos_embed.proj``) plus a fixed 2-D sin-cos position table, ``transformer_blocks`` with
+adaLN-Zero (``norm1.emb`` embeds the timestep and class in every block, ``norm1.linear`` gives
+shift/scale/gate for attention and MLP), a tanh-GELU MLP, and the adaLN final layer
+(``proj_out_1`` / ``proj_out_2``) conditioned on block 0's embedding. With learned sigma the output
+has ``2 * in_channels`` channels (epsilon, then the variance interpolation). Images are NHWC.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+
+Array = jax.Array
+
+IGNORED_TORCH_KEYS = (r"^pos_embed\.pos_embed$",)  # the fixed sin-cos table, when a file stores it
+_ACTIVATIONS = {"gelu-approximate": True, "gelu": False}  # -> tanh approximation?
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Keys of diffusers' ``DiTTransformer2DModel`` config (defaults: diffusers' defaults, DiT-XL/2 256)."""
+
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
+    in_channels: int = 4
+    out_channels: int | None = None
+    num_layers: int = 28
+    attention_bias: bool = True
+    sample_size: int = 32
+    patch_size: int = 2
+    activation_fn: str = "gelu-approximate"
+    num_embeds_ada_norm: int | None = 1000
+    norm_type: str = "ada_norm_zero"
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.norm_type != "ada_norm_zero":
+            raise ValueError(f"norm_type={self.norm_type!r} is not supported; DiT uses 'ada_norm_zero'.")
+        if self.num_embeds_ada_norm is None:
+            raise ValueError("num_embeds_ada_norm (number of classes) must be set for ada_norm_zero.")
+        if self.activation_fn not in _ACTIVATIONS:
+            raise ValueError(
+                f"activation_fn={self.activation_fn!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+            )
+        if (self.num_attention_heads * self.attention_head_dim) % 4:
+            raise ValueError("num_attention_heads * attention_head_dim must be divisible by 4 (2-D sin-cos table).")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def output_channels(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DiTConfig":
+        """From a ``config.json`` dict (unknown keys and keys starting with ``_`` are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and not k.startswith("_")})
+
+
+# ------------------------------------------------------------------------------- fixed embeddings
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    """``[sin(pos * w), cos(pos * w)]`` with ``w_i = 10000^(-i / (dim/2))`` (float64)."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, height: int, width: int, base_size: int) -> np.ndarray:
+    """``(height*width, dim)`` table, row-major tokens; first half encodes the column, second the row.
+
+    Grid coordinates are rescaled to ``base_size`` (the training grid) as diffusers' ``PatchEmbed`` does.
+    """
+    rows = np.arange(height, dtype=np.float32) / np.float32(height / base_size)
+    cols = np.arange(width, dtype=np.float32) / np.float32(width / base_size)
+    col_grid, row_grid = np.meshgrid(cols, rows, indexing="xy")
+    return np.concatenate([sincos_1d(dim // 2, col_grid), sincos_1d(dim // 2, row_grid)], axis=1).astype(np.float32)
+
+
+def timestep_embedding(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
+    """DDPM sinusoidal embedding as diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=1)``:
+    ``[cos(t w), sin(t w)]`` with ``w_i = exp(-ln(max_period) i / (dim/2 - 1))``."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1)
+    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------- modules
+
+class _Identity(nnx.Module):
+    """Parameter-free placeholder at the index of a torch ``Dropout``."""
+
+    def __call__(self, x: Array) -> Array:
+        return x
+
+
+def _linear(din: int, dout: int, kw: dict, bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=bias, **kw)
+
+
+def _norm(dim: int, eps: float, affine: bool, kw: dict) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=eps, use_bias=affine, use_scale=affine, use_fast_variance=False, **kw)
+
+
+class PatchEmbed(nnx.Module):
+    """``proj``: non-overlapping ``p x p`` conv; adds the fixed sin-cos position table."""
+
+    def __init__(self, cfg: DiTConfig, kw: dict):
+        p = cfg.patch_size
+        self.patch_size, self.base_size, self.dim = p, cfg.sample_size // p, cfg.inner_dim
+        self.proj = nnx.Conv(cfg.in_channels, cfg.inner_dim, (p, p), (p, p), padding="VALID", **kw)
+
+    def __call__(self, x: Array) -> Array:
+        b, h, w, _ = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"latent size {h}x{w} is not a multiple of patch_size={p}; pad or resize the latents.")
+        tokens = self.proj(x).reshape(b, (h // p) * (w // p), self.dim)
+        return tokens + jnp.asarray(sincos_2d(self.dim, h // p, w // p, self.base_size), tokens.dtype)
+
+
+class TimestepEmbedding(nnx.Module):
+    """``linear_2(silu(linear_1(x)))``."""
+
+    def __init__(self, din: int, dim: int, kw: dict):
+        self.linear_1 = _linear(din, dim, kw)
+        self.linear_2 = _linear(dim, dim, kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class LabelEmbedding(nnx.Module):
+    """``embedding_table``: ``num_classes + 1`` rows; the last is the learned null (unconditional) class."""
+
+    def __init__(self, num_classes: int, dim: int, kw: dict):
+        self.embedding_table = nnx.Embed(num_classes + 1, dim, **kw)
+
+    def __call__(self, labels: Array) -> Array:
+        return self.embedding_table(labels)
+
+
+class CombinedTimestepLabelEmbeddings(nnx.Module):
+    """Timestep MLP of the 256-channel sinusoidal embedding plus the class embedding."""
+
+    def __init__(self, num_classes: int, dim: int, kw: dict):
+        self.dtype = kw["dtype"]
+        self.timestep_embedder = TimestepEmbedding(256, dim, kw)
+        self.class_embedder = LabelEmbedding(num_classes, dim, kw)
+
+    def __call__(self, t: Array, labels: Array) -> Array:
+        return self.timestep_embedder(timestep_embedding(t).astype(self.dtype)) + self.class_embedder(labels)
+
+
+class AdaLayerNormZero(nnx.Module):
+    """adaLN-Zero: ``linear(silu(emb))`` -> shift/scale/gate (attention), shift/scale/gate (MLP)."""
+
+    def __init__(self, cfg: DiTConfig, kw: dict):
+        d = cfg.inner_dim
+        self.emb = CombinedTimestepLabelEmbeddings(cfg.num_embeds_ada_norm, d, kw)
+        self.linear = _linear(d, 6 * d, kw)
+        self.norm = _norm(d, 1e-6, False, kw)
+
+    def __call__(self, x: Array, t: Array, labels: Array) -> tuple[Array, ...]:
+        params = self.linear(jax.nn.silu(self.emb(t, labels)))
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = jnp.split(params, 6, axis=-1)
+        return modulate(self.norm(x), shift, scale), gate, shift_mlp, scale_mlp, gate_mlp
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+    """``x * (1 + scale) + shift`` per sample."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nnx.Module):
+    """Self-attention with ``to_q/to_k/to_v`` and ``to_out[0]`` (scale ``head_dim**-0.5``)."""
+
+    def __init__(self, cfg: DiTConfig, kw: dict):
+        d = cfg.inner_dim
+        self.heads = cfg.num_attention_heads
+        self.to_q = _linear(d, d, kw, cfg.attention_bias)
+        self.to_k = _linear(d, d, kw, cfg.attention_bias)
+        self.to_v = _linear(d, d, kw, cfg.attention_bias)
+        self.to_out = nnx.List([_linear(d, d, kw)])
+
+    def __call__(self, x: Array) -> Array:
+        b, n, d = x.shape
+        split = lambda y: y.reshape(b, n, self.heads, d // self.heads)  # noqa: E731
+        out = jax.nn.dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
+        return self.to_out[0](out.reshape(b, n, d))
+
+
+class GELU(nnx.Module):
+    """``gelu(proj(x))`` (tanh approximation for ``gelu-approximate``)."""
+
+    def __init__(self, din: int, dout: int, approximate: bool, kw: dict):
+        self.approximate = approximate
+        self.proj = _linear(din, dout, kw)
+
+    def __call__(self, x: Array) -> Array:
+        return jax.nn.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nnx.Module):
+    """``net = [GELU(dim -> 4 dim), dropout, Linear(4 dim -> dim)]``."""
+
+    def __init__(self, cfg: DiTConfig, kw: dict):
+        d = cfg.inner_dim
+        self.net = nnx.List([GELU(d, 4 * d, _ACTIVATIONS[cfg.activation_fn], kw), _Identity(), _linear(4 * d, d, kw)])
+
+    def __call__(self, x: Array) -> Array:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nnx.Module):
+    """diffusers' ``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"`` and no cross-attention."""
+
+    def __init__(self, cfg: DiTConfig, kw: dict):
+        self.norm1 = AdaLayerNormZero(cfg, kw)
+        self.attn1 = Attention(cfg, kw)
+        self.norm3 = _norm(cfg.inner_dim, cfg.norm_eps, cfg.norm_elementwise_affine, kw)
+        self.ff = FeedForward(cfg, kw)
+
+    def __call__(self, x: Array, t: Array, labels: Array) -> Array:
+        h, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, t, labels)
+        x = x + gate[:, None] * self.attn1(h)
+        return x + gate_mlp[:, None] * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))
+
+
+class DiTTransformer2DModel(nnx.Module):
+    """Class-conditional DiT: ``(latents NHWC, timesteps, class_labels) -> NHWC`` (``out_channels`` channels)."""
+
+    config_class = DiTConfig
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+        self.config = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d, p = config.inner_dim, config.patch_size
+        self.pos_embed = PatchEmbed(config, kw)
+        self.transformer_blocks = nnx.List([BasicTransformerBlock(config, kw) for _ in range(config.num_layers)])
+        self.norm_out = _norm(d, 1e-6, False, kw)
+        self.proj_out_1 = _linear(d, 2 * d, kw)
+        self.proj_out_2 = _linear(d, p * p * config.output_channels, kw)
+
+    def __call__(self, latents: Array, timesteps: Array, class_labels: Array) -> Array:
+        """``timesteps``: ``(batch,)`` or a scalar (DDPM steps, may be fractional); ``class_labels``: ``(batch,)``
+        ints in ``[0, num_embeds_ada_norm]``, where ``num_embeds_ada_norm`` is the null class for guidance."""
+        if latents.ndim != 4 or latents.shape[-1] != self.config.in_channels:
+            raise ValueError(
+                f"latents must be NHWC with {self.config.in_channels} channels, got shape {latents.shape}."
+            )
+        b, h, w, _ = latents.shape
+        t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
+        labels = jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (b,))
+        x = self.pos_embed(latents)
+        for block in self.transformer_blocks:
+            x = block(x, t, labels)
+        cond = self.transformer_blocks[0].norm1.emb(t, labels)
+        shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(cond)), 2, -1)
+        x = self.proj_out_2(modulate(self.norm_out(x), shift, scale))
+        return unpatchify(x, h // self.config.patch_size, w // self.config.patch_size, self.config.patch_size)
+
+    @staticmethod
+    def rename_torch_key(key: str) -> str | None:
+        return key
+
+    @classmethod
+    def from_pretrained_tensors(
+        cls, config: Mapping[str, Any] | DiTConfig, tensors: Mapping[str, Any],
+        *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ) -> "DiTTransformer2DModel":
+        """Build abstractly from a ``config.json`` dict (or config) and fill from torch-named ``tensors``."""
+        return from_pretrained_tensors(config, tensors, dtype=dtype, param_dtype=param_dtype)
+
+
+def unpatchify(x: Array, h: int, w: int, p: int) -> Array:
+    """``(B, h*w, p*p*C)`` tokens (row-major, each ``(p, p, C)``) -> ``(B, h*p, w*p, C)``."""
+    b, _, k = x.shape
+    c = k // (p * p)
+    x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c)
+
+
+def from_pretrained_tensors(
+    config: Mapping[str, Any] | DiTConfig, tensors: Mapping[str, Any],
+    *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+) -> DiTTransformer2DModel:
+    """:class:`DiTTransformer2DModel` from a ``config.json`` dict and torch-named tensors (no second weight copy)."""
+    cfg = DiTConfig.from_dict(config) if isinstance(config, Mapping) else config
+    module = abstract(lambda: DiTTransformer2DModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    return load_torch_tensors(module, tensors, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
