@@ -54,6 +54,11 @@ def run_identity(model_name: str, params: Any, sample_shape: tuple[int, ...], co
                       "params": shapes})
 
 
+def _short(e: Exception, limit: int = 300) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
@@ -100,7 +105,7 @@ class CheckpointStore:
             with self._reader() as reader:
                 meta = reader.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # orbax raises many types for damaged files
-            raise CheckpointError(f"cannot read the metadata of checkpoint {where} ({type(e).__name__}: {e}); "
+            raise CheckpointError(f"cannot read the metadata of checkpoint {where} ({_short(e)}); "
                                   "the checkpoint is damaged: delete that step directory to resume from an "
                                   "earlier one") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -132,7 +137,7 @@ class CheckpointStore:
             with self._reader() as reader:
                 state = reader.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
         except Exception as e:
-            raise CheckpointError(f"checkpoint {where} is damaged or unreadable ({type(e).__name__}: {e}); "
+            raise CheckpointError(f"checkpoint {where} is damaged or unreadable ({_short(e)}); "
                                   "delete that step directory to resume from an earlier one") from e
         if tree_checksum(state) != meta["checksum"]:
             raise CheckpointError(f"checkpoint {where} is corrupted: its arrays do not match the checksum "

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff.models._pure import PureModel
@@ -61,6 +61,16 @@ def network(graphdef: Any, params: Any, buffers: Any, compute_dtype: Any = None)
     return _Cast(model, dt)
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with Auto axis types (sharding propagated by the compiler).
+
+    ``jax.make_mesh`` now makes Explicit axes, under which every op must agree on its operands'
+    shardings; a network mixing the data-sharded batch with replicated noise levels would not trace.
+    The step only fixes its inputs' and outputs' shardings and lets XLA place the rest.
+    """
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def _train_step(state: TrainState, batch: dict, objective: Any, *, graphdef: Any, tx: optax.GradientTransformation,
                 schedule: optax.Schedule, compute_dtype: Any, ema_warmup: bool) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.key, state.step)
@@ -73,7 +83,7 @@ def _train_step(state: TrainState, batch: dict, objective: Any, *, graphdef: Any
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema, params, ema_decay_at(state.ema_decay, state.step, ema_warmup))
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}
     new = dataclasses.replace(state, step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
     return new, metrics
 
@@ -99,6 +109,8 @@ class Trainer:
     step_fn: Callable[..., Any] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.mesh is not None:
+            object.__setattr__(self, "mesh", auto_mesh(self.mesh))
         step = lambda s, b, o: _train_step(s, b, o, graphdef=self.graphdef, tx=self.tx,  # noqa: E731
                                            schedule=self.schedule, compute_dtype=self.compute_dtype,
                                            ema_warmup=self.ema_warmup)
