@@ -21,9 +21,18 @@ def gaussian_denoiser(shrink=1.0):
     return D
 
 
+PAPER_WEIGHTS = {  # lambda(sigma) on ||D - x0||^2, written out from each paper
+    "epsilon": lambda s, sd: 1 / s**2,
+    "v": lambda s, sd: (1 + s**2) / s**2,
+    "x0": lambda s, sd: np.ones_like(s),
+    "edm": lambda s, sd: (s**2 + sd**2) / (s * sd) ** 2,
+    "ncsn": lambda s, sd: 0.5 / s**2,
+}
+
+
 def expected_min(weighting, sigma, sd=0.5):
     """lambda(sigma) * posterior variance: the per-dimension loss of the exact denoiser at sigma."""
-    return np.asarray(L.loss_weight(weighting, jnp.asarray(sigma), sd)) * VAR * sigma**2 / (VAR + sigma**2)
+    return PAPER_WEIGHTS[weighting](sigma, sd) * VAR * sigma**2 / (VAR + sigma**2)
 
 
 def lognormal_mean(f, p_mean=-1.2, p_std=1.2):

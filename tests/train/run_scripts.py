@@ -25,7 +25,7 @@ def build(hidden: int = 32, mesh=None):
     """A conditional EDM run with label dropout (so labels, noise and dropout all must resume exactly)."""
     obj = DiffusionObjective(L.edm_loss(), EDMDenoiser(None), 0.2, True, NUM_CLASSES)
     model = TinyDenoiserNet(4, hidden, NUM_CLASSES, rngs=nnx.Rngs(0))
-    return Trainer.create(model, obj, OptimizerConfig(3e-3, warmup_steps=2, total_steps=12), sample_shape=(4,),
+    return Trainer.create(model, obj, OptimizerConfig(3e-3, warmup_steps=2, total_steps=8), sample_shape=(4,),
                           seed=5, mesh=mesh)
 
 
@@ -33,12 +33,12 @@ def dataset(batch_size: int = 16) -> ArrayDataset:
     return ArrayDataset(gaussian_data(40, num_classes=NUM_CLASSES), batch_size, seed=2)  # 2 batches per epoch
 
 
-def run(trainer, state, workdir, num_steps, kill_at=None, hidden=32, checkpoint_every=3):
+def run(trainer, state, workdir, num_steps, kill_at=None, hidden=32, checkpoint_every=4):
     def die(step, state, metrics):
         if step == kill_at:
             os._exit(3)
     return fit(trainer, state, dataset(), num_steps, workdir=workdir, checkpoint_every=checkpoint_every,
-               max_to_keep=2, model_config={"hidden": hidden}, progress=False, async_checkpoint=False,
+               max_to_keep=1, model_config={"hidden": hidden}, progress=False, async_checkpoint=False,
                callback=die)
 
 

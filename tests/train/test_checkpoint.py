@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff.train import CheckpointError, CheckpointMismatchError, CheckpointStore, read_metrics
+from jaxdiff.train import CheckpointError, CheckpointMismatchError, CheckpointStore, fit, read_metrics
 import run_scripts
 
 HERE = Path(__file__).parent
@@ -32,25 +32,25 @@ def snapshot(directory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A run killed after step 8 (checkpoints every 3) and resumed to 12; and an uninterrupted run."""
+    """A run killed after step 6 (checkpoints every 4) and resumed to 8; and an uninterrupted run."""
     base = tmp_path_factory.mktemp("runs")
-    killed = script("resume", base / "resumed", 12, 8)
+    killed = script("resume", base / "resumed", 8, 6)
     assert killed.returncode == 3, killed.stderr[-3000:]
     before_resume = read_metrics(base / "resumed" / "metrics.jsonl")
     trainer, init = run_scripts.build()
     fresh = jax.tree.map(lambda a: a.copy(), init)
-    resumed = run_scripts.run(trainer, init, base / "resumed", 12)
-    straight = run_scripts.run(trainer, fresh, base / "straight", 12)
+    resumed = run_scripts.run(trainer, init, base / "resumed", 8)
+    straight = run_scripts.run(trainer, fresh, base / "straight", 8)
     return base, trainer, before_resume, resumed, straight
 
 
 def test_killed_and_resumed_run_is_exact(runs):
     base, _, before_resume, resumed, straight = runs
-    assert [r["step"] for r in before_resume] == list(range(1, 9))  # it really died after step 8
+    assert [r["step"] for r in before_resume] == list(range(1, 7))  # it really died after step 6
     a, b = read_metrics(base / "resumed" / "metrics.jsonl"), read_metrics(base / "straight" / "metrics.jsonl")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
     assert [(r["loss"], r["grad_norm"], r["lr"]) for r in a] == [(r["loss"], r["grad_norm"], r["lr"]) for r in b]
-    assert [r["loss"] for r in before_resume] == [r["loss"] for r in b[:8]]
+    assert [r["loss"] for r in before_resume] == [r["loss"] for r in b[:6]]
     for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -58,10 +58,10 @@ def test_killed_and_resumed_run_is_exact(runs):
 def test_keeps_the_newest_checkpoints_with_their_record(runs):
     base, *_ = runs
     store = CheckpointStore(base / "straight" / "checkpoints")
-    assert store.steps() == [9, 12]
-    meta = store.read_meta(12)
-    assert meta["step"] == 12 and meta["identity"]["config"] == {"hidden": 32}
-    assert meta["data"]["position"] == {"epoch": 6, "index": 0}  # 2 batches per epoch
+    assert store.steps() == [8]  # max_to_keep=1 removed step 4
+    meta = store.read_meta(8)
+    assert meta["step"] == 8 and meta["identity"]["config"] == {"hidden": 32}
+    assert meta["data"]["position"] == {"epoch": 4, "index": 0}  # 2 batches per epoch
     assert meta["data"]["identity"]["batch_size"] == 16
 
 
@@ -76,6 +76,9 @@ def test_resume_from_another_model_raises_and_writes_nothing(runs, tmp_path):
     trainer, state = run_scripts.build()
     with pytest.raises(CheckpointMismatchError, match="config.hidden"):  # same shapes, other config
         run_scripts.run(trainer, state, work, 20, hidden=33)
+    with pytest.raises(CheckpointMismatchError, match="data.batch_size"):  # other data: not the same run
+        fit(trainer, state, run_scripts.dataset(batch_size=8), 20, workdir=work, model_config={"hidden": 32},
+            progress=False)
     assert snapshot(work) == before
 
 
@@ -84,7 +87,7 @@ def test_damaged_checkpoint_raises_naming_it_and_writes_nothing(runs, tmp_path, 
     base, trainer, *_ = runs
     work = tmp_path / "run"
     shutil.copytree(base / "resumed", work)
-    step_dir = work / "checkpoints" / "12"
+    step_dir = work / "checkpoints" / "8"
     meta_file = step_dir / "meta" / "metadata"
     if damage == "checksum":  # arrays that read back fine but differ from what was saved
         meta = json.loads(meta_file.read_text())
