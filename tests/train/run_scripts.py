@@ -63,6 +63,14 @@ def parallel() -> None:
         trainer.check_batch({"x": np.zeros((12, 4), np.float32), "label": np.zeros(12, np.int32)})
     except ValueError as e:
         out["indivisible_error"] = str(e)
+    # the pure losses also run under jax.pmap (one shard of the batch per device)
+    loss = L.edm_loss()
+    denoiser = EDMDenoiser(jax.tree_util.Partial(lambda x, c, cond: jnp.tanh(x) * c[:, None]))
+    x0 = jnp.asarray(dataset(32).batch(0)["x"])
+    keys = jax.random.split(jax.random.key(0), 8)
+    pmapped = jax.pmap(lambda x, k: loss(denoiser, x, k))(x0.reshape(8, 4, 4), keys)
+    single = jnp.stack([loss(denoiser, x0.reshape(8, 4, 4)[i], keys[i]) for i in range(8)])
+    out["pmap_max_diff"] = float(jnp.max(jnp.abs(pmapped - single)))
     print(json.dumps(out))
 
 

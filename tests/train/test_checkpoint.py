@@ -123,3 +123,4 @@ def test_data_parallel_run_matches_single_device():
     assert res["mesh_replicated"] and res["mesh_devices"] == 8 and res["single_devices"] == 1
     assert res["batch_shard_rows"] == [4]  # 32 examples over 8 devices
     assert "not divisible by the 8 devices" in res["indivisible_error"]
+    assert res["pmap_max_diff"] < 1e-5

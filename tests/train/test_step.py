@@ -56,6 +56,14 @@ def test_gradient_clipping_reaches_adam_moments():
     np.testing.assert_allclose(mu["w"] / mu["b"][0], -4.0 / 3.0, rtol=1e-6)
 
 
+def test_ema_warmup_decay():
+    from jaxdiff.train.ema import ema_decay_at
+    assert float(ema_decay_at(jnp.float32(0.999), 0, True)) == pytest.approx(0.1)
+    assert float(ema_decay_at(jnp.float32(0.999), 90, True)) == pytest.approx(0.91)
+    assert float(ema_decay_at(jnp.float32(0.999), 10**6, True)) == pytest.approx(0.999)
+    assert float(ema_decay_at(jnp.float32(0.999), 0, False)) == pytest.approx(0.999)
+
+
 def test_step_updates_ema_and_counts(edm_run):
     trainer, init, _, data = edm_run
     state = jax.tree.map(jnp.copy, init)
