@@ -99,15 +99,21 @@ class UNet2DConditionConfig:
         return cfg
 
     def validate(self) -> None:
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
-        for t in self.down_block_types:
-            if t not in _DOWN_TYPES:
-                raise ValueError(f"unsupported down block {t!r}; jaxdiff supports {_DOWN_TYPES}")
+        """Raise a ValueError naming any unsupported or inconsistent setting."""
+        self.validate_encoder()
+        if len(self.up_block_types) != len(self.block_out_channels):
+            raise ValueError("up_block_types and block_out_channels must have the same length")
         for t in self.up_block_types:
             if t not in _UP_TYPES:
                 raise ValueError(f"unsupported up block {t!r}; jaxdiff supports {_UP_TYPES}")
+
+    def validate_encoder(self) -> None:
+        """The checks shared with ControlNet (everything but the up blocks)."""
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError("down_block_types and block_out_channels must have the same length")
+        for t in self.down_block_types:
+            if t not in _DOWN_TYPES:
+                raise ValueError(f"unsupported down block {t!r}; jaxdiff supports {_DOWN_TYPES}")
         if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
             raise ValueError(f"unsupported mid_block_type {self.mid_block_type!r}; use 'UNetMidBlock2DCrossAttn'")
         if self.class_embed_type not in _CLASS_EMBED_TYPES:
