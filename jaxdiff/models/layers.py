@@ -243,6 +243,17 @@ class ResnetBlock2D(nnx.Module):
 # --- attention ------------------------------------------------------------------------------------
 
 
+def scaled_dot_product_attention(q: Array, k: Array, v: Array) -> Array:
+    """``softmax(q k^T / sqrt(d)) v`` on (B, T, heads, d) arrays; logits and softmax in float32.
+
+    Written out (rather than ``jax.nn.dot_product_attention``) so that the float32 upcast is
+    explicit, and because XLA:CPU in jax 0.10 aborts on that function's bfloat16 dot preset.
+    """
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
 class Attention(nnx.Module):
     """Multi-head (self or cross) attention, diffusers ``Attention`` with the default processor.
 
@@ -279,7 +290,7 @@ class Attention(nnx.Module):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         split = lambda t: t.reshape(*t.shape[:2], self.heads, t.shape[-1] // self.heads)  # noqa: E731
-        out = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        out = scaled_dot_product_attention(split(q), split(k), split(v))
         out = self.to_out[0](out.reshape(*out.shape[:2], -1))
         if spatial:
             out = out.reshape(b, h, w, c)

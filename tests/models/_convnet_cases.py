@@ -55,3 +55,41 @@ def assert_close(actual: Any, expected: np.ndarray, rel: float = 1e-4) -> None:
     bound = rel * max(1.0, float(np.abs(expected).max()))
     err = float(np.abs(actual - expected).max())
     assert err <= bound, f"max abs diff {err:.3g} > {bound:.3g}"
+
+
+def _apply(model: Any, *args: Any, **kwargs: Any) -> Any:
+    return model(*args, **kwargs)
+
+
+def apply(model: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a :class:`PureModel` (or bound method) under one shared ``jax.jit``.
+
+    The weights are traced arguments, so the committed fixture and the live rebuild of a case
+    (same shapes, other values) share one compilation.
+    """
+    global _JIT
+    if _JIT is None:
+        import jax
+
+        _JIT = jax.jit(_apply)
+    return _JIT(model, *args, **kwargs)
+
+
+_JIT = None
+
+
+def reference_param_count(cls_name: str, config: dict) -> int:
+    """Parameter count of the diffusers model built on torch's meta device (no memory)."""
+    import diffusers
+    import torch
+
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = getattr(diffusers, cls_name)(**kwargs)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_config(name: str) -> dict:
+    """A full-size public config shipped in ``jaxdiff/models/configs``."""
+    path = Path(__file__).resolve().parents[2] / "jaxdiff" / "models" / "configs" / f"{name}.json"
+    return json.loads(path.read_text())
