@@ -7,7 +7,7 @@ Every block mirrors the attribute names of its diffusers counterpart (``ResnetBl
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import math
 from typing import Any
 
@@ -34,18 +34,38 @@ def activation(name: str) -> Callable[[Array], Array]:
     return ACTIVATIONS[name]
 
 
+class KeySource:
+    """Per-layer initialisation keys ``fold_in(key, i)`` drawn with a Python counter.
+
+    Passed to Flax layers in place of ``nnx.Rngs`` (they only call ``.params()``). ``nnx.Rngs``
+    keeps its counter in a traced Variable, and under ``nnx.eval_shape`` every draw then costs a
+    scan of the whole trace so far: building SD 1.5 abstractly took ~30 s instead of ~2 s.
+    """
+
+    def __init__(self, key: Array):
+        self.key, self.count = key, 0
+
+    def params(self) -> Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
 @dataclass(frozen=True)
 class Maker:
     """Construction context: random keys and dtypes, with PyTorch-default layer factories.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. Norms compute their
     statistics in float32 whatever ``dtype`` is (Flax does so), and use the two-pass variance
-    as PyTorch does.
+    as PyTorch does. One key is drawn from ``rngs``; layers get keys folded from it.
     """
 
     rngs: nnx.Rngs
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    keys: KeySource = field(init=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "keys", KeySource(self.rngs.params()))
 
     def conv(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1, padding: Any = None,
              bias: bool = True) -> nnx.Conv:
@@ -55,25 +75,25 @@ class Maker:
         if isinstance(padding, int):
             padding = ((padding, padding), (padding, padding))
         return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=padding, use_bias=bias,
-                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
 
     def linear(self, fin: int, fout: int, *, bias: bool = True) -> nnx.Linear:
         return nnx.Linear(fin, fout, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                          rngs=self.rngs)
+                          rngs=self.keys)
 
     def group_norm(self, channels: int, groups: int, eps: float) -> nnx.GroupNorm:
         if channels % groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups; "
                              "fix block_out_channels or norm_num_groups in the config")
         return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
-                             dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+                             dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
 
     def layer_norm(self, features: int, eps: float) -> nnx.LayerNorm:
         return nnx.LayerNorm(features, epsilon=eps, use_fast_variance=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, rngs=self.rngs)
+                             param_dtype=self.param_dtype, rngs=self.keys)
 
     def embed(self, num: int, features: int) -> nnx.Embed:
-        return nnx.Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+        return nnx.Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
 
 
 class Identity(nnx.Module):
