@@ -34,6 +34,32 @@ def activation(name: str) -> Callable[[Array], Array]:
     return ACTIVATIONS[name]
 
 
+def _host_or_traced(host: Callable[[np.random.Generator, tuple], np.ndarray],
+                    traced: Callable[..., Array]) -> Callable[..., Array]:
+    """An initializer drawing on the host (numpy) for concrete keys, in JAX for traced ones.
+
+    Eager JAX random draws compile once per parameter shape (0.1-1 s each on CPU), which made
+    building even a tiny U-Net take tens of seconds; under ``nnx.eval_shape`` or ``jit`` the key is
+    traced and the JAX version keeps the build abstract / compiled.
+    """
+
+    def init(key: Array, shape: tuple, dtype: Any = jnp.float32) -> Array:
+        if isinstance(key, jax.core.Tracer):
+            return traced(key, shape, dtype)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+        return jnp.asarray(host(rng, tuple(shape)), dtype)
+
+    return init
+
+
+def torch_default_init(fan_in: int) -> Callable[..., Array]:
+    """PyTorch's default Linear/Conv2d initialisation: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
+    for weights and biases (kaiming-uniform with a = sqrt(5)), as a diffusers model starts from."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return _host_or_traced(lambda rng, shape: rng.uniform(-bound, bound, shape),
+                           lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound))
+
+
 class KeySource:
     """Per-layer initialisation keys ``fold_in(key, i)`` drawn with a Python counter.
 
@@ -74,12 +100,15 @@ class Maker:
             padding = kernel // 2
         if isinstance(padding, int):
             padding = ((padding, padding), (padding, padding))
+        init = torch_default_init(kernel * kernel * cin)
         return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=padding, use_bias=bias,
-                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
+                        kernel_init=init, bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
+                        rngs=self.keys)
 
     def linear(self, fin: int, fout: int, *, bias: bool = True) -> nnx.Linear:
-        return nnx.Linear(fin, fout, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                          rngs=self.keys)
+        init = torch_default_init(fin)
+        return nnx.Linear(fin, fout, use_bias=bias, kernel_init=init, bias_init=init, dtype=self.dtype,
+                          param_dtype=self.param_dtype, rngs=self.keys)
 
     def group_norm(self, channels: int, groups: int, eps: float) -> nnx.GroupNorm:
         if channels % groups:
@@ -93,7 +122,9 @@ class Maker:
                              param_dtype=self.param_dtype, rngs=self.keys)
 
     def embed(self, num: int, features: int) -> nnx.Embed:
-        return nnx.Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
+        return nnx.Embed(num, features, embedding_init=_host_or_traced(lambda rng, shape: rng.standard_normal(shape),
+                                                                       jax.random.normal),
+                         dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
 
 
 class Identity(nnx.Module):
