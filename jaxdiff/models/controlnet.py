@@ -10,6 +10,7 @@ residuals for :class:`jaxdiff.models.unet.UNet2DConditionModel`
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ class ControlNetConditioningEmbedding(nnx.Module):
         for cin, cout in zip(channels[:-1], channels[1:]):
             blocks += [mk.conv(cin, cin, 3), mk.conv(cin, cout, 3, stride=2, padding=1)]
         self.blocks = nnx.List(blocks)
-        self.conv_out = mk.conv(channels[-1], out_channels, 3)
+        self.conv_out = mk.conv(channels[-1], out_channels, 3, zero=True)
 
     def __call__(self, x: Array) -> Array:
         x = jax.nn.silu(self.conv_in(x))
@@ -99,12 +100,12 @@ class ControlNetModel(nnx.Module):
             chans[0], config.conditioning_channels, config.conditioning_embedding_out_channels, mk)
         self.down_blocks = nnx.List(build_down_blocks(config, mk))
         self.mid_block = build_mid_block(config, mk)
-        zero_convs = [mk.conv(chans[0], chans[0], 1)]
+        zero_convs = [mk.conv(chans[0], chans[0], 1, zero=True)]
         layers = config.per_block("layers_per_block")
         for i, c in enumerate(chans):
-            zero_convs += [mk.conv(c, c, 1) for _ in range(layers[i] + (i < len(chans) - 1))]
+            zero_convs += [mk.conv(c, c, 1, zero=True) for _ in range(layers[i] + (i < len(chans) - 1))]
         self.controlnet_down_blocks = nnx.List(zero_convs)
-        self.controlnet_mid_block = mk.conv(chans[-1], chans[-1], 1)
+        self.controlnet_mid_block = mk.conv(chans[-1], chans[-1], 1, zero=True)
 
     def __call__(self, sample: Array, timesteps: Any, encoder_hidden_states: Array, controlnet_cond: Array,
                  conditioning_scale: Any = 1.0, *, class_labels: Array | None = None,
@@ -147,6 +148,28 @@ class ControlNetModel(nnx.Module):
             downs = [d.mean(axis=(1, 2), keepdims=True) for d in downs]
             mid = mid.mean(axis=(1, 2), keepdims=True)
         return tuple(downs), mid
+
+
+_SHARED_WITH_UNET = ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block")
+
+
+def controlnet_from_unet(unet: nnx.Module, *, rngs: nnx.Rngs, conditioning_channels: int = 3,
+                         conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+                         controlnet_conditioning_channel_order: str = "rgb") -> ControlNetModel:
+    """A new ControlNet whose encoder copies ``unet``'s weights (diffusers ``ControlNetModel.from_unet``).
+
+    The zero convolutions start at zero, so the controlled U-Net initially equals ``unet``.
+    """
+    fields = {f.name: getattr(unet.config, f.name) for f in dataclasses.fields(UNet2DConditionConfig)}
+    cfg = ControlNetConfig(**fields, conditioning_channels=conditioning_channels,
+                           conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+                           controlnet_conditioning_channel_order=controlnet_conditioning_channel_order)
+    model = ControlNetModel(cfg, rngs=rngs, dtype=unet.dtype)
+    for name in _SHARED_WITH_UNET:
+        source = getattr(unet, name)
+        if source is not None:
+            nnx.update(getattr(model, name), jax.tree.map(jnp.copy, nnx.state(source)))
+    return model
 
 
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,

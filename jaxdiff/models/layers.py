@@ -94,13 +94,16 @@ class Maker:
         object.__setattr__(self, "keys", KeySource(self.rngs.params()))
 
     def conv(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1, padding: Any = None,
-             bias: bool = True) -> nnx.Conv:
-        """``torch.nn.Conv2d``; ``padding`` defaults to ``kernel // 2`` on every side."""
+             bias: bool = True, zero: bool = False) -> nnx.Conv:
+        """``torch.nn.Conv2d``; ``padding`` defaults to ``kernel // 2`` on every side.
+
+        ``zero=True`` starts weights and bias at zero (ControlNet's "zero convolutions").
+        """
         if padding is None:
             padding = kernel // 2
         if isinstance(padding, int):
             padding = ((padding, padding), (padding, padding))
-        init = torch_default_init(kernel * kernel * cin)
+        init = nnx.initializers.zeros_init() if zero else torch_default_init(kernel * kernel * cin)
         return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=padding, use_bias=bias,
                         kernel_init=init, bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
                         rngs=self.keys)

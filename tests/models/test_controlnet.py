@@ -80,3 +80,16 @@ def test_sd15_controlnet_parameter_count():
     except ImportError:
         return
     assert reference_param_count("ControlNetModel", config) == 361_279_120
+
+
+def test_from_unet_copies_the_encoder_and_starts_with_zero_residuals():
+    config, weights, io = load_case("unet_sd1")
+    base = unet.from_pretrained_tensors(config, weights)
+    cn = controlnet.controlnet_from_unet(base, rngs=nnx.Rngs(0), conditioning_embedding_out_channels=(4, 8))
+    for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(getattr(cn, name)), nnx.state(getattr(base, name)))
+    cond = np.ones((2, 16, 16, 3), np.float32)
+    down, mid = jax.eval_shape(lambda: cn(nhwc(io["sample"]), io["timesteps"], io["encoder_hidden_states"], cond))
+    assert [d.shape[1:3] for d in down] == [(8, 8), (8, 8), (4, 4), (4, 4), (2, 2), (2, 2)]
+    for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+        assert not np.any(conv.kernel[...]) and not np.any(conv.bias[...])
