@@ -293,8 +293,9 @@ class UNet2DConditionModel(nnx.Module):
             x, res = block(x, emb, context)
             skips += res
         if down_block_additional_residuals is not None:
-            if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"expected {len(skips)} down-block residuals, got {len(down_block_additional_residuals)}")
+            got = len(down_block_additional_residuals)
+            if got != len(skips):
+                raise ValueError(f"expected {len(skips)} down-block residuals (one per skip connection), got {got}")
             skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals))
         if self.mid_block is not None:
             x = self.mid_block(x, emb, context)
