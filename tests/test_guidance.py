@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 
 from jaxdiff import guidance as G
+from jaxdiff._pytree import pytree_dataclass
 from jaxdiff import metrics, mixtures, sampling, samplers, schedules
 from jaxdiff.denoisers import vp_output_to_x0
 
 SIGMAS = (0.05, 0.4, 1.5, 8.0)
+# one compiled program per denoiser structure (eager op-by-op dispatch is slow on a busy CPU)
+call = jax.jit(lambda den, x, sigma, cond: den(x, sigma, cond))
+sliced_wasserstein = jax.jit(metrics.sliced_wasserstein)
 
 
 # ---- independent float64 numpy re-derivation of the mixture denoiser ---------------------------
@@ -57,8 +61,8 @@ def test_cfg_scale_one_is_conditional_and_zero_unconditional(mix, batch, sigma):
     cond = np_denoiser(mix, x, sigma, np.asarray(labels))
     uncond = np_denoiser(mix, x, sigma, None)
     assert np.abs(cond - uncond).max() > 1e-2  # the two targets really differ at this sigma
-    one = G.apply(mix, G.classifier_free(1.0, UNCOND))(x, sigma, labels)
-    zero = G.apply(mix, G.classifier_free(0.0, UNCOND))(x, sigma, labels)
+    one = call(G.apply(mix, G.classifier_free(1.0, UNCOND)), x, sigma, labels)
+    zero = call(G.apply(mix, G.classifier_free(0.0, UNCOND)), x, sigma, labels)
     tol = 2e-5 * max(1.0, np.abs(cond).max())
     np.testing.assert_allclose(one, cond, atol=tol)
     np.testing.assert_allclose(zero, uncond, atol=tol)
@@ -77,13 +81,13 @@ def test_cfg_scale_three_matches_hand_computation(mix, batch, sigma):
 def test_cfg_per_sample_scale_and_negative_conditioning(mix, batch):
     x, labels = batch
     scales = jnp.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
-    got = G.apply(mix, G.classifier_free(scales, UNCOND))(x, 0.7, labels)
+    got = call(G.apply(mix, G.classifier_free(scales, UNCOND)), x, 0.7, labels)
     c = np_denoiser(mix, x, 0.7, np.asarray(labels))
     u = np_denoiser(mix, x, 0.7, None)
     np.testing.assert_allclose(got, u + np.asarray(scales)[:, None, None] * (c - u), atol=1e-4)
     # a negative prompt: the other class takes the place of the unconditional branch
     neg = 1 - labels
-    got = G.apply(mix, G.classifier_free(2.0, neg))(x, 0.7, labels)
+    got = call(G.apply(mix, G.classifier_free(2.0, neg)), x, 0.7, labels)
     n = np_denoiser(mix, x, 0.7, np.asarray(neg))
     np.testing.assert_allclose(got, n + 2.0 * (c - n), atol=1e-4)
 
@@ -105,7 +109,7 @@ def test_cfg_uncond_shape_errors(mix, batch):
     with pytest.raises(ValueError, match="uncond has shape"):
         G.apply(mix, G.classifier_free(2.0, jnp.full((4,), -1)))(x, 0.5, labels)
     with pytest.raises(ValueError, match="structure"):
-        G.apply(mix, G.classifier_free(2.0, {"labels": UNCOND}))(x, 0.5, labels)
+        call(G.apply(mix, G.classifier_free(2.0, {"labels": UNCOND})), x, 0.5, labels)
     with pytest.raises(ValueError, match="rescale_space"):
         G.classifier_free(2.0, UNCOND, rescale_space="eps")
 
@@ -128,15 +132,18 @@ def ring_setup():
     sig = schedules.karras(30, 0.002, 80.0, capacity=32)
     x = sampling.initial_noise(jax.random.key(11), (n, 2), 80.0)
     exact = ring.sample(jax.random.key(12), n, labels)
-    # exact-vs-exact distances vary a lot (mode occupancies are multinomial): take the worst of 12
-    floor = max(float(metrics.sliced_wasserstein(ring.sample(jax.random.key(100 + i), n, labels), exact,
-                                                 jax.random.key(14))) for i in range(12))
+
+    @jax.jit
+    def floors(keys):  # exact-vs-exact distances vary a lot (mode occupancies are multinomial)
+        return jax.vmap(lambda k: metrics.sliced_wasserstein(ring.sample(k, n, labels), exact, jax.random.key(14)))(keys)
+
+    floor = float(jnp.max(floors(jax.random.split(jax.random.key(100), 12))))  # the worst of 12
     return dict(ring=ring, labels=labels, sig=sig, x=x, exact=exact, floor=floor)
 
 
 def _sw_to_exact(setup, denoiser, cond):
     out = sampling.sample(denoiser, samplers.Euler(), setup["sig"], setup["x"], 5, cond)
-    return out, float(metrics.sliced_wasserstein(out, setup["exact"], jax.random.key(14)))
+    return out, float(sliced_wasserstein(out, setup["exact"], jax.random.key(14)))
 
 
 def test_cfg_scale_one_samples_the_exact_conditional(ring_setup):
@@ -178,10 +185,10 @@ def _branches(mix, x, labels, sigma, scale):
 def test_rescale_phi_zero_is_plain_cfg_and_phi_one_matches_cond_std(mix, batch, space):
     x, labels = batch
     s = 0.9
-    plain = G.apply(mix, G.classifier_free(4.0, UNCOND))(x, s, labels)
-    zero = G.apply(mix, G.classifier_free(4.0, UNCOND, rescale=0.0, rescale_space=space))(x, s, labels)
+    plain = call(G.apply(mix, G.classifier_free(4.0, UNCOND)), x, s, labels)
+    zero = call(G.apply(mix, G.classifier_free(4.0, UNCOND, rescale=0.0, rescale_space=space)), x, s, labels)
     np.testing.assert_allclose(zero, plain, atol=1e-6)
-    one = G.apply(mix, G.classifier_free(4.0, UNCOND, rescale=1.0, rescale_space=space))(x, s, labels)
+    one = call(G.apply(mix, G.classifier_free(4.0, UNCOND, rescale=1.0, rescale_space=space)), x, s, labels)
     cond = np.asarray(mix(x, s, labels))
     to = {"epsilon": lambda x0: _eps(x, x0, s), "v": lambda x0: _v(x, x0, s), "x0": lambda x0: np.asarray(x0)}[space]
     std = lambda u: u.reshape(u.shape[0], -1).std(axis=1)  # noqa: E731
@@ -202,7 +209,7 @@ def test_rescale_matches_numpy_rederivation(mix, batch, space, phi):
     else:
         v = np_rescale(_v(x, x0_cfg, s), _v(x, x0_c, s), phi)
         want = np.asarray(vp_output_to_x0(jnp.asarray(v, jnp.float32), x, jnp.full((6,), s), "v_prediction"))
-    got = G.apply(mix, G.classifier_free(scale, UNCOND, rescale=phi, rescale_space=space))(x, s, labels)
+    got = call(G.apply(mix, G.classifier_free(scale, UNCOND, rescale=phi, rescale_space=space)), x, s, labels)
     np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
 
 
@@ -228,7 +235,7 @@ def test_rescale_matches_diffusers_rescale_noise_cfg(mix, batch, space):
     x0_cfg, x0_c = _branches(mix, x, labels, s, scale)
     to = _eps if space == "epsilon" else _v
     ref = rescale_noise_cfg(torch.tensor(to(x, x0_cfg, s)), torch.tensor(to(x, x0_c, s)), guidance_rescale=phi).numpy()
-    got = G.apply(mix, G.classifier_free(scale, UNCOND, rescale=phi, rescale_space=space))(x, s, labels)
+    got = call(G.apply(mix, G.classifier_free(scale, UNCOND, rescale=phi, rescale_space=space)), x, s, labels)
     np.testing.assert_allclose(to(x, got, s), ref, atol=2e-4 * max(1.0, np.abs(ref).max()))
 
 
@@ -239,14 +246,14 @@ def test_classifier_guidance_is_bayes_rule(mix, batch, sigma):
     """D_u + sigma^2 grad log p(y | x) == D(x | y) for the exact class posterior (scale 1)."""
     x, labels = batch
     clf = mixtures.MixtureClassifier(mix)
-    from_cond = G.apply(mix, G.bind(None), G.classifier_guidance(clf))(x, sigma, labels)
-    from_leaf = G.apply(mix, G.classifier_guidance(clf, labels=labels))(x, sigma, None)
+    from_cond = call(G.apply(mix, G.bind(None), G.classifier_guidance(clf)), x, sigma, labels)
+    from_leaf = call(G.apply(mix, G.classifier_guidance(clf, labels=labels)), x, sigma, None)
     want = np_denoiser(mix, x, sigma, np.asarray(labels))
     tol = 2e-5 * max(1.0, np.abs(want).max())
     np.testing.assert_allclose(from_cond, want, atol=tol)
     np.testing.assert_allclose(from_leaf, want, atol=tol)
     # scale 2 doubles the shift: D_u + 2 (D_c - D_u); a label of -1 leaves the sample unguided
-    two = G.apply(mix, G.classifier_guidance(clf, 2.0, labels=labels.at[0].set(-1)))(x, sigma, None)
+    two = call(G.apply(mix, G.classifier_guidance(clf, 2.0, labels=labels.at[0].set(-1))), x, sigma, None)
     u = np_denoiser(mix, x, sigma, None)
     np.testing.assert_allclose(two[1:], (u + 2.0 * (want - u))[1:], atol=2 * tol)
     np.testing.assert_allclose(two[0], u[0], atol=tol)
@@ -259,13 +266,13 @@ def test_classifier_guidance_normalises_logits(mix, batch):
     def logits(x_, s_):  # log-probs plus a per-sample offset that depends on x: same softmax
         return clf(x_, s_) + jnp.sum(x_.reshape(x_.shape[0], -1) ** 2, axis=1, keepdims=True)
 
-    base = G.apply(mix, G.classifier_guidance(clf, labels=labels))(x, 0.5, None)
-    norm = G.apply(mix, G.classifier_guidance(logits, labels=labels))(x, 0.5, None)
-    raw = G.apply(mix, G.classifier_guidance(logits, labels=labels, normalize=False))(x, 0.5, None)
+    base = call(G.apply(mix, G.classifier_guidance(clf, labels=labels)), x, 0.5, None)
+    norm = call(G.apply(mix, G.classifier_guidance(logits, labels=labels)), x, 0.5, None)
+    raw = call(G.apply(mix, G.classifier_guidance(logits, labels=labels, normalize=False)), x, 0.5, None)
     np.testing.assert_allclose(norm, base, atol=1e-5)
     np.testing.assert_allclose(raw - base, 0.25 * 2.0 * np.asarray(x), atol=1e-4)  # sigma^2 grad |x|^2
     with pytest.raises(ValueError, match="labels"):
-        G.apply(mix, G.classifier_guidance(clf))(x, 0.5, None)
+        call(G.apply(mix, G.classifier_guidance(clf)), x, 0.5, None)
 
 
 def test_classifier_guidance_samples_the_exact_conditional(ring_setup):
@@ -290,8 +297,8 @@ def test_energy_guidance_closed_form_and_gradient_paths(gaussian):
     def loss(x0, cond):  # -log N(x0; target, tau^2) up to a constant
         return jnp.sum((x0 - target) ** 2, axis=1) / (2 * tau**2)
 
-    through = G.apply(gaussian, G.energy_guidance(loss, scale))(x, sigma, None)
-    direct = G.apply(gaussian, G.energy_guidance(loss, scale, through_denoiser=False))(x, sigma, None)
+    through = call(G.apply(gaussian, G.energy_guidance(loss, scale)), x, sigma, None)
+    direct = call(G.apply(gaussian, G.energy_guidance(loss, scale, through_denoiser=False)), x, sigma, None)
     d = np.asarray(gaussian(x, sigma))
     k = 0.64 / (0.64 + sigma**2)
     grad_x0 = (d - np.asarray(target)) / tau**2
@@ -310,20 +317,20 @@ def test_energy_guidance_uses_cond_and_checks_loss_shape(gaussian):
     x = jax.random.normal(jax.random.key(5), (4, 3))
     targets = jnp.arange(12.0).reshape(4, 3)
     loss = lambda x0, cond: 0.5 * jnp.sum((x0 - cond) ** 2, axis=1)  # noqa: E731
-    got = G.apply(gaussian, G.bind(None), G.energy_guidance(loss, 1.0, through_denoiser=False))(x, 0.3, targets)
+    got = call(G.apply(gaussian, G.bind(None), G.energy_guidance(loss, 1.0, through_denoiser=False)), x, 0.3, targets)
     d = np.asarray(gaussian(x, 0.3))
     np.testing.assert_allclose(got, d - 0.09 * (d - np.asarray(targets)), atol=1e-5)
     with pytest.raises(ValueError, match="one loss per sample"):
-        G.apply(gaussian, G.energy_guidance(lambda x0, c: x0 ** 2))(x, 0.3, None)
+        call(G.apply(gaussian, G.energy_guidance(lambda x0, c: x0 ** 2)), x, 0.3, None)
 
 
 # ---- thresholding ------------------------------------------------------------------------------
 
+@pytree_dataclass
 class Fixed:
-    """A 'denoiser' returning a fixed x0 (a plain function-like object, not a pytree)."""
+    """A 'denoiser' returning a fixed x0."""
 
-    def __init__(self, x0):
-        self.x0 = x0
+    x0: jax.Array
 
     def __call__(self, x, sigma, cond=None):
         return self.x0
@@ -331,9 +338,9 @@ class Fixed:
 
 def test_static_threshold_against_numpy():
     x0 = 3.0 * jax.random.normal(jax.random.key(6), (4, 3, 3, 2))
-    got = G.apply(Fixed(x0), G.static_threshold())(x0, 1.0, None)
+    got = call(G.apply(Fixed(x0), G.static_threshold()), x0, 1.0, None)
     np.testing.assert_array_equal(got, np.clip(np.asarray(x0), -1, 1))
-    got = G.apply(Fixed(x0), G.static_threshold(-0.5, 2.0))(x0, 1.0, None)
+    got = call(G.apply(Fixed(x0), G.static_threshold(-0.5, 2.0)), x0, 1.0, None)
     np.testing.assert_array_equal(got, np.clip(np.asarray(x0), -0.5, 2.0))
     with pytest.raises(ValueError, match="low < high"):
         G.static_threshold(1.0, -1.0)
@@ -352,7 +359,7 @@ def test_dynamic_threshold_against_numpy(ratio, max_value):
     x0 = jax.random.normal(k[0], (5, 4, 4, 3)) * jnp.array([0.2, 0.9, 1.5, 3.0, 8.0])[:, None, None, None]
     x0 = np.asarray(x0)
     want = np_dynamic_threshold(x0, ratio, max_value)
-    got = G.apply(Fixed(x0), G.dynamic_threshold(ratio, max_value))(x0, 1.0, None)
+    got = call(G.apply(Fixed(x0), G.dynamic_threshold(ratio, max_value)), x0, 1.0, None)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got[0], x0[0])  # s < 1 everywhere: clipped to 1, nothing scaled
     assert np.abs(got).max() <= 1.0 + 1e-6
@@ -384,8 +391,8 @@ def test_dynamic_threshold_matches_diffusers(ratio, max_value):
 def test_chain_order_matters(mix, batch):
     x, labels = batch
     cfg, clip = G.classifier_free(4.0, UNCOND), G.static_threshold(-0.5, 0.5)
-    after = G.apply(mix, cfg, clip)(x, 0.6, labels)  # clip(CFG(D))
-    before = G.apply(mix, clip, cfg)(x, 0.6, labels)  # CFG(clip(D)): extrapolation leaves the range
+    after = call(G.apply(mix, cfg, clip), x, 0.6, labels)  # clip(CFG(D))
+    before = call(G.apply(mix, clip, cfg), x, 0.6, labels)  # CFG(clip(D)): extrapolation leaves the range
     assert np.abs(after).max() <= 0.5
     assert np.abs(before).max() > 0.6
     np.testing.assert_allclose(G.chain(cfg, clip)(mix)(x, 0.6, labels), after)
