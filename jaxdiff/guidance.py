@@ -104,16 +104,19 @@ def rescale_guidance(x: Array, sigma: Array, x0_cfg: Array, x0_cond: Array, phi:
 
     In ``space``: ``u_rescaled = u_cfg * std(u_cond) / std(u_cfg)``, ``u = phi u_rescaled + (1 - phi) u_cfg``,
     std over all non-batch axes (the ratio makes torch's unbiased std and numpy's agree). The maps
-    to each space are affine in x0 with the same x, so the mix is done on x0 directly.
+    to each space are affine in x0 with the same x, so the mix is done on x0 directly, in at least
+    float32 (the result has ``x0_cfg``'s dtype).
     """
     if space not in RESCALE_SPACES:
         raise ValueError(f"unknown rescale_space {space!r}; valid: {', '.join(RESCALE_SPACES)}")
+    dtype = x0_cfg.dtype
+    x, x0_cfg, x0_cond = (v.astype(jnp.promote_types(dtype, jnp.float32)) for v in (x, x0_cfg, x0_cond))
     a, b = _rescale_coeffs(space, batch_sigma(sigma, x), x)
     u_cfg, u_cond = a * x + b * x0_cfg, a * x + b * x0_cond
     std_cfg, std_cond = _std(u_cfg), _std(u_cond)
     ratio = jnp.where(std_cfg > 0, std_cond / jnp.where(std_cfg > 0, std_cfg, 1.0), 1.0)
     rescaled = (ratio * u_cfg - a * x) / b
-    return x0_cfg + _per_sample(phi, x) * (rescaled - x0_cfg)
+    return (x0_cfg + _per_sample(phi, x) * (rescaled - x0_cfg)).astype(dtype)
 
 
 @pytree_dataclass
@@ -155,11 +158,13 @@ def _selected_log_prob(logp: Array, labels: Array) -> Array:
 
 @pytree_dataclass
 class ClassifierGuidance:
-    """Classifier guidance (Dhariwal & Nichol 2021, Alg. 1-2): ``D' = D + scale sigma^2 grad_x log p(y | x, sigma)``.
+    """Classifier guidance (Dhariwal & Nichol 2021): ``D' = D + scale sigma^2 grad_x log p(y | x, sigma)``.
 
     Bayes' rule gives ``grad log p(x | y) = grad log p(x) + grad log p(y | x)``; by Tweedie a score
-    shift is a denoiser shift times sigma^2. (ADM's Alg. 2, ``eps' = eps - sqrt(1 - abar) grad_{x_vp}``,
-    is the same step, since ``sqrt(1 - abar) grad_{x_vp} = sigma grad_x`` and ``x0 = x - sigma eps``.)
+    shift is a denoiser shift times sigma^2. This is exactly ADM's Alg. 2 (DDIM),
+    ``eps' = eps - sqrt(1 - abar) grad_{x_vp}``, since ``sqrt(1 - abar) grad_{x_vp} = sigma grad_x`` and
+    ``x0 = x - sigma eps``; with an ancestral sampler it is the score-shift form of Alg. 1, whose
+    mean shift ``scale Sigma grad`` agrees to first order in the step.
     ``classifier(x, sigma) -> (B, C)`` log-probabilities or logits (``normalize`` applies
     ``log_softmax``). ``labels`` (B,) default to the runner's conditioning; a label of -1 is unguided.
     """

@@ -427,3 +427,25 @@ def test_composed_transforms_are_pytrees_and_never_recompile(mix, batch):
         den = make(scale, phi, ratio)
         np.testing.assert_allclose(f(den, x, 0.5, labels), den(x, 0.5, labels), atol=1e-5)
     assert f._cache_size() == 1
+
+
+@pytree_dataclass
+class Shrink:
+    """A toy conditional denoiser x0 = x / (2 + sigma^2) + cond (keeps the input dtype)."""
+
+    def __call__(self, x, sigma, cond=None):
+        s = jnp.asarray(sigma, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return x / (2 + s * s) + cond.reshape(-1, *([1] * (x.ndim - 1))).astype(x.dtype)
+
+
+def test_transforms_keep_bfloat16():
+    x = jax.random.normal(jax.random.key(8), (3, 4, 4, 2), jnp.bfloat16)
+    cond = jnp.array([0.5, -0.5, 2.0])
+    clf = lambda x_, s_: jnp.stack([x_.mean(axis=(1, 2, 3)), -x_.mean(axis=(1, 2, 3))], 1)  # noqa: E731
+    den = G.apply(Shrink(), G.classifier_free(3.0, jnp.zeros((1,)), rescale=0.5, rescale_space="v"),
+                  G.energy_guidance(lambda x0, c: jnp.sum(x0**2, axis=(1, 2, 3)), through_denoiser=False),
+                  G.classifier_guidance(clf, labels=jnp.array([0, 1, 0])), G.dynamic_threshold(0.9, 2.0))
+    out = call(den, x, jnp.full((3,), 0.8, jnp.bfloat16), cond)
+    ref = call(jax.tree_util.tree_map(lambda a: a, den), x.astype(jnp.float32), 0.8, cond)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05)
