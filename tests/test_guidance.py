@@ -167,7 +167,7 @@ def test_cfg_scale_one_samples_the_exact_conditional(ring_setup):
     cond_out, sw_cond = _sw_to_exact(s, s["ring"], s["labels"])
     cfg_out, sw_cfg = _sw_to_exact(s, G.apply(s["ring"], G.classifier_free(1.0, UNCOND)), s["labels"])
     _, sw_uncond = _sw_to_exact(s, G.apply(s["ring"], G.classifier_free(0.0, UNCOND)), s["labels"])  # unconditional
-    assert sw_cfg < 1.1 * s["floor"], (sw_cfg, s["floor"])
+    assert sw_cfg < 1.25 * s["floor"], (sw_cfg, s["floor"])
     assert sw_uncond > 2.0 * s["floor"], (sw_uncond, s["floor"])  # the check can tell the classes apart
     np.testing.assert_allclose(cfg_out, cond_out, atol=1e-3)  # same noise, same ODE: same samples
 
@@ -295,7 +295,7 @@ def test_classifier_guidance_samples_the_exact_conditional(ring_setup):
     s = ring_setup
     guided = G.apply(s["ring"], G.bind(None), G.classifier_guidance(mixtures.MixtureClassifier(s["ring"])))
     out, sw = _sw_to_exact(s, guided, s["labels"])
-    assert sw < 1.1 * s["floor"], (sw, s["floor"])
+    assert sw < 1.25 * s["floor"], (sw, s["floor"])
 
 
 # ---- energy guidance ---------------------------------------------------------------------------
