@@ -121,11 +121,13 @@ def rescale_guidance(x: Array, sigma: Array, x0_cfg: Array, x0_cond: Array, phi:
 
 @pytree_dataclass
 class ClassifierFree:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): ``D = D_u + scale (D_c - D_u)``.
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with ``scale = 1 + w``): ``D = D_u + scale (D_c - D_u)``.
 
     One batched call of ``inner`` on ``concat([x, x])`` with the runner's conditioning stacked on
     ``uncond`` (the unconditional or negative conditioning). ``scale = 1`` is the conditional
-    denoiser, ``0`` the unconditional one. ``rescale`` (phi) applies :func:`rescale_guidance` in
+    denoiser, ``0`` the unconditional one. Every parameterisation maps its network output to x0
+    affinely with the same ``x``, so combining x0 estimates equals diffusers' combination of
+    noise (or v) predictions. ``rescale`` (phi) applies :func:`rescale_guidance` in
     ``rescale_space``: ``"epsilon"`` (diffusers rescales the network output, eps for eps-models),
     ``"v"`` for v-prediction models, or ``"x0"``. ``scale`` and ``rescale`` may be per-sample (B,).
     """
