@@ -69,19 +69,16 @@ def exponential(n: Any, sigma_min: float, sigma_max: float, *, capacity: int = D
     return _pad(_append_final(levels, n, 0.0), n, capacity)
 
 
-def ncsn_geometric(
-    n: Any, sigma_min: float = 0.01, sigma_max: float = 1.0, *, final_denoise: bool = True,
-    capacity: int = DEFAULT_CAPACITY,
-) -> Sigmas:
-    """NCSN's geometric noise levels (Song & Ermon 2019, Sec. 4.2) for annealed Langevin dynamics.
+def ncsn_geometric(n: Any, sigma_min: float = 0.01, sigma_max: float = 1.0, *,
+                   capacity: int = DEFAULT_CAPACITY) -> Sigmas:
+    """NCSN's geometric noise levels (Song & Ermon 2019, Sec. 4.2) for annealed Langevin dynamics, then 0.
 
-    With ``final_denoise`` the last step goes to 0, so a sampler ends with one denoising step
-    (Jolicoeur-Martineau et al. 2021); otherwise the run ends at sigma_min.
+    The n levels are those the dynamics run at; the final 0 marks the end of the run, where
+    :class:`jaxdiff.samplers.Langevin` optionally denoises (its ``final_denoise``).
     """
     r = _ramp(n, capacity)
     levels = jnp.exp(jnp.log(sigma_max) + r * (jnp.log(sigma_min) - jnp.log(sigma_max)))
-    final = 0.0 if final_denoise else sigma_min
-    return _pad(_append_final(levels, n, final), n, capacity)
+    return _pad(_append_final(levels, n, 0.0), n, capacity)
 
 
 def linear(n: Any, sigma_min: float, sigma_max: float, *, capacity: int = DEFAULT_CAPACITY) -> Sigmas:

@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._pytree import pytree_dataclass, replace
+from jaxdiff._pytree import pytree_dataclass, replace, static_field
 from jaxdiff.samplers._base import DenoiseFn, check_option, noise_like
 
 Array = jax.Array
@@ -19,14 +19,16 @@ class Langevin:
     At level ``sigma_i``: ``alpha_i = eps sigma_i^2 / sigma_L^2`` and, ``n_steps`` times,
     ``x <- x + alpha_i / 2 * score(x, sigma_i) + sqrt(alpha_i) z`` with ``score = (D(x, sigma) - x) / sigma^2``.
     ``sigma_L`` is the smallest level the dynamics run at, ``values[count - 1]`` of the schedule, set by
-    :meth:`prepare` (the runner calls it) unless given. The step to ``sigma_next = 0`` ends with one
-    denoising step ``x <- D(x, sigma_L)`` (Jolicoeur-Martineau et al. 2021); use
+    :meth:`prepare` (the runner calls it) unless given. With ``final_denoise`` the step to
+    ``sigma_next = 0`` ends with one denoising step ``x <- D(x, sigma_L)`` (Jolicoeur-Martineau et al.
+    2021); without it the run returns the last Langevin iterate, as in Song & Ermon 2019. Use
     :func:`jaxdiff.schedules.ncsn_geometric` for the levels.
     """
 
     eps: Array | float = 2e-5
     n_steps: Array | int = 100
     sigma_min: Array | float | None = None
+    final_denoise: bool = static_field(default=True)
 
     def __post_init__(self) -> None:
         check_option("eps", self.eps, lambda v: v > 0, "positive")
@@ -52,4 +54,6 @@ class Langevin:
             return x + 0.5 * alpha * score + jnp.sqrt(alpha) * noise_like(jax.random.fold_in(key, t), x)
 
         x = jax.lax.fori_loop(0, self.n_steps, update, x)
+        if not self.final_denoise:
+            return x, state
         return jax.lax.cond(sigma_next > 0, lambda: x, lambda: denoise(x, sigma)), state
