@@ -279,7 +279,7 @@ def guided_denoiser(name: str, labels: Any = None, *, guidance: float = 1.0,
     """``(denoiser, cond)`` for sampling a built-in model.
 
     ``digits``: ``guidance`` is the classifier-free scale (1: the conditional model alone, no second
-    batch); ``classifier_scale > 0`` instead guides the *unconditional* model (null label) with the
+    batch; 0: the unconditional model); ``classifier_scale > 0`` instead guides the *unconditional* model (null label) with the
     noisy classifier ``digits-classifier``. ``digits-ncsn`` is unconditional (labels must be None).
     """
     _check_name(name, BUILTIN_MODELS)
@@ -295,6 +295,8 @@ def guided_denoiser(name: str, labels: Any = None, *, guidance: float = 1.0,
         return G.apply(den, G.bind(null), G.classifier_guidance(clf, classifier_scale)), labels
     if guidance == 1.0:
         return den, labels
+    if guidance == 0.0:  # the unconditional model: one batch with the null label
+        return G.apply(den, G.bind(null)), labels
     return G.apply(den, G.classifier_free(guidance, null)), labels
 
 
