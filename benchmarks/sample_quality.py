@@ -37,6 +37,7 @@ from jaxdiff import builtin, sampling  # noqa: E402
 from jaxdiff.train import load_digits_dataset  # noqa: E402
 
 CFG_SCALES = (1.0, 2.0, 3.0, 5.0)
+CLASSIFIER_SCALES = (2.0, 4.0)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Row:
     conditional: bool = True
 
 
-def rows(cfg_scales: tuple[float, ...] = CFG_SCALES, classifier_scale: float = 2.0) -> list[Row]:
+def rows(cfg_scales: tuple[float, ...] = CFG_SCALES, classifier_scales: tuple[float, ...] = CLASSIFIER_SCALES) -> list[Row]:
     out = [
         Row("ddpm_1000", "digits", "ddpm", "vp_discrete", 1000),
         Row("ddim_50", "digits", "ddim", "vp_discrete", 50),
@@ -61,9 +62,9 @@ def rows(cfg_scales: tuple[float, ...] = CFG_SCALES, classifier_scale: float = 2
         Row("heun_18", "digits", "heun", "karras", 18),
         Row("langevin_ncsn", "digits-ncsn", "langevin", "ncsn_geometric", None, conditional=False),
         Row("unconditional_dpmpp_2m_20", "digits", "dpmpp_2m", "karras", 20, guidance=0.0),
-        Row(f"classifier_guidance_{classifier_scale:g}", "digits", "dpmpp_2m", "karras", 20,
-            classifier_scale=classifier_scale),
     ]
+    out += [Row(f"classifier_guidance_{s:g}", "digits", "dpmpp_2m", "karras", 20, classifier_scale=s)
+            for s in classifier_scales]
     out += [Row(f"cfg_{s:g}", "digits", "dpmpp_2m", "karras", 20, guidance=s) for s in cfg_scales]
     return out
 
@@ -147,7 +148,8 @@ def evaluate_row(row: Row, judge: Judge, held_feats: np.ndarray, labels: np.ndar
               "fd": round(frechet_distance(judge.feats(x), held_feats), 3), "seconds": round(seconds, 1)}
     if png_dir is not None:
         shown = x[grid_order(labels)] if conditional else x[:100]
-        builtin.save_grid((shown + 1.0) / 2.0, png_dir / f"sample_quality_{row.name}.png", ncol=10)
+        builtin.save_grid((shown + 1.0) / 2.0, png_dir / f"sample_quality_{row.name}.png", ncol=10,
+                          scale=6)
     return result
 
 

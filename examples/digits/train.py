@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 from pathlib import Path
 
 from _common import ROOT, load_average, train_model
 
+from benchmarks._common import machine
 from jaxdiff import builtin
 
 NAMES = ("digits-eval", "digits", "digits-ncsn", "digits-classifier")
@@ -29,8 +29,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="override the number of steps (trials)")
     p.add_argument("--out", type=Path, default=builtin.ASSETS, help="where the model folders go")
     p.add_argument("--fresh", action="store_true", help="delete earlier checkpoints first")
+    p.add_argument("--report", action="store_true", help="only rewrite the Markdown report from the JSON")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "train_digits.json")
     args = p.parse_args()
+    if args.report:
+        results = json.loads(args.results.read_text())
+        results["machine"] = {**results["machine"], **machine()}
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
+        args.results.with_suffix(".md").write_text(report(results))
+        return
     records = {}
     for name in args.names:
         if name not in NAMES:
@@ -44,9 +51,31 @@ def main() -> None:
         old = json.loads(path.read_text()) if path.exists() else {"models": {}}
         old["models"].update(records)
         old["total_seconds"] = round(sum(r["seconds"] for r in old["models"].values()), 1)
-        old["machine"] = {"cpu": platform.processor() or platform.machine(), "load_at_end": load_average()}
+        old["machine"] = {**machine(), "load_at_end": load_average()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(old, indent=1) + "\n")
+        path.with_suffix(".md").write_text(report(old))
+
+
+def report(results: dict) -> str:
+    """A Markdown table of the training records."""
+    m = results["machine"]
+    lines = ["# Training the built-in digits models", "",
+             f"{m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}, float32. The machine was shared with "
+             "other jobs: the load averages (1, 5, 15 min) before and after each run are recorded; on 2 cores a "
+             "load above 2 means the run got less than the whole machine.", "",
+             "| model | images | steps | batch | seconds (incl. compile) | steps/s | final loss | load before | "
+             "load after | held-out |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        held = r.get("held_out_accuracy", r.get("held_out_accuracy_noisy", "-"))
+        if isinstance(held, dict):
+            held = ", ".join(f"{k.replace('sigma_', 'sigma ')}: {v:.1%}" for k, v in held.items())
+        elif isinstance(held, float):
+            held = f"accuracy {held:.2%}"
+        lines.append(f"| {name} | {r.get('train_images', 1500)} | {r['steps']} | {r['batch_size']} | {r['seconds']} | "
+                     f"{r['steps_per_s']} | {r['final_loss']} | {r['load_before']} | {r['load_after']} | {held} |")
+    lines += ["", f"Total: {results['total_seconds']} s ({results['total_seconds'] / 60:.1f} min).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
