@@ -21,6 +21,7 @@ beside the JSON.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -131,6 +132,16 @@ def sample_row(row: Row, labels: np.ndarray, seed: int) -> np.ndarray:
     return np.asarray(sampling.sample(den, sampler, sigmas, x, jax.random.fold_in(key, 2), cond))
 
 
+def held_out_noise(real_feats: np.ndarray, held_feats: np.ndarray, repeats: int = 20) -> float:
+    """Spread (std) of the floor when the held-out digits are resampled with replacement (a bootstrap).
+
+    A rough scale for how much of a difference between rows is sampling noise.
+    """
+    rng = np.random.default_rng(0)
+    n = len(held_feats)
+    return float(np.std([frechet_distance(real_feats, held_feats[rng.integers(0, n, n)]) for _ in range(repeats)]))
+
+
 def grid_order(labels: np.ndarray, per_class: int = 10) -> np.ndarray:
     """Indices of the first ``per_class`` samples of each digit, digit by digit (a 10 x 10 grid)."""
     return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)])
@@ -165,9 +176,15 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['row']} | {r['sampler']} | {r['schedule']} | {r['steps']} | {r['guidance']:g} | "
                      f"{r['classifier_scale']:g} | {acc} | {r['fd']:.3f} | {r['fd'] / results['fd_floor']:.2f} | "
                      f"{r['seconds']} |")
+    lines += ["", f"Sampling noise: resampling the held-out digits moves the floor by +-{results['fd_floor_bootstrap_std']:.2f} "
+              "(bootstrap std): a rough scale of the noise in any one distance at this sample size. All rows share the "
+              "same held-out digits and labels, so differences between rows are less noisy than that. Unconditional and Langevin rows choose their own class mix, which alone moves the distance "
+              "by about the floor (conditional rows use the floor's exact labels).", ""]
     m = results["machine"]
-    lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}; load average "
+    lines += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}; load average "
               f"{results['load_average']}. Seconds include compilation.", ""]
+    lines += ["Real training digits the judge never saw (the floor's), then each row: one row of the grid per digit for conditional rows.", "",
+              "![real](sample_quality_real.png)"]
     lines += [f"![{r['row']}](sample_quality_{r['row']}.png)" for r in results["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -177,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num", type=int, default=500, help="samples per row (and real digits for the floor)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", type=str, default=None, help="comma-separated row names (default: all)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other rows of an existing --json (same --num and --seed) and rerun only --rows")
     p.add_argument("--png-dir", type=str, default=None, help="where the PNG grids go (default: beside --json)")
     args = p.parse_args(argv)
     import os
@@ -193,12 +212,25 @@ def main(argv: list[str] | None = None) -> dict:
         todo = [r for r in todo if r.name in wanted]
     png_dir = Path(args.png_dir) if args.png_dir else (Path(args.json).parent if args.json else None)
     real = calibration_digits(train, args.num)
+    real_feats = judge.feats(real["x"])
     results: dict[str, Any] = {
         "classifier_accuracy": round(float(np.mean(judge.predict(held["x"]) == held["label"])), 4),
-        "num": args.num, "fd_floor": round(frechet_distance(judge.feats(real["x"]), held_feats), 3), "rows": []}
+        "num": args.num, "seed": args.seed, "fd_floor": round(frechet_distance(real_feats, held_feats), 3),
+        "fd_floor_bootstrap_std": round(held_out_noise(real_feats, held_feats), 3), "rows": []}
+    if png_dir is not None:
+        builtin.save_grid((real["x"][grid_order(real["label"])] + 1.0) / 2.0, png_dir / "sample_quality_real.png",
+                          ncol=10, scale=6)
     for row in todo:
         results["rows"].append(evaluate_row(row, judge, held_feats, real["label"], args.seed, png_dir))
         print(results["rows"][-1], flush=True)
+    if args.merge and args.json and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        if (old["num"], old.get("seed", 0)) != (args.num, args.seed):
+            raise SystemExit(f"--merge: {args.json} has num={old['num']}, seed={old.get('seed', 0)}; use the same")
+        fresh = {r["row"]: r for r in results["rows"]}
+        order = [r.name for r in rows()]
+        merged = {**{r["row"]: r for r in old["rows"]}, **fresh}
+        results["rows"] = sorted(merged.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else 99)
     by_name = {r["row"]: r for r in results["rows"]}
     cfg = [r for r in results["rows"] if r["row"].startswith("cfg_") and r["guidance"] >= 2]
     if cfg:

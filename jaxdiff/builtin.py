@@ -248,7 +248,13 @@ def sigma_range(name: str) -> tuple[float, float]:
 
 
 def make_sigmas(name: str, schedule: str, steps: int) -> schedules.Sigmas:
-    """A schedule of ``steps`` levels over the model's noise range (capacity 1000: one compile for any count)."""
+    """A schedule of ``steps`` levels over the model's noise range (capacity 1000: one compile for any count).
+
+    ``vp_discrete`` takes the training timesteps with diffusers' default ``leading`` spacing
+    (``t = (steps - 1 - i) * (1000 // steps)``): all 1000 for DDPM, 980, 960, ..., 0 for 50 steps.
+    ``trailing`` spacing would start at t = 999, where the cosine schedule's sigma is ~2e4 and
+    an x0 estimate from epsilon is too inaccurate for a deterministic sampler to recover.
+    """
     _check_name(name, BUILTIN_MODELS)
     if not 1 <= steps <= schedules.DEFAULT_CAPACITY:
         raise ValueError(f"steps must be between 1 and {schedules.DEFAULT_CAPACITY}, got {steps}")
@@ -261,7 +267,7 @@ def make_sigmas(name: str, schedule: str, steps: int) -> schedules.Sigmas:
         adapter = builtin_config(name)["adapter"]
         if adapter["kind"] != "discrete_vp":
             raise ValueError(f"the vp_discrete schedule needs a VP model; {name!r} is not one")
-        return schedules.vp_discrete(steps, vp_alphas_cumprod(adapter), "trailing")
+        return schedules.vp_discrete(steps, vp_alphas_cumprod(adapter), "leading")
     raise ValueError(f"unknown schedule {schedule!r} for built-in models; valid: {', '.join(SCHEDULE_NAMES)}")
 
 
@@ -314,7 +320,8 @@ def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = N
     """Sample ``num`` digits from a built-in model: ``(num, 8, 8, 1)`` float32 in [0, 1].
 
     ``label=None`` cycles through 0..9 (so a grid shows every digit); ``guidance`` is the
-    classifier-free scale of ``digits``. ``schedule`` defaults to ``karras`` (``ncsn_geometric`` for
+    classifier-free scale of ``digits`` and ``classifier_scale > 0`` switches to classifier guidance
+    (see :func:`guided_denoiser`); ``digits-ncsn`` is unconditional and ignores both. ``schedule`` defaults to ``karras`` (``ncsn_geometric`` for
     Langevin); ``steps`` to 20 (the trained level count for Langevin on ``digits-ncsn``).
     """
     _check_name(name, BUILTIN_MODELS)
@@ -325,6 +332,8 @@ def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = N
     if steps is None:
         steps = builtin_config(name).get("sampling", {}).get("langevin", {}).get("num_levels", 20) if langevin else 20
     sigmas = make_sigmas(name, schedule, steps)
+    if name == "digits-ncsn" and label is not None:
+        raise ValueError("digits-ncsn is unconditional: pass label=None (use 'digits' for a chosen digit)")
     labels = None if name == "digits-ncsn" else labels_for(num, label)
     den, cond = guided_denoiser(name, labels, guidance=guidance, classifier_scale=classifier_scale)
     key = jax.random.key(seed)

@@ -64,6 +64,8 @@ def test_bad_arguments_are_explained():
         builtin.sample_builtin("digits", num=2, schedule="cosine")
     with pytest.raises(ValueError, match="unconditional"):
         builtin.guided_denoiser("digits-ncsn", np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="unconditional"):
+        builtin.sample_builtin("digits-ncsn", num=2, label=3)
     with pytest.raises(ValueError, match="steps must be"):
         builtin.make_sigmas("digits", "karras", 0)
 
