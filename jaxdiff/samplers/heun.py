@@ -49,7 +49,8 @@ class Heun:
         in_range = (sigma >= self.s_tmin) & (sigma <= self.s_tmax)
         gamma = jnp.where(in_range, jnp.minimum(self.s_churn / self.num_steps, math.sqrt(2.0) - 1.0), 0.0)
         sigma_hat = sigma * (1.0 + gamma)
-        x_hat = x + jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)) * self.s_noise * noise_like(key, x)
+        # sqrt(sigma_hat^2 - sigma^2), written so that gamma = 0 gives exactly 0 (no fused-multiply residue)
+        x_hat = x + sigma * jnp.sqrt(gamma * (2.0 + gamma)) * self.s_noise * noise_like(key, x)
         d = (x_hat - denoise(x_hat, sigma_hat)) / sigma_hat
         x_euler = x_hat + (sigma_next - sigma_hat) * d
 

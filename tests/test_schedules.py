@@ -1,0 +1,83 @@
+"""Schedules: the reference schedulers' timesteps and levels, traced step counts, validation."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdiff import schedules
+
+AC = schedules.alphas_cumprod(schedules.vp_betas("scaled_linear", 1000, 0.00085, 0.012))
+REFS = os.path.join(os.path.dirname(__file__), "data", "parity", "sd_schedulers.npz")
+CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+           "heun": "HeunDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
+
+
+@pytest.mark.parametrize("case", list(CLASSES))
+@pytest.mark.parametrize("spacing", schedules.TIMESTEP_SPACINGS)
+def test_reference_timesteps_match_diffusers(case: str, spacing: str) -> None:
+    """Timesteps diffusers produced (12 steps, steps_offset=1; committed) equal ours."""
+    with np.load(REFS, allow_pickle=False) as f:
+        theirs = f[f"{case}/{spacing}/timesteps"]
+    if case == "heun":
+        theirs = np.concatenate([theirs[:1], theirs[1::2]])
+    round_linspace, drop_last, _ = schedules.REFERENCE_SCHEDULERS[CLASSES[case]]
+    ours = schedules.vp_timesteps(12, spacing, 1000, 1, round_linspace=round_linspace, drop_last=drop_last, capacity=12)
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=0, atol=1e-3)
+
+
+def test_known_timesteps() -> None:
+    """Spot values from the definitions (Lin et al. 2024, Table 2; diffusers' DPM/UniPC n + 1 spacing)."""
+    t = lambda *a, **k: np.asarray(schedules.vp_timesteps(*a, capacity=a[0], **k)).tolist()  # noqa: E731
+    assert t(10, "leading", 1000, 1) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert t(10, "trailing", 1000) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert t(4, "linspace", 1000) == [999, 666, 333, 0]
+    assert t(4, "leading", 1000, 1, drop_last=True) == [801, 601, 401, 201]
+    assert t(4, "linspace", 1000, drop_last=True) == [999, 749, 500, 250]  # round(749.25), round(499.5) = 500 (half to even)
+    assert t(48, "trailing", 1000)[3] == 936  # 1000 - 3 * 1000/48 is just below 937.5 in float64
+
+
+@pytest.mark.parametrize("spacing", schedules.TIMESTEP_SPACINGS)
+def test_traced_step_count_matches_concrete_away_from_ties(spacing: str) -> None:
+    f = jax.jit(lambda n: schedules.vp_timesteps(n, spacing, 1000, 1, drop_last=True, capacity=32))
+    for n in (5, 10, 20, 25):
+        traced, concrete = np.asarray(f(n))[:n], np.asarray(schedules.vp_timesteps(n, spacing, 1000, 1, drop_last=True,
+                                                                                      capacity=32))[:n]
+        assert np.abs(traced - concrete).max() <= 1.0  # at most a tie rounded the other way
+    sig = jax.jit(lambda n: schedules.reference_schedule("EulerDiscreteScheduler", n, AC, spacing, capacity=32).values)
+    np.testing.assert_allclose(np.asarray(sig(10))[:11],
+                               schedules.reference_schedule("EulerDiscreteScheduler", 10, AC, spacing, capacity=32).used(),
+                               rtol=1e-5)
+
+
+def test_reference_schedule_ends_and_init_sigma() -> None:
+    ddim = schedules.reference_schedule("DDIMScheduler", 10, AC, "leading", 1, capacity=10).used()
+    assert ddim[-1] == pytest.approx(np.sqrt((1 - AC[0]) / AC[0]), rel=1e-6)  # set_alpha_to_one=False
+    one = schedules.reference_schedule("DDIMScheduler", 10, AC, "leading", 1, set_alpha_to_one=True, capacity=10).used()
+    assert one[-1] == 0.0
+    euler = schedules.reference_schedule("EulerDiscreteScheduler", 10, AC, "linspace", capacity=10).used()
+    assert euler[0] == pytest.approx(np.sqrt((1 - AC[-1]) / AC[-1]), rel=1e-6) and euler[-1] == 0.0
+    assert schedules.reference_init_sigma("EulerDiscreteScheduler", "linspace", 14.6) == pytest.approx(14.6)
+    assert schedules.reference_init_sigma("EulerDiscreteScheduler", "leading", 14.6) == pytest.approx(np.hypot(14.6, 1))
+    assert schedules.reference_init_sigma("DDIMScheduler", "linspace", 14.6) == pytest.approx(np.hypot(14.6, 1))
+    assert not schedules.reference_state_is_vp("HeunDiscreteScheduler") and schedules.reference_state_is_vp("UniPCMultistepScheduler")
+
+
+def test_ddim_reference_targets() -> None:
+    """diffusers' DDIM moves to sigma(t - T // n): the next timestep for leading, not for linspace."""
+    train = np.sqrt((1 - AC) / AC)
+    lin = schedules.ddim_reference_targets(12, AC, "linspace")
+    ts = np.round(np.linspace(0, 999, 12)[::-1]).astype(int)
+    np.testing.assert_allclose(lin[:-1], train[ts[:-1] - 83], rtol=1e-6)
+    assert lin[-1] == pytest.approx(train[0])  # t = 0 -> -83 -> the final alpha
+
+
+def test_bad_schedule_input() -> None:
+    with pytest.raises(ValueError, match="unknown timestep spacing 'middle'"):
+        schedules.vp_timesteps(10, "middle")
+    with pytest.raises(ValueError, match="no reference schedule for 'LMSDiscreteScheduler'"):
+        schedules.reference_schedule("LMSDiscreteScheduler", 10, AC)
+    with pytest.raises(ValueError, match="strictly decrease.*jaxdiff.sampling.invert"):
+        schedules.check_sigmas(schedules.from_array([1.0, 2.0, 0.0]))
