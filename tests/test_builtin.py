@@ -121,3 +121,22 @@ def test_image_grid_layout():
     grid = builtin.image_grid(images, ncol=5, scale=2, pad=1)
     assert grid.shape == (3 * 17 + 1, 5 * 17 + 1) and grid.dtype == np.uint8
     assert (grid[1:17, 1:17] == 0).all() and (grid[18:34, 1:17] == 255).all() and grid[0, 0] == 128
+
+
+@pytest.mark.parity
+def test_shipped_unet_is_a_diffusers_checkpoint():
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import load_file
+
+    cfg = builtin.builtin_config("digits")["network"]
+    ref = diffusers.UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    ref.load_state_dict(load_file(str(builtin.ASSETS / "digits" / "model.safetensors")), strict=True)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8, 8, 1)).astype(np.float32)
+    t, y = np.array([5.0, 400.0, 990.0], np.float32), np.array([1, 7, 10])
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t), class_labels=torch.from_numpy(y))
+    got = builtin.load_network("digits")(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
+    want = want.sample.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * max(1.0, np.abs(want).max()))

@@ -160,7 +160,8 @@ def save_model(name: str, cfg: dict, module: nnx.Module, record: dict, out_dir: 
     save_file(export_tensors(module), str(folder / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(folder / "model.safetensors", 0o644)  # package data: readable by everyone
     meta = {k: cfg[k] for k in ("network", "adapter", "sampling") if k in cfg}
-    meta["training"] = {"data": "sklearn load_digits, 1500-image train split (jaxdiff.train.load_digits_dataset)",
+    meta["training"] = {"data": f"sklearn load_digits: the first {record['train_images']} images of the 1500-image "
+                                "train split of jaxdiff.train.load_digits_dataset()",
                         "script": f"examples/digits/train.py {name}", **record}
     (folder / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
     return folder
