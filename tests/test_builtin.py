@@ -140,3 +140,21 @@ def test_shipped_unet_is_a_diffusers_checkpoint():
     got = builtin.load_network("digits")(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
     want = want.sample.permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+def test_ncsn_adapter_is_ncsnv2_with_log_sigma_time():
+    scale, shift = builtin.ncsn_time_map(0.01, 10.0)
+    assert scale * np.log(0.01) + shift == pytest.approx(0.0, abs=1e-9)
+    assert scale * np.log(10.0) + shift == pytest.approx(999.0)
+    seen = {}
+
+    def net(x, t, cond):  # eps_hat = t / 1000 everywhere
+        seen["t"] = t
+        return jnp.ones_like(x) * (t / 1000.0)[:, None, None, None]
+
+    den = builtin.ncsn_denoiser(jax.tree_util.Partial(net), {"sigma_min": 0.01, "sigma_max": 10.0})
+    x, sigma = jnp.ones((2, 8, 8, 1)), jnp.array([0.1, 1.0])
+    t = scale * np.log(np.array([0.1, 1.0])) + shift
+    np.testing.assert_allclose(den(x, sigma)[:, 0, 0, 0],
+                               1.0 - np.array([0.1, 1.0]) * t / 1000.0, rtol=1e-5)
+    np.testing.assert_allclose(seen["t"], t, rtol=1e-5)
