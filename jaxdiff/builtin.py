@@ -1,0 +1,374 @@
+"""Built-in models trained here on scikit-learn's 8x8 digits, shipped as safetensors (no download).
+
+=====================  ==========================================================================
+name                   what it is
+=====================  ==========================================================================
+``digits``             class-conditional pixel U-Net (diffusers ``UNet2DModel`` layout), epsilon
+                       prediction on a 1000-step cosine VP schedule (Nichol & Dhariwal 2021);
+                       label 10 is the null class for classifier-free guidance (Ho & Salimans 2022)
+``digits-ncsn``        noise conditional score network (Song & Ermon 2019; NCSNv2's
+                       ``s(x, sigma) = -eps(x, sigma) / sigma``), a U-Net fed ``log sigma``, for
+                       annealed Langevin dynamics (or any other sampler: it is a denoiser too)
+``digits-classifier``  noisy digit classifier on the ``digits`` VP schedule, for classifier guidance
+                       (Dhariwal & Nichol 2021)
+``digits-eval``        clean-image digit classifier used to judge samples (accuracy, Frechet distance)
+=====================  ==========================================================================
+
+Each lives in ``jaxdiff/assets/digits/<name>/``: ``config.json`` (network config, adapter, training
+record) and ``model.safetensors`` (PyTorch-style names and layouts, read by jaxdiff's own reader).
+The training scripts are in ``examples/digits/``. Images are NHWC in [-1, 1] inside the models;
+:func:`sample_builtin` returns them in [0, 1].
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdiff import guidance as G
+from jaxdiff import sampling, schedules
+from jaxdiff._pytree import pytree_dataclass
+from jaxdiff.convert import abstract, load_torch_tensors, open_safetensors
+from jaxdiff.denoisers import DiscreteVPDenoiser, VEDenoiser
+from jaxdiff.losses import DiscreteVPClassifier
+from jaxdiff.models._pure import PureModel
+from jaxdiff.models.layers import Maker, ResnetBlock2D, TimestepEmbedding, config_from_dict, timestep_embedding
+from jaxdiff.models.unet2d import UNet2DConfig, UNet2DModel
+from jaxdiff.samplers import Langevin, get_sampler
+
+Array = jax.Array
+ASSETS = Path(__file__).parent / "assets" / "digits"
+
+BUILTIN_MODELS: dict[str, str] = {
+    "digits": "class-conditional U-Net on 8x8 digits (classifier-free guidance; label 0-9)",
+    "digits-ncsn": "unconditional noise conditional score network on 8x8 digits (annealed Langevin)",
+}
+"""Models :func:`sample_builtin` samples from: name -> description."""
+
+BUILTIN_CLASSIFIERS: dict[str, str] = {
+    "digits-classifier": "noisy 8x8 digit classifier on the `digits` VP schedule (classifier guidance)",
+    "digits-eval": "clean 8x8 digit classifier for evaluating samples (logits; `features` for Frechet distance)",
+}
+"""Classifiers :func:`load_builtin` also loads: name -> description."""
+
+SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
+
+
+# ---- the classifier network ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DigitClassifierConfig:
+    """A small residual convnet; with ``time_conditioned`` its blocks see a timestep embedding (ADM's encoder)."""
+
+    in_channels: int = 1
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    hidden: int = 64
+    num_classes: int = 10
+    norm_num_groups: int = 8
+    time_conditioned: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DigitClassifierConfig":
+        return config_from_dict(cls, dict(d))
+
+
+class DigitClassifier(nnx.Module):
+    """``net(x, t=None) -> logits``: residual blocks (each after the first halves H and W), pooling, MLP head."""
+
+    def __init__(self, config: DigitClassifierConfig, *, rngs: nnx.Rngs):
+        self.config = c = config
+        mk = Maker(rngs)
+        c0, temb = c.block_out_channels[0], 4 * c.block_out_channels[0]
+        self.conv_in = mk.conv(c.in_channels, c0, 3)
+        self.time_embedding = TimestepEmbedding(c0, temb, mk) if c.time_conditioned else None
+        chans = (c0, *c.block_out_channels)
+        self.resnets = nnx.List([
+            ResnetBlock2D(chans[i], chans[i + 1], mk, temb_channels=temb if c.time_conditioned else None,
+                          groups=c.norm_num_groups, eps=1e-5, down=i > 0)
+            for i in range(len(c.block_out_channels))])
+        self.norm_out = mk.group_norm(chans[-1], c.norm_num_groups, 1e-5)
+        self.proj = mk.linear(chans[-1], c.hidden)
+        self.head = mk.linear(c.hidden, c.num_classes)
+
+    def features(self, x: Array, t: Any = None) -> Array:
+        """The penultimate activations (B, hidden)."""
+        if x.ndim != 4 or x.shape[-1] != self.config.in_channels:
+            raise ValueError(f"x must be NHWC with {self.config.in_channels} channel(s), got shape {x.shape}")
+        temb = None
+        if self.time_embedding is not None:
+            if t is None:
+                raise ValueError("this classifier is noise-conditioned: pass the timesteps t")
+            t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
+            temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0], flip_sin_to_cos=True,
+                                                          downscale_freq_shift=0.0))
+        h = self.conv_in(x)
+        for block in self.resnets:
+            h = block(h, temb)
+        h = jnp.mean(jax.nn.silu(self.norm_out(h)), axis=(1, 2))
+        return jax.nn.silu(self.proj(h))
+
+    def __call__(self, x: Array, t: Any = None) -> Array:
+        return self.head(self.features(x, t))
+
+
+# ---- adapters --------------------------------------------------------------------------------
+
+@pytree_dataclass
+class AffineNoiseInput:
+    """``net(x, scale * c_noise + shift, cond)``: maps ``log sigma`` onto the U-Net's timestep range."""
+
+    net: Any
+    scale: Array
+    shift: Array
+
+    def __call__(self, x: Array, c_noise: Array, cond: Any = None) -> Array:
+        return self.net(x, self.scale * c_noise + self.shift, cond)
+
+
+@pytree_dataclass
+class NCSNDenoiser:
+    """NCSNv2's score network as a denoiser: ``s(x, sigma) = -net(x, t(sigma)) / sigma`` (Song & Ermon 2020).
+
+    That is :class:`~jaxdiff.denoisers.VEDenoiser` with epsilon prediction, fed the timestep
+    ``t = scale * log(sigma) + shift`` (see :func:`ncsn_time_map`). ``net`` is the field a training
+    objective fills in, so training and sampling run through this same adapter.
+    """
+
+    net: Any
+    scale: Array
+    shift: Array
+
+    def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
+        inner = AffineNoiseInput(self.net, self.scale, self.shift)
+        return VEDenoiser(inner, "epsilon", noise_input="log_sigma")(x, sigma, cond)
+
+
+def ncsn_time_map(sigma_min: float, sigma_max: float, t_max: float = 999.0) -> tuple[float, float]:
+    """``(scale, shift)`` sending ``log sigma_min -> 0`` and ``log sigma_max -> t_max``."""
+    lo, hi = np.log(sigma_min), np.log(sigma_max)
+    scale = t_max / (hi - lo)
+    return float(scale), float(-lo * scale)
+
+
+def ncsn_denoiser(net: Any, adapter: Mapping[str, Any]) -> NCSNDenoiser:
+    """The NCSN adapter for a model's ``adapter`` config (``net=None`` gives a training template)."""
+    if adapter.get("prediction", "epsilon") != "epsilon":
+        raise ValueError("the built-in NCSN adapter supports prediction='epsilon' only")
+    scale, shift = ncsn_time_map(adapter["sigma_min"], adapter["sigma_max"])
+    return NCSNDenoiser(net, jnp.float32(scale), jnp.float32(shift))
+
+
+def vp_alphas_cumprod(adapter: Mapping[str, Any]) -> np.ndarray:
+    """The training schedule ``abar_t`` named in a model's adapter config."""
+    betas = schedules.vp_betas(adapter["beta_schedule"], adapter["num_train_timesteps"],
+                               adapter.get("beta_start", 0.0001), adapter.get("beta_end", 0.02))
+    return schedules.alphas_cumprod(betas)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
+    valid = valid if valid is not None else {**BUILTIN_MODELS, **BUILTIN_CLASSIFIERS}
+    if name not in valid:
+        raise ValueError(f"unknown built-in model {name!r}; valid names: {', '.join(valid)}")
+
+
+def builtin_config(name: str) -> dict:
+    """The ``config.json`` of a built-in model: ``network``, ``adapter``, ``training`` and ``sampling``."""
+    _check_name(name)
+    path = ASSETS / name / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
+                                f"with the scripts in examples/digits/")
+    return json.loads(path.read_text())
+
+
+def build_network(network: Mapping[str, Any]) -> nnx.Module:
+    """An abstract (shape-only) network from a config dict with ``_class_name``."""
+    kind = network.get("_class_name")
+    if kind == "UNet2DModel":
+        cfg = UNet2DConfig.from_dict(network)
+        return abstract(lambda: UNet2DModel(cfg, rngs=nnx.Rngs(0)))
+    if kind == "DigitClassifier":
+        ccfg = DigitClassifierConfig.from_dict(network)
+        return abstract(lambda: DigitClassifier(ccfg, rngs=nnx.Rngs(0)))
+    raise ValueError(f"unknown network class {kind!r}; expected UNet2DModel or DigitClassifier")
+
+
+@functools.lru_cache(maxsize=None)
+def load_network(name: str) -> PureModel:
+    """The network of a built-in model with its shipped weights, as a pure callable."""
+    cfg = builtin_config(name)
+    with open_safetensors(ASSETS / name / "model.safetensors") as tensors:
+        module = load_torch_tensors(build_network(cfg["network"]), tensors)
+    return PureModel.of(module)
+
+
+def load_builtin(name: str) -> Any:
+    """A built-in model by name, ready for jaxdiff's samplers and guidance.
+
+    ``digits``: :class:`~jaxdiff.denoisers.DiscreteVPDenoiser` whose ``cond`` is a (B,) int label array
+    (10 = no label); ``digits-ncsn``: :class:`~jaxdiff.denoisers.VEDenoiser` (unconditional);
+    ``digits-classifier``: :class:`~jaxdiff.losses.DiscreteVPClassifier` ``(x, sigma) -> logits``;
+    ``digits-eval``: the clean classifier ``x -> logits`` (``.bind("features")`` for its features).
+    """
+    _check_name(name)
+    cfg, net = builtin_config(name), load_network(name)
+    adapter = cfg["adapter"]
+    kind = adapter["kind"]
+    if kind == "discrete_vp":
+        return DiscreteVPDenoiser(net, jnp.asarray(vp_alphas_cumprod(adapter)), adapter["prediction"])
+    if kind == "ve":
+        return ncsn_denoiser(net, adapter)
+    if kind == "discrete_vp_classifier":
+        return DiscreteVPClassifier(net, jnp.asarray(vp_alphas_cumprod(adapter)))
+    if kind == "classifier":
+        return net
+    raise ValueError(f"{name}: unknown adapter kind {kind!r} in its config.json")
+
+
+# ---- sampling --------------------------------------------------------------------------------
+
+def sigma_range(name: str) -> tuple[float, float]:
+    """The ``(sigma_min, sigma_max)`` a built-in generative model samples over."""
+    _check_name(name, BUILTIN_MODELS)
+    adapter = builtin_config(name)["adapter"]
+    if adapter["kind"] == "ve":
+        return float(adapter["sigma_min"]), float(adapter["sigma_max"])
+    ac = vp_alphas_cumprod(adapter)
+    train = np.sqrt((1.0 - ac) / ac)
+    return float(train[0]), float(min(train[-1], adapter.get("sigma_max_sampling", 80.0)))
+
+
+def make_sigmas(name: str, schedule: str, steps: int) -> schedules.Sigmas:
+    """A schedule of ``steps`` levels over the model's noise range (capacity 1000: one compile for any count).
+
+    ``vp_discrete`` takes the training timesteps with diffusers' default ``leading`` spacing
+    (``t = (steps - 1 - i) * (1000 // steps)``): all 1000 for DDPM, 980, 960, ..., 0 for 50 steps.
+    ``trailing`` spacing would start at t = 999, where the cosine schedule's sigma is ~2e4 and
+    an x0 estimate from epsilon is too inaccurate for a deterministic sampler to recover.
+    """
+    _check_name(name, BUILTIN_MODELS)
+    if not 1 <= steps <= schedules.DEFAULT_CAPACITY:
+        raise ValueError(f"steps must be between 1 and {schedules.DEFAULT_CAPACITY}, got {steps}")
+    lo, hi = sigma_range(name)
+    if schedule in ("karras", "exponential", "linear"):
+        return schedules.get_schedule(schedule)(steps, lo, hi)
+    if schedule == "ncsn_geometric":
+        return schedules.ncsn_geometric(steps, lo, hi)
+    if schedule == "vp_discrete":
+        adapter = builtin_config(name)["adapter"]
+        if adapter["kind"] != "discrete_vp":
+            raise ValueError(f"the vp_discrete schedule needs a VP model; {name!r} is not one")
+        return schedules.vp_discrete(steps, vp_alphas_cumprod(adapter), "leading")
+    raise ValueError(f"unknown schedule {schedule!r} for built-in models; valid: {', '.join(SCHEDULE_NAMES)}")
+
+
+def labels_for(num: int, label: int | None) -> np.ndarray:
+    """Labels of a conditional batch: ``label`` repeated, or 0, 1, ..., 9, 0, ... when None."""
+    if label is None:
+        return np.arange(num, dtype=np.int32) % 10
+    if not 0 <= int(label) <= 9:
+        raise ValueError(f"label must be a digit 0-9 (or None to cycle through them), got {label}")
+    return np.full((num,), int(label), np.int32)
+
+
+def guided_denoiser(name: str, labels: Any = None, *, guidance: float = 1.0,
+                    classifier_scale: float = 0.0) -> tuple[Any, Any]:
+    """``(denoiser, cond)`` for sampling a built-in model.
+
+    ``digits``: ``guidance`` is the classifier-free scale (1: the conditional model alone, no second
+    batch; 0: the unconditional model); ``classifier_scale > 0`` instead guides the *unconditional* model (null label) with the
+    noisy classifier ``digits-classifier``. ``digits-ncsn`` is unconditional (labels must be None).
+    """
+    _check_name(name, BUILTIN_MODELS)
+    den = load_builtin(name)
+    if name == "digits-ncsn":
+        if labels is not None:
+            raise ValueError("digits-ncsn is unconditional: pass label=None (use 'digits' for a chosen digit)")
+        return den, None
+    labels = jnp.asarray(labels, jnp.int32)
+    null = jnp.full(labels.shape, builtin_config(name)["adapter"]["null_label"], jnp.int32)
+    if classifier_scale > 0:
+        clf = load_builtin("digits-classifier")
+        return G.apply(den, G.bind(null), G.classifier_guidance(clf, classifier_scale)), labels
+    if guidance == 1.0:
+        return den, labels
+    if guidance == 0.0:  # the unconditional model: one batch with the null label
+        return G.apply(den, G.bind(null)), labels
+    return G.apply(den, G.classifier_free(guidance, null)), labels
+
+
+def default_sampler(name: str, sampler: str) -> Any:
+    """A sampler by name; Langevin gets the step size and steps per level stored with the model."""
+    if sampler == "langevin":
+        opts = builtin_config(name).get("sampling", {}).get("langevin", {})
+        return Langevin(eps=opts.get("eps", 2e-5), n_steps=opts.get("n_steps", 5))
+    return get_sampler(sampler)
+
+
+def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = None, sampler: str = "dpmpp_2m",
+                   schedule: str | None = None, steps: int | None = None, guidance: float = 3.0,
+                   classifier_scale: float = 0.0, seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Sample ``num`` digits from a built-in model: ``(num, 8, 8, 1)`` float32 in [0, 1].
+
+    ``label=None`` cycles through 0..9 (so a grid shows every digit); ``guidance`` is the
+    classifier-free scale of ``digits`` and ``classifier_scale > 0`` switches to classifier guidance
+    (see :func:`guided_denoiser`); ``digits-ncsn`` is unconditional and ignores both. ``schedule`` defaults to ``karras`` (``ncsn_geometric`` for
+    Langevin); ``steps`` to 20 (the trained level count for Langevin on ``digits-ncsn``).
+    """
+    _check_name(name, BUILTIN_MODELS)
+    if num <= 0:
+        raise ValueError(f"num must be positive, got {num}")
+    langevin = sampler == "langevin"
+    schedule = schedule or ("ncsn_geometric" if langevin else "karras")
+    if steps is None:
+        steps = builtin_config(name).get("sampling", {}).get("langevin", {}).get("num_levels", 20) if langevin else 20
+    sigmas = make_sigmas(name, schedule, steps)
+    if name == "digits-ncsn" and label is not None:
+        raise ValueError("digits-ncsn is unconditional: pass label=None (use 'digits' for a chosen digit)")
+    labels = None if name == "digits-ncsn" else labels_for(num, label)
+    den, cond = guided_denoiser(name, labels, guidance=guidance, classifier_scale=classifier_scale)
+    key = jax.random.key(seed)
+    vp = name == "digits"
+    x = sampling.initial_noise(jax.random.fold_in(key, 1), (num, 8, 8, 1), sigmas.values[0], 1.0 if vp else 0.0)
+    out = sampling.sample(den, default_sampler(name, sampler), sigmas, x, jax.random.fold_in(key, 2), cond,
+                          progress=progress)
+    return np.clip((np.asarray(out, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+# ---- pictures --------------------------------------------------------------------------------
+
+def image_grid(images: Any, ncol: int | None = None, scale: int = 4, pad: int = 1) -> np.ndarray:
+    """Tile (N, H, W, C) images in [0, 1] into one uint8 picture, each pixel a ``scale x scale`` block."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
+    n, h, w, c = images.shape
+    ncol = ncol or int(np.ceil(np.sqrt(n)))
+    nrow = int(np.ceil(n / ncol))
+    big = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
+    H, W = h * scale + pad, w * scale + pad
+    grid = np.full((nrow * H + pad, ncol * W + pad, c), 0.5, np.float32)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        grid[pad + r * H: pad + r * H + h * scale, pad + k * W: pad + k * W + w * scale] = big[i]
+    grid = (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return grid[..., 0] if c == 1 else grid
+
+
+def save_grid(images: Any, path: str | Path, ncol: int | None = None, scale: int = 4) -> Path:
+    """Write :func:`image_grid` as a PNG (ink is white on black, as the data's 0..16 values; grey borders)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images, ncol, scale)).save(path)
+    return path
