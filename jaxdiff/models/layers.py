@@ -117,8 +117,8 @@ class Maker:
         if channels % groups:
             raise ValueError(f"GroupNorm: {channels} channels are not divisible into {groups} groups; "
                              "fix block_out_channels or norm_num_groups in the config")
-        return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
-                             dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
+        return GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
+                         dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
 
     def layer_norm(self, features: int, eps: float) -> nnx.LayerNorm:
         return nnx.LayerNorm(features, epsilon=eps, use_fast_variance=False, dtype=self.dtype,
@@ -128,6 +128,34 @@ class Maker:
         return nnx.Embed(num, features, embedding_init=_host_or_traced(lambda rng, shape: rng.standard_normal(shape),
                                                                        jax.random.normal),
                          dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
+
+
+class GroupNorm(nnx.GroupNorm):
+    """``torch.nn.GroupNorm`` on channels-last input (B, ..., C), same parameters as ``nnx.GroupNorm``.
+
+    Statistics are two-pass (mean, then mean squared deviation) in float32, reduced first per
+    channel over the contiguous spatial rows and then per group; normalisation and the affine map
+    fold into one per-channel scale and shift. XLA:CPU runs this 4-10x faster than Flax's
+    reduction over the (spatial, group-member) axes of a grouped reshape.
+    """
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        if mask is not None or self.reduction_axes is not None or x.ndim < 3:
+            return super().__call__(x, mask=mask)
+        b, c, g = x.shape[0], x.shape[-1], self.num_groups
+        xf = x.reshape(b, -1, c).astype(jnp.float32)
+        n = xf.shape[1] * (c // g)
+        per_group = lambda v: jnp.repeat(v.reshape(b, g, c // g).sum(-1) / n, c // g, axis=1)  # noqa: E731
+        mean = per_group(xf.sum(axis=1))
+        var = per_group(jnp.square(xf - mean[:, None, :]).sum(axis=1))
+        scale = jax.lax.rsqrt(var + self.epsilon)
+        if self.scale is not None:
+            scale = scale * self.scale[...].astype(jnp.float32)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias[...].astype(jnp.float32)
+        y = xf * scale[:, None, :] + shift[:, None, :]
+        return y.reshape(x.shape).astype(self.dtype or x.dtype)
 
 
 class Identity(nnx.Module):
@@ -297,15 +325,46 @@ class ResnetBlock2D(nnx.Module):
 # --- attention ------------------------------------------------------------------------------------
 
 
-def scaled_dot_product_attention(q: Array, k: Array, v: Array) -> Array:
+# Bytes of float32 logits per query chunk on CPU: about the size of a core's L2 cache.
+CPU_ATTENTION_CHUNK_BYTES = 2 ** 21
+
+
+def _attention_block(q: Array, k: Array, v: Array) -> Array:
+    """``softmax(q k^T / sqrt(d)) v`` for one block of queries, normalising after the value product."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+    p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.swapaxes(p.sum(axis=-1), 1, 2)[..., None]).astype(v.dtype)
+
+
+def query_chunk(batch: int, queries: int, heads: int, keys: int, budget: int = CPU_ATTENTION_CHUNK_BYTES) -> int:
+    """Queries per chunk so one chunk's float32 logits fit ``budget`` bytes (a power of two, >= 8),
+    or ``queries`` when all of them fit or the backend is not the CPU."""
+    if jax.default_backend() != "cpu":
+        return queries
+    rows = max(8, budget // (4 * batch * heads * keys))
+    return queries if rows >= queries else 1 << (rows.bit_length() - 1)
+
+
+def scaled_dot_product_attention(q: Array, k: Array, v: Array, chunk: int | None = None) -> Array:
     """``softmax(q k^T / sqrt(d)) v`` on (B, T, heads, d) arrays; logits and softmax in float32.
 
     Written out (rather than ``jax.nn.dot_product_attention``) so that the float32 upcast is
     explicit, and because XLA:CPU in jax 0.10 aborts on that function's bfloat16 dot preset.
+    The softmax denominator divides the (T, d) output rather than the (T, T) weights. On CPU the
+    queries are processed in chunks of ``chunk`` (default :func:`query_chunk`) under
+    ``lax.map``, so the logits of a chunk stay in cache (query chunking as in Rabe & Staats 2021,
+    "Self-attention does not need O(n^2) memory"): 3-5x faster than one (T, T) block at T = 1024.
     """
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    b, t, h, d = q.shape
+    chunk = chunk or query_chunk(b, t, h, k.shape[1])
+    if chunk >= t:
+        return _attention_block(q, k, v)
+    n = -(-t // chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0)))
+    blocks = jnp.moveaxis(qp.reshape(b, n, chunk, h, d), 1, 0)
+    out = jax.lax.map(lambda qc: _attention_block(qc, k, v), blocks)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, v.shape[-1])[:, :t]
 
 
 class Attention(nnx.Module):
