@@ -9,7 +9,7 @@ frameworks limited to the same number of threads. Also reports the peak RSS incr
 forward, the outputs' max abs difference, and the peak RSS increase while loading the mid U-Net
 from its folder (in a fresh subprocess) divided by its parameter bytes.
 
-Usage: ``python benchmarks/model_speed.py [--sizes tiny,mid] [--threads 2] [--repeats 7] [--json PATH]``.
+Usage: ``python benchmarks/model_speed.py [--sizes tiny,mid] [--threads 1] [--repeats 7] [--json PATH]``.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 _THREADS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
 if _THREADS is None and "--threads" in sys.argv:
     _THREADS = sys.argv[sys.argv.index("--threads") + 1]
-_THREADS = int(_THREADS or os.environ.get("MODEL_SPEED_THREADS", "2"))
+_THREADS = int(_THREADS or os.environ.get("MODEL_SPEED_THREADS", "1"))
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
 os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
@@ -126,8 +126,7 @@ def make_case(kind: str, size: str, folder: Path) -> dict[str, Any]:
         tx, tt, tc = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)
         torch_fn = lambda: tmodel(tx, tt, tc).sample  # noqa: E731
         jfn = jax.jit(lambda m, a, b, c: m(a, b, c))
-        pm, jx, jt, jc = PureModel.of(jmodule), np.transpose(x, (0, 2, 3, 1)), t, ctx
-        jax_fn = lambda: jfn(pm, jx, jt, jc)  # noqa: E731
+        args = (PureModel.of(jmodule), np.transpose(x, (0, 2, 3, 1)), t, ctx)
         shape = f"{UNET_BATCH}x{s}x{s}x4, text 77x{cfg['cross_attention_dim']}"
     elif kind == "vae_decoder":
         s = cfg["latent"]
@@ -135,8 +134,7 @@ def make_case(kind: str, size: str, folder: Path) -> dict[str, Any]:
         tz = torch.from_numpy(z)
         torch_fn = lambda: tmodel.decode(tz).sample  # noqa: E731
         jfn = jax.jit(lambda m, a: m(a))
-        pm, jz = PureModel.of(jmodule).bind("decode"), np.transpose(z, (0, 2, 3, 1))
-        jax_fn = lambda: jfn(pm, jz)  # noqa: E731
+        args = (PureModel.of(jmodule).bind("decode"), np.transpose(z, (0, 2, 3, 1)))
         f = 2 ** (len(cfg["block_out_channels"]) - 1)
         shape = f"1x{s}x{s}x4 -> {s * f}x{s * f}"
     else:
@@ -144,10 +142,9 @@ def make_case(kind: str, size: str, folder: Path) -> dict[str, Any]:
         tids = torch.from_numpy(ids)
         torch_fn = lambda: tmodel(tids).last_hidden_state  # noqa: E731
         jfn = jax.jit(lambda m, a: m(a).last_hidden_state)
-        pm, jids = PureModel.of(jmodule), ids.astype(np.int32)
-        jax_fn = lambda: jfn(pm, jids)  # noqa: E731
+        args = (PureModel.of(jmodule), ids.astype(np.int32))
         shape = f"1x{cfg['length']} tokens"
-    return {"torch": torch_fn, "jax": jax_fn, "params": params, "input": shape}
+    return {"torch": torch_fn, "jit": jfn, "args": args, "params": params, "input": shape}
 
 
 def _jax_call(fn: Callable) -> np.ndarray:
@@ -161,18 +158,22 @@ def _torch_call(fn: Callable) -> np.ndarray:
         return fn().numpy()
 
 
-def _forward_peak(call: Callable, fn: Callable) -> int:
+def measure(case: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Interleaved median forward times, peak memory of a first forward, and the outputs' difference.
+
+    Memory: the peak RSS increase of each framework's first forward call (jaxdiff's after
+    compiling, which is not counted); later calls reuse the allocators' cached memory and show
+    nothing. XLA's own account of its temporary buffers is given too.
+    """
     from jaxdiff.convert.memory import peak_rss_during
 
-    return peak_rss_during(call, fn)[1]
-
-
-def measure(case: dict[str, Any], repeats: int) -> dict[str, Any]:
-    """Interleaved median forward times, one-forward peak RSS increase, and the outputs' difference."""
     t0 = time.perf_counter()
-    out_j = _jax_call(case["jax"])  # compiles
+    compiled = case["jit"].lower(*case["args"]).compile()
     compile_s = time.perf_counter() - t0
-    out_t = _torch_call(case["torch"])
+    case["jax"] = lambda: compiled(*case["args"])
+    mem = compiled.memory_analysis()
+    out_j, jax_peak = peak_rss_during(_jax_call, case["jax"])
+    out_t, torch_peak = peak_rss_during(_torch_call, case["torch"])
     if out_j.ndim == 4:
         out_j = np.transpose(out_j, (0, 3, 1, 2))
     diff = float(np.abs(out_j - out_t).max())
@@ -188,8 +189,8 @@ def measure(case: dict[str, Any], repeats: int) -> dict[str, Any]:
         "jax_ms": 1e3 * tj, "torch_ms": 1e3 * tt, "time_ratio": tj / tt,
         "jax_ms_min": 1e3 * min(times["jax"]), "torch_ms_min": 1e3 * min(times["torch"]),
         "jax_compile_s": compile_s,
-        "jax_forward_peak_mib": _forward_peak(_jax_call, case["jax"]) / 2**20,
-        "torch_forward_peak_mib": _forward_peak(_torch_call, case["torch"]) / 2**20,
+        "jax_forward_peak_mib": jax_peak / 2**20, "torch_forward_peak_mib": torch_peak / 2**20,
+        "xla_temp_mib": getattr(mem, "temp_size_in_bytes", 0) / 2**20,
         "max_abs_diff": diff, "max_abs_ref": float(np.abs(out_t).max()),
     }
 
@@ -205,7 +206,10 @@ from jaxdiff.convert.memory import peak_rss_during
 jnp.zeros(1).block_until_ready()  # start the backend before measuring
 model, peak = peak_rss_during(load_model_folder, sys.argv[1])
 nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(__import__("flax").nnx.state(model)))
-print(json.dumps({"peak_bytes": peak, "param_bytes": nbytes, "params": count_params(model)}))
+del model
+_, warm = peak_rss_during(load_model_folder, sys.argv[1])  # again, with JAX's tracing caches filled
+print(json.dumps({"peak_bytes": peak, "warm_peak_bytes": warm, "param_bytes": nbytes,
+                  "params": count_params(_)}))
 """
 
 
@@ -216,7 +220,8 @@ def load_memory(folder: Path) -> dict[str, Any]:
                          text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     file_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    return {**r, "file_bytes": file_bytes, "ratio": r["peak_bytes"] / r["param_bytes"]}
+    return {**r, "file_bytes": file_bytes, "ratio": r["peak_bytes"] / r["param_bytes"],
+            "warm_ratio": r["warm_peak_bytes"] / r["param_bytes"]}
 
 
 def _uptime() -> str:
@@ -230,7 +235,8 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--sizes", default="tiny,mid")
     p.add_argument("--networks", default="unet,vae_decoder,clip_text")
-    p.add_argument("--threads", type=int, default=_THREADS, help="threads for both XLA and torch")
+    p.add_argument("--threads", type=int, default=_THREADS,
+                   help="threads for both XLA (intra-op / Eigen pool) and torch (set_num_threads)")
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
 
@@ -244,11 +250,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
             for kind in args.networks.split(","):
-                r = measure(make_case(kind, size, Path(tmp)), args.repeats)
+                reps = args.repeats * (3 if size == "tiny" else 1)  # millisecond calls: more samples
+                r = measure(make_case(kind, size, Path(tmp)), reps)
                 results["cases"][f"{kind}/{size}"] = r
                 rows.append({"network": kind, "size": size, "jax_ms": r["jax_ms"], "torch_ms": r["torch_ms"],
                              "ratio": r["time_ratio"], "jax_peak_MiB": r["jax_forward_peak_mib"],
-                             "torch_peak_MiB": r["torch_forward_peak_mib"], "max_abs_diff": r["max_abs_diff"]})
+                             "torch_peak_MiB": r["torch_forward_peak_mib"], "xla_temp_MiB": r["xla_temp_mib"],
+                             "max_abs_diff": r["max_abs_diff"]})
                 print(rows[-1], flush=True)
         if "mid" in args.sizes.split(",") and "unet" in args.networks.split(","):
             results["unet_time_ratio"] = results["cases"]["unet/mid"]["time_ratio"]
