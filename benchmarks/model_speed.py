@@ -7,7 +7,13 @@ with a fixed seed, saved with ``save_pretrained`` and loaded by jaxdiff from tha
 forward is timed interleaved (one jaxdiff call, one PyTorch call, repeated; medians), both
 frameworks limited to the same number of threads. Also reports the peak RSS increase of one
 forward, the outputs' max abs difference, and the peak RSS increase while loading the mid U-Net
-from its folder (in a fresh subprocess) divided by its parameter bytes.
+from its folder (in a fresh subprocess) divided by its parameter bytes, and the time to build the
+full-size DiT-XL/2, CLIP ViT-L/14 text, T5-XXL encoder and SD 1.5 U-Net abstractly.
+
+Keys: ``unet_time_ratio`` (jaxdiff / PyTorch U-Net forward, mid size; target <= 1),
+``load_memory_ratio`` (first load in a fresh process; target <= 1.3), ``cases``, ``load_memory``,
+``abstract_build``. The machine's load average is recorded at the start and end: on a shared machine
+use ``--threads 1`` (the default), as PyTorch's OpenMP pool degrades badly when cores are contended.
 
 Usage: ``python benchmarks/model_speed.py [--sizes tiny,mid] [--threads 1] [--repeats 7] [--json PATH]``.
 """
@@ -224,6 +230,46 @@ def load_memory(folder: Path) -> dict[str, Any]:
             "warm_ratio": r["warm_peak_bytes"] / r["param_bytes"]}
 
 
+# --- abstract construction ----------------------------------------------------------------------
+
+ABSTRACT_CASES = {  # name: (module, class, config file in jaxdiff/models/configs)
+    "dit_xl_2_256": ("jaxdiff.models.dit", "DiTTransformer2DModel", "dit_xl_2_256.json"),
+    "clip_vit_l14_text": ("jaxdiff.models.clip", "CLIPTextModel", "clip_vit_l14_text.json"),
+    "t5_v1_1_xxl_encoder": ("jaxdiff.models.t5", "T5EncoderModel", "t5_v1_1_xxl_encoder.json"),
+    "sd15_unet": ("jaxdiff.models.unet", "UNet2DConditionModel", "sd15_unet.json"),
+}
+
+_ABSTRACT_SCRIPT = r"""
+import importlib, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from flax import nnx
+from jaxdiff.convert.torch_layout import abstract, count_params
+mod, name, cfg_file = sys.argv[2:5]
+cls = getattr(importlib.import_module(mod), name)
+from jaxdiff.convert.folders import config_class
+cfg = config_class(cls).from_dict(json.load(open(cfg_file)))
+w, c = time.perf_counter(), time.process_time()
+model = abstract(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+print(json.dumps({"wall_s": time.perf_counter() - w, "cpu_s": time.process_time() - c, "params": count_params(model)}))
+"""
+
+
+def abstract_times(repeats: int) -> dict[str, Any]:
+    """Seconds to build each full-size network abstractly (``torch_layout.abstract``), each in a fresh
+    process (median of ``repeats``); CPU seconds too, which the machine's load disturbs less."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {}
+    for name, (mod, cls, cfg) in ABSTRACT_CASES.items():
+        runs = []
+        for _ in range(repeats):
+            cmd = [sys.executable, "-c", _ABSTRACT_SCRIPT, root, mod, cls, os.path.join(root, "jaxdiff/models/configs", cfg)]
+            runs.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
+        out[name] = {"wall_s": statistics.median(r["wall_s"] for r in runs),
+                     "cpu_s": statistics.median(r["cpu_s"] for r in runs), "params": runs[0]["params"]}
+        print(name, out[name], flush=True)
+    return out
+
+
 def _uptime() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -238,6 +284,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=_THREADS,
                    help="threads for both XLA (intra-op / Eigen pool) and torch (set_num_threads)")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--abstract-repeats", type=int, default=3,
+                   help="fresh-process runs per full-size abstract build (0: skip that part)")
     args = p.parse_args()
 
     import torch
@@ -263,6 +311,8 @@ def main() -> None:
             mem = load_memory(Path(tmp) / "unet_mid")
             results["load_memory"] = mem
             results["load_memory_ratio"] = mem["ratio"]
+    if args.abstract_repeats:
+        results["abstract_build"] = abstract_times(args.abstract_repeats)
     results["load_average_end"] = _uptime()
     emit(results, rows, args.json)
 
