@@ -9,6 +9,7 @@ Models whose names differ pass a ``rename`` function for the few keys that need 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import contextvars
 import re
 from typing import Any, TypeVar
 
@@ -167,9 +168,28 @@ def _mismatch_message(missing: list[str], unexpected: list[str], misshaped: list
     return "\n".join(parts)
 
 
+_SHAPES_ONLY = contextvars.ContextVar("jaxdiff_shapes_only", default=False)
+
+
+def shapes_only() -> bool:
+    """True while :func:`abstract` builds a module: initialisers may skip drawing random values,
+    which would only be traced and thrown away (jaxdiff's own initialisers then trace one op)."""
+    return _SHAPES_ONLY.get()
+
+
 def abstract(ctor: Callable[[], M]) -> M:
-    """Build a module without allocating its parameters (shapes and dtypes only)."""
-    return nnx.eval_shape(ctor)
+    """Build a module without allocating its parameters (shapes and dtypes only).
+
+    Traces ``ctor`` under ``nnx.eval_shape``. Networks should draw their per-layer keys from a
+    Python counter (:class:`jaxdiff.models.layers.KeySource`), not from ``nnx.Rngs`` in every
+    layer: each ``nnx.Rngs`` draw updates a traced counter, which costs a scan of the whole trace
+    so far (flax 0.12 / jax 0.10), making the build quadratic in depth.
+    """
+    token = _SHAPES_ONLY.set(True)
+    try:
+        return nnx.eval_shape(ctor)
+    finally:
+        _SHAPES_ONLY.reset(token)
 
 
 def count_params(module: nnx.Module) -> int:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models.layers import KeySource
 
 Array = jax.Array
 
@@ -96,6 +97,12 @@ class CLIPVisionConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
         """From a ``config.json`` dict (a full ``CLIPConfig``'s ``vision_config`` is used when present)."""
         return config_from_dict(cls, d.get("vision_config") or d)
+
+
+def _key_source(rngs: nnx.Rngs | KeySource) -> KeySource:
+    """Per-layer keys from a Python counter: drawing from nnx.Rngs in every layer makes
+    ``nnx.eval_shape`` quadratic in the number of layers (see :class:`KeySource`)."""
+    return rngs if isinstance(rngs, KeySource) else KeySource(rngs.params())
 
 
 class _Dtypes(NamedTuple):
@@ -269,7 +276,7 @@ class CLIPTextModel(nnx.Module):
         self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
     ):
         self.config = config
-        self.text_model = CLIPTextTransformer(config, _Dtypes(dtype, param_dtype), rngs)
+        self.text_model = CLIPTextTransformer(config, _Dtypes(dtype, param_dtype), _key_source(rngs))
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> CLIPTextOutput:
         """All outputs of transformers' ``CLIPTextModel`` (with ``output_hidden_states=True``)."""
@@ -309,9 +316,10 @@ class CLIPTextModelWithProjection(CLIPTextModel):
     def __init__(
         self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
     ):
-        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        keys = _key_source(rngs)
+        super().__init__(config, rngs=keys, dtype=dtype, param_dtype=param_dtype)
         dt = _Dtypes(dtype, param_dtype)
-        self.text_projection = _linear(config.hidden_size, config.projection_dim, dt, rngs, bias=False)
+        self.text_projection = _linear(config.hidden_size, config.projection_dim, dt, keys, bias=False)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> CLIPTextOutput:
         out = self.text_model(input_ids, attention_mask)
@@ -385,8 +393,9 @@ class CLIPVisionModelWithProjection(nnx.Module):
     ):
         self.config = config
         dt = _Dtypes(dtype, param_dtype)
-        self.vision_model = CLIPVisionTransformer(config, dt, rngs)
-        self.visual_projection = _linear(config.hidden_size, config.projection_dim, dt, rngs, bias=False)
+        keys = _key_source(rngs)
+        self.vision_model = CLIPVisionTransformer(config, dt, keys)
+        self.visual_projection = _linear(config.hidden_size, config.projection_dim, dt, keys, bias=False)
 
     def __call__(self, pixel_values: Array) -> CLIPVisionOutput:
         out = self.vision_model(pixel_values)

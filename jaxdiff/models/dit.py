@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models.layers import KeySource
 
 Array = jax.Array
 
@@ -252,7 +253,8 @@ class DiTTransformer2DModel(nnx.Module):
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Per-layer keys from a Python counter: nnx.Rngs makes nnx.eval_shape quadratic (see KeySource).
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySource(rngs.params()))
         d, p = config.inner_dim, config.patch_size
         self.pos_embed = PatchEmbed(config, kw)
         self.transformer_blocks = nnx.List([BasicTransformerBlock(config, kw) for _ in range(config.num_layers)])

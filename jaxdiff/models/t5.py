@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models.layers import KeySource
 
 Array = jax.Array
 
@@ -211,7 +212,8 @@ class T5EncoderModel(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         self.config = config
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Per-layer keys from a Python counter: nnx.Rngs makes nnx.eval_shape quadratic (see KeySource).
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySource(rngs.params()))
         self.shared = nnx.Embed(config.vocab_size, config.d_model, **kw)
         self.encoder = T5Stack(config, kw)
 
