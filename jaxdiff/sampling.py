@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import progress as _progress
+from jaxdiff.samplers._base import prepare as _prepare
+from jaxdiff.samplers.euler import DDIM
 from jaxdiff.schedules import Sigmas, check_sigmas
 
 Array = jax.Array
@@ -42,6 +44,7 @@ def _loop(denoiser: Any, sampler: Any, sigmas: Sigmas, x: Array, key: Array, con
           progress: bool, start: Array | int = 0) -> tuple[Array, SampleInfo]:
     denoise = lambda x_, s_: denoiser(x_, s_, cond)  # noqa: E731
     count = sigmas.count
+    sampler = _prepare(sampler, sigmas)
 
     def body(i: Array, carry: tuple[Array, Any, Array]) -> tuple[Array, Any, Array]:
         x, state, bad = carry
@@ -93,3 +96,65 @@ def sample(denoiser: Any, sampler: Any, sigmas: Sigmas, x: Array, key: Array | i
         raise FloatingPointError(f"sampling produced NaN/Inf first at step {i} (sigma {s[i]:g} -> {s[i + 1]:g}); "
                                  "check the denoiser's output at that noise level, the dtype, or lower the guidance scale")
     return (out, info) if return_info else out
+
+
+def _trajectory(denoiser: Any, sampler: Any, sigmas: Sigmas, x: Array, key: Array, cond: Any) -> tuple[Array, Any]:
+    denoise = lambda x_, s_: denoiser(x_, s_, cond)  # noqa: E731
+    sampler = _prepare(sampler, sigmas)
+
+    def body(carry: tuple[Array, Any], i: Array) -> tuple[tuple[Array, Any], Array]:
+        def run() -> tuple[Array, Any]:
+            return sampler.step(denoise, carry[1], carry[0], sigmas.values[i], sigmas.values[i + 1],
+                                jax.random.fold_in(key, i))
+
+        carry = jax.lax.cond(i < sigmas.count, run, lambda: carry)
+        return carry, carry[0]
+
+    (_, state), xs = jax.lax.scan(body, (x, sampler.init(x)), jnp.arange(sigmas.capacity))
+    return jnp.concatenate([x[None], xs]), state
+
+
+trajectory_jit = jax.jit(_trajectory)
+
+
+def trajectory(denoiser: Any, sampler: Any, sigmas: Sigmas, x: Array, key: Array | int = 0,
+               cond: Any = None) -> tuple[Array, Any]:
+    """Like :func:`sample` but keeping every step: ``(xs, final_state)`` with ``xs[i]`` at ``sigmas.values[i]``.
+
+    ``xs`` has ``capacity + 1`` entries (a ``lax.scan`` over the capacity; entries past ``count`` repeat
+    the result), so build the schedule with a small capacity. Same per-step keys as :func:`sample`.
+    """
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    check_sigmas(sigmas)
+    _check_cond(x, cond)
+    return trajectory_jit(denoiser, sampler, sigmas, x, key, cond)
+
+
+def _invert(denoiser: Any, x0: Array, sigmas: Sigmas, cond: Any, start: Array) -> Array:
+    denoise = lambda x_, s_: denoiser(x_, s_, cond)  # noqa: E731
+    ddim, count, v = DDIM(eta=0.0), sigmas.count, sigmas.values
+    key = jax.random.key(0)  # unused: eta = 0 adds no noise
+
+    def body(j: Array, x: Array) -> Array:
+        return ddim.step(denoise, (), x, v[count - j], v[count - j - 1], key)[0]
+
+    return jax.lax.fori_loop(0, count - start, body, x0)
+
+
+invert_jit = jax.jit(_invert)
+
+
+def invert(denoiser: Any, x0: Array, sigmas: Sigmas, cond: Any = None, *, start: int | Array = 0) -> Array:
+    """DDIM inversion (Song et al. 2021, Sec. 4.3; Mokady et al. 2023): run DDIM (eta = 0) *up* the used levels.
+
+    Starts from ``x0`` at the schedule's final level (``sigmas.values[count]``, usually 0) and returns the
+    latent at ``sigmas.values[start]``, so ``sample(denoiser, DDIM(), sigmas, invert(...), start=start)``
+    reconstructs ``x0`` up to the discretisation error. Each upward move evaluates the denoiser at the
+    target level (diffusers' ``DDIMInverseScheduler`` convention; see :class:`jaxdiff.samplers.DDIM`).
+    """
+    check_sigmas(sigmas)
+    if not isinstance(start, jax.core.Tracer) and not 0 <= int(start) < int(sigmas.count):
+        raise ValueError(f"start must be in [0, {int(sigmas.count)}) for this schedule, got {int(start)}")
+    _check_cond(x0, cond)
+    return invert_jit(denoiser, x0, sigmas, cond, jnp.asarray(start, jnp.int32))

@@ -138,30 +138,57 @@ def vp_train_sigmas(alphas_cumprod_: Any) -> Array:
     return jnp.sqrt((1.0 - ac) / ac)
 
 
+def _vp_timesteps_host(n: int, spacing: str, T: int, offset: int, round_linspace: bool, drop_last: bool,
+                       capacity: int) -> np.ndarray:
+    """:func:`vp_timesteps` for a concrete n, in NumPy float64 (the arithmetic of the reference schedulers)."""
+    points = n + 1 if drop_last else n
+    if spacing == "leading":
+        t = (np.arange(points, dtype=np.float64) * (T // points))[::-1] + offset
+    elif spacing == "trailing":
+        t = np.round(np.arange(T, 0, -T / n))[:n] - 1.0
+    else:
+        t = np.linspace(0, T - 1, points)[::-1]
+        t = np.round(t) if round_linspace else t.astype(np.float32)
+    t = np.asarray(t[:n], np.float32)
+    return np.concatenate([t, np.full(max(capacity - n, 0), t[-1], np.float32)])[:capacity]
+
+
 def vp_timesteps(n: Any, spacing: str = "leading", num_train_timesteps: int = 1000, steps_offset: int = 0, *,
-                 round_linspace: bool = True, capacity: int = DEFAULT_CAPACITY) -> Array:
+                 round_linspace: bool = True, drop_last: bool = False, capacity: int = DEFAULT_CAPACITY) -> Array:
     """Decreasing training timesteps for n sampling steps (Lin et al. 2024, Table 2 spacings).
 
     ``leading``: ``(n-1-i) * (T // n) + offset``; ``trailing``: ``round(T - i T / n) - 1``;
     ``linspace``: ``(n-1-i) (T-1) / (n-1)``, rounded when ``round_linspace`` (DDIM/DDPM) or
-    fractional (the Euler family). Returns (capacity,) floats; entries past n are unused.
+    fractional (the Euler family). ``drop_last`` spaces n + 1 points and drops the smallest, as
+    diffusers' ``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` do for leading
+    (``(n-i) * (T // (n+1)) + offset``) and linspace (``round((n-i) (T-1) / n)``); trailing is unchanged.
+    Returns (capacity,) floats; entries past n are unused. A concrete n is computed on the host in
+    float64 with NumPy, as the reference schedulers do, so that ties round identically (e.g. trailing,
+    n = 48: ``1000 - 3 * 1000/48`` lands just below 937.5 there); a traced n uses float32 and may
+    differ from them by one timestep at such ties.
     """
     T = num_train_timesteps
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}")
+    if not isinstance(n, jax.core.Tracer):
+        return jnp.asarray(_vp_timesteps_host(int(n), spacing, T, steps_offset, round_linspace, drop_last, capacity))
     i = jnp.arange(capacity, dtype=jnp.float32)
     n = jnp.asarray(n)
     nf = n.astype(jnp.float32)
+    top = nf if drop_last else nf - 1.0  # index of the largest of the spaced points
     if spacing == "leading":
-        return (nf - 1.0 - i) * (T // n).astype(jnp.float32) + steps_offset
+        return (top - i) * (T // (top.astype(jnp.int32) + 1)).astype(jnp.float32) + steps_offset
     if spacing == "trailing":
         return jnp.round(T - i * (T / nf)) - 1.0
     if spacing == "linspace":
-        t = (nf - 1.0 - i) * ((T - 1) / jnp.maximum(nf - 1.0, 1.0))
+        t = (top - i) * ((T - 1) / jnp.maximum(top, 1.0))
         return jnp.round(t) if round_linspace else t
     raise ValueError(f"unknown timestep spacing {spacing!r}; valid: {', '.join(TIMESTEP_SPACINGS)}")
 
 
 def vp_discrete(n: Any, alphas_cumprod_: Any, spacing: str = "leading", steps_offset: int = 0, *,
-                final: str = "zero", round_linspace: bool = True, capacity: int = DEFAULT_CAPACITY) -> Sigmas:
+                final: str = "zero", round_linspace: bool = True, drop_last: bool = False,
+                capacity: int = DEFAULT_CAPACITY) -> Sigmas:
     """Sigmas at the spaced training timesteps of a discrete VP schedule.
 
     Fractional timesteps interpolate ``sigma_t`` linearly in t, as the reference schedulers do.
@@ -169,7 +196,8 @@ def vp_discrete(n: Any, alphas_cumprod_: Any, spacing: str = "leading", steps_of
     (DDIM with ``set_alpha_to_one=False``, Stable Diffusion's setting); ``final="one"`` is 0 too.
     """
     train = vp_train_sigmas(alphas_cumprod_)
-    ts = vp_timesteps(n, spacing, train.shape[0], steps_offset, round_linspace=round_linspace, capacity=capacity)
+    ts = vp_timesteps(n, spacing, train.shape[0], steps_offset, round_linspace=round_linspace, drop_last=drop_last,
+                      capacity=capacity)
     levels = jnp.interp(ts, jnp.arange(train.shape[0], dtype=jnp.float32), train)
     if final in ("zero", "one"):
         end = 0.0
@@ -179,6 +207,79 @@ def vp_discrete(n: Any, alphas_cumprod_: Any, spacing: str = "leading", steps_of
         raise ValueError(f"unknown final level {final!r}; valid: zero, one, alpha_first")
     levels = jnp.concatenate([levels, levels[-1:]])
     return _pad(_append_final(levels, jnp.asarray(n), end), jnp.asarray(n), capacity)
+
+
+# ---- the exact schedules of diffusers' schedulers (for parity and for porting pipelines) -------
+
+# scheduler class -> (round linspace timesteps, space n + 1 points and drop the last, final level)
+REFERENCE_SCHEDULERS: dict[str, tuple[bool, bool, str]] = {
+    "DDPMScheduler": (True, False, "zero"),
+    "DDIMScheduler": (True, False, "alpha_first"),
+    "EulerDiscreteScheduler": (False, False, "zero"),
+    "EulerAncestralDiscreteScheduler": (False, False, "zero"),
+    "HeunDiscreteScheduler": (False, False, "zero"),
+    "DPMSolverMultistepScheduler": (True, True, "zero"),
+    "UniPCMultistepScheduler": (True, True, "zero"),
+}
+_VE_STATE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
+
+
+def _reference(scheduler: str) -> tuple[bool, bool, str]:
+    try:
+        return REFERENCE_SCHEDULERS[scheduler]
+    except KeyError:
+        raise ValueError(f"no reference schedule for {scheduler!r}; known: {', '.join(REFERENCE_SCHEDULERS)}") from None
+
+
+def reference_schedule(scheduler: str, n: Any, alphas_cumprod_: Any, spacing: str = "leading", steps_offset: int = 0,
+                       *, set_alpha_to_one: bool = False, capacity: int = DEFAULT_CAPACITY) -> Sigmas:
+    """The noise levels diffusers' ``scheduler`` (a class name) visits for n steps, ending at its final level.
+
+    Euler-family schedulers use fractional linspace timesteps; DPMSolverMultistep and UniPC space n + 1
+    points and drop the last; DDIM ends at ``sigma_0`` unless ``set_alpha_to_one``. Heun's doubled
+    timesteps are its two evaluations per step, which :class:`jaxdiff.samplers.Heun` makes inside one step.
+    DDIM steps to ``t - T // n``, which is the next timestep only for leading spacing (and trailing when
+    n divides T); :func:`ddim_reference_targets` gives its actual targets.
+    """
+    round_linspace, drop_last, final = _reference(scheduler)
+    if scheduler == "DDIMScheduler" and set_alpha_to_one:
+        final = "one"
+    return vp_discrete(n, alphas_cumprod_, spacing, steps_offset, final=final, round_linspace=round_linspace,
+                       drop_last=drop_last, capacity=capacity)
+
+
+def ddim_reference_targets(n: int, alphas_cumprod_: Any, spacing: str = "leading", steps_offset: int = 0, *,
+                           set_alpha_to_one: bool = False) -> np.ndarray:
+    """The level diffusers' ``DDIMScheduler.step`` moves to from each timestep: ``sigma(t - T // n)``.
+
+    Its ``prev_timestep`` arithmetic assumes leading spacing; with linspace (or trailing when n does
+    not divide T) the state it returns is then read as if it were at the next listed timestep.
+    """
+    train = np.asarray(vp_train_sigmas(alphas_cumprod_))
+    T = train.shape[0]
+    ts = np.asarray(vp_timesteps(n, spacing, T, steps_offset, capacity=n)).astype(np.int64)
+    prev = ts - T // n
+    final = 0.0 if set_alpha_to_one else train[0]
+    return np.where(prev >= 0, train[np.maximum(prev, 0)], final).astype(np.float32)
+
+
+def reference_init_sigma(scheduler: str, spacing: str, sigma_max: float) -> float:
+    """Standard deviation (VE coordinates) of the initial noise diffusers' pipelines draw for ``scheduler``.
+
+    VP-state schedulers start from ``N(0, I)`` in VP coordinates, i.e. ``sqrt(1 + sigma_max^2)`` in VE;
+    the Euler family uses ``init_noise_sigma``: ``sigma_max`` for linspace/trailing, ``sqrt(sigma_max^2 + 1)``
+    for leading. Use it as ``initial_noise(key, shape, reference_init_sigma(...))``.
+    """
+    _reference(scheduler)
+    if scheduler in _VE_STATE and spacing in ("linspace", "trailing"):
+        return float(sigma_max)
+    return float(np.sqrt(np.float32(sigma_max) ** 2 + 1.0))
+
+
+def reference_state_is_vp(scheduler: str) -> bool:
+    """Whether diffusers' ``scheduler`` keeps its sample in VP coordinates (``x_ve / sqrt(1 + sigma^2)``)."""
+    _reference(scheduler)
+    return scheduler not in _VE_STATE
 
 
 SCHEDULES: dict[str, Callable[..., Sigmas]] = {

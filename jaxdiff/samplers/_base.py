@@ -6,6 +6,10 @@ A sampler is a frozen pytree dataclass with two pure methods (DESIGN.md, "Schedu
 - ``step(denoise, state, x, sigma, sigma_next, key) -> (x_next, state)``: one move from noise level
   ``sigma`` to ``sigma_next``. ``denoise(x, sigma)`` is the denoiser with its conditioning bound.
 
+and one optional method, ``prepare(sigmas) -> sampler``, which the runner calls once (inside the
+compiled program) with the traced schedule, for samplers whose maths depends on the whole schedule
+(Heun's churn divides by the step count; annealed Langevin scales by the smallest level).
+
 Numeric hyper-parameters (eta, churn, SNR...) are pytree leaves, so changing them never recompiles.
 """
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 DenoiseFn = Callable[[Array, Array], Array]
@@ -24,6 +29,12 @@ class Sampler(Protocol):
 
     def step(self, denoise: DenoiseFn, state: Any, x: Array, sigma: Array, sigma_next: Array,
              key: Array) -> tuple[Array, Any]: ...
+
+
+def prepare(sampler: Any, sigmas: Any) -> Any:
+    """``sampler.prepare(sigmas)`` when the sampler defines it, else the sampler unchanged."""
+    hook = getattr(sampler, "prepare", None)
+    return sampler if hook is None else hook(sigmas)
 
 
 def ancestral_split(sigma: Array, sigma_next: Array, eta: Array | float = 1.0) -> tuple[Array, Array]:
@@ -40,3 +51,21 @@ def ancestral_split(sigma: Array, sigma_next: Array, eta: Array | float = 1.0) -
 def noise_like(key: Array, x: Array) -> Array:
     """Standard normal noise with the shape and dtype of x."""
     return jax.random.normal(key, x.shape, x.dtype)
+
+
+def per_sample_norm(v: Array) -> Array:
+    """Euclidean norm of each sample, shaped (B, 1, ...) to broadcast against ``v``."""
+    n = jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
+    return n
+
+
+def check_option(name: str, value: Any, ok: Callable[[np.ndarray], Any], requirement: str) -> None:
+    """Validate a numeric option when it is concrete (tracers and placeholders pass through unchecked).
+
+    Pytree dataclasses re-run ``__post_init__`` on unflattening with tracers or sentinel objects, so
+    only Python numbers, NumPy values and concrete JAX arrays are checked.
+    """
+    concrete = isinstance(value, (int, float, np.ndarray, np.number)) or (
+        isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer))
+    if concrete and not np.all(ok(np.asarray(value))):
+        raise ValueError(f"sampler option {name} must be {requirement}, got {value!r}")

@@ -7,22 +7,25 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff.samplers._base import DenoiseFn, ancestral_split, noise_like
+from jaxdiff.samplers._base import DenoiseFn, ancestral_split, check_option, noise_like
 
 Array = jax.Array
 
 
 @pytree_dataclass
 class Euler:
-    """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras et al. 2022, eq. 3)."""
+    """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras et al. 2022, eq. 3).
+
+    Compatible with diffusers' ``EulerDiscreteScheduler`` (no churn) step for step.
+    """
 
     def init(self, x: Array) -> tuple[()]:
         return ()
 
     def step(self, denoise: DenoiseFn, state: Any, x: Array, sigma: Array, sigma_next: Array,
              key: Array) -> tuple[Array, Any]:
-        x0 = denoise(x, sigma)
-        return x0 + (sigma_next / sigma) * (x - x0), state
+        d = (x - denoise(x, sigma)) / sigma
+        return x + (sigma_next - sigma) * d, state
 
 
 @pytree_dataclass
@@ -32,20 +35,27 @@ class DDIM:
     ``x_next = x0 + sigma_down * eps_hat + sigma_up * z`` with ``eps_hat = (x - x0) / sigma`` and the
     split of :func:`ancestral_split`. Dividing DDIM's VP update by ``sqrt(abar_next)`` gives exactly
     this, and it is also k-diffusion's Euler-ancestral step, so :class:`EulerAncestral` shares it.
-    With ``eta = 0`` it also runs noise levels upward (DDIM inversion).
+
+    Moving upward (``sigma_next > sigma``, DDIM inversion, used by :func:`jaxdiff.sampling.invert`)
+    evaluates the denoiser at the *target* level on the current sample, as diffusers'
+    ``DDIMInverseScheduler`` does; this is the cheap inverse of the downward step (which uses the same
+    level argument) and it is defined when starting from ``sigma = 0``.
     """
 
     eta: Array | float = 0.0
+
+    def __post_init__(self) -> None:
+        check_option("eta", self.eta, lambda v: v >= 0, "non-negative (0: deterministic DDIM, 1: ancestral)")
 
     def init(self, x: Array) -> tuple[()]:
         return ()
 
     def step(self, denoise: DenoiseFn, state: Any, x: Array, sigma: Array, sigma_next: Array,
              key: Array) -> tuple[Array, Any]:
-        x0 = denoise(x, sigma)
-        down, up = ancestral_split(sigma, sigma_next, self.eta)
-        down = jnp.where(sigma_next > sigma, sigma_next, down)  # inversion: deterministic move upward
-        return x0 + (down / sigma) * (x - x0) + up * noise_like(key, x), state
+        s_eval = jnp.maximum(sigma, sigma_next)
+        eps = (x - denoise(x, s_eval)) / s_eval
+        down, up = ancestral_split(s_eval, sigma_next, self.eta)
+        return x + (down - sigma) * eps + up * noise_like(key, x), state
 
 
 @pytree_dataclass

@@ -1,0 +1,47 @@
+"""DDPM ancestral sampling (Ho et al. 2020) in sigma space."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff._pytree import pytree_dataclass, static_field
+from jaxdiff.samplers._base import DenoiseFn, noise_like
+
+Array = jax.Array
+VARIANCES = ("fixed_small", "fixed_large")
+
+
+@pytree_dataclass
+class DDPM:
+    """Ancestral sampling from the DDPM posterior ``q(x_prev | x_t, x0)`` (Ho et al. 2020, eqs. 6-7, Alg. 2).
+
+    For a move between any two levels ``s > s'`` (skipping timesteps, as diffusers' ``DDPMScheduler``
+    does: ``alpha_t = abar_t / abar_prev``, ``beta_t = 1 - alpha_t``, with ``abar = 1 / (1 + sigma^2)``),
+    the posterior divided by ``sqrt(abar_prev)`` (VE coordinates) has mean ``x0 + (s'/s)^2 (x - x0)`` and
+    variance ``s'^2 (s^2 - s'^2) / s^2`` (``"fixed_small"``: beta tilde, eq. 7) or
+    ``(s^2 - s'^2) (1 + s'^2) / (1 + s^2)`` (``"fixed_large"``: beta). No noise is added on the last step
+    (``s' = 0``), as in Alg. 2 (``z = 0`` at t = 1); diffusers adds ``sqrt(beta_t) z`` there with
+    ``fixed_large`` whenever the final timestep is positive.
+    """
+
+    variance: str = static_field(default="fixed_small")
+
+    def __post_init__(self) -> None:
+        if self.variance not in VARIANCES:
+            raise ValueError(f"unknown DDPM variance {self.variance!r}; valid: {', '.join(VARIANCES)}")
+
+    def init(self, x: Array) -> tuple[()]:
+        return ()
+
+    def step(self, denoise: DenoiseFn, state: Any, x: Array, sigma: Array, sigma_next: Array,
+             key: Array) -> tuple[Array, Any]:
+        x0 = denoise(x, sigma)
+        s2, n2 = sigma * sigma, sigma_next * sigma_next
+        mean = x0 + (n2 / s2) * (x - x0)
+        if self.variance == "fixed_small":
+            var = n2 * (s2 - n2) / s2
+        else:
+            var = jnp.where(sigma_next > 0, (s2 - n2) * (1.0 + n2) / (1.0 + s2), 0.0)
+        return mean + jnp.sqrt(jnp.maximum(var, 0.0)) * noise_like(key, x), state
