@@ -88,3 +88,27 @@ def test_image_to_image_matches_diffusers(eps_folder, monkeypatch):
         guidance_scale=5.0, output_type="np").images
     assert ref.std() > 0.02
     np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+def test_inpainting_unet_matches_diffusers(tmp_path_factory, monkeypatch):
+    from PIL import Image
+
+    root = folders.save(folders.build_pipeline(in_channels=9, seed=2), tmp_path_factory.mktemp("sd") / "inpaint")
+    sd = StableDiffusion.from_pretrained(root)
+    assert sd.is_inpainting_model
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 6:] = 255
+    out = sd(PROMPTS, negative=NEGATIVE, steps=4, sampler="ddim", guidance=6.0, seed=SEEDS, image=image,
+             mask=mask / 255.0)
+    noise = sd.initial_noise(SEEDS, 2, 16, 16)
+    eps = sd.initial_noise(SEEDS, 2, 16, 16, stream=MASKED_POSTERIOR_STREAM)
+    module = diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mean + enc.latent_dist.std * _nchw(eps))
+    ref = _reference(root, "StableDiffusionInpaintPipeline", "DDIMScheduler")(
+        prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, mask_image=Image.fromarray(mask), strength=1.0,
+        num_inference_steps=4, guidance_scale=6.0, height=16, width=16, latents=_nchw(noise), output_type="np").images
+    assert ref.std() > 0.02
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
