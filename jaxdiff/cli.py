@@ -120,7 +120,7 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
 
     options = {k: getattr(args, k) for k in ("sampler", "schedule", "steps", "guidance", "label")
                if getattr(args, k) is not None}
-    settings = dict(model=args.model, num=args.num or 16, seed=args.seed, jaxdiff=_version(), **options)
+    settings = dict(model=args.model, num=args.num or 16, seed=args.seed, jaxdiff_version=_version(), **options)
     t0 = time.perf_counter()
     images = builtin.sample_builtin(args.model, num=settings["num"], seed=args.seed, progress=not args.no_progress,
                                     **options)
@@ -199,7 +199,7 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     base = dict(model=str(Path(args.model).resolve()), negative=args.negative or "", sampler=plan.sampler_name,
                 schedule=plan.schedule_name, steps=args.steps, guidance=args.guidance, rescale=args.rescale,
                 height=int(images.shape[1]), width=int(images.shape[2]), dtype=args.dtype, clip_skip=args.clip_skip,
-                init_image=args.init_image, strength=args.strength, mask=args.mask, jaxdiff=_version())
+                init_image=args.init_image, strength=args.strength, mask=args.mask, jaxdiff_version=_version())
     out = Path(args.out)
     paths = []
     for i, (p, s) in enumerate(zip(prompts, seeds)):

@@ -47,7 +47,8 @@ def save_png(image: np.ndarray, path: str | Path, settings: Mapping[str, Any] | 
     if settings:
         info.add_text(SETTINGS_KEY, json.dumps(dict(settings), sort_keys=True))
         for k, v in settings.items():
-            info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
+            if k != SETTINGS_KEY:
+                info.add_text(str(k), v if isinstance(v, str) else json.dumps(v))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     to_pil(image).save(path, pnginfo=info)
