@@ -186,7 +186,8 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     n = len(prompts)
     sd = StableDiffusion.from_pretrained(args.model, dtype=_dtype(args.dtype), clip_skip=args.clip_skip)
     seeds = [args.seed + i for i in range(n)]
-    kw = dict(negative=args.negative, steps=args.steps, sampler=args.sampler, schedule=args.schedule,
+    plan = sd.plan(args.steps, args.sampler, args.schedule)  # warns once when the folder's scheduler has no equivalent
+    kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=args.schedule,
               guidance=args.guidance, rescale=args.rescale, seed=seeds, height=args.height, width=args.width,
               **_sd_inputs(args, n, sd))
     t0 = time.perf_counter()
@@ -195,7 +196,6 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     else:
         images = sd(prompts, progress=not args.no_progress, **kw)
     dt = time.perf_counter() - t0
-    plan = sd.plan(args.steps, args.sampler, args.schedule)
     base = dict(model=str(Path(args.model).resolve()), negative=args.negative or "", sampler=plan.sampler_name,
                 schedule=plan.schedule_name, steps=args.steps, guidance=args.guidance, rescale=args.rescale,
                 height=int(images.shape[1]), width=int(images.shape[2]), dtype=args.dtype, clip_skip=args.clip_skip,

@@ -25,3 +25,12 @@ def test_denoiser_is_the_unet_in_edm_coordinates(tiny_sd):
     sigma = float(den.sigmas_train[500])
     eps = tiny_sd.models.unet(x / np.sqrt(1 + sigma**2), jnp.asarray([500.0]), ctx)
     np.testing.assert_allclose(den(x, sigma, {"context": ctx}), x - sigma * eps, rtol=1e-4, atol=1e-4)
+
+
+def test_throughput_measurement(tiny_sd):
+    from jaxdiff.pipelines import throughput
+
+    tiny_sd_square = tiny_sd  # 8x8 default size (unet sample_size 8 x vae factor 2 = 16)
+    r = throughput.measure(tiny_sd_square, batch=1, steps=2, repeats=2)
+    assert r["images_per_s"] == 1 / r["seconds_per_batch"] > 0
+    assert r["first_call_s"] >= min(r["runs_s"]) and r["peak_rss_mb"] > 10
