@@ -103,7 +103,10 @@ def test_builtin_models_dispatch_to_sample_builtin(tmp_path, monkeypatch):
         return np.full((num, 8, 8, 1), seed / 10.0, np.float32)
 
     fake = types.SimpleNamespace(BUILTIN_MODELS={"fake-digits": "a test model"}, sample_builtin=sample_builtin)
+    import jaxdiff
+
     monkeypatch.setitem(sys.modules, "jaxdiff.builtin", fake)
+    monkeypatch.setattr(jaxdiff, "builtin", fake, raising=False)
     out = tmp_path / "d.png"
     assert main(["sample", "--model", "fake-digits", "--num", "4", "--label", "3", "--steps", "5", "--seed", "2",
                  "--out", str(out), "--no-progress"]) == 0
@@ -111,4 +114,3 @@ def test_builtin_models_dispatch_to_sample_builtin(tmp_path, monkeypatch):
     assert read_settings(out)["label"] == 3
     assert main(["sample", "--from-png", str(out), "--out", str(tmp_path / "e.png"), "--no-progress"]) == 0
     assert calls[-1] == calls[0]
-    monkeypatch.delitem(sys.modules, "jaxdiff.builtin")
