@@ -144,7 +144,8 @@ def table(results: dict) -> str:
     rows = []
     for size, entries in results["sizes"].items():
         for e in entries:
-            rows.append(f"| {size} | {e['batch']} | {e['jaxdiff_images_per_s']:.2f} | {e['diffusers_images_per_s']:.2f} "
+            rows.append(f"| {size} | {e['batch']} | {e['jaxdiff_images_per_s']:.2f} "
+                        f"| {e['diffusers_images_per_s']:.2f} "
                         f"| {e['ratio']:.2f} | {e['jaxdiff_compile_s']:.1f} / {e['jaxdiff_compile_warm_cache_s']:.1f} "
                         f"| {e['diffusers_first_call_s']:.2f} | {e['jaxdiff_peak_rss_mb']:.0f} / "
                         f"{e['diffusers_peak_rss_mb']:.0f} |")
@@ -171,7 +172,8 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return _worker(a)
-    results: dict = {"steps": a.steps, "guidance": a.guidance, "sampler": "dpmpp_2m", "machine": _machine(), "sizes": {}}
+    results: dict = {"steps": a.steps, "guidance": a.guidance, "sampler": "dpmpp_2m", "machine": _machine(),
+                     "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
             folder = build_folder(size, Path(tmp))

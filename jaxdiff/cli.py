@@ -44,7 +44,8 @@ def builtin_models() -> dict[str, str]:
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
     names = ", ".join(builtin_models())
-    p.add_argument("--model", default=MIXTURE, help=f"a diffusers Stable Diffusion folder or a built-in model ({names})")
+    p.add_argument("--model", default=MIXTURE,
+                   help=f"a diffusers Stable Diffusion folder or a built-in model ({names})")
     p.add_argument("--prompt", action="append", default=None, help="text prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--negative", default=None, help="negative prompt (for every image)")
@@ -103,7 +104,8 @@ def _sample_mixture(args: argparse.Namespace) -> Path:
     dt = time.perf_counter() - t0
     ref = np.asarray(mix.sample(jax.random.fold_in(key, 2), num,
                                 None if args.label is None else np.full((num,), args.label)))
-    title = f"{args.sampler}, {args.schedule}, {args.steps} steps" + ("" if args.label is None else f", class {args.label}")
+    title = f"{args.sampler}, {args.schedule}, {args.steps} steps"
+    title += "" if args.label is None else f", class {args.label}"
     path = scatter_png(out, ref, args.out, title)
     print(json.dumps({"out": str(path), "model": args.model, "sampler": args.sampler, "steps": args.steps,
                       "seed": args.seed, "seconds": round(dt, 3)}))
@@ -264,7 +266,8 @@ def folder_summary(path: str | Path) -> dict:
     """Components, classes, parameter counts and scheduler settings of a diffusers folder (no weights loaded)."""
     import numpy as np
 
-    from jaxdiff.convert import open_safetensors, find_weights, missing_components, read_component_config, read_model_index
+    from jaxdiff.convert import (find_weights, missing_components, open_safetensors, read_component_config,
+                                 read_model_index)
     from jaxdiff.convert.folders import component_kind
 
     pf = read_model_index(path)

@@ -40,7 +40,7 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 0) -> np.ndarra
 
 
 def save_png(image: np.ndarray, path: str | Path, settings: Mapping[str, Any] | None = None) -> Path:
-    """Write an (H, W, C) float image in [0, 1] as PNG; ``settings`` go into a tEXt chunk (JSON) and one chunk per key."""
+    """Write an (H, W, C) float image in [0, 1] as PNG; ``settings`` go into a JSON tEXt chunk and one per key."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -105,7 +104,8 @@ def generate(sd: Any, prompt: Any, *, mesh: Mesh | None = None, fsdp: bool = Fal
     req, plan, static = sd.request(prompt, **kwargs)
     req, n = shard_request(req, mesh)
     models = shard_params(sd.models, mesh, fsdp=fsdp, min_size=fsdp_min_size)
-    out = generate_jit(models, plan.sampler, req, combine_transforms(plan.threshold, transform), progress=False, **static)
+    transform = combine_transforms(plan.threshold, transform)
+    out = generate_jit(models, plan.sampler, req, transform, progress=False, **static)
     return gather(out)[:n]
 
 

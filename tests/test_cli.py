@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent / "pipelines"))
 
 def test_mixture2d_still_samples(tmp_path, capsys):
     out = tmp_path / "mix.png"
-    assert main(["sample", "--model", "mixture2d", "--num", "64", "--steps", "4", "--out", str(out), "--no-progress"]) == 0
+    args = ["sample", "--model", "mixture2d", "--num", "64", "--steps", "4", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
     assert out.is_file() and Image.open(out).size[0] > 100
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4
 

@@ -44,7 +44,7 @@ def binarize(mask: Array) -> Array:
 
 
 def mask_to_latent(mask: Array, factor: int) -> Array:
-    """Nearest-neighbour downsampling by ``factor`` (``torch.nn.functional.interpolate`` default mode): (B, H/f, W/f, 1)."""
+    """Nearest-neighbour downsampling by ``factor`` (``torch.nn.functional.interpolate``'s default mode)."""
     return mask[:, ::factor, ::factor, :]
 
 
@@ -56,10 +56,12 @@ def check_mask(mask: Any, height: int, width: int, batch: int) -> Array:
     elif m.ndim == 3:
         m = m[None] if m.shape == (height, width, 1) else m[..., None]
     if m.ndim != 4 or m.shape[-1] != 1:
-        raise ValueError(f"mask must be (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1), got shape {tuple(jnp.shape(mask))}")
+        raise ValueError(f"mask must be (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1), "
+                         f"got shape {tuple(jnp.shape(mask))}")
     if m.shape[1:3] != (height, width):
         raise ValueError(f"mask is {m.shape[1]}x{m.shape[2]} but the image is {height}x{width} (HxW); "
                          "resize the mask to the image size")
     if m.shape[0] not in (1, batch):
-        raise ValueError(f"mask batch {m.shape[0]} does not match the batch of {batch} images; give one mask or one per image")
+        raise ValueError(f"mask batch {m.shape[0]} does not match the batch of {batch} images; "
+                         "give one mask or one per image")
     return jnp.broadcast_to(m, (batch, height, width, 1))

@@ -67,7 +67,8 @@ def training_schedule(config: Mapping[str, Any]) -> TrainingSchedule:
     if prediction not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"unsupported prediction_type {prediction!r} in the scheduler config; "
                          "valid: epsilon, v_prediction, sample")
-    return TrainingSchedule(schedules.alphas_cumprod(betas), prediction, str(config.get("_class_name", "")), dict(config))
+    name = str(config.get("_class_name", ""))
+    return TrainingSchedule(schedules.alphas_cumprod(betas), prediction, name, dict(config))
 
 
 def default_sampler(config: Mapping[str, Any]) -> str:

@@ -77,7 +77,8 @@ class SDModels:
         """The U-Net as ``D(x, sigma, {"context": ...}) -> x0`` (EDM coordinates, the scheduler's prediction type)."""
         return DiscreteVPDenoiser(UNetNet(self.unet), self.alphas_cumprod, self.prediction, quantize)
 
-    def guided(self, uncond: Any, scale: Array, rescale: Array = 0.0, quantize: bool = False) -> guidance.ClassifierFree:
+    def guided(self, uncond: Any, scale: Array, rescale: Array = 0.0,
+               quantize: bool = False) -> guidance.ClassifierFree:
         """Classifier-free guidance in one batched U-Net call; rescale in the network's output space (diffusers)."""
         space = "v" if self.prediction == "v_prediction" else "epsilon"
         return guidance.ClassifierFree(self.denoiser(quantize), scale, uncond, rescale, space)
@@ -244,7 +245,7 @@ def _image_array(image: Any, batch: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class StableDiffusion:
-    """A loaded Stable Diffusion folder: the tokenizer (host), the networks (:class:`SDModels`) and the scheduler config."""
+    """A loaded Stable Diffusion folder: tokenizer (host), networks (:class:`SDModels`), scheduler config."""
 
     models: SDModels
     tokenizer: Any
@@ -390,7 +391,8 @@ class StableDiffusion:
             raise ValueError(f"output must be 'np', 'pil' or 'latent', got {output!r}")
         out = np.asarray(fn(self.models, plan.sampler, req, transform, progress=progress, **static))
         if not np.all(np.isfinite(out)):
-            raise FloatingPointError("generation produced NaN/Inf; try float32 (--dtype float32) or a lower guidance scale")
+            raise FloatingPointError("generation produced NaN/Inf; try float32 (--dtype float32) "
+                                     "or a lower guidance scale")
         if output == "pil":
             from jaxdiff.images import to_pil
 

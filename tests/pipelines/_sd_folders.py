@@ -34,7 +34,8 @@ def build_pipeline(*, prediction: str = "epsilon", in_channels: int = 4, blocks:
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1))
     vae = diffusers.AutoencoderKL(
         block_out_channels=vae_blocks, norm_num_groups=4, latent_channels=4, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks), up_block_types=("UpDecoderBlock2D",) * len(vae_blocks))
+        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks))
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=49408,
         max_position_embeddings=77, projection_dim=TEXT_DIM, hidden_act="quick_gelu"))

@@ -19,7 +19,8 @@ def test_one_compilation_across_runtime_values(tiny_sd):
     assert generate_latents_jit._cache_size() == before + 1
     for a, b in zip(outs, outs[1:]):  # every change changed the result
         assert np.abs(a - b).max() > 1e-4
-    img = [tiny_sd(["a b", "c"], image=image, strength=s, steps=n, seed=1, **base) for s, n in ((0.5, 4), (0.9, 4), (0.3, 10))]
+    img = [tiny_sd(["a b", "c"], image=image, strength=s, steps=n, seed=1, **base)
+           for s, n in ((0.5, 4), (0.9, 4), (0.3, 10))]
     assert generate_latents_jit._cache_size() == before + 2  # image-to-image: one more program, once
     assert np.abs(img[0] - img[1]).max() > 1e-4
 
@@ -30,8 +31,9 @@ def test_persistent_compilation_cache_is_opt_in(tmp_path, monkeypatch):
 
     from jaxdiff import compile_cache
 
-    old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                                               "jax_persistent_cache_min_entry_size_bytes")}
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
     monkeypatch.delenv(compile_cache.ENV, raising=False)
     assert compile_cache.from_env() is None
     monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))

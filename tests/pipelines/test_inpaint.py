@@ -13,7 +13,8 @@ def test_mask_blend_keeps_the_known_region(tiny_sd):
     mask = np.zeros((2, 8, 8), np.float32)
     mask[:, :, 4:] = 1.0  # repaint the right half
     seeds = [5, 6]
-    kw = dict(negative="", steps=4, sampler="dpmpp_2m", seed=seeds, guidance=3.0, image=image, mask=mask, output="latent")
+    kw = dict(negative="", steps=4, sampler="dpmpp_2m", seed=seeds, guidance=3.0, image=image, mask=mask,
+              output="latent")
     lat = tiny_sd(["a", "b"], **kw)
     mean, std = tiny_sd.models.encode_image(jnp.asarray(image * 2 - 1))
     eps = tiny_sd.initial_noise(seeds, 2, 8, 8, stream=POSTERIOR_STREAM)

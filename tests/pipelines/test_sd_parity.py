@@ -41,6 +41,11 @@ def _reference(root, cls, scheduler):
     return pipe
 
 
+def _posterior(enc, eps: np.ndarray):
+    """diffusers' latent_dist.sample() with jaxdiff's standard-normal draw instead of torch's generator."""
+    return enc.latent_dist.mean + enc.latent_dist.std * _nchw(eps)
+
+
 def _nchw(a: np.ndarray):
     return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
 
@@ -81,7 +86,7 @@ def test_image_to_image_matches_diffusers(eps_folder, monkeypatch):
     module = diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img
     # diffusers draws the VAE posterior sample and the noise from torch's generator: give it jaxdiff's draws
     monkeypatch.setattr(module, "retrieve_latents",
-                        lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mean + enc.latent_dist.std * _nchw(eps))
+                        lambda enc, generator=None, sample_mode="sample": _posterior(enc, eps))
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: _nchw(noise))
     ref = _reference(root, "StableDiffusionImg2ImgPipeline", "EulerDiscreteScheduler")(
         prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, strength=strength, num_inference_steps=steps,
@@ -106,7 +111,7 @@ def test_inpainting_unet_matches_diffusers(tmp_path_factory, monkeypatch):
     eps = sd.initial_noise(SEEDS, 2, 16, 16, stream=MASKED_POSTERIOR_STREAM)
     module = diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint
     monkeypatch.setattr(module, "retrieve_latents",
-                        lambda enc, generator=None, sample_mode="sample": enc.latent_dist.mean + enc.latent_dist.std * _nchw(eps))
+                        lambda enc, generator=None, sample_mode="sample": _posterior(enc, eps))
     ref = _reference(root, "StableDiffusionInpaintPipeline", "DDIMScheduler")(
         prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, mask_image=Image.fromarray(mask), strength=1.0,
         num_inference_steps=4, guidance_scale=6.0, height=16, width=16, latents=_nchw(noise), output_type="np").images
