@@ -1,0 +1,148 @@
+"""Data-parallel sampling over a device mesh: ``jax.jit`` + ``NamedSharding``, ``jax.pmap``, ``jax.distributed``.
+
+The batch of a :class:`jaxdiff.pipelines.stable_diffusion.Request` (token ids, seeds, scales, init images,
+masks) is split along the mesh axis ``"data"``; the network parameters are replicated, or with ``fsdp``
+their large arrays are split along the same axis (ZeRO-3 style; XLA gathers them where they are used).
+A batch that does not divide the device count is padded by repeating its last entry and trimmed after.
+Every image is drawn from its own seed (``jax.vmap`` inside the program), so the images do not depend on
+the device count, the padding or the batch position.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+BATCH_FIELDS = ("ids", "neg_ids", "seeds", "scale", "image", "mask")
+
+
+def make_mesh(devices: Sequence[Any] | None = None, axis: str = DATA) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices, every host's under ``jax.distributed``).
+
+    Axis types are ``Auto`` (sharding propagated by XLA), not ``jax.make_mesh``'s default ``Explicit``,
+    so that unannotated intermediate values inside the sampling program need no sharding rules.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device")
+    return jax.make_mesh((len(devices),), (axis,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def param_sharding(x: Any, mesh: Mesh, fsdp: bool = False, min_size: int = 2**18, axis: str = DATA) -> NamedSharding:
+    """Replicated; with ``fsdp`` an array of at least ``min_size`` elements is split along its largest
+    dimension that the axis size divides (replicated when none does)."""
+    n = mesh.shape[axis]
+    shape = getattr(x, "shape", ())
+    if fsdp and n > 1 and int(np.prod(shape, dtype=np.int64)) >= min_size:
+        dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+        for d in dims:
+            if shape[d] % n == 0:
+                spec = [None] * len(shape)
+                spec[d] = axis
+                return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P())
+
+
+def shard_params(tree: Any, mesh: Mesh, *, fsdp: bool = False, min_size: int = 2**18) -> Any:
+    """Place every array leaf of ``tree`` on the mesh (replicated, or FSDP-split; see :func:`param_sharding`)."""
+    return jax.tree_util.tree_map(lambda x: _put(x, param_sharding(x, mesh, fsdp, min_size)), tree)
+
+
+def _put(x: Any, sharding: NamedSharding) -> Any:
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return x
+    if jax.process_count() > 1:  # every process holds the same full value: take this host's shards of it
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.device_put(x, sharding)
+
+
+def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
+    """Pad the leading axis to a multiple of ``multiple`` by repeating the last entry."""
+    n = x.shape[0]
+    extra = -n % multiple
+    return x if extra == 0 else np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+
+
+def shard_request(req: Any, mesh: Mesh, axis: str = DATA) -> tuple[Any, int]:
+    """The request with its batch padded to the axis size and split along it; returns (request, true batch)."""
+    n = int(req.seeds.shape[0])
+    size = mesh.shape[axis]
+    changes = {}
+    for f in dataclasses.fields(req):
+        v = getattr(req, f.name)
+        if v is None:
+            continue
+        if f.name in BATCH_FIELDS:
+            arr = pad_batch(np.asarray(v), size)
+            changes[f.name] = _put(arr, NamedSharding(mesh, P(axis, *([None] * (arr.ndim - 1)))))
+        else:
+            changes[f.name] = jax.tree_util.tree_map(lambda a: _put(np.asarray(a), NamedSharding(mesh, P())), v)
+    return dataclasses.replace(req, **changes), n
+
+
+def gather(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host) sharded array on this host."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def generate(sd: Any, prompt: Any, *, mesh: Mesh | None = None, fsdp: bool = False, fsdp_min_size: int = 2**18,
+             transform: Any = None, **kwargs: Any) -> np.ndarray:
+    """``sd(prompt, **kwargs)`` data parallel on ``mesh`` (default: all devices); images (B, H, W, 3) in [0, 1]."""
+    from jaxdiff.pipelines.stable_diffusion import combine_transforms, generate_jit
+
+    mesh = make_mesh() if mesh is None else mesh
+    req, plan, static = sd.request(prompt, **kwargs)
+    req, n = shard_request(req, mesh)
+    models = shard_params(sd.models, mesh, fsdp=fsdp, min_size=fsdp_min_size)
+    transform = combine_transforms(plan.threshold, transform)
+    out = generate_jit(models, plan.sampler, req, transform, progress=False, **static)
+    return gather(out)[:n]
+
+
+def pmap_generate(sd: Any, prompt: Any, *, devices: Sequence[Any] | None = None, transform: Any = None,
+                  **kwargs: Any) -> np.ndarray:
+    """The same program under ``jax.pmap``: the padded batch is reshaped to (devices, per device, ...)."""
+    from jaxdiff.pipelines.stable_diffusion import combine_transforms, generate
+
+    devices = list(jax.local_devices() if devices is None else devices)
+    nd = len(devices)
+    req, plan, static = sd.request(prompt, **kwargs)
+    n = int(req.seeds.shape[0])
+    axes, changes = {}, {}
+    for f in dataclasses.fields(req):
+        v = getattr(req, f.name)
+        if f.name in BATCH_FIELDS and v is not None:
+            arr = pad_batch(np.asarray(v), nd)
+            changes[f.name] = arr.reshape((nd, arr.shape[0] // nd) + arr.shape[1:])
+            axes[f.name] = 0
+        else:
+            axes[f.name] = None
+    req = dataclasses.replace(req, **changes)
+    in_axes = (None, None, type(req)(**axes), None)
+    transform = combine_transforms(plan.threshold, transform)
+
+    def run(models: Any, sampler: Any, r: Any, t: Any) -> jax.Array:
+        return generate(models, sampler, r, t, progress=False, **static)
+
+    out = jax.pmap(run, in_axes=in_axes, devices=devices)(sd.models, plan.sampler, req, transform)
+    out = np.asarray(out)
+    return out.reshape((-1,) + out.shape[2:])[:n]
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, **kwargs: Any) -> None:
+    """``jax.distributed.initialize`` (arguments from the cluster environment when omitted); on CPU the
+    collectives go through gloo. Call before any other JAX work in every process."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used by the CPU backend only
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               **kwargs)

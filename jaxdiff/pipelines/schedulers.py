@@ -1,0 +1,169 @@
+"""From a diffusers ``scheduler_config.json`` to jaxdiff's training schedule, sampler and noise levels.
+
+A diffusers scheduler bundles three things jaxdiff keeps apart: the *training* discretisation
+(``alphas_cumprod`` from the beta schedule, and the prediction type), a *sampler* (DDIM, Euler,
+DPM-Solver++...) and the *noise levels* it visits. :func:`training_schedule` reads the first,
+:data:`SAMPLER_OF_SCHEDULER` names jaxdiff's equivalent of each scheduler class, and :func:`plan`
+builds the sampler and its levels, reproducing diffusers' timesteps exactly by default (the schedule
+``"default"``) so that a pipeline gives diffusers' images, or any schedule of the core by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import schedules
+from jaxdiff.samplers import SAMPLERS, get_sampler
+
+# diffusers scheduler class -> jaxdiff sampler name (the same update rule, step for step)
+SAMPLER_OF_SCHEDULER: dict[str, str] = {
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+}
+# jaxdiff sampler -> the diffusers scheduler whose timesteps it uses by default
+SCHEDULER_OF_SAMPLER: dict[str, str] = {v: k for k, v in SAMPLER_OF_SCHEDULER.items()}
+SCHEDULER_OF_SAMPLER["dpmpp_2m_sde"] = "DPMSolverMultistepScheduler"
+# each diffusers class's own default spacing (used when the folder's config does not say)
+DEFAULT_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading"}
+FALLBACK_SAMPLER = "dpmpp_2m"
+SCHEDULE_NAMES = ("default", "karras", "exponential", "leading", "trailing", "linspace")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSchedule:
+    """What a scheduler config says about training: ``alphas_cumprod`` (T,) and the prediction type."""
+
+    alphas_cumprod: np.ndarray
+    prediction: str
+    class_name: str
+    config: Mapping[str, Any]
+
+    @property
+    def sigmas(self) -> np.ndarray:
+        return np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+
+
+def training_schedule(config: Mapping[str, Any]) -> TrainingSchedule:
+    """``alphas_cumprod`` and prediction type of a diffusers scheduler config (defaults: diffusers')."""
+    trained = config.get("trained_betas")
+    if trained is not None:
+        betas = np.asarray(trained, np.float32)
+    else:
+        betas = schedules.vp_betas(config.get("beta_schedule", "linear"), int(config.get("num_train_timesteps", 1000)),
+                                   float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02)))
+    if config.get("rescale_betas_zero_snr", False):
+        raise ValueError("rescale_betas_zero_snr schedulers are not supported yet (the final level is sigma = inf); "
+                         "set rescale_betas_zero_snr to false in scheduler_config.json to sample anyway")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unsupported prediction_type {prediction!r} in the scheduler config; "
+                         "valid: epsilon, v_prediction, sample")
+    name = str(config.get("_class_name", ""))
+    return TrainingSchedule(schedules.alphas_cumprod(betas), prediction, name, dict(config))
+
+
+def default_sampler(config: Mapping[str, Any]) -> str:
+    """jaxdiff's equivalent of the folder's scheduler (DPM-Solver++ 2M where there is none, e.g. PNDM, LMS)."""
+    name = str(config.get("_class_name", ""))
+    if name == "DPMSolverMultistepScheduler" and config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++":
+        return "dpmpp_2m_sde"
+    if name == "DPMSolverMultistepScheduler" and config.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
+        return FALLBACK_SAMPLER
+    return SAMPLER_OF_SCHEDULER.get(name, FALLBACK_SAMPLER)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A sampler, its noise levels, the standard deviation of the initial noise, and how t is read."""
+
+    sampler: Any
+    sigmas: schedules.Sigmas
+    init_sigma: float
+    quantize: bool  # the network sees integer timesteps (diffusers' integer schedules)
+    sampler_name: str
+    schedule_name: str
+    threshold: Any = None  # a jaxdiff.guidance transform (clip_sample / thresholding of the scheduler config)
+
+
+def plan(train: TrainingSchedule, steps: int, sampler: str | None = None, schedule: str | None = None, *,
+         capacity: int = schedules.DEFAULT_CAPACITY, **sampler_options: Any) -> Plan:
+    """Sampler and schedule for ``steps`` steps.
+
+    ``schedule="default"`` (or None) reproduces the timesteps of the diffusers scheduler equivalent to the
+    sampler, with the folder's ``timestep_spacing`` and ``steps_offset`` (as ``Scheduler.from_config`` does);
+    ``"leading"``, ``"trailing"``, ``"linspace"`` force a spacing; ``"karras"`` and ``"exponential"`` span the
+    training sigmas (Karras et al. 2022, eq. 5, rho = 7; the network reads fractional timesteps there).
+    """
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"the number of steps must be a positive integer, got {steps!r}")
+    steps = int(steps)
+    if steps > capacity:
+        raise ValueError(f"{steps} steps exceed the schedule capacity {capacity}; pass a larger capacity")
+    name = sampler or default_sampler(train.config)
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
+    schedule = schedule or "default"
+    if schedule not in SCHEDULE_NAMES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULE_NAMES)}")
+    if sampler is None and train.class_name not in SAMPLER_OF_SCHEDULER and train.class_name:
+        warnings.warn(f"{train.class_name} has no jaxdiff equivalent; sampling with {name} instead", stacklevel=3)
+    ref = SCHEDULER_OF_SAMPLER.get(name, "EulerDiscreteScheduler")
+    cfg = train.config
+    spacing = cfg.get("timestep_spacing") or DEFAULT_SPACING.get(ref, "linspace")
+    if schedule in schedules.TIMESTEP_SPACINGS:
+        spacing = schedule
+    offset = int(cfg.get("steps_offset", 0))
+    sig_train = train.sigmas
+    if schedule in ("karras", "exponential"):
+        lo, hi = float(sig_train[0]), float(sig_train[-1])
+        make = schedules.karras if schedule == "karras" else schedules.exponential
+        sigmas = make(steps, lo, hi, capacity=capacity)
+        quantize = False
+    else:
+        sigmas = schedules.reference_schedule(ref, steps, train.alphas_cumprod, spacing, offset,
+                                              set_alpha_to_one=bool(cfg.get("set_alpha_to_one", False)),
+                                              capacity=capacity)
+        quantize = schedules.REFERENCE_SCHEDULERS[ref][0] or spacing != "linspace"
+    init = schedules.reference_init_sigma(ref, spacing, float(np.asarray(sigmas.values)[0]))
+    obj = get_sampler(name, **sampler_options)
+    return Plan(obj, schedules.Sigmas(jnp.asarray(sigmas.values, jnp.float32), jnp.asarray(sigmas.count, jnp.int32)),
+                init, quantize, name, schedule, threshold_transform(ref, cfg))
+
+
+def threshold_transform(scheduler: str, config: Mapping[str, Any]) -> Any:
+    """The x0 clipping the scheduler config asks for, as a denoiser transform (None: none).
+
+    ``thresholding`` -> Imagen's dynamic thresholding; ``clip_sample`` (default True for DDIM and DDPM, as
+    their classes) -> a static clip to ``clip_sample_range``. jaxdiff's samplers then move with the
+    noise implied by the clipped x0; diffusers' DDIM keeps the network's own noise estimate, so with
+    clipping on the two differ (Stable Diffusion folders set ``clip_sample: false``).
+    """
+    from jaxdiff import guidance
+
+    if config.get("thresholding", False):
+        return guidance.dynamic_threshold(config.get("dynamic_thresholding_ratio", 0.995),
+                                          config.get("sample_max_value", 1.0))
+    if scheduler in ("DDIMScheduler", "DDPMScheduler") and config.get("clip_sample", True):
+        r = float(config.get("clip_sample_range", 1.0))
+        return guidance.static_threshold(-r, r)
+    return None
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """First step of an image-to-image run, as diffusers' ``get_timesteps``: ``n - min(int(n s), n)``."""
+    if not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must be in (0, 1] (the fraction of the steps to run), got {strength}")
+    run = min(int(steps * float(strength)), steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} with {steps} steps runs no step (int(steps * strength) = 0); "
+                         f"raise the strength to at least {1.0 / steps:g} or the number of steps")
+    return steps - run

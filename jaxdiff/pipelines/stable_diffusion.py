@@ -1,0 +1,416 @@
+"""Stable Diffusion 1.x / 2.x as a recipe: text encoder -> U-Net denoiser -> guidance -> sampler -> VAE.
+
+Compatible with diffusers' ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and
+``StableDiffusionInpaintPipeline`` on the same folder, noise and scheduler. The whole generation
+(text encoding, the sampling loop, VAE encode/decode) is one jit-compiled program whose inputs are
+token ids, seeds, guidance scales, the schedule (with a traced step count) and the start step, so new
+prompts, seeds, scales, strengths and step counts reuse it. Each image is sampled under ``jax.vmap``
+from its own key, so an image depends on its seed only, never on its batch position or the device count.
+
+The pieces stay reachable: :meth:`StableDiffusion.denoiser` is the U-Net as an EDM-coordinate denoiser,
+:meth:`StableDiffusion.guided` adds classifier-free guidance, and ``transform=`` wraps any further
+denoiser transform around it inside the compiled program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import guidance, sampling
+from jaxdiff._pytree import pytree_dataclass, static_field
+from jaxdiff.denoisers import DiscreteVPDenoiser
+from jaxdiff.models._pure import PureModel
+from jaxdiff.pipelines import inpaint as _inpaint
+from jaxdiff.pipelines import schedulers as _sched
+
+Array = jax.Array
+MODES = ("text2img", "img2img", "inpaint")
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@pytree_dataclass
+class UNetNet:
+    """``net(x_vp, t, cond)`` for :class:`DiscreteVPDenoiser` around a ``UNet2DConditionModel``.
+
+    ``cond`` is ``{"context": (B, L, D)}``, plus ``"concat"`` (B, h, w, c) for networks that read extra
+    input channels (the 9-channel inpainting U-Net: mask then masked-image latents, appended after the
+    VP-scaled sample, as diffusers does).
+    """
+
+    unet: Callable[..., Array]
+
+    def __call__(self, x: Array, t: Array, cond: Mapping[str, Array]) -> Array:
+        concat = cond.get("concat")
+        if concat is not None:
+            x = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
+        return self.unet(x, t, cond["context"])
+
+
+@pytree_dataclass
+class SDModels:
+    """The networks of a Stable Diffusion folder as pure pytrees, with the settings that shape the program."""
+
+    unet: PureModel
+    vae: PureModel
+    text_encoder: PureModel
+    alphas_cumprod: Array
+    prediction: str = static_field(default="epsilon")
+    scaling_factor: float = static_field(default=0.18215)
+    shift_factor: float | None = static_field(default=None)
+    text_layer: int = static_field(default=-1)
+    latent_channels: int = static_field(default=4)
+    unet_in_channels: int = static_field(default=4)
+    vae_factor: int = static_field(default=8)
+
+    def encode_text(self, ids: Array) -> Array:
+        """Token ids (B, L) -> hidden states (B, L, D): the last layer (or ``clip_skip``'s) through the final norm."""
+        return self.text_encoder.bind("hidden_state")(ids, self.text_layer, True)
+
+    def denoiser(self, quantize: bool = False) -> DiscreteVPDenoiser:
+        """The U-Net as ``D(x, sigma, {"context": ...}) -> x0`` (EDM coordinates, the scheduler's prediction type)."""
+        return DiscreteVPDenoiser(UNetNet(self.unet), self.alphas_cumprod, self.prediction, quantize)
+
+    def guided(self, uncond: Any, scale: Array, rescale: Array = 0.0,
+               quantize: bool = False) -> guidance.ClassifierFree:
+        """Classifier-free guidance in one batched U-Net call; rescale in the network's output space (diffusers)."""
+        space = "v" if self.prediction == "v_prediction" else "epsilon"
+        return guidance.ClassifierFree(self.denoiser(quantize), scale, uncond, rescale, space)
+
+    def encode_image(self, image: Array) -> tuple[Array, Array]:
+        """Images (B, H, W, 3) in [-1, 1] -> the latent posterior's (mean, std), unscaled."""
+        mean, logvar = self.vae.bind("encode")(image)
+        return mean, jnp.exp(0.5 * logvar)
+
+    def to_latent(self, z: Array) -> Array:
+        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def decode(self, latents: Array) -> Array:
+        """Scaled latents -> images (B, H, W, 3) in [0, 1] (diffusers' ``image / 2 + 0.5``, clipped)."""
+        z = latents / self.scaling_factor + (self.shift_factor or 0.0)
+        img = self.vae.bind("decode")(z.astype(jnp.float32))
+        return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+@pytree_dataclass
+class Request:
+    """The traced inputs of one generation (changing any of them reuses the compiled program)."""
+
+    ids: Array          # (B, L) int32 prompt tokens
+    neg_ids: Array      # (B, L) int32 negative-prompt tokens
+    seeds: Array        # (B,) uint32
+    scale: Array        # (B,) float32 guidance scale
+    rescale: Array      # () float32 guidance rescale (phi)
+    sigmas: Any         # jaxdiff.schedules.Sigmas (traced values and count)
+    init_sigma: Array   # () float32: standard deviation of the text-to-image start
+    start: Array        # () int32: first step (image-to-image strength)
+    image: Array | None = None  # (B, H, W, 3) in [-1, 1]
+    mask: Array | None = None   # (B, H, W, 1) in {0, 1}, 1 = repaint
+
+
+NOISE_STREAM, SAMPLER_STREAM, POSTERIOR_STREAM, MASKED_POSTERIOR_STREAM = 0, 1, 2, 3
+
+
+def noise_for_seed(seed: Array, shape: tuple[int, ...], stream: int = NOISE_STREAM) -> Array:
+    """Standard-normal noise of one image: ``normal(fold_in(key(seed), stream), shape)``.
+
+    Streams: 0 the start noise, 1 the sampler's key, 2 the VAE posterior sample of the init image,
+    3 that of the masked image (inpainting U-Net).
+    """
+    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), stream), shape, jnp.float32)
+
+
+def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any, mode: str, quantize: bool,
+               progress: bool) -> Array:
+    """Sample one image (batch of 1 inside ``vmap``) -> final latents (h, w, c) in VP scale."""
+    seed = i["seed"]
+    noise = noise_for_seed(seed, (1,) + i["latent_shape"])
+    sig = req.sigmas.values
+    s0 = sig[req.start]
+    cond = {"context": i["ctx"][None]}
+    uncond = {"context": i["uctx"][None]}
+    x = noise * req.init_sigma
+    known = None
+    if mode != "text2img":
+        z = i["mean"] + i["std"] * noise_for_seed(seed, i["mean"].shape, POSTERIOR_STREAM)
+        known = m.to_latent(z)[None]
+        noisy = known + s0 * noise
+        x = noisy if mode == "img2img" else jnp.where(req.start == 0, x, noisy)
+    if mode == "inpaint" and m.unet_in_channels > m.latent_channels:
+        zm = i["masked_mean"] + i["masked_std"] * noise_for_seed(seed, i["mean"].shape, MASKED_POSTERIOR_STREAM)
+        concat = jnp.concatenate([i["mask"][None], m.to_latent(zm)[None]], axis=-1)
+        cond, uncond = dict(cond, concat=concat), dict(uncond, concat=concat)
+    den: Any = m.guided(uncond, i["scale"], req.rescale, quantize)
+    if mode == "inpaint" and m.unet_in_channels == m.latent_channels:
+        mask = i["mask"][None]
+        den = _inpaint.MaskBlend(den, mask, known)
+        x = mask * x + (1.0 - mask) * (known + s0 * noise)
+    if transform is not None:
+        den = transform(den)
+    out, _ = sampling.sample_jit(den, sampler, req.sigmas, x, jax.random.fold_in(jax.random.key(seed), SAMPLER_STREAM),
+                                cond, progress, req.start)
+    final = sig[req.sigmas.count]
+    return out[0] * jax.lax.rsqrt(1.0 + final * final)
+
+
+def generate_latents(m: SDModels, sampler: Any, req: Request, transform: Any = None, *, height: int, width: int,
+                     mode: str = "text2img", quantize: bool = False, progress: bool = False) -> Array:
+    """The pure program without decoding: final latents (B, h, w, c) (diffusers' ``output_type="latent"``)."""
+    f = m.vae_factor
+    ctx, uctx = m.encode_text(req.ids), m.encode_text(req.neg_ids)
+    per = dict(seed=req.seeds, ctx=ctx, uctx=uctx, scale=req.scale)
+    if mode != "text2img":
+        per["mean"], per["std"] = m.encode_image(req.image)
+    if mode == "inpaint":
+        per["mask"] = _inpaint.mask_to_latent(req.mask, f)
+        if m.unet_in_channels > m.latent_channels:
+            per["masked_mean"], per["masked_std"] = m.encode_image(req.image * (req.mask < 0.5))
+    static = dict(latent_shape=(height // f, width // f, m.latent_channels))
+    run = lambda i: _one_image(m, sampler, req, {**i, **static}, transform, mode, quantize, progress)  # noqa: E731
+    return jax.vmap(run)(per)
+
+
+def generate(m: SDModels, sampler: Any, req: Request, transform: Any = None, *, height: int, width: int,
+             mode: str = "text2img", quantize: bool = False, progress: bool = False) -> Array:
+    """The pure program: images (B, H, W, 3) in [0, 1]. Runs under ``jit``, ``pmap`` or a sharded ``jit``."""
+    lat = generate_latents(m, sampler, req, transform, height=height, width=width, mode=mode, quantize=quantize,
+                           progress=progress)
+    return m.decode(lat)
+
+
+_STATIC = ("height", "width", "mode", "quantize", "progress")
+generate_jit = jax.jit(generate, static_argnames=_STATIC)
+generate_latents_jit = jax.jit(generate_latents, static_argnames=_STATIC)
+
+
+# ---- host side: loading, tokenizing, checking ---------------------------------------------------
+
+def _as_list(x: str | Sequence[str] | None, n: int | None, what: str) -> list[str] | None:
+    if x is None:
+        return None
+    items = [x] if isinstance(x, str) else list(x)
+    if not all(isinstance(p, str) for p in items):
+        raise TypeError(f"{what} must be a string or a list of strings")
+    if n is not None and len(items) == 1:
+        items = items * n
+    if n is not None and len(items) != n:
+        raise ValueError(f"got {len(items)} {what}s for {n} prompts; give one, or one per prompt")
+    return items
+
+
+def _seeds(seed: int | Sequence[int] | None, n: int) -> np.ndarray:
+    """One seed per image: a list of n seeds, or consecutive seeds from one integer (default 0)."""
+    if seed is None:
+        seed = 0
+    if isinstance(seed, (int, np.integer)):
+        return (np.arange(n, dtype=np.uint64) + int(seed)).astype(np.uint32)
+    s = np.asarray(seed)
+    if s.shape != (n,):
+        raise ValueError(f"give one seed or {n} seeds (one per image), got {s.shape[0] if s.ndim else 'a'} {s.shape}")
+    return s.astype(np.uint32)
+
+
+def _check_size(height: int, width: int, factor: int) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if int(v) != v or v <= 0 or v % factor:
+            raise ValueError(f"{name} must be a positive multiple of {factor} (the VAE's downsampling), got {v}; "
+                             f"try {max(factor, int(round(v / factor)) * factor)}")
+
+
+def _image_array(image: Any, batch: int) -> np.ndarray:
+    """PIL image(s) or arrays (H, W, 3) / (B, H, W, 3) in [0, 1] -> (B, H, W, 3) float32 in [-1, 1]."""
+    if isinstance(image, (list, tuple)):
+        arr = np.stack([_image_array(im, 1)[0] for im in image])
+    elif hasattr(image, "convert"):  # PIL
+        arr = np.asarray(image.convert("RGB"), np.float32)[None] / 255.0
+    else:
+        arr = np.asarray(image, np.float32)
+        arr = arr[None] if arr.ndim == 3 else arr
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"init image must be RGB (H, W, 3) or (B, H, W, 3) in [0, 1], got shape {arr.shape}")
+    if arr.shape[0] == 1 and batch > 1:
+        arr = np.repeat(arr, batch, axis=0)
+    if arr.shape[0] != batch:
+        raise ValueError(f"got {arr.shape[0]} init images for {batch} prompts; give one, or one per prompt")
+    if arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
+        raise ValueError(f"init image values must be in [0, 1], got [{arr.min():g}, {arr.max():g}]")
+    return arr * 2.0 - 1.0
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+    """A loaded Stable Diffusion folder: tokenizer (host), networks (:class:`SDModels`), scheduler config."""
+
+    models: SDModels
+    tokenizer: Any
+    train: _sched.TrainingSchedule
+    name: str = "stable-diffusion"
+    max_length: int = 77
+    default_size: int = 512  # unet.config.sample_size * vae_factor (diffusers' default height and width)
+
+    # -- loading --
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: Any = jnp.float32, clip_skip: int | None = None,
+                        variant: str | None = None) -> "StableDiffusion":
+        """Load a diffusers Stable Diffusion (1.x, 2.x, inpainting) folder (safetensors weights only).
+
+        ``clip_skip`` k uses the hidden state k layers before the last, through the final norm (diffusers'
+        ``clip_skip``). SD 2.x needs none: its folders already ship the truncated text encoder.
+        """
+        from jaxdiff.convert import load_component, read_component_config, require_components
+        from jaxdiff.models.tokenizers import load_tokenizer
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model folder {path} does not exist")
+        require_components(path, REQUIRED, variant=variant)
+        unet = load_component(path, "unet", dtype=dtype, variant=variant)
+        vae = load_component(path, "vae", dtype=dtype, variant=variant)
+        text = load_component(path, "text_encoder", dtype=dtype, variant=variant)
+        tokenizer = load_tokenizer(path / "tokenizer")
+        train = _sched.training_schedule(read_component_config(path, "scheduler"))
+        return cls.from_modules(unet, vae, text, tokenizer, train, clip_skip=clip_skip, name=path.name)
+
+    @classmethod
+    def from_modules(cls, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, train: _sched.TrainingSchedule, *,
+                     clip_skip: int | None = None, name: str = "stable-diffusion") -> "StableDiffusion":
+        """Assemble from NNX modules (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``)."""
+        if clip_skip is not None and clip_skip < 0:
+            raise ValueError(f"clip_skip must be >= 0, got {clip_skip}")
+        vcfg = vae.config
+        models = SDModels(
+            PureModel.of(unet), PureModel.of(vae), PureModel.of(text_encoder), jnp.asarray(train.alphas_cumprod),
+            train.prediction, float(vcfg.scaling_factor), vcfg.shift_factor,
+            -1 - (clip_skip or 0), int(vcfg.latent_channels), int(unet.config.in_channels),
+            2 ** (len(vcfg.block_out_channels) - 1))
+        expected = (models.latent_channels, 2 * models.latent_channels + 1)
+        if models.unet_in_channels not in expected:
+            raise ValueError(f"the U-Net reads {models.unet_in_channels} channels; Stable Diffusion pipelines take "
+                             f"{expected[0]} (text-to-image) or {expected[1]} (inpainting)")
+        limit = int(getattr(text_encoder.config, "max_position_embeddings", 77))
+        max_length = min(int(getattr(tokenizer, "model_max_length", limit) or limit), limit)
+        ss = unet.config.sample_size or 64
+        size = int(ss[0] if isinstance(ss, (list, tuple)) else ss) * models.vae_factor
+        return cls(models, tokenizer, train, name, max_length, size)
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        return self.models.unet_in_channels > self.models.latent_channels
+
+    # -- pieces --
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids (B, max_length), padded and truncated as diffusers; warns about truncated text."""
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="np")
+        ids = np.asarray(tok["input_ids"], np.int32)
+        for p, row in zip(prompts, self.tokenizer(list(prompts), truncation=False)["input_ids"]):
+            if len(row) > self.max_length:
+                dropped = self.tokenizer.decode(row[self.max_length - 1: -1])
+                warnings.warn(f"prompt {p[:40]!r}... is longer than the text encoder's {self.max_length} tokens and "
+                              f"was truncated; dropped: {dropped!r}", stacklevel=3)
+        return ids
+
+    def denoiser(self, quantize: bool = False) -> DiscreteVPDenoiser:
+        """The U-Net as a denoiser (see :meth:`SDModels.denoiser`); conditioning ``{"context": encode_text(ids)}``."""
+        return self.models.denoiser(quantize)
+
+    def encode_prompt(self, prompts: str | Sequence[str]) -> Array:
+        """Text embeddings (B, L, D) as the U-Net reads them."""
+        return self.models.encode_text(jnp.asarray(self.tokenize(_as_list(prompts, None, "prompt"))))
+
+    def initial_noise(self, seeds: Sequence[int] | int, n: int, height: int, width: int,
+                      stream: int = NOISE_STREAM) -> np.ndarray:
+        """The standard-normal noise (n, h, w, c) of each seed: the start (multiply by the plan's ``init_sigma``),
+        or with ``stream`` 2 / 3 the VAE posterior samples (see :func:`noise_for_seed`)."""
+        f = self.models.vae_factor
+        shape = (height // f, width // f, self.models.latent_channels)
+        return np.stack([np.asarray(noise_for_seed(jnp.uint32(s), shape, stream)) for s in _seeds(seeds, n)])
+
+    def plan(self, steps: int, sampler: str | None = None, schedule: str | None = None,
+             **sampler_options: Any) -> _sched.Plan:
+        """Sampler and schedule (default: the folder's scheduler, reproduced)."""
+        return _sched.plan(self.train, steps, sampler, schedule, **sampler_options)
+
+    # -- generation --
+
+    def request(self, prompt: str | Sequence[str], *, negative: str | Sequence[str] | None = None,
+                steps: int = 50, sampler: str | None = None, schedule: str | None = None, guidance: Any = 7.5,
+                rescale: float = 0.0, seed: int | Sequence[int] | None = 0, height: int | None = None,
+                width: int | None = None, image: Any = None, strength: float | None = None, mask: Any = None,
+                sampler_options: Mapping[str, Any] | None = None) -> tuple[Request, _sched.Plan, dict]:
+        """Check and tokenize the inputs; the :class:`Request`, the plan and the static settings."""
+        prompts = _as_list(prompt, None, "prompt")
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        n = len(prompts)
+        negatives = _as_list(negative if negative is not None else "", n, "negative prompt")
+        plan = self.plan(steps, sampler, schedule, **dict(sampler_options or {}))
+        mode = "text2img" if image is None else ("img2img" if mask is None else "inpaint")
+        if mask is not None and image is None:
+            raise ValueError("a mask needs an init image (the picture to inpaint)")
+        if image is None and mask is None and self.is_inpainting_model:
+            raise ValueError("this is an inpainting U-Net (9 input channels): pass an init image and a mask")
+        img = None if image is None else _image_array(image, n)
+        if height is None:
+            height = img.shape[1] if img is not None else self.default_size
+        if width is None:
+            width = img.shape[2] if img is not None else self.default_size
+        _check_size(height, width, self.models.vae_factor)
+        if img is not None and img.shape[1:3] != (height, width):
+            raise ValueError(f"the init image is {img.shape[1]}x{img.shape[2]} but height x width is {height}x{width}; "
+                             "resize the image or drop --height/--width")
+        if strength is None:
+            strength = 1.0 if mode == "inpaint" else 0.8
+        start = 0 if mode == "text2img" else _sched.img2img_start(steps, strength)
+        m = None if mask is None else _inpaint.binarize(_inpaint.check_mask(mask, height, width, n))
+        scale = np.broadcast_to(np.asarray(guidance, np.float32), (n,)).copy()
+        req = Request(jnp.asarray(self.tokenize(prompts)), jnp.asarray(self.tokenize(negatives)),
+                      jnp.asarray(_seeds(seed, n)), jnp.asarray(scale), jnp.asarray(rescale, jnp.float32),
+                      plan.sigmas, jnp.asarray(plan.init_sigma, jnp.float32), jnp.asarray(start, jnp.int32),
+                      None if img is None else jnp.asarray(img), m)
+        static = dict(height=int(height), width=int(width), mode=mode, quantize=plan.quantize)
+        return req, plan, static
+
+    def __call__(self, prompt: str | Sequence[str], *, transform: Any = None, progress: bool = False,
+                 output: str = "np", **kwargs: Any) -> Any:
+        """Generate images: ``output="np"`` (B, H, W, 3) float32 in [0, 1], ``"pil"`` a list of PIL images,
+        ``"latent"`` the final latents. Keyword arguments as :meth:`request`; ``transform`` (a pytree callable
+        ``denoiser -> denoiser``, e.g. a :mod:`jaxdiff.guidance` transform) wraps the guided denoiser."""
+        req, plan, static = self.request(prompt, **kwargs)
+        transform = combine_transforms(plan.threshold, transform)
+        fn = generate_latents_jit if output == "latent" else generate_jit
+        if output not in ("np", "pil", "latent"):
+            raise ValueError(f"output must be 'np', 'pil' or 'latent', got {output!r}")
+        out = np.asarray(fn(self.models, plan.sampler, req, transform, progress=progress, **static))
+        if not np.all(np.isfinite(out)):
+            raise FloatingPointError("generation produced NaN/Inf; try float32 (--dtype float32) "
+                                     "or a lower guidance scale")
+        if output == "pil":
+            from jaxdiff.images import to_pil
+
+            return [to_pil(im) for im in out]
+        return out
+
+
+def combine_transforms(*transforms: Any) -> Any:
+    """The given transforms (None skipped) applied in order, as one pytree transform (None: none)."""
+    ts = [t for t in transforms if t is not None]
+    return None if not ts else ts[0] if len(ts) == 1 else guidance.chain(*ts)
+
+
+def load(path: str | Path, **kwargs: Any) -> StableDiffusion:
+    """``StableDiffusion.from_pretrained(path, **kwargs)``."""
+    return StableDiffusion.from_pretrained(path, **kwargs)
+
+
+def sigma_to_vp_scale(sigma: float) -> float:
+    """``1 / sqrt(1 + sigma^2)``: VE -> VP coordinates (multiply jaxdiff latents by it for diffusers)."""
+    return 1.0 / math.sqrt(1.0 + sigma * sigma)

@@ -1,0 +1,47 @@
+"""Prompts, negative prompts, seeds, guidance scales, strengths and step counts never recompile the program."""
+from __future__ import annotations
+
+import numpy as np
+
+
+
+def test_one_compilation_across_runtime_values(tiny_sd):
+    image = np.full((2, 8, 8, 3), 0.5, np.float32)
+    base = dict(height=8, width=8, sampler="dpmpp_2m", output="latent")
+    from jaxdiff.pipelines.stable_diffusion import generate_latents_jit  # noqa: PLC0415
+
+    before = generate_latents_jit._cache_size()
+    outs = [tiny_sd(["a b", "c"], negative="", steps=3, seed=0, guidance=7.5, **base),
+            tiny_sd(["e d", "a a a"], negative="b", steps=3, seed=0, guidance=7.5, **base),
+            tiny_sd(["e d", "a a a"], negative="b", steps=3, seed=[4, 9], guidance=7.5, **base),
+            tiny_sd(["e d", "a a a"], negative="b", steps=3, seed=[4, 9], guidance=[2.0, 3.0], rescale=0.5, **base),
+            tiny_sd(["e d", "a a a"], negative="b", steps=7, seed=[4, 9], guidance=2.0, **base)]
+    assert generate_latents_jit._cache_size() == before + 1
+    for a, b in zip(outs, outs[1:]):  # every change changed the result
+        assert np.abs(a - b).max() > 1e-4
+    img = [tiny_sd(["a b", "c"], image=image, strength=s, steps=n, seed=1, **base)
+           for s, n in ((0.5, 4), (0.9, 4), (0.3, 10))]
+    assert generate_latents_jit._cache_size() == before + 2  # image-to-image: one more program, once
+    assert np.abs(img[0] - img[1]).max() > 1e-4
+
+
+def test_persistent_compilation_cache_is_opt_in(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff import compile_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    monkeypatch.delenv(compile_cache.ENV, raising=False)
+    assert compile_cache.from_env() is None
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+    try:
+        assert compile_cache.from_env() == tmp_path / "cache"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25)(jnp.arange(7.0)).block_until_ready()
+        assert any((tmp_path / "cache").iterdir())  # even a tiny, fast program is written
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
