@@ -42,9 +42,14 @@ def builtin_models() -> dict[str, str]:
     return {**models, **dict(builtin.BUILTIN_MODELS)}
 
 
+def default_model() -> str:
+    """``digits`` (the built-in class-conditional model) when :mod:`jaxdiff.builtin` imports, else ``mixture2d``."""
+    return "digits" if "digits" in builtin_models() else MIXTURE
+
+
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
     names = ", ".join(builtin_models())
-    p.add_argument("--model", default=MIXTURE,
+    p.add_argument("--model", default=default_model(),
                    help=f"a diffusers Stable Diffusion folder or a built-in model ({names})")
     p.add_argument("--prompt", action="append", default=None, help="text prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
@@ -122,13 +127,16 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
 
     options = {k: getattr(args, k) for k in ("sampler", "schedule", "steps", "guidance", "label")
                if getattr(args, k) is not None}
-    settings = dict(model=args.model, num=args.num or 16, seed=args.seed, jaxdiff_version=_version(), **options)
+    settings = dict(model=args.model, num=args.num or 100, seed=args.seed, jaxdiff_version=_version(), **options)
     t0 = time.perf_counter()
     images = builtin.sample_builtin(args.model, num=settings["num"], seed=args.seed, progress=not args.no_progress,
                                     **options)
     dt = time.perf_counter() - t0
     images = np.asarray(images)
-    path = save_png(grid(images, pad=1), args.out, settings)
+    zoom = max(1, 32 // images.shape[1])  # 8x8 digits: nearest-neighbour 4x so the grid is readable
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
+    cols = 10 if args.label is None and len(images) >= 10 else None  # label=None cycles 0..9: a column per class
+    path = save_png(grid(images, cols=cols, pad=zoom), args.out, settings)
     print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
     return path
 

@@ -115,3 +115,13 @@ def test_builtin_models_dispatch_to_sample_builtin(tmp_path, monkeypatch):
     assert read_settings(out)["label"] == 3
     assert main(["sample", "--from-png", str(out), "--out", str(tmp_path / "e.png"), "--no-progress"]) == 0
     assert calls[-1] == calls[0]
+
+
+def test_default_model_is_the_builtin_digits_grid(tmp_path):
+    """`jaxdiff sample` with no model writes the digits grid: one column per class, 4x zoom."""
+    out = tmp_path / "digits.png"
+    assert main(["sample", "--out", str(out), "--no-progress", "--num", "20", "--steps", "4"]) == 0
+    settings = read_settings(out)
+    assert settings["model"] == "digits" and settings["num"] == 20
+    with Image.open(out) as im:
+        assert im.size == (10 * 32 + 9 * 4, 2 * 32 + 4)
