@@ -106,15 +106,10 @@ def _spawn(kind: str, folder: Path, batch: int, a: argparse.Namespace, cache: st
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    """benchmarks/_common.machine() plus the platform and the load when the run starts."""
+    from _common import machine
+
+    return {**machine(), "platform": platform.platform(), "python": platform.python_version(),
             "load_before": os.getloadavg()}
 
 

@@ -15,6 +15,18 @@ def log_step(sigma: Array, sigma_next: Array) -> Array:
     return jnp.log(sigma) - jnp.log(jnp.where(sigma_next > 0, sigma_next, sigma))
 
 
+def multistep_estimate(x0: Array, prev_x0: Array, prev_sigma: Array, sigma: Array,
+                       sigma_next: Array) -> tuple[Array, Array]:
+    """The 2M data estimate ``D_hat = D_i + (D_i - D_{i-1}) / (2 r)`` with ``r = h_{i-1} / h_i`` (Lu et al. 2022, Alg. 2).
+
+    Returns ``(h_i, D_hat)``; ``D_hat = D_i`` (first order) without a previous output or on the step to 0.
+    """
+    second = (prev_sigma > 0) & (sigma_next > 0)
+    h = log_step(sigma, sigma_next)
+    r = jnp.where(second, log_step(jnp.where(second, prev_sigma, 1.0), sigma) / h, 1.0)
+    return h, jnp.where(second, x0 + (x0 - prev_x0) / (2.0 * r), x0)
+
+
 @pytree_dataclass
 class DPMSolverPP2M:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), in sigma space.
@@ -33,9 +45,6 @@ class DPMSolverPP2M:
              key: Array) -> tuple[Array, tuple[Array, Array]]:
         prev_x0, prev_sigma = state
         x0 = denoise(x, sigma)
-        second = (prev_sigma > 0) & (sigma_next > 0)
-        h = log_step(sigma, sigma_next)
-        r = jnp.where(second, log_step(jnp.where(second, prev_sigma, 1.0), sigma) / h, 1.0)
-        d = jnp.where(second, x0 + (x0 - prev_x0) / (2.0 * r), x0)
+        h, d = multistep_estimate(x0, prev_x0, prev_sigma, sigma, sigma_next)
         x_next = jnp.where(sigma_next > 0, (sigma_next / sigma) * x - jnp.expm1(-h) * d, x0)
         return x_next, (x0, jnp.asarray(sigma, x.dtype))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass
 from jaxdiff.samplers._base import DenoiseFn, check_option, noise_like
-from jaxdiff.samplers.dpmpp_2m import log_step
+from jaxdiff.samplers.dpmpp_2m import log_step, multistep_estimate
 
 Array = jax.Array
 
@@ -35,11 +35,8 @@ class DPMSolverPP2MSDE:
              key: Array) -> tuple[Array, tuple[Array, Array]]:
         prev_x0, prev_sigma = state
         x0 = denoise(x, sigma)
-        second = (prev_sigma > 0) & (sigma_next > 0)
-        h = log_step(sigma, sigma_next)
+        h, d = multistep_estimate(x0, prev_x0, prev_sigma, sigma, sigma_next)
         eta_h = self.eta * h
-        r = jnp.where(second, log_step(jnp.where(second, prev_sigma, 1.0), sigma) / h, 1.0)
-        d = jnp.where(second, x0 + (x0 - prev_x0) / (2.0 * r), x0)
         x_sde = ((sigma_next / sigma) * jnp.exp(-eta_h) * x - jnp.expm1(-h - eta_h) * d
                  + sigma_next * jnp.sqrt(-jnp.expm1(-2.0 * eta_h)) * self.s_noise * noise_like(key, x))
         return jnp.where(sigma_next > 0, x_sde, x0), (x0, jnp.asarray(sigma, x.dtype))
