@@ -1,9 +1,7 @@
 """CLIP text / vision towers against transformers (committed fixtures, live rebuild, full-size counts)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -21,12 +19,7 @@ from jaxdiff.models.clip import (
     CLIPVisionModelWithProjection,
 )
 
-HERE = pathlib.Path(__file__).resolve().parent
-DATA = HERE.parent / "data" / "models"
-CONFIGS = HERE.parents[1] / "jaxdiff" / "models" / "configs"
-_spec = importlib.util.spec_from_file_location("make_textdit", HERE / "fixtures" / "make_textdit.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
+from tests.models._textdit_cases import CONFIGS, DATA, fx
 
 TEXT_CLASSES = {"clip_text_quick_gelu": CLIPTextModel, "clip_text_gelu": CLIPTextModelWithProjection}
 

@@ -1,9 +1,7 @@
 """T5 encoder against transformers (committed fixtures, live rebuild, buckets, full-size count)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +13,7 @@ from jaxdiff.convert.torch_layout import abstract, count_params
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.t5 import T5Config, T5EncoderModel, from_pretrained_tensors, relative_position_bucket
 
-HERE = pathlib.Path(__file__).resolve().parent
-DATA = HERE.parent / "data" / "models"
-CONFIGS = HERE.parents[1] / "jaxdiff" / "models" / "configs"
-_spec = importlib.util.spec_from_file_location("make_textdit", HERE / "fixtures" / "make_textdit.py")
-fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fx)
+from tests.models._textdit_cases import CONFIGS, DATA, fx
 
 CASES = ["t5_gated_gelu", "t5_relu"]
 
