@@ -35,7 +35,7 @@ def build_folder(size: str, root: Path) -> Path:
     import torch
     import transformers
 
-    from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe, open_clip_bpe_path
+    from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe
 
     cfg = throughput.SIZES[size]
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def build_folder(size: str, root: Path) -> Path:
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
                                                                   **cfg["text"]))
     scheduler = diffusers.PNDMScheduler.from_config(throughput.SCHEDULER)
-    tok = clip_tokenizer_from_bpe(open_clip_bpe_path())
+    tok = clip_tokenizer_from_bpe()  # OpenAI CLIP's BPE file, shipped with jaxdiff
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = root / size

@@ -8,15 +8,33 @@ that made it in its text chunks; ``jaxdiff sample --from-png FILE`` makes the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import math
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 MIXTURE = "mixture2d"
-SD_DEFAULTS = dict(steps=30, guidance=7.5, schedule=None, sampler=None)
-MIXTURE_DEFAULTS = dict(steps=30, guidance=1.0, schedule="karras", sampler="euler")
+SEED_LIMIT = 2**32  # seeds are uint32: image i of a run uses seed + i
+MAX_STEPS = 1000  # jaxdiff.schedules.DEFAULT_CAPACITY: the compiled loop's capacity for SD and built-in models
+MIXTURE_SCHEDULES = ("karras", "exponential", "linear", "ncsn_geometric")
+# Defaults of each model kind; the CLI fills them in and passes them on, so the PNG records what ran.
+SD_DEFAULTS = dict(steps=30, guidance=7.5, rescale=0.0, batch=1, dtype="float32")
+MIXTURE_DEFAULTS = dict(steps=30, guidance=1.0, schedule="karras", sampler="euler", num=2000)
+BUILTIN_DEFAULTS = dict(steps=20, guidance=3.0, classifier_scale=0.0, schedule="karras", sampler="dpmpp_2m", num=100)
+COMMON = ("model", "sampler", "schedule", "steps", "seed", "out", "from_png", "compile_cache", "no_progress")
+APPLIES = {  # options (beyond COMMON) that mean something for each model kind
+    "sd": ("prompt", "prompts_file", "negative", "guidance", "rescale", "batch", "height", "width", "init_image",
+           "strength", "mask", "clip_skip", "dtype"),
+    "mixture": ("num", "label", "guidance"),
+    "builtin": ("num", "label", "guidance", "classifier_scale"),
+}
+UNCONDITIONAL_BUILTINS = ("digits-ncsn",)  # no label, no guidance
 
 
 class CLIError(ValueError):
@@ -47,33 +65,201 @@ def default_model() -> str:
     return "digits" if "digits" in builtin_models() else MIXTURE
 
 
+def model_kind(model: str) -> str:
+    """``"mixture"``, ``"builtin"`` or ``"sd"`` (an existing path); a clear error for anything else."""
+    names = builtin_models()
+    if model == MIXTURE:
+        return "mixture"
+    if model in names:
+        return "builtin"
+    if Path(model).exists():
+        return "sd"
+    raise CLIError(f"unknown model {model!r}: not a folder, and not a built-in model (built-in: {', '.join(names)})")
+
+
+def schedule_names(model: str) -> tuple[str, ...]:
+    """The names ``--schedule`` accepts for ``model`` (a built-in name or a Stable Diffusion folder)."""
+    kind = model_kind(model)
+    if kind == "mixture":
+        return MIXTURE_SCHEDULES
+    if kind == "builtin":
+        from jaxdiff import builtin
+
+        vp = builtin.builtin_config(model)["adapter"]["kind"] == "discrete_vp"
+        return tuple(s for s in builtin.SCHEDULE_NAMES if vp or s != "vp_discrete")
+    return schedule_names_sd()
+
+
+def schedule_names_sd() -> tuple[str, ...]:
+    """The names ``--schedule`` accepts for Stable Diffusion folders (``default``: the folder's scheduler's)."""
+    from jaxdiff.pipelines.schedulers import SCHEDULE_NAMES
+
+    return tuple(SCHEDULE_NAMES)
+
+
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
     names = ", ".join(builtin_models())
-    p.add_argument("--model", default=default_model(),
-                   help=f"a diffusers Stable Diffusion folder or a built-in model ({names})")
-    p.add_argument("--prompt", action="append", default=None, help="text prompt (repeat for several)")
-    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--negative", default=None, help="negative prompt (for every image)")
-    p.add_argument("--sampler", default=None, help="sampler name (default: the folder's scheduler's equivalent)")
-    p.add_argument("--schedule", default=None, help="schedule name (default: the folder's scheduler's timesteps)")
-    p.add_argument("--steps", type=int, default=None, help="number of sampling steps (default 30)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5 for SD)")
-    p.add_argument("--rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2024)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--init-image", default=None, help="image-to-image: the starting picture")
-    p.add_argument("--strength", type=float, default=None, help="image-to-image strength in (0, 1] (default 0.8)")
-    p.add_argument("--mask", default=None, help="inpainting mask image (white = repaint), with --init-image")
-    p.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's hidden state k layers earlier")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="network dtype")
-    p.add_argument("--num", type=int, default=None, help="number of samples (built-in models)")
-    p.add_argument("--label", type=int, default=None, help="class label (built-in models)")
-    p.add_argument("--out", default="samples.png", help="output PNG (a grid; single images beside it)")
+    sd, mx, bi = SD_DEFAULTS, MIXTURE_DEFAULTS, BUILTIN_DEFAULTS
+    p.add_argument("--model", default=None,
+                   help=f"a diffusers Stable Diffusion folder or a built-in model ({names}); default {default_model()}")
+    p.add_argument("--prompt", action="append", default=None, help="SD: text prompt (repeat for several)")
+    p.add_argument("--prompts-file", default=None, help="SD: a text file with one prompt per line")
+    p.add_argument("--negative", default=None, help="SD: negative prompt for every image (default: none)")
+    p.add_argument("--sampler", default=None,
+                   help=f"sampler name (see `jaxdiff info`); default: SD the folder's scheduler's equivalent "
+                        f"(PNDM, LMS: dpmpp_2m), {MIXTURE} {mx['sampler']}, built-in {bi['sampler']}")
+    p.add_argument("--schedule", default=None,
+                   help=f"noise schedule (`jaxdiff info` lists the names each model accepts); default: SD 'default' "
+                        f"(the folder's scheduler's timesteps), {MIXTURE} {mx['schedule']}, built-in {bi['schedule']} "
+                        "(ncsn_geometric with --sampler langevin)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps, at most {MAX_STEPS}; default: SD {sd['steps']}, {MIXTURE} {mx['steps']}, "
+                        f"built-in {bi['steps']} (with langevin, the model's trained level count)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale; default: SD {sd['guidance']}, digits {bi['guidance']}, "
+                        f"{MIXTURE} {mx['guidance']} (with --label only); not for digits-ncsn")
+    p.add_argument("--classifier-scale", type=float, default=None,
+                   help="digits: classifier guidance scale with the built-in noisy classifier digits-classifier "
+                        "(Dhariwal & Nichol 2021), steering the unconditional model to --label; replaces --guidance; "
+                        f"default {bi['classifier_scale']:g} (off)")
+    p.add_argument("--rescale", type=float, default=None,
+                   help=f"SD: guidance rescale phi (Lin et al. 2024); default {sd['rescale']:g}")
+    p.add_argument("--seed", type=int, default=0, help="seed in [0, 2^32) of the first image; image i uses seed + i; "
+                                                       "default 0")
+    p.add_argument("--batch", type=int, default=None, help=f"SD: images per prompt; default {sd['batch']}")
+    p.add_argument("--height", type=int, default=None,
+                   help="SD: image height in pixels; default the init image's, else the model's sample size")
+    p.add_argument("--width", type=int, default=None,
+                   help="SD: image width in pixels; default the init image's, else the model's sample size")
+    p.add_argument("--init-image", default=None, help="SD image-to-image: the starting picture")
+    p.add_argument("--strength", type=float, default=None,
+                   help="SD image-to-image strength in (0, 1]; default 0.8 (1.0 with --mask)")
+    p.add_argument("--mask", default=None,
+                   help="SD inpainting: mask image the size of --init-image (white = repaint), with --init-image")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="SD: use the text encoder's hidden state k layers earlier; default 0")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help=f"SD: network dtype; default {sd['dtype']} (float16 needs a GPU)")
+    p.add_argument("--num", type=int, default=None,
+                   help=f"built-in models: number of samples; default {bi['num']} (digits), {mx['num']} ({MIXTURE})")
+    p.add_argument("--label", type=int, default=None,
+                   help=f"class label: digits 0-9 (default: cycle 0..9), {MIXTURE} a component (default: none)")
+    p.add_argument("--out", default=None,
+                   help="output .png (a grid when several images, each single image beside it as NAME-000.png); "
+                        "default samples.png (with --from-png: never the source file)")
     p.add_argument("--from-png", default=None, help="reproduce the image(s) from a PNG written by jaxdiff")
-    p.add_argument("--compile-cache", default=None, help="persistent compilation cache folder ($JAXDIFF_COMPILE_CACHE)")
+    p.add_argument("--compile-cache", default=None,
+                   help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, name: str) -> bool:
+    value = getattr(args, name)
+    return value is not None and value is not False
+
+
+def _check_options(args: argparse.Namespace, kind: str) -> None:
+    """Refuse options that do not apply to the model, and non-finite or out-of-range numbers (before any work)."""
+    allowed = set(COMMON) | set(APPLIES[kind])
+    if kind == "builtin" and args.model in UNCONDITIONAL_BUILTINS:
+        allowed -= {"label", "guidance", "classifier_scale"}
+    what = {"sd": f"Stable Diffusion folder {args.model}", "mixture": MIXTURE}.get(kind, f"built-in model {args.model}")
+    for name in vars(args):
+        if name in ("func", "command") or name in allowed or not _given(args, name):
+            continue
+        valid = ", ".join(_flag(o) for o in sorted(allowed - set(COMMON)))
+        raise CLIError(f"{_flag(name)} does not apply to the {what}; its own options: {valid or 'none'}")
+    if kind == "mixture" and _given(args, "guidance") and args.label is None:
+        raise CLIError(f"--guidance applies to {MIXTURE} only with --label (classifier-free guidance to a component)")
+    if kind == "builtin" and _given(args, "guidance") and (args.classifier_scale or 0) > 0:
+        raise CLIError("--guidance (classifier-free) and --classifier-scale (classifier guidance) are alternatives; "
+                       "give one")
+    for name in ("guidance", "rescale", "strength", "classifier_scale"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CLIError(f"{_flag(name)} must be a finite number, got {value}")
+    if args.classifier_scale is not None and args.classifier_scale < 0:
+        raise CLIError(f"--classifier-scale must be >= 0, got {args.classifier_scale}")
+    for name in ("num", "batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"{_flag(name)} must be at least 1, got {value}")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps must be positive, got {args.steps}")
+    if args.steps is not None and args.steps > MAX_STEPS and kind != "mixture":
+        raise CLIError(f"--steps {args.steps} is more than the {MAX_STEPS} steps `jaxdiff sample` compiles for; "
+                       f"use --steps {MAX_STEPS} or fewer")
+    if args.schedule is not None and args.schedule not in schedule_names(args.model):
+        raise CLIError(f"--schedule {args.schedule!r} does not apply to {args.model}; "
+                       f"valid for it: {', '.join(schedule_names(args.model))}")
+    if args.dtype == "float16":
+        import jax
+
+        if jax.default_backend() == "cpu":
+            raise CLIError("--dtype float16 does not run on the CPU backend (XLA has no float16 matmul there); "
+                           "use --dtype float32 or bfloat16, or a GPU")
+
+
+def _check_seeds(seed: int, n: int) -> None:
+    if not 0 <= seed or seed + n - 1 >= SEED_LIMIT:
+        span = f"--seed {seed}" if n == 1 else f"--seed {seed} .. {seed + n - 1} ({n} images)"
+        raise CLIError(f"{span} is outside [0, 2^32); choose a seed between 0 and {SEED_LIMIT - n}")
+
+
+def _fill_defaults(args: argparse.Namespace, kind: str) -> None:
+    defaults = {"sd": SD_DEFAULTS, "mixture": MIXTURE_DEFAULTS, "builtin": BUILTIN_DEFAULTS}[kind]
+    if kind == "builtin" and args.sampler == "langevin":
+        from jaxdiff import builtin
+
+        levels = builtin.builtin_config(args.model).get("sampling", {}).get("langevin", {}).get("num_levels")
+        defaults = dict(defaults, schedule="ncsn_geometric", steps=levels or defaults["steps"])
+    if kind == "builtin" and args.model in UNCONDITIONAL_BUILTINS:
+        defaults = {k: v for k, v in defaults.items() if k not in ("guidance", "classifier_scale")}
+    if kind == "builtin" and (args.classifier_scale or 0) > 0:
+        defaults = {k: v for k, v in defaults.items() if k != "guidance"}  # classifier guidance replaces CFG
+    if kind == "mixture" and args.label is None:
+        defaults = {k: v for k, v in defaults.items() if k != "guidance"}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def _targets(out: Path, n: int) -> list[Path]:
+    """Every file a run writes: the PNG (a grid when n > 1) and the singles beside it."""
+    return [out] + ([out.with_name(f"{out.stem}-{i:03d}{out.suffix}") for i in range(n)] if n > 1 else [])
+
+
+def _output_path(args: argparse.Namespace, n: int) -> Path:
+    """``--out`` checked (a .png file name), never a path of the ``--from-png`` source."""
+    text = args.out if args.out is not None else "samples.png"
+    out = Path(text)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        raise CLIError(f"--out {text} is a folder; give a file name such as {out / 'samples.png'}")
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out {text} must end in .png (jaxdiff writes PNGs that carry their settings)")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise CLIError(f"--out {text}: {out.parent} is a file, not a folder")
+    if not args.from_png:
+        return out
+    source = Path(args.from_png).resolve()
+    if source not in [p.resolve() for p in _targets(out, n)]:
+        return out
+    if args.out is not None:
+        raise CLIError(f"--out {text} would overwrite the --from-png file {args.from_png}; choose another --out")
+    k = 1
+    while True:  # a fresh name beside the default one
+        fresh = out.with_name(f"{out.stem}-repro{'' if k == 1 else k}{out.suffix}")
+        if all(not p.exists() and p.resolve() != source for p in _targets(fresh, n)):
+            return fresh
+        k += 1
+
+
+def _settings_png(args: argparse.Namespace, extra: dict) -> dict:
+    return dict(model=args.model, seed=args.seed, jaxdiff_version=_version(), **extra)
 
 
 # ---- mixture2d (scatter plot) -------------------------------------------------------------------
@@ -84,18 +270,16 @@ def _sample_mixture(args: argparse.Namespace) -> Path:
     import numpy as np
 
     from jaxdiff import guidance, mixtures, sampling, schedules
+    from jaxdiff.images import save_png
     from jaxdiff.plotting import scatter_png
     from jaxdiff.samplers import get_sampler
 
-    num = args.num or 2000
+    num = args.num
     mix = mixtures.ring_2d()
     sampler = get_sampler(args.sampler)
     make = schedules.get_schedule(args.schedule)
-    if args.steps <= 0:
-        raise CLIError(f"--steps must be positive, got {args.steps}")
-    cap = max(args.steps, 1000)
-    sigmas = make(args.steps, 0.01, 40.0, capacity=cap) if args.schedule in (
-        "karras", "exponential", "linear", "ncsn_geometric") else make(args.steps, capacity=cap)
+    cap = max(args.steps, schedules.DEFAULT_CAPACITY)  # any step count runs: the capacity grows with it
+    sigmas = make(args.steps, 0.01, 40.0, capacity=cap)
     key = jax.random.key(args.seed)
     x = sampling.initial_noise(jax.random.fold_in(key, 1), (num, 2), sigmas.values[0], sigma_data=4.0)
     denoiser, cond = mix, None
@@ -111,9 +295,16 @@ def _sample_mixture(args: argparse.Namespace) -> Path:
                                 None if args.label is None else np.full((num,), args.label)))
     title = f"{args.sampler}, {args.schedule}, {args.steps} steps"
     title += "" if args.label is None else f", class {args.label}"
-    path = scatter_png(out, ref, args.out, title)
-    print(json.dumps({"out": str(path), "model": args.model, "sampler": args.sampler, "steps": args.steps,
-                      "seed": args.seed, "seconds": round(dt, 3)}))
+    settings = _settings_png(args, dict(sampler=args.sampler, schedule=args.schedule, steps=args.steps, num=num,
+                                        label=args.label, guidance=args.guidance))
+    path = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:  # matplotlib draws; save_png writes once, with the settings
+        from PIL import Image
+
+        with Image.open(scatter_png(out, ref, Path(tmp) / "plot.png", title)) as im:
+            picture = np.asarray(im.convert("RGB"), np.float32) / 255.0
+    save_png(picture, path, settings)
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
     return path
 
 
@@ -125,14 +316,14 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
     from jaxdiff import builtin
     from jaxdiff.images import grid, save_png
 
-    options = {k: getattr(args, k) for k in ("sampler", "schedule", "steps", "guidance", "label")
-               if getattr(args, k) is not None}
-    settings = dict(model=args.model, num=args.num or 100, seed=args.seed, jaxdiff_version=_version(), **options)
+    options = {k: getattr(args, k) for k in ("sampler", "schedule", "steps", "guidance", "classifier_scale", "label")
+               if getattr(args, k) is not None or k == "label"}
     t0 = time.perf_counter()
-    images = builtin.sample_builtin(args.model, num=settings["num"], seed=args.seed, progress=not args.no_progress,
-                                    **options)
+    images = builtin.sample_builtin(args.model, num=args.num, seed=args.seed, progress=not args.no_progress, **options)
     dt = time.perf_counter() - t0
     images = np.asarray(images)
+    settings = _settings_png(args, dict(num=args.num, height=int(images.shape[1]), width=int(images.shape[2]),
+                                        **options))
     zoom = max(1, 32 // images.shape[1])  # 8x8 digits: nearest-neighbour 4x so the grid is readable
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     cols = 10 if args.label is None and len(images) >= 10 else None  # label=None cycles 0..9: a column per class
@@ -163,24 +354,40 @@ def _dtype(name: str) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def _sd_inputs(args: argparse.Namespace, n: int, sd: Any) -> dict:
+def sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes (recorded for init images and masks)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _read_image(flag: str, path: str, size: tuple[int, int] | None = None, grayscale: bool = False) -> Any:
+    from PIL import UnidentifiedImageError
+
     from jaxdiff.images import load_image
 
+    if not Path(path).is_file():
+        raise CLIError(f"{flag} {path} does not exist")
+    try:
+        return load_image(path, size, grayscale=grayscale)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise CLIError(f"{flag} {path} is not an image file that PIL can read ({type(e).__name__})") from None
+
+
+def _sd_inputs(args: argparse.Namespace) -> dict:
+    """Init image, mask and strength, read and checked before the model loads."""
     kw: dict[str, Any] = {}
+    size = None if args.height is None or args.width is None else (args.height, args.width)
     if args.init_image:
-        if not Path(args.init_image).is_file():
-            raise CLIError(f"--init-image {args.init_image} does not exist")
-        size = None if args.height is None or args.width is None else (args.height, args.width)
-        kw["image"] = load_image(args.init_image, size)
-        kw["strength"] = args.strength
+        kw["image"] = image = _read_image("--init-image", args.init_image, size)
+        kw["strength"] = args.strength if args.strength is not None else (1.0 if args.mask else 0.8)
     elif args.strength is not None:
         raise CLIError("--strength needs --init-image")
     if args.mask:
         if not args.init_image:
             raise CLIError("--mask needs --init-image (the picture to inpaint)")
-        if not Path(args.mask).is_file():
-            raise CLIError(f"--mask {args.mask} does not exist")
-        kw["mask"] = load_image(args.mask, grayscale=True)
+        kw["mask"] = mask = _read_image("--mask", args.mask, size, grayscale=True)  # resized with the image
+        if mask.shape[:2] != image.shape[:2]:
+            raise CLIError(f"--mask is {mask.shape[0]}x{mask.shape[1]} but the init image is "
+                           f"{image.shape[0]}x{image.shape[1]} (HxW); resize the mask to the image size")
     return kw
 
 
@@ -194,26 +401,33 @@ def _sample_sd(args: argparse.Namespace) -> Path:
 
     prompts = _prompts(args)
     n = len(prompts)
+    inputs = _sd_inputs(args)
     sd = StableDiffusion.from_pretrained(args.model, dtype=_dtype(args.dtype), clip_skip=args.clip_skip)
     seeds = [args.seed + i for i in range(n)]
     plan = sd.plan(args.steps, args.sampler, args.schedule)  # warns once when the folder's scheduler has no equivalent
-    kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=args.schedule,
-              guidance=args.guidance, rescale=args.rescale, seed=seeds, height=args.height, width=args.width,
-              **_sd_inputs(args, n, sd))
+    kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=plan.schedule_name,
+              guidance=args.guidance, rescale=args.rescale, seed=seeds, height=args.height, width=args.width, **inputs)
     t0 = time.perf_counter()
     if jax.device_count() > 1:
         images = parallel.generate(sd, prompts, **kw)
     else:
         images = sd(prompts, progress=not args.no_progress, **kw)
     dt = time.perf_counter() - t0
+    files = {}
+    for flag in ("init_image", "mask"):
+        path = getattr(args, flag)
+        if path:  # absolute, with the bytes' hash: --from-png works from any folder and notices a changed file
+            files.update({flag: str(Path(path).resolve()), f"{flag}_sha256": sha256(path)})
+        else:
+            files[flag] = None
     base = dict(model=str(Path(args.model).resolve()), negative=args.negative or "", sampler=plan.sampler_name,
                 schedule=plan.schedule_name, steps=args.steps, guidance=args.guidance, rescale=args.rescale,
-                height=int(images.shape[1]), width=int(images.shape[2]), dtype=args.dtype, clip_skip=args.clip_skip,
-                init_image=args.init_image, strength=args.strength, mask=args.mask, jaxdiff_version=_version())
+                height=int(images.shape[1]), width=int(images.shape[2]), dtype=args.dtype,
+                clip_skip=args.clip_skip or 0, strength=inputs.get("strength"), jaxdiff_version=_version(), **files)
     out = Path(args.out)
     paths = []
     for i, (p, s) in enumerate(zip(prompts, seeds)):
-        single = out if n == 1 else out.with_name(f"{out.stem}-{i:03d}{out.suffix or '.png'}")
+        single = out if n == 1 else _targets(out, n)[i + 1]
         paths.append(save_png(images[i], single, dict(base, prompt=[p], seed=[s])))
     if n > 1:
         save_png(grid(images), out, dict(base, prompt=prompts, seed=seeds))
@@ -222,24 +436,53 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     return out
 
 
+def _recorded_file(s: dict, key: str, png: str) -> str | None:
+    """A file a PNG's settings name, checked against its recorded sha256 (relative paths: cwd, then the PNG's folder)."""
+    path = s.get(key)
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = Path(png).resolve().parent / p
+    if not p.is_file():
+        raise CLIError(f"--from-png {png}: its {key.replace('_', ' ')} {path} is missing; restore it to reproduce")
+    digest = s.get(f"{key}_sha256")
+    if digest is not None and sha256(p) != digest:
+        raise CLIError(f"--from-png {png}: {p} changed since the PNG was made (sha256 differs); "
+                       "restore the original file to reproduce the image")
+    return str(p)
+
+
 def _apply_png_settings(args: argparse.Namespace) -> None:
-    """Fill ``args`` from a jaxdiff PNG's settings (explicit --out is kept)."""
+    """Fill ``args`` from a jaxdiff PNG's settings (an explicit --out is kept)."""
+    from PIL import UnidentifiedImageError
+
     from jaxdiff.images import read_settings
 
-    s = read_settings(args.from_png)
+    try:
+        s = read_settings(args.from_png)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise CLIError(f"--from-png {args.from_png} does not exist") from None
+        raise CLIError(f"--from-png {args.from_png} is not an image file that PIL can read") from None
     args.model = s["model"]
     if args.model in builtin_models():
-        for k in ("sampler", "schedule", "steps", "guidance", "label", "num", "seed"):
-            setattr(args, k, s.get(k))
+        kind = "mixture" if args.model == MIXTURE else "builtin"
+        for k in ("sampler", "schedule", "steps", "seed", *APPLIES[kind]):
+            if k in s:
+                setattr(args, k, s[k])
         return
     prompts, seeds = s["prompt"], s["seed"]
     if seeds != [seeds[0] + i for i in range(len(seeds))]:
         raise CLIError(f"{args.from_png}: seeds {seeds} are not consecutive; reproduce with the pipeline API")
     args.prompt, args.prompts_file, args.batch, args.seed = prompts, None, 1, seeds[0]
     for k in ("negative", "sampler", "schedule", "steps", "guidance", "rescale", "height", "width", "dtype",
-              "clip_skip", "init_image", "strength", "mask"):
+              "clip_skip", "strength"):
         setattr(args, k, s.get(k))
+    args.init_image = _recorded_file(s, "init_image", args.from_png)
+    args.mask = _recorded_file(s, "mask", args.from_png)
     args.negative = args.negative or None
+    args.clip_skip = args.clip_skip or None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -251,11 +494,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         compile_cache.from_env()
     if args.from_png:
         _apply_png_settings(args)
+    if args.model is None:
+        args.model = default_model()
+    kind = model_kind(args.model)
+    _check_options(args, kind)
+    _fill_defaults(args, kind)
+    n = len(_prompts(args)) if kind == "sd" else 1
+    _check_seeds(args.seed, n)
+    args.out = str(_output_path(args, n))
     names = builtin_models()
-    defaults = MIXTURE_DEFAULTS if args.model == MIXTURE else SD_DEFAULTS if args.model not in names else {}
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     if args.model == MIXTURE:
         _sample_mixture(args)
     elif args.model in names:
@@ -305,7 +552,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     import jax
 
     from jaxdiff.samplers import SAMPLERS
-    from jaxdiff.schedules import SCHEDULES
 
     info: dict[str, Any] = {
         "jaxdiff": _version(),
@@ -314,13 +560,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         "devices": [str(d) for d in jax.devices()],
         "process_count": jax.process_count(),
         "samplers": sorted(SAMPLERS),
-        "schedules": sorted(SCHEDULES),
+        "schedules": {"stable_diffusion_folder": list(schedule_names_sd()),
+                      **{name: list(schedule_names(name)) for name in builtin_models()}},
         "models": list(builtin_models()),
     }
     if args.model:
         if not Path(args.model).exists():
             raise CLIError(f"model folder {args.model} does not exist")
         info["model"] = folder_summary(args.model)
+        info["model"]["schedules"] = list(schedule_names_sd())
     print(json.dumps(info, indent=2))
     return 0
 
@@ -341,7 +589,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)
+    print(f"{result['model']}: {result['resolution']} {result['dtype']} on {result['device']}, batch {args.batch}, "
+          f"{args.steps} steps: {result['images_per_s']:.3g} images/s", file=sys.stderr)
     return 0
+
+
+def _bench_resolution(cfg: dict) -> str:
+    side = cfg["unet"]["sample_size"] * 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    return f"{side}x{side}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,27 +605,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples and write PNGs")
     _add_sample_args(p)
     p.set_defaults(func=cmd_sample)
-    p = sub.add_parser("info", help="devices, samplers, schedules, models; --model FOLDER summarises a folder")
-    p.add_argument("--model", default=None, help="a diffusers folder to summarise")
+    p = sub.add_parser("info", help="devices, samplers, the schedules each model accepts, models; --model FOLDER "
+                                    "summarises a folder")
+    p.add_argument("--model", default=None, help="a diffusers folder to summarise (default: none)")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="images/s of Stable Diffusion sampling (random SD-architecture weights)")
-    p.add_argument("--size", default="tiny", help="random model size: tiny or mid (ignored with --model)")
+    from jaxdiff.pipelines.throughput import SIZES
+
+    sizes = ", ".join(f"{k} ({_bench_resolution(v)} images)" for k, v in SIZES.items())
+    p.add_argument("--size", default="tiny", help=f"random model size: {sizes}; ignored with --model; default tiny")
     p.add_argument("--model", default=None, help="a diffusers folder instead of random weights")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--sampler", default="dpmpp_2m")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1, help="images per call; default 1")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps; default 20")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; default 7.5")
+    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name; default dpmpp_2m")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (compiling) one; default 3")
     p.add_argument("--json", default=None, help="also write the results to this file")
-    p.add_argument("--compile-cache", default=None, help="persistent compilation cache folder")
+    p.add_argument("--compile-cache", default=None,
+                   help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Print warnings as ``warning: message`` (no file, line number or source line) while the command runs."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with one_line_warnings():
+            return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad names, options, paths: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

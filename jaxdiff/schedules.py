@@ -309,6 +309,10 @@ def check_sigmas(sigmas: Sigmas) -> None:
     if not np.all(np.isfinite(used)) or np.any(used < 0):
         raise ValueError(f"sigmas must be finite and non-negative, got {used}")
     diffs = np.diff(used)
+    levels = used[:-1]  # the noise levels, without the final one (a swapped range rises, then drops to it)
+    if levels.size > 1 and np.all(np.diff(levels) > 0) and used[-1] < levels[-1]:
+        raise ValueError(f"sigmas increase from {levels[0]:g} to {levels[-1]:g}: sigma_min and sigma_max are swapped; "
+                         "pass sigma_min < sigma_max (e.g. karras(n, sigma_min=0.002, sigma_max=80))")
     if np.any(diffs >= 0):
         i = int(np.argmax(diffs >= 0))
         raise ValueError(f"sigmas must strictly decrease, but sigmas[{i}] = {used[i]:g} <= sigmas[{i + 1}] = "

@@ -80,4 +80,15 @@ def test_bad_schedule_input() -> None:
     with pytest.raises(ValueError, match="no reference schedule for 'LMSDiscreteScheduler'"):
         schedules.reference_schedule("LMSDiscreteScheduler", 10, AC)
     with pytest.raises(ValueError, match="strictly decrease.*jaxdiff.sampling.invert"):
-        schedules.check_sigmas(schedules.from_array([1.0, 2.0, 0.0]))
+        schedules.check_sigmas(schedules.from_array([0.5, 1.0, 2.0]))  # rising to the end: an inversion
+    with pytest.raises(ValueError, match="strictly decrease.*jaxdiff.sampling.invert"):
+        schedules.check_sigmas(schedules.from_array([2.0, 1.0, 1.5, 0.0]))
+
+
+@pytest.mark.parametrize("make", [schedules.karras, schedules.exponential, schedules.linear])
+def test_swapped_sigma_range_is_named(make) -> None:
+    """sigma_min > sigma_max gives rising levels then 0: the error says the two are swapped (not `invert`)."""
+    bad = make(5, 80.0, 0.01, capacity=8)
+    with pytest.raises(ValueError, match="sigma_min and sigma_max are swapped") as err:
+        schedules.check_sigmas(bad)
+    assert "invert" not in str(err.value)

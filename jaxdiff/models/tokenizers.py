@@ -2,7 +2,8 @@
 
 Weights-free and offline: :func:`clip_tokenizer_from_bpe` builds OpenAI CLIP's tokenizer (49408
 ids: 512 byte symbols, 48894 merges, ``<|startoftext|>`` 49406, ``<|endoftext|>`` 49407) from the
-``bpe_simple_vocab_16e6.txt.gz`` merges file shipped with OpenAI's CLIP and ``open_clip_torch``;
+``bpe_simple_vocab_16e6.txt.gz`` merges file of OpenAI's CLIP, which jaxdiff ships (MIT license,
+1.3 MB, ``jaxdiff/assets/clip/``; :data:`CLIP_BPE`), so nothing else needs installing;
 :func:`load_tokenizer` opens a diffusers pipeline's ``tokenizer/`` folder without network access.
 """
 from __future__ import annotations
@@ -14,6 +15,9 @@ import os
 import pathlib
 from typing import Any
 
+CLIP_BPE = pathlib.Path(__file__).resolve().parents[1] / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+"""OpenAI CLIP's BPE merges file, shipped with jaxdiff (the default of :func:`clip_tokenizer_from_bpe`)."""
+CLIP_BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 NUM_MERGES = 49152 - 256 - 2  # OpenAI CLIP keeps the first 48894 merges of the file
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -26,8 +30,13 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
 
 
-def read_bpe_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
+def read_bpe_merges(path: str | os.PathLike = CLIP_BPE) -> list[tuple[str, str]]:
     """The merge rules of a ``bpe_simple_vocab_16e6.txt(.gz)`` file (first line is a header)."""
+    if path is None:
+        raise TypeError("path is None: pass a bpe_simple_vocab_16e6.txt.gz file, or nothing for the shipped one "
+                        "(jaxdiff.models.tokenizers.CLIP_BPE)")
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"BPE merges file {path} does not exist; omit the path to use the one jaxdiff ships")
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")[1 : NUM_MERGES + 1]
@@ -45,9 +54,9 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def clip_tokenizer_from_bpe(path: str | os.PathLike, model_max_length: int = 77) -> Any:
+def clip_tokenizer_from_bpe(path: str | os.PathLike = CLIP_BPE, model_max_length: int = 77) -> Any:
     """A ``transformers.CLIPTokenizer`` (OpenAI CLIP ids; padding with EOS as SD 1.x) built offline from the
-    BPE merges file. transformers 5 ignores ``vocab_file=``/``merges_file=`` here, so the vocab dict and
+    BPE merges file (default: the one jaxdiff ships). transformers 5 ignores ``vocab_file=``/``merges_file=`` here, so the vocab dict and
     merge tuples are passed directly."""
     from transformers import CLIPTokenizer
 
@@ -56,7 +65,10 @@ def clip_tokenizer_from_bpe(path: str | os.PathLike, model_max_length: int = 77)
 
 
 def open_clip_bpe_path() -> pathlib.Path | None:
-    """Where ``open_clip_torch`` keeps ``bpe_simple_vocab_16e6.txt.gz`` (found without importing it), or None."""
+    """Where ``open_clip_torch`` keeps ``bpe_simple_vocab_16e6.txt.gz`` (found without importing it), or None.
+
+    jaxdiff does not need it (it ships the same file, :data:`CLIP_BPE`); this is a plain lookup, kept for
+    comparing the two."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         return None

@@ -53,8 +53,8 @@ def check_mask(mask: Any, height: int, width: int, batch: int) -> Array:
     m = jnp.asarray(mask, jnp.float32)
     if m.ndim == 2:
         m = m[None, :, :, None]
-    elif m.ndim == 3:
-        m = m[None] if m.shape == (height, width, 1) else m[..., None]
+    elif m.ndim == 3:  # (B, H, W) when its last two axes are the image's, else (H, W, 1) when single-channel
+        m = m[..., None] if m.shape[1:] == (height, width) or m.shape[-1] != 1 else m[None]
     if m.ndim != 4 or m.shape[-1] != 1:
         raise ValueError(f"mask must be (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1), "
                          f"got shape {tuple(jnp.shape(mask))}")

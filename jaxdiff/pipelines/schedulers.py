@@ -32,9 +32,28 @@ SAMPLER_OF_SCHEDULER: dict[str, str] = {
 # jaxdiff sampler -> the diffusers scheduler whose timesteps it uses by default
 SCHEDULER_OF_SAMPLER: dict[str, str] = {v: k for k, v in SAMPLER_OF_SCHEDULER.items()}
 SCHEDULER_OF_SAMPLER["dpmpp_2m_sde"] = "DPMSolverMultistepScheduler"
+# diffusers schedulers jaxdiff does not implement -> (jaxdiff sampler, diffusers class whose noise levels are theirs)
+SUBSTITUTE_OF_SCHEDULER: dict[str, tuple[str, str]] = {
+    "PNDMScheduler": ("dpmpp_2m", "DDIMScheduler"),
+    "LMSDiscreteScheduler": ("dpmpp_2m", "EulerDiscreteScheduler"),
+}
+"""Documented stand-ins, used without a warning.
+
+``PNDMScheduler`` (Stable Diffusion 1.x folders; with ``skip_prk_steps`` it runs PLMS, a 4th-order linear
+multistep on the noise estimate, Liu et al. 2022) -> DPM-Solver++ 2M (Lu et al. 2022), a multistep
+solver of the same probability-flow ODE, on PNDM's own noise levels: the timesteps
+``(n - 1 - i) * (T // n) + steps_offset`` of its spacing (``leading`` when the config does not say)
+without PLMS's repeated warm-up timestep, ending at ``alphas_cumprod[0]`` unless ``set_alpha_to_one``,
+from ``N(0, I)`` noise in VP coordinates: the levels DDIMScheduler computes from the same config.
+``LMSDiscreteScheduler`` (k-diffusion's ``lms``, order 4) -> DPM-Solver++ 2M on LMS's sigmas, which are
+EulerDiscreteScheduler's (fractional ``linspace`` timesteps by default, final level 0).
+Neither clips x0 (those classes have no ``clip_sample``). Pass ``sampler=`` to choose another sampler.
+"""
 # each diffusers class's own default spacing (used when the folder's config does not say)
-DEFAULT_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading"}
+DEFAULT_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading",
+                   "LMSDiscreteScheduler": "linspace"}
 FALLBACK_SAMPLER = "dpmpp_2m"
+_WARNED: set[str] = set()  # scheduler classes already warned about in this process
 SCHEDULE_NAMES = ("default", "karras", "exponential", "leading", "trailing", "linspace")
 
 
@@ -72,13 +91,25 @@ def training_schedule(config: Mapping[str, Any]) -> TrainingSchedule:
 
 
 def default_sampler(config: Mapping[str, Any]) -> str:
-    """jaxdiff's equivalent of the folder's scheduler (DPM-Solver++ 2M where there is none, e.g. PNDM, LMS)."""
+    """jaxdiff's equivalent of the folder's scheduler: the same rule (:data:`SAMPLER_OF_SCHEDULER`), the documented
+    stand-in (:data:`SUBSTITUTE_OF_SCHEDULER`: PNDM, LMS), else DPM-Solver++ 2M."""
     name = str(config.get("_class_name", ""))
     if name == "DPMSolverMultistepScheduler" and config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++":
         return "dpmpp_2m_sde"
     if name == "DPMSolverMultistepScheduler" and config.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
         return FALLBACK_SAMPLER
+    if name in SUBSTITUTE_OF_SCHEDULER:
+        return SUBSTITUTE_OF_SCHEDULER[name][0]
     return SAMPLER_OF_SCHEDULER.get(name, FALLBACK_SAMPLER)
+
+
+def _warn_substitution(class_name: str, sampler: str) -> None:
+    """One warning per scheduler class and process (the CLI prints it as one line)."""
+    if class_name in _WARNED:
+        return
+    _WARNED.add(class_name)
+    warnings.warn(f"{class_name} has no jaxdiff equivalent; sampling with {sampler} instead "
+                  "(choose one with sampler=... / --sampler)", stacklevel=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,11 +145,13 @@ def plan(train: TrainingSchedule, steps: int, sampler: str | None = None, schedu
     schedule = schedule or "default"
     if schedule not in SCHEDULE_NAMES:
         raise ValueError(f"unknown schedule {schedule!r}; valid schedules: {', '.join(SCHEDULE_NAMES)}")
-    if sampler is None and train.class_name not in SAMPLER_OF_SCHEDULER and train.class_name:
-        warnings.warn(f"{train.class_name} has no jaxdiff equivalent; sampling with {name} instead", stacklevel=3)
-    ref = SCHEDULER_OF_SAMPLER.get(name, "EulerDiscreteScheduler")
+    substitute = SUBSTITUTE_OF_SCHEDULER.get(train.class_name) if sampler is None else None
+    if (sampler is None and substitute is None and train.class_name not in SAMPLER_OF_SCHEDULER
+            and train.class_name):
+        _warn_substitution(train.class_name, name)
+    ref = substitute[1] if substitute else SCHEDULER_OF_SAMPLER.get(name, "EulerDiscreteScheduler")
     cfg = train.config
-    spacing = cfg.get("timestep_spacing") or DEFAULT_SPACING.get(ref, "linspace")
+    spacing = cfg.get("timestep_spacing") or DEFAULT_SPACING.get(train.class_name if substitute else ref, "linspace")
     if schedule in schedules.TIMESTEP_SPACINGS:
         spacing = schedule
     offset = int(cfg.get("steps_offset", 0))
@@ -136,7 +169,7 @@ def plan(train: TrainingSchedule, steps: int, sampler: str | None = None, schedu
     init = schedules.reference_init_sigma(ref, spacing, float(np.asarray(sigmas.values)[0]))
     obj = get_sampler(name, **sampler_options)
     return Plan(obj, schedules.Sigmas(jnp.asarray(sigmas.values, jnp.float32), jnp.asarray(sigmas.count, jnp.int32)),
-                init, quantize, name, schedule, threshold_transform(ref, cfg))
+                init, quantize, name, schedule, threshold_transform(train.class_name if substitute else ref, cfg))
 
 
 def threshold_transform(scheduler: str, config: Mapping[str, Any]) -> Any:

@@ -45,21 +45,10 @@ def _size(name: str) -> dict:
 
 
 def tokenizer(max_length: int = 77) -> Any:
-    """CLIP's tokenizer from open_clip_torch's BPE file when installed, else a tiny whole-word vocabulary."""
-    from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe, open_clip_bpe_path
+    """OpenAI CLIP's tokenizer, from the BPE merges file jaxdiff ships."""
+    from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe
 
-    path = open_clip_bpe_path()
-    if path is not None:
-        return clip_tokenizer_from_bpe(path, model_max_length=max_length)
-    import json
-
-    from transformers import CLIPTokenizer
-
-    folder = Path(tempfile.mkdtemp(prefix="jaxdiff-tok-"))
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    return clip_tokenizer_from_bpe(model_max_length=max_length)
 
 
 def random_pipeline(size: str = "tiny", seed: int = 0, dtype: Any = None) -> Any:
@@ -128,5 +117,7 @@ def run(size: str = "tiny", model: str | None = None, **kwargs: Any) -> dict:
     sd = StableDiffusion.from_pretrained(model) if model else random_pipeline(size)
     load = time.perf_counter() - t0
     result = measure(sd, **kwargs)
+    dtype = jax.tree_util.tree_leaves(sd.models.unet)[0].dtype
     return {"framework": "jaxdiff", "model": model or f"random-{size}", "load_s": load,
+            "resolution": f"{sd.default_size}x{sd.default_size}", "dtype": str(dtype),
             "device": str(jax.devices()[0]), "jax": jax.__version__, **result}

@@ -1,17 +1,16 @@
-"""CLIP tokenizer built offline from open_clip's BPE file; diffusers tokenizer folders."""
+"""CLIP tokenizer built offline from the BPE file jaxdiff ships; diffusers tokenizer folders."""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 
 import pytest
 
-from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe, clip_vocab, load_tokenizer, open_clip_bpe_path, read_bpe_merges
+from jaxdiff.models.tokenizers import (CLIP_BPE, CLIP_BPE_SHA256, clip_tokenizer_from_bpe, clip_vocab, load_tokenizer,
+                                       open_clip_bpe_path, read_bpe_merges)
 
-BPE = open_clip_bpe_path()
-needs_bpe = pytest.mark.skipif(
-    BPE is None, reason="open_clip_torch is not installed (it ships bpe_simple_vocab_16e6.txt.gz; "
-    "`pip install --no-deps open_clip_torch`)"
-)
+BPE = CLIP_BPE
 
 # Reference ids from OpenAI CLIP's SimpleTokenizer (open_clip.tokenizer, ftfy disabled), BOS/EOS added.
 PROMPTS = {
@@ -25,25 +24,42 @@ PROMPTS = {
 
 @pytest.fixture(scope="module")
 def tok():
-    if BPE is None:
-        pytest.skip("open_clip_torch is not installed (`pip install --no-deps open_clip_torch`)")
-    return clip_tokenizer_from_bpe(BPE)
+    return clip_tokenizer_from_bpe()
 
 
-@needs_bpe
+def test_shipped_bpe_file_is_openai_clips():
+    """The shipped merges file is byte-identical to OpenAI CLIP's (pinned hash; open_clip's copy when installed)."""
+    data = CLIP_BPE.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == CLIP_BPE_SHA256
+    other = open_clip_bpe_path()
+    if other is not None:
+        assert other.read_bytes() == data
+
+
+def test_tokenizers_work_without_open_clip(monkeypatch):
+    """Without open_clip_torch the default tokenizer and the benchmark's are still OpenAI CLIP's (was a TypeError)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else real(name, *a))
+    assert open_clip_bpe_path() is None
+    from jaxdiff.pipelines import throughput
+
+    for t in (clip_tokenizer_from_bpe(), throughput.tokenizer()):
+        assert len(t) == 49408 and t("a photo of a cat").input_ids == PROMPTS["a photo of a cat"]
+    with pytest.raises(TypeError, match="nothing for the shipped one"):
+        read_bpe_merges(None)
+
+
 def test_vocabulary_layout():
     vocab = clip_vocab(read_bpe_merges(BPE))
     assert len(vocab) == 49408
     assert vocab["!"] == 0 and vocab["a"] == 64 and vocab["a</w>"] == 320 and vocab["<|endoftext|>"] == 49407
 
 
-@needs_bpe
 @pytest.mark.parametrize("prompt", sorted(PROMPTS))
 def test_clip_ids_match_openai(tok, prompt):
     assert tok(prompt).input_ids == PROMPTS[prompt]
 
 
-@needs_bpe
 def test_padding_and_truncation_to_77(tok):
     enc = tok(["a photo of a cat", "word " * 100], padding="max_length", max_length=77, truncation=True)
     short, long = enc.input_ids
@@ -52,7 +68,6 @@ def test_padding_and_truncation_to_77(tok):
     assert len(long) == 77 and long[0] == 49406 and long[-1] == 49407 and set(long[1:-1]) == {tok.convert_tokens_to_ids("word</w>")}
 
 
-@needs_bpe
 def test_load_diffusers_clip_folder(tok, tmp_path):
     """The files of an SD 1.x ``tokenizer/`` folder (vocab.json, merges.txt, configs) load offline."""
     merges = read_bpe_merges(BPE)

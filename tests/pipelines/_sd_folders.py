@@ -7,15 +7,10 @@ TEXT_DIM = 32
 
 
 def tokenizer():
-    """OpenAI CLIP's tokenizer built offline from open_clip_torch's BPE file (77 tokens)."""
-    import pytest
+    """OpenAI CLIP's tokenizer built offline from the BPE file jaxdiff ships (77 tokens)."""
+    from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe
 
-    from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe, open_clip_bpe_path
-
-    path = open_clip_bpe_path()
-    if path is None:
-        pytest.skip("open_clip_torch's BPE file is not installed (pip install --no-deps open_clip_torch)")
-    return clip_tokenizer_from_bpe(path, model_max_length=77)
+    return clip_tokenizer_from_bpe(model_max_length=77)
 
 
 def build_pipeline(*, prediction: str = "epsilon", in_channels: int = 4, blocks: tuple[int, ...] = (8, 16),

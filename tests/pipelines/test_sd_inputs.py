@@ -88,7 +88,7 @@ def test_bad_image_and_names(tiny_sd):
         tiny_sd.request(["a", "b"], seed=[1, 2, 3], **KW)
 
 
-def test_scheduler_config_mapping():
+def test_scheduler_config_mapping(monkeypatch):
     cfg = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
            "steps_offset": 1, "prediction_type": "v_prediction"}
     train = training_schedule(cfg)
@@ -97,7 +97,10 @@ def test_scheduler_config_mapping():
     assert p.sampler_name == "ddim" and p.threshold is not None  # DDIM's class default clip_sample=True
     np.testing.assert_allclose(np.interp(p.sigmas.used()[:4], train.sigmas, np.arange(1000)), [751, 501, 251, 1],
                                atol=1e-2)
-    with pytest.warns(UserWarning, match="PNDMScheduler has no jaxdiff equivalent"):
-        assert plan(training_schedule(dict(cfg, _class_name="PNDMScheduler")), 4).sampler_name == "dpmpp_2m"
+    from jaxdiff.pipelines import schedulers
+
+    monkeypatch.setattr(schedulers, "_WARNED", set())
+    with pytest.warns(UserWarning, match="KDPM2DiscreteScheduler has no jaxdiff equivalent"):
+        assert plan(training_schedule(dict(cfg, _class_name="KDPM2DiscreteScheduler")), 4).sampler_name == "dpmpp_2m"
     with pytest.raises(ValueError, match="prediction_type"):
         training_schedule(dict(cfg, prediction_type="flow"))
