@@ -242,7 +242,13 @@ class EnergyGuidance:
 
 @pytree_dataclass
 class StaticThreshold:
-    """Static thresholding (Saharia et al. 2022, Sec. 2.3): clip x0 to ``[low, high]`` (diffusers ``clip_sample``)."""
+    """Static thresholding (Saharia et al. 2022, Sec. 2.3): clip x0 to ``[low, high]`` (diffusers ``clip_sample``).
+
+    Wrapping the denoiser, any sampler then steps with the noise implied by the clipped x0 (diffusers'
+    DDIM with ``use_clipped_model_output=True``). diffusers' default DDIM keeps the network's own noise
+    estimate: pass the transform as ``samplers.DDIM(threshold=static_threshold(...))`` for that.
+    For DDPM, DPM-Solver++ and UniPC the two placements agree with diffusers.
+    """
 
     inner: Denoiser
     low: Array = -1.0
@@ -269,7 +275,12 @@ def dynamic_threshold_values(x0: Array, ratio: Array, max_value: Array) -> Array
 
 @pytree_dataclass
 class DynamicThreshold:
-    """Dynamic thresholding of the x0 estimate; see :func:`dynamic_threshold_values`."""
+    """Dynamic thresholding of the x0 estimate; see :func:`dynamic_threshold_values`.
+
+    As a denoiser wrapper the noise is re-derived from the thresholded x0; ``samplers.DDIM(threshold=...)``
+    keeps the network's noise estimate as diffusers' ``DDIMScheduler(thresholding=True)`` does
+    (see :class:`StaticThreshold`).
+    """
 
     inner: Denoiser
     ratio: Array = 0.995

@@ -493,7 +493,8 @@ class Transformer2DModel(nnx.Module):
     """Spatial transformer of latent diffusion (Rombach et al. 2022), diffusers ``Transformer2DModel``.
 
     GroupNorm, ``proj_in`` (1x1 conv, or a Linear when ``use_linear_projection`` as in SD 2),
-    ``transformer_blocks`` over the flattened pixels, ``proj_out``, plus the input.
+    ``transformer_blocks`` over the flattened pixels, ``proj_out``, plus the input. The blocks run
+    at width ``heads * dim_head``, which need not equal ``in_channels`` (diffusers allows it).
     """
 
     def __init__(self, heads: int, dim_head: int, in_channels: int, mk: Maker, *, num_layers: int = 1,
@@ -614,9 +615,15 @@ class MidBlock(nnx.Module):
 
 def spatial_attention(channels: int, mk: Maker, *, head_dim: int, groups: int | None, eps: float,
                       rescale_output_factor: float = 1.0) -> Attention:
-    """The self-attention of diffusers' pixel / VAE blocks (``_from_deprecated_attn_block``)."""
-    if channels % head_dim:
-        raise ValueError(f"attention_head_dim {head_dim} does not divide {channels} channels")
+    """The self-attention of diffusers' pixel / VAE blocks (``_from_deprecated_attn_block``).
+
+    As in diffusers' ``AttnDownBlock2D`` / ``UNetMidBlock2D``, ``heads = channels // head_dim``
+    heads of ``head_dim`` each: when ``head_dim`` does not divide ``channels`` the queries, keys
+    and values are ``heads * head_dim`` wide (narrower than ``channels``) and ``to_out`` maps
+    back to ``channels``.
+    """
+    if not 0 < head_dim <= channels:
+        raise ValueError(f"attention_head_dim {head_dim} must be between 1 and the block's {channels} channels")
     return Attention(channels, mk, heads=channels // head_dim, dim_head=head_dim, bias=True,
                      norm_num_groups=groups, eps=eps, residual_connection=True,
                      rescale_output_factor=rescale_output_factor)

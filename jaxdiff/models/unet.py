@@ -47,7 +47,8 @@ class UNet2DConditionConfig:
     """The ``config.json`` keys of diffusers' ``UNet2DConditionModel`` that jaxdiff supports.
 
     As in diffusers, ``attention_head_dim`` is (for historical reasons) the number of heads per
-    block unless ``num_attention_heads`` is given.
+    block unless ``num_attention_heads`` is given; each head is ``channels // heads`` wide, so
+    heads that do not divide a block's channels give a narrower attention (as in diffusers).
     """
 
     sample_size: int | None = None
@@ -148,8 +149,12 @@ class UNet2DConditionConfig:
 
 def _transformer(cfg: UNet2DConditionConfig, channels: int, heads: int, layers: int, cross_dim: int,
                  only_cross: bool, mk: Maker) -> Transformer2DModel:
-    if channels % heads:
-        raise ValueError(f"{heads} attention heads do not divide {channels} channels; fix attention_head_dim")
+    """``Transformer2DModel(heads, channels // heads, channels)`` as diffusers' cross-attention blocks
+    build it: when ``heads`` does not divide ``channels`` the transformer runs at the narrower width
+    ``heads * (channels // heads)`` between ``proj_in`` and ``proj_out``."""
+    if not 0 < heads <= channels:
+        raise ValueError(f"{heads} attention heads for a {channels}-channel block: each head needs at least one "
+                         "channel; fix attention_head_dim / num_attention_heads")
     return Transformer2DModel(heads, channels // heads, channels, mk, num_layers=layers,
                               cross_attention_dim=cross_dim, norm_num_groups=cfg.norm_num_groups,
                               use_linear_projection=cfg.use_linear_projection, only_cross_attention=only_cross)

@@ -51,7 +51,8 @@ def rename_torch_key(key: str) -> str:
 class UNet2DConfig:
     """The ``config.json`` keys of diffusers' ``UNet2DModel`` that jaxdiff supports.
 
-    ``attention_head_dim`` is the size of one head (``None``: one head over all channels).
+    ``attention_head_dim`` is the size of one head (``None``: one head over all channels); a block
+    of ``c`` channels has ``c // attention_head_dim`` heads, whether or not it divides ``c``.
     """
 
     sample_size: int | None = None

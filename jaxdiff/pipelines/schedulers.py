@@ -122,7 +122,10 @@ class Plan:
     quantize: bool  # the network sees integer timesteps (diffusers' integer schedules)
     sampler_name: str
     schedule_name: str
-    threshold: Any = None  # a jaxdiff.guidance transform (clip_sample / thresholding of the scheduler config)
+    # The x0 clipping of the scheduler config (clip_sample / thresholding) as a jaxdiff.guidance transform for the
+    # pipeline to wrap the denoiser with (None: none). For DDIM and DDPM it is None: :func:`plan` puts the clip
+    # into the sampler's own ``threshold`` field instead, where it acts inside the step as diffusers' does.
+    threshold: Any = None
 
 
 def plan(train: TrainingSchedule, steps: int, sampler: str | None = None, schedule: str | None = None, *,
@@ -168,24 +171,42 @@ def plan(train: TrainingSchedule, steps: int, sampler: str | None = None, schedu
         quantize = schedules.REFERENCE_SCHEDULERS[ref][0] or spacing != "linspace"
     init = schedules.reference_init_sigma(ref, spacing, float(np.asarray(sigmas.values)[0]))
     obj = get_sampler(name, **sampler_options)
+    owner = train.class_name if substitute else ref  # the class whose config keys apply
+    threshold = threshold_transform(owner, cfg)
+    if owner in STEP_THRESHOLD_SCHEDULERS and hasattr(obj, "threshold"):
+        if obj.threshold is None:  # a threshold passed in sampler_options wins over the config's
+            obj = dataclasses.replace(obj, threshold=threshold)
+        threshold = None
     return Plan(obj, schedules.Sigmas(jnp.asarray(sigmas.values, jnp.float32), jnp.asarray(sigmas.count, jnp.int32)),
-                init, quantize, name, schedule, threshold_transform(train.class_name if substitute else ref, cfg))
+                init, quantize, name, schedule, threshold)
+
+
+# diffusers schedulers whose step() reads the config key thresholding (dynamic thresholding of x0)
+THRESHOLDING_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+# those that read clip_sample, with their class default (from_config fills a missing key with it)
+CLIP_SAMPLE_DEFAULT = {"DDIMScheduler": True, "DDPMScheduler": True, "HeunDiscreteScheduler": False}
+# those whose jaxdiff sampler takes the clip as its own ``threshold`` field (diffusers' DDIM keeps the model's eps)
+STEP_THRESHOLD_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")
 
 
 def threshold_transform(scheduler: str, config: Mapping[str, Any]) -> Any:
-    """The x0 clipping the scheduler config asks for, as a denoiser transform (None: none).
+    """The x0 clipping the scheduler config asks for when read by diffusers' ``scheduler`` class, as a
+    :mod:`jaxdiff.guidance` transform (None: none).
 
-    ``thresholding`` -> Imagen's dynamic thresholding; ``clip_sample`` (default True for DDIM and DDPM, as
-    their classes) -> a static clip to ``clip_sample_range``. jaxdiff's samplers then move with the
-    noise implied by the clipped x0; diffusers' DDIM keeps the network's own noise estimate, so with
-    clipping on the two differ (Stable Diffusion folders set ``clip_sample: false``).
+    ``thresholding`` -> Imagen's dynamic thresholding (``dynamic_thresholding_ratio``, ``sample_max_value``)
+    for the classes that read it (:data:`THRESHOLDING_SCHEDULERS`); else ``clip_sample`` for the classes
+    that read it (:data:`CLIP_SAMPLE_DEFAULT`, with their defaults: True for DDIM and DDPM, False for Heun)
+    -> a static clip to ``clip_sample_range``. Euler and Euler ancestral read neither key. Wrapping the
+    denoiser with the transform reproduces DPM-Solver++, UniPC and Heun (they step with the clipped data
+    estimate) and DDPM; DDIM must keep the network's own noise estimate, which is why :func:`plan` hands
+    it to the ``threshold`` field of :class:`jaxdiff.samplers.DDIM` / ``DDPM`` instead.
     """
     from jaxdiff import guidance
 
-    if config.get("thresholding", False):
+    if scheduler in THRESHOLDING_SCHEDULERS and config.get("thresholding", False):
         return guidance.dynamic_threshold(config.get("dynamic_thresholding_ratio", 0.995),
                                           config.get("sample_max_value", 1.0))
-    if scheduler in ("DDIMScheduler", "DDPMScheduler") and config.get("clip_sample", True):
+    if scheduler in CLIP_SAMPLE_DEFAULT and config.get("clip_sample", CLIP_SAMPLE_DEFAULT[scheduler]):
         r = float(config.get("clip_sample_range", 1.0))
         return guidance.static_threshold(-r, r)
     return None

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff.samplers._base import DenoiseFn, noise_like
+from jaxdiff.samplers.euler import threshold_x0
 
 Array = jax.Array
 VARIANCES = ("fixed_small", "fixed_large")
@@ -24,9 +25,16 @@ class DDPM:
     ``(s^2 - s'^2) (1 + s'^2) / (1 + s^2)`` (``"fixed_large"``: beta). No noise is added on the last step
     (``s' = 0``), as in Alg. 2 (``z = 0`` at t = 1); diffusers adds ``sqrt(beta_t) z`` there with
     ``fixed_large`` whenever the final timestep is positive.
+
+    ``threshold`` (a denoiser transform such as ``guidance.static_threshold(-1, 1)``, or None) clips
+    the x0 estimate before the posterior mean, as diffusers' ``DDPMScheduler`` does with
+    ``clip_sample`` / ``thresholding``. The mean is linear in ``x0`` and ``x`` with fixed
+    coefficients, so this equals wrapping the denoiser with the same transform; the field exists
+    so that :func:`jaxdiff.pipelines.schedulers.plan` treats DDPM and DDIM folders alike.
     """
 
     variance: str = static_field(default="fixed_small")
+    threshold: Any = None
 
     def __post_init__(self) -> None:
         if self.variance not in VARIANCES:
@@ -38,6 +46,8 @@ class DDPM:
     def step(self, denoise: DenoiseFn, state: Any, x: Array, sigma: Array, sigma_next: Array,
              key: Array) -> tuple[Array, Any]:
         x0 = denoise(x, sigma)
+        if self.threshold is not None:
+            x0 = threshold_x0(self.threshold, x0, x, sigma)
         s2, n2 = sigma * sigma, sigma_next * sigma_next
         mean = x0 + (n2 / s2) * (x - x0)
         if self.variance == "fixed_small":

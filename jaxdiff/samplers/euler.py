@@ -12,6 +12,16 @@ from jaxdiff.samplers._base import DenoiseFn, ancestral_split, check_option, noi
 Array = jax.Array
 
 
+def threshold_x0(threshold: Any, x0: Array, x: Array, sigma: Array) -> Array:
+    """Apply a denoiser transform (``denoiser -> denoiser``, e.g. :func:`jaxdiff.guidance.static_threshold`)
+    to a data estimate already computed: the transform wraps a denoiser that returns ``x0``.
+
+    This is how a sampler clips x0 inside its step (diffusers' ``clip_sample`` / ``thresholding``)
+    without the clipped value leaking into the noise estimate.
+    """
+    return threshold(lambda x_, sigma_, cond=None: x0)(x, sigma)
+
+
 @pytree_dataclass
 class Euler:
     """Euler's method on the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras et al. 2022, eq. 3).
@@ -40,9 +50,20 @@ class DDIM:
     evaluates the denoiser at the *target* level on the current sample, as diffusers'
     ``DDIMInverseScheduler`` does; this is the cheap inverse of the downward step (which uses the same
     level argument) and it is defined when starting from ``sigma = 0``.
+
+    ``threshold`` (a denoiser transform such as ``guidance.static_threshold(-1, 1)`` or
+    ``guidance.dynamic_threshold(0.995, 1.0)``, or None) clips the data estimate *inside the step*
+    as diffusers' ``DDIMScheduler`` does with ``clip_sample`` / ``thresholding``: the step moves from
+    the clipped ``x0`` along the network's own noise estimate, ``x_next = clip(x0) + sigma_down *
+    eps_hat + sigma_up * z`` with ``eps_hat`` unclipped (diffusers' default
+    ``use_clipped_model_output=False``). Wrapping the *denoiser* with the same transform instead
+    re-derives the noise from the clipped x0 (``use_clipped_model_output=True``); the two agree
+    until the clip bites. :func:`jaxdiff.pipelines.schedulers.plan` sets this field from a DDIM
+    folder's scheduler config.
     """
 
     eta: Array | float = 0.0
+    threshold: Any = None
 
     def __post_init__(self) -> None:
         check_option("eta", self.eta, lambda v: v >= 0, "non-negative (0: deterministic DDIM, 1: ancestral)")
@@ -55,7 +76,10 @@ class DDIM:
         s_eval = jnp.maximum(sigma, sigma_next)
         eps = (x - denoise(x, s_eval)) / s_eval
         down, up = ancestral_split(s_eval, sigma_next, self.eta)
-        return x + (down - sigma) * eps + up * noise_like(key, x), state
+        if self.threshold is None:
+            return x + (down - sigma) * eps + up * noise_like(key, x), state
+        x0 = threshold_x0(self.threshold, x - sigma * eps, x, sigma)  # x - sigma eps: the estimate at this level
+        return x0 + down * eps + up * noise_like(key, x), state
 
 
 @pytree_dataclass

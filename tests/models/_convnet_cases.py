@@ -28,8 +28,8 @@ def live_case(name: str) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndar
     """The same case rebuilt now by diffusers, saved with ``save_pretrained`` and read back."""
     from tests.models.fixtures import make_unet
 
-    kind, _, seed, io_fn = make_unet.cases()[name]
-    model = make_unet.build(kind, make_unet.cases()[name][1], seed)
+    kind, config, seed, io_fn = {**make_unet.cases(), **make_unet.live_only_cases()}[name]
+    model = make_unet.build(kind, config, seed)
     io = {k: v.detach().float().numpy() for k, v in io_fn(model).items()}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

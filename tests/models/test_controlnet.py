@@ -50,6 +50,17 @@ def test_residuals_and_controlled_unet_match_diffusers_live():
     assert_close(io["unet_out"], load_case("controlnet_sd1")[2]["unet_out"], rel=1e-6)
 
 
+@pytest.mark.parity
+def test_heads_that_do_not_divide_channels_match_diffusers_live():
+    """3 heads on 32 and 64 channels (attention 30 and 63 wide), residuals and the controlled U-Net."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    config, weights, io = live_case("controlnet_odd_heads")
+    unet_config, unet_weights, _ = live_case("unet_odd_heads_linear")
+    assert weights["mid_block.attentions.0.proj_in.weight"].shape == (63, 64)
+    check_case(config, weights, io, unet_config, unet_weights)
+
+
 def test_conditioning_scale_is_linear_and_traced():
     config, weights, io = load_case("controlnet_sd1")
     d1, m1 = run_controlnet(config, weights, io, scale=np.float32(0.5))

@@ -41,6 +41,24 @@ def test_matches_diffusers_live(case):
     assert_close(io["out"], load_case(case)[2]["out"], rel=1e-6)  # the committed fixture is current
 
 
+@pytest.mark.parity
+@pytest.mark.parametrize("case", ["unet_odd_heads", "unet_odd_heads_linear"])
+def test_heads_that_do_not_divide_channels_match_diffusers_live(case):
+    """diffusers builds ``Transformer2DModel(heads, channels // heads)``: 3 heads on 32 channels run
+    the transformer 30 wide (conv or linear ``proj_in``), 5 heads on 64 run it 60 wide."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    config, weights, io = live_case(case)
+    assert weights["down_blocks.0.attentions.0.proj_in.weight"].shape[0] == 30
+    assert_close(run(config, weights, io), io["out"])
+
+
+def test_more_heads_than_channels_is_rejected():
+    config = {**load_case("unet_inpaint")[0], "attention_head_dim": 9}  # 9 heads on 8 channels
+    with pytest.raises(ValueError, match="9 attention heads for a 8-channel block"):
+        unet.from_pretrained_tensors(config, load_case("unet_inpaint")[1])
+
+
 def test_bfloat16_compute_is_close_to_float32():
     config, weights, io = load_case("unet_sd1")
     out = run(config, weights, io, dtype=jnp.bfloat16)

@@ -38,6 +38,16 @@ def test_matches_diffusers_live(case):
     assert_close(io["out"], load_case(case)[2]["out"], rel=1e-6)
 
 
+@pytest.mark.parity
+def test_head_dim_that_does_not_divide_channels_matches_diffusers_live():
+    """Head size 5 on 32 / 64 channels: diffusers uses 6 / 12 heads, attention 30 / 60 wide."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    config, weights, io = live_case("unet2d_odd_head_dim")
+    assert weights["mid_block.attentions.0.to_q.weight"].shape == (60, 64)
+    assert_close(run(config, weights, io), io["out"])
+
+
 def test_class_labels_change_the_output_and_are_required():
     config, weights, io = load_case("unet2d_digits")
     other = run(config, weights, io, class_labels=io["class_labels"][::-1].copy())

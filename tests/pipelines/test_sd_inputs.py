@@ -94,7 +94,7 @@ def test_scheduler_config_mapping(monkeypatch):
     train = training_schedule(cfg)
     assert train.prediction == "v_prediction"
     p = plan(train, 4)
-    assert p.sampler_name == "ddim" and p.threshold is not None  # DDIM's class default clip_sample=True
+    assert p.sampler_name == "ddim" and p.sampler.threshold is not None  # DDIM's class default clip_sample=True
     np.testing.assert_allclose(np.interp(p.sigmas.used()[:4], train.sigmas, np.arange(1000)), [751, 501, 251, 1],
                                atol=1e-2)
     from jaxdiff.pipelines import schedulers
