@@ -5,13 +5,21 @@ reference solve from the same start: adaptive Dormand-Prince at rtol = atol = 1e
 distance of their samples to exact samples, with the exact-vs-exact distance printed as the floor.
 Function evaluations are counted at run time (a host callback inside the denoiser), so skipped
 evaluations (Heun's last step, adaptive step rejection) are counted as they happen.
-Usage: ``python benchmarks/solver_accuracy.py [--json PATH] [--png PATH]``.
+
+DDIM inversion is judged by its round trip: exact samples x0 are inverted up the schedule
+(``sampling.invert`` with the denoiser at the current or, as diffusers, the target level), then
+sampled back down with DDIM (eta = 0) from the same schedule; the error is the distance to x0.
+Usage: ``python benchmarks/solver_accuracy.py [--json PATH] [--png PATH] [--only inversion]``
+(``--only inversion`` updates just the ``inversion`` entry of an existing JSON file).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import json
+from pathlib import Path
 
 from _common import emit, machine, parser
 from jaxdiff import metrics, mixtures, sampling, schedules
@@ -47,13 +55,41 @@ def run(sampler, steps: int, x, key, schedule: str = "karras"):
 
 
 MIX = mixtures.random_mixture(jax.random.key(0), 8, 8)
+INVERSION_STEPS = (10, 25, 50, 100, 250)
+
+
+def inversion(n: int) -> list[dict]:
+    """Round-trip error of DDIM inversion for both evaluation levels, on MIX and on the 2-D ring."""
+    from jaxdiff.samplers import DDIM
+
+    rows = []
+    for label, mix in (("random_8d", MIX), ("ring_2d", mixtures.ring_2d())):
+        x0 = mix.sample(jax.random.key(6), n)
+        for steps in INVERSION_STEPS:
+            sig = schedules.karras(steps, SIGMA_MIN, SIGMA_MAX, capacity=max(INVERSION_STEPS))
+            for where in sampling.EVALUATE_AT:
+                rec = sampling.sample(mix, DDIM(), sig, sampling.invert(mix, x0, sig, evaluate_at=where))
+                err = np.linalg.norm(np.asarray(rec - x0), axis=-1)
+                rows.append({"mixture": label, "steps": steps, "evaluate_at": where,
+                             "median": float(np.median(err)), "rms": float(np.sqrt(np.mean(err**2))),
+                             "p90": float(np.percentile(err, 90))})
+    return rows
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--png", default=None, help="write a log-log plot of error vs evaluations here")
     p.add_argument("--n", type=int, default=2000, help="samples per run")
+    p.add_argument("--only", choices=("all", "inversion"), default="all",
+                   help="'inversion': run only the DDIM round trips and update that entry of --json")
     args = p.parse_args()
+    inv = inversion(args.n)
+    if args.only == "inversion":
+        results = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+        results["inversion"] = {"schedule": {"name": "karras", "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX},
+                                "samples": args.n, "machine": machine(), "rows": inv}
+        emit(results, inv, args.json)
+        return
     key = jax.random.key(1)
     x = sampling.initial_noise(jax.random.key(2), (args.n, MIX.dim), SIGMA_MAX, sigma_data=1.0)
     # Two levels, [sigma_max, sigma_min, 0]: Dopri5 integrates the first move adaptively, then denoises.
@@ -79,7 +115,9 @@ def main() -> None:
     results = {"benchmark": "solver_accuracy", "machine": machine(), "mixture": {"modes": 8, "dim": 8},
                "schedule": {"name": "karras", "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX},
                "reference": {"sampler": "dopri5", "rtol": 1e-7, "atol": 1e-7, "nfe": ref_nfe},
-               "sliced_w2_floor": floor, "rows": rows}
+               "sliced_w2_floor": floor, "rows": rows,
+               "inversion": {"schedule": {"name": "karras", "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX},
+                             "samples": args.n, "machine": machine(), "rows": inv}}
     emit(results, rows, args.json)
     if args.png:
         plot(rows, floor, args.png)

@@ -168,7 +168,22 @@ class ClassifierGuidance:
     ``x0 = x - sigma eps``; with an ancestral sampler it is the score-shift form of Alg. 1, whose
     mean shift ``scale Sigma grad`` agrees to first order in the step.
     ``classifier(x, sigma) -> (B, C)`` log-probabilities or logits (``normalize`` applies
-    ``log_softmax``). ``labels`` (B,) default to the runner's conditioning; a label of -1 is unguided.
+    ``log_softmax``). A label of -1 leaves that sample unguided.
+
+    Who receives the runner's ``cond`` (each piece of conditioning has exactly one consumer):
+
+    - ``labels=None`` (default): ``cond`` *is* the labels (B,), read by the classifier only. The inner
+      denoiser is called **unconditionally** (``cond=None``), so ``D = D_u`` and, at scale 1 with the
+      exact posterior, ``D'`` is the exact class-conditional denoiser. ``condition_inner=True`` also
+      gives the labels to the inner denoiser (ADM's guided *conditional* model, ``D_c`` + shift).
+    - ``labels`` given (a leaf, changeable without recompiling): the runner's ``cond`` belongs to the
+      inner denoiser and is passed to it unchanged.
+
+    An inner denoiser that needs its own conditioning while the labels come through ``cond`` is
+    bound first (:func:`bind`), e.g. a text-conditional model guided by a class classifier::
+
+        guided = apply(model, bind(prompt_embedding), classifier_guidance(clf, scale=2.0))
+        sample(guided, sampler, sigmas, x, key, cond=labels)
     """
 
     inner: Denoiser
@@ -176,6 +191,7 @@ class ClassifierGuidance:
     scale: Array
     labels: Any = None
     normalize: bool = static_field(default=True)
+    condition_inner: bool = static_field(default=False)
 
     def log_prob(self, x: Array, sigma: Array, labels: Array) -> Array:
         """``sum_b log p(labels[b] | x[b], sigma[b])``."""
@@ -188,17 +204,22 @@ class ClassifierGuidance:
         return jnp.sum(_selected_log_prob(logp, labels))
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
-        labels = cond if self.labels is None else self.labels
+        if self.labels is None:
+            labels, inner_cond = cond, (cond if self.condition_inner else None)
+        else:
+            labels, inner_cond = self.labels, cond
         if labels is None:
             raise ValueError("classifier guidance needs class labels: pass labels= to classifier_guidance "
                              "or give the labels (B,) as the conditioning")
         labels = jnp.asarray(labels)
-        if labels.shape != (x.shape[0],):
-            raise ValueError(f"labels must have shape (batch,) = ({x.shape[0]},), got {labels.shape}")
+        if labels.shape != (x.shape[0],) or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"labels must be integers of shape (batch,) = ({x.shape[0]},), got {labels.dtype} "
+                             f"{labels.shape}; to condition the inner denoiser on something else, bind it first "
+                             "(apply(model, bind(c), classifier_guidance(clf))) or pass labels= explicitly")
         sigma = batch_sigma(sigma, x)
         grad = jax.grad(self.log_prob)(x, sigma, labels)
         s = expand_to(sigma, x)
-        return self.inner(x, sigma, cond) + _per_sample(self.scale, x) * s * s * grad.astype(x.dtype)
+        return self.inner(x, sigma, inner_cond) + _per_sample(self.scale, x) * s * s * grad.astype(x.dtype)
 
 
 # ---- energy (loss) guidance ------------------------------------------------------------------
@@ -357,11 +378,19 @@ def classifier_free(scale: Any, uncond: Any, *, rescale: Any = 0.0, rescale_spac
 
 
 def classifier_guidance(classifier: Callable[[Array, Array], Array], scale: Any = 1.0, labels: Any = None, *,
-                        normalize: bool = True) -> Transform:
-    """Classifier guidance transform; see :class:`ClassifierGuidance`. ``labels=None`` reads them from ``cond``."""
+                        normalize: bool = True, condition_inner: bool = False) -> Transform:
+    """Classifier guidance transform; see :class:`ClassifierGuidance` for who receives ``cond``.
+
+    ``labels=None`` reads the labels from ``cond`` and calls the inner denoiser unconditionally
+    (``condition_inner=True``: with the labels too); given ``labels``, ``cond`` goes to the inner denoiser.
+    """
+    if condition_inner and labels is not None:
+        raise ValueError("condition_inner=True passes the labels read from cond to the inner denoiser; with "
+                         "labels= given, cond already goes to the inner denoiser: drop one of them")
     params = dict(classifier=_as_pytree_callable(classifier), scale=_float_leaf(scale),
                   labels=None if labels is None else jnp.asarray(labels, jnp.int32))
-    return Transform(ClassifierGuidance, params, (("normalize", bool(normalize)),))
+    static = (("normalize", bool(normalize)), ("condition_inner", bool(condition_inner)))
+    return Transform(ClassifierGuidance, params, static)
 
 
 def energy_guidance(loss_fn: Callable[[Array, Any], Array], scale: Any = 1.0, *,

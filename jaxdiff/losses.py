@@ -30,8 +30,12 @@ weighting      lambda(sigma)              equals, for the matching adapter
 ``reduce="mean"`` averages the squared error over the non-batch dimensions (the papers' squared
 norm divided by the dimension, which keeps learning rates independent of image size);
 ``reduce="sum"`` gives the papers' squared norm. Losses are per sample, shape (B,), in float32.
-Randomness: ``key`` is split once into (noise-level key, noise key), so a loss is a deterministic
-function of its key.
+Randomness: ``key`` (a PRNG key or an int seed, as in :func:`jaxdiff.sample`) is split once into
+(noise-level key, noise key), so a loss is a deterministic function of its key.
+
+Every loss is called in one order, the model first and its conditioning last, as the sampler runner:
+``loss(model, x0, key, cond)`` and ``loss.at(model, x0, sigma, noise, cond)``, where ``cond`` is the
+denoiser's conditioning for :class:`DenoisingLoss` and the class labels for :class:`NoisyClassifierLoss`.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._util import batch_sigma, expand_to
@@ -137,6 +142,19 @@ def loss_weight(weighting: str, sigma: Array, sigma_data: Any = 0.5) -> Array:
     raise ValueError(f"unknown loss weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
 
 
+def as_key(key: Any) -> Array:
+    """A PRNG key from a key or an int seed (like :func:`jaxdiff.sample`), with a clear error otherwise."""
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                              or (dtype == jnp.uint32 and jnp.shape(key) == (2,))):
+        return key
+    raise TypeError(f"key must be a PRNG key (jax.random.key) or an int seed, got {type(key).__name__} "
+                    f"{getattr(key, 'dtype', '')}{tuple(jnp.shape(key))}; losses are called as "
+                    "loss(model, x0, key, cond) (classifier losses: loss(classifier, x0, key, labels))")
+
+
 def _reduce(sq: Array, reduce: str) -> Array:
     axes = tuple(range(1, sq.ndim))
     return jnp.mean(sq, axis=axes) if reduce == "mean" else jnp.sum(sq, axis=axes)
@@ -146,7 +164,8 @@ def _reduce(sq: Array, reduce: str) -> Array:
 class DenoisingLoss:
     """``lambda(sigma) ||D(x0 + sigma noise, sigma, cond) - x0||^2`` with sigma from ``levels``.
 
-    Call it as ``loss(denoiser, x0, key, cond) -> (B,)``; :meth:`at` takes explicit sigma and noise.
+    Call it as ``loss(denoiser, x0, key, cond) -> (B,)`` (``key`` may be an int seed); :meth:`at` takes
+    explicit sigma and noise: ``at(denoiser, x0, sigma, noise, cond)``.
     """
 
     levels: Callable[[Array, int], Array]
@@ -160,9 +179,9 @@ class DenoisingLoss:
         if self.reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}")
 
-    def sample(self, x0: Array, key: Array) -> tuple[Array, Array]:
+    def sample(self, x0: Array, key: Array | int) -> tuple[Array, Array]:
         """The noise levels (B,) and the noise (like x0) that ``__call__`` uses for this key."""
-        k_sigma, k_noise = jax.random.split(key)
+        k_sigma, k_noise = jax.random.split(as_key(key))
         sigma = self.levels(k_sigma, x0.shape[0]).astype(jnp.float32)
         return sigma, jax.random.normal(k_noise, x0.shape, jnp.float32)
 
@@ -174,7 +193,7 @@ class DenoisingLoss:
         err = denoiser(x, sigma, cond).astype(jnp.float32) - x0
         return loss_weight(self.weighting, sigma, self.sigma_data) * _reduce(err * err, self.reduce)
 
-    def __call__(self, denoiser: Callable[..., Array], x0: Array, key: Array, cond: Any = None) -> Array:
+    def __call__(self, denoiser: Callable[..., Array], x0: Array, key: Array | int, cond: Any = None) -> Array:
         sigma, noise = self.sample(x0, key)
         return self.at(denoiser, x0, sigma, noise, cond)
 
@@ -216,27 +235,35 @@ def vp_continuous_loss(beta_min: float = 0.1, beta_max: float = 20.0, eps: float
 class NoisyClassifierLoss:
     """Cross-entropy of ``classifier(x0 + sigma noise, sigma) -> logits`` against the labels.
 
+    Called like :class:`DenoisingLoss`, with the labels (B,) as the conditioning:
+    ``loss(classifier, x0, key, labels)`` and ``loss.at(classifier, x0, sigma, noise, labels)``.
     The classifier speaks the sigma convention, like a denoiser; wrap a network trained on VP inputs
     with :class:`DiscreteVPClassifier` (Dhariwal & Nichol 2021, Sec. 4) or :class:`EDMClassifier`.
     """
 
     levels: Callable[[Array, int], Array]
 
-    def sample(self, x0: Array, key: Array) -> tuple[Array, Array]:
-        k_sigma, k_noise = jax.random.split(key)
+    def sample(self, x0: Array, key: Array | int) -> tuple[Array, Array]:
+        """The noise levels (B,) and the noise (like x0) that ``__call__`` uses for this key."""
+        k_sigma, k_noise = jax.random.split(as_key(key))
         sigma = self.levels(k_sigma, x0.shape[0]).astype(jnp.float32)
         return sigma, jax.random.normal(k_noise, x0.shape, jnp.float32)
 
-    def at(self, classifier: Callable[..., Array], x0: Array, labels: Array, sigma: Array, noise: Array) -> Array:
+    def at(self, classifier: Callable[..., Array], x0: Array, sigma: Array, noise: Array, labels: Array) -> Array:
+        """Per-sample cross-entropy at given noise levels (B,) and noise."""
+        labels = jnp.asarray(labels)
+        if labels.shape != (x0.shape[0],) or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f"labels must be integers of shape (batch,) = ({x0.shape[0]},), got {labels.dtype} "
+                             f"{labels.shape}; the loss is called as loss(classifier, x0, key, labels)")
         x0 = x0.astype(jnp.float32)
         sigma = batch_sigma(sigma, x0)
         logits = classifier(x0 + expand_to(sigma, x0) * noise, sigma).astype(jnp.float32)
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
 
-    def __call__(self, classifier: Callable[..., Array], x0: Array, labels: Array, key: Array) -> Array:
+    def __call__(self, classifier: Callable[..., Array], x0: Array, key: Array | int, labels: Array) -> Array:
         sigma, noise = self.sample(x0, key)
-        return self.at(classifier, x0, labels, sigma, noise)
+        return self.at(classifier, x0, sigma, noise, labels)
 
 
 @pytree_dataclass

@@ -184,7 +184,7 @@ def test_exact_noisy_classifier_minimises_cross_entropy():
     labels = mix.component_classes[comps]
     loss = L.NoisyClassifierLoss(L.LogNormalLevels(-0.5, 1.0))
     exact = MixtureClassifier(mix)
-    run = jax.jit(lambda temp, scale: jnp.mean(loss(lambda x, s: exact(x, scale * s) * temp, x0, labels, kl)))
+    run = jax.jit(lambda temp, scale: jnp.mean(loss(lambda x, s: exact(x, scale * s) * temp, x0, kl, labels)))
     ce = {temp: float(run(temp, 1.0)) for temp in (0.8, 1.0, 1.25)}
     assert ce[1.0] < ce[0.8] and ce[1.0] < ce[1.25], ce
     # evaluating the classifier at a different noise level than the one added is worse
@@ -203,3 +203,36 @@ def test_classifier_adapters_feed_the_training_coordinates():
     xe, ce = L.EDMClassifier(lambda x, c: (x, c), 0.5)(x, sigma)
     np.testing.assert_allclose(xe[:, 0], 1 / jnp.sqrt(sigma**2 + 0.25), rtol=1e-6)
     np.testing.assert_allclose(ce, jnp.log(sigma) / 4, rtol=1e-6)
+
+
+# ---- one calling convention ---------------------------------------------------------------------
+
+def test_losses_accept_an_int_seed_like_sample():
+    x0 = jax.random.normal(jax.random.key(5), (8, DIM))
+    loss = L.edm_loss()
+    np.testing.assert_array_equal(loss(gaussian_denoiser(), x0, 7), loss(gaussian_denoiser(), x0, jax.random.key(7)))
+    np.testing.assert_array_equal(loss(gaussian_denoiser(), x0, np.int64(7)), loss(gaussian_denoiser(), x0, 7))
+    ce = L.NoisyClassifierLoss(L.LogNormalLevels())
+    clf = lambda x, s: jnp.stack([x[:, 0], -x[:, 0]], axis=-1)  # noqa: E731
+    labels = jnp.array([0, 1] * 4)
+    np.testing.assert_array_equal(ce(clf, x0, 3, labels), ce(clf, x0, jax.random.key(3), labels))
+    with pytest.raises(TypeError, match=r"key must be a PRNG key.*or an int seed"):
+        loss(gaussian_denoiser(), x0, 1.5)
+
+
+def test_every_loss_takes_model_x0_key_then_conditioning():
+    """DenoisingLoss and NoisyClassifierLoss share one argument order, as the sampler runner (key before cond)."""
+    import inspect
+
+    for cls in (L.DenoisingLoss, L.NoisyClassifierLoss):
+        call = list(inspect.signature(cls.__call__).parameters)[1:]
+        at = list(inspect.signature(cls.at).parameters)[1:]
+        assert call[1:3] == ["x0", "key"] and at[1:4] == ["x0", "sigma", "noise"], (cls, call, at)
+        assert len(call) == 4 and len(at) == 5  # the conditioning (cond / labels) is last in both
+    # the old classifier order (labels before key) is a clear error, not a silent misuse
+    x0 = jax.random.normal(jax.random.key(5), (4, DIM))
+    clf = lambda x, s: jnp.stack([x[:, 0], -x[:, 0]], axis=-1)  # noqa: E731
+    with pytest.raises(TypeError, match=r"loss\(classifier, x0, key, labels\)"):
+        L.NoisyClassifierLoss(L.LogNormalLevels())(clf, x0, jnp.array([0, 1, 0, 1]), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"labels must be integers"):
+        L.NoisyClassifierLoss(L.LogNormalLevels())(clf, x0, jax.random.key(0), jnp.zeros((4,)))

@@ -21,12 +21,18 @@ _E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 4
 
 
 class Dopri5State(NamedTuple):
-    """Running totals over the whole run: function evaluations, accepted and rejected steps, next step size."""
+    """Running totals over the whole run: function evaluations, accepted and rejected steps, next step size.
+
+    ``exhausted`` is True once a move ran out of ``max_steps`` before reaching its level; ``stalled`` is
+    then ``(sigma, sigma_next, sigma reached)`` of that move (zeros otherwise).
+    """
 
     nfe: Array
     accepted: Array
     rejected: Array
     h: Array
+    exhausted: Array
+    stalled: Array
 
 
 @pytree_dataclass
@@ -40,6 +46,11 @@ class Dopri5:
     steps are accepted when it is <= 1, and the next step is ``h (safety err^{-0.7/5} err_prev^{0.4/5})``
     clipped to [0.2, 10] h (Hairer & Wanner, Sec. IV.2; no growth after a rejection). The step to
     sigma' = 0 is one denoising step ``x' = D(x, sigma)``. NFE and step counts accumulate in the state.
+
+    ``max_steps`` bounds the attempted steps of each move. A move that runs out of them has not reached
+    its level, so its result is not a sample: the state's ``exhausted`` flag is set, ``x`` becomes NaN
+    (the remaining moves are skipped) and :func:`jaxdiff.sampling.sample` raises ``RuntimeError``
+    naming the move (:meth:`failure`); raise ``max_steps`` or loosen ``rtol``/``atol``.
     """
 
     rtol: Array | float = 1e-4
@@ -54,14 +65,27 @@ class Dopri5:
 
     def init(self, x: Array) -> Dopri5State:
         zero = jnp.zeros((), jnp.int32)
-        return Dopri5State(zero, zero, zero, jnp.asarray(self.h0, x.dtype))
+        return Dopri5State(zero, zero, zero, jnp.asarray(self.h0, x.dtype), jnp.zeros((), bool),
+                           jnp.zeros((3,), x.dtype))
+
+    def failure(self, state: Dopri5State) -> str | None:
+        """A one-line error when the run did not finish (host-side, on a concrete final state), else None."""
+        if not bool(state.exhausted):
+            return None
+        s, s_next, reached = (float(v) for v in state.stalled)
+        return (f"dopri5 ran out of max_steps={int(self.max_steps)} on the move sigma {s:g} -> {s_next:g} "
+                f"(reached sigma {reached:g}), so the run is unfinished; raise max_steps or loosen rtol/atol")
 
     def step(self, denoise: DenoiseFn, state: Dopri5State, x: Array, sigma: Array, sigma_next: Array,
              key: Array) -> tuple[Array, Dopri5State]:
         def final() -> tuple[Array, Dopri5State]:
             return denoise(x, sigma), state._replace(nfe=state.nfe + 1)
 
-        return jax.lax.cond(sigma_next > 0, lambda: self._integrate(denoise, state, x, sigma, sigma_next), final)
+        def skip() -> tuple[Array, Dopri5State]:  # an earlier move was unfinished: x is already NaN
+            return x, state
+
+        branch = jnp.where(state.exhausted, 2, jnp.where(sigma_next > 0, 0, 1))
+        return jax.lax.switch(branch, (lambda: self._integrate(denoise, state, x, sigma, sigma_next), final, skip))
 
     def _integrate(self, denoise: DenoiseFn, state: Dopri5State, x: Array, sigma: Array,
                    sigma_next: Array) -> tuple[Array, Dopri5State]:
@@ -95,5 +119,9 @@ class Dopri5:
 
         carry = (jnp.zeros_like(end), x, f(0.0, x), state.h, jnp.asarray(1e-4, x.dtype),
                  state._replace(nfe=state.nfe + 1))
-        _, y, _, h, _, st = jax.lax.while_loop(unfinished, attempt, carry)
-        return y, st._replace(h=jnp.asarray(h, x.dtype))
+        s, y, _, h, _, st = jax.lax.while_loop(unfinished, attempt, carry)
+        stuck = s < end
+        stalled = jnp.stack([sigma, sigma_next, sigma * jnp.exp(-s)]).astype(x.dtype)
+        st = st._replace(h=jnp.asarray(h, x.dtype), exhausted=stuck,
+                         stalled=jnp.where(stuck, stalled, st.stalled))
+        return jnp.where(stuck, jnp.full_like(y, jnp.nan), y), st

@@ -103,4 +103,4 @@ class ClassifierObjective:
         return _with_net(self.classifier, net)
 
     def __call__(self, net: Callable[..., Array], batch: dict, key: Array) -> tuple[Array, dict]:
-        return self.loss(self.classifier_for(net), batch["x"], batch["label"], key), {}
+        return self.loss(self.classifier_for(net), batch["x"], key, batch["label"]), {}

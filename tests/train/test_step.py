@@ -170,6 +170,6 @@ def test_noisy_classifier_training_approaches_the_exact_posterior():
     mixture = make_mixture([[-0.3] * 4, [0.3] * 4], 0.25, [1.0, 1.0], [0, 1])
     test = gaussian_data(4096, seed=5, num_classes=2)
     x0, y = jnp.asarray(test["x"]), jnp.asarray(test["label"])
-    ce = jax.jit(lambda c: jnp.mean(L.NoisyClassifierLoss(levels)(c, x0, y, jax.random.key(3))))
+    ce = jax.jit(lambda c: jnp.mean(L.NoisyClassifierLoss(levels)(c, x0, jax.random.key(3), y)))
     exact, trained = float(ce(MixtureClassifier(mixture))), float(ce(obj.classifier_for(trainer.model(state))))
     assert exact < trained < exact + 0.03 and trained < 0.5 * np.log(2), (exact, trained)
