@@ -46,10 +46,10 @@ class DDIM:
     split of :func:`ancestral_split`. Dividing DDIM's VP update by ``sqrt(abar_next)`` gives exactly
     this, and it is also k-diffusion's Euler-ancestral step, so :class:`EulerAncestral` shares it.
 
-    Moving upward (``sigma_next > sigma``, DDIM inversion, used by :func:`jaxdiff.sampling.invert`)
-    evaluates the denoiser at the *target* level on the current sample, as diffusers'
-    ``DDIMInverseScheduler`` does; this is the cheap inverse of the downward step (which uses the same
-    level argument) and it is defined when starting from ``sigma = 0``.
+    Moving upward (``sigma_next > sigma``) this step evaluates the denoiser at the *target* level on
+    the current sample, as diffusers' ``DDIMInverseScheduler`` does; :func:`jaxdiff.sampling.invert`
+    offers that convention as ``evaluate_at="target"`` and by default evaluates at the current level,
+    which round-trips closer.
 
     ``threshold`` (a denoiser transform such as ``guidance.static_threshold(-1, 1)`` or
     ``guidance.dynamic_threshold(0.995, 1.0)``, or None) clips the data estimate *inside the step*
