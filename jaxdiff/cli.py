@@ -50,7 +50,11 @@ def default_model() -> str:
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
     names = ", ".join(builtin_models())
     p.add_argument("--model", default=default_model(),
-                   help=f"a diffusers Stable Diffusion folder or a built-in model ({names})")
+                   help=f"a diffusers Stable Diffusion folder, an original SD 1.x/2.x single .safetensors file, "
+                        f"or a built-in model ({names})")
+    p.add_argument("--config", default=None,
+                   help="for a single .safetensors file: the model's diffusers folder, or a JSON file with any of "
+                        "unet, vae, text_encoder, scheduler, prediction_type, image_size (default: inferred)")
     p.add_argument("--prompt", action="append", default=None, help="text prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--negative", default=None, help="negative prompt (for every image)")
@@ -194,7 +198,8 @@ def _sample_sd(args: argparse.Namespace) -> Path:
 
     prompts = _prompts(args)
     n = len(prompts)
-    sd = StableDiffusion.from_pretrained(args.model, dtype=_dtype(args.dtype), clip_skip=args.clip_skip)
+    config = dict(config=args.config) if getattr(args, "config", None) else {}
+    sd = StableDiffusion.from_pretrained(args.model, dtype=_dtype(args.dtype), clip_skip=args.clip_skip, **config)
     seeds = [args.seed + i for i in range(n)]
     plan = sd.plan(args.steps, args.sampler, args.schedule)  # warns once when the folder's scheduler has no equivalent
     kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=args.schedule,
@@ -263,7 +268,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif Path(args.model).exists():
         _sample_sd(args)
     else:
-        raise CLIError(f"unknown model {args.model!r}: not a folder, and not a built-in model "
+        raise CLIError(f"unknown model {args.model!r}: not a folder or .safetensors file, and not a built-in model "
                        f"(built-in: {', '.join(names)})")
     return 0
 
