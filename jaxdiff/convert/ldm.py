@@ -132,8 +132,8 @@ def text_encoder_kind(keys: Any) -> str:
     if any(k.startswith(SDXL_PREFIX) for k in keys):
         raise ValueError("this is an SDXL single-file checkpoint (conditioner.embedders.*); jaxdiff loads SD 1.x "
                          "and 2.x single files only: convert it with diffusers' from_single_file(...).save_pretrained()")
-    raise ValueError("the checkpoint has no text encoder (no cond_stage_model.* tensors): pass config= a diffusers "
-                     "folder and load the text encoder from it, or use a full SD 1.x / 2.x checkpoint")
+    raise ValueError("the checkpoint has no text encoder (no cond_stage_model.* tensors); jaxdiff loads complete "
+                     "SD 1.x / 2.x single files (U-Net, VAE and text encoder): use the model's diffusers folder instead")
 
 
 def _strip(keys: Any, prefix: str) -> dict[str, str]:
@@ -229,7 +229,7 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, linear_heads: in
     lay = unet_layout(s)
     per = lay["layers"] + 1
     channels, down_types, up_types, depth = [], [], [], []
-    linear = False
+    linear = False  # transformer depth per level: 1 where the level has no attention (diffusers ignores it)
     for b in range(lay["levels"]):
         first = 1 + b * per
         channels.append(s[f"input_blocks.{first}.0.out_layers.3.weight"][0])
@@ -240,6 +240,7 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, linear_heads: in
             depth.append(len(_indices(s, re.escape(attn) + r"transformer_blocks\.(\d+)\.")))
         else:
             down_types.append("DownBlock2D")
+            depth.append(1)
     for b in range(lay["levels"]):
         attn = f"output_blocks.{b * per}.1.proj_in.weight"
         up_types.append("CrossAttnUpBlock2D" if attn in s else "UpBlock2D")
@@ -259,7 +260,7 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, linear_heads: in
         "cross_attention_dim": ctx[0],
         "attention_head_dim": heads,
         "use_linear_projection": linear,
-        "transformer_layers_per_block": depth[0] if depth and len(set(depth)) == 1 else (depth or 1),
+        "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
         "norm_num_groups": SD_GROUPS,
     }
     if "label_emb.weight" in s:
@@ -326,7 +327,8 @@ def infer_vae_config(shapes: Mapping[str, tuple[int, ...]], *, image_size: int =
     """A diffusers ``AutoencoderKL`` config read from the VAE's tensor shapes."""
     s = {k[len(VAE_PREFIX):]: tuple(v) for k, v in shapes.items() if k.startswith(VAE_PREFIX)}
     if not s:
-        raise ValueError(f"no VAE in the checkpoint (no {VAE_PREFIX}* tensors): pass config= a folder with a vae/")
+        raise ValueError(f"no VAE in the checkpoint (no {VAE_PREFIX}* tensors); jaxdiff loads complete SD 1.x / 2.x "
+                         "single files: use the model's diffusers folder instead")
     levels = _indices(s, r"encoder\.down\.(\d+)\.")
     channels = [s[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in levels]
     return {
@@ -540,6 +542,10 @@ def resolve_configs(shapes: Mapping[str, tuple[int, ...]], config: Any = None, *
             configs[name] = dict(given[name])
     if pred is not None:
         configs["scheduler"] = {**configs["scheduler"], "prediction_type": pred}
+    if size is not None:  # the default image size: U-Net sample_size in latents, VAE sample_size in pixels
+        factor = 2 ** (len(configs["vae"].get("block_out_channels", (0,) * 4)) - 1)
+        configs["unet"] = {**configs["unet"], "sample_size": int(size) // factor}
+        configs["vae"] = {**configs["vae"], "sample_size": int(size)}
     return configs, folder
 
 

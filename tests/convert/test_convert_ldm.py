@@ -360,3 +360,53 @@ def test_cli_samples_an_sd1_single_file_as_diffusers_and_refuses_ckpt(cases, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pickle" in err and ".safetensors" in err
     assert not (tmp_path / "x.png").exists()
+
+
+# ---- the inference conventions at the real sizes (meta tensors: shapes only, no memory) ---------------
+
+REAL = {
+    1: dict(unet=dict(cross_attention_dim=768, attention_head_dim=8),
+            text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                      hidden_act="quick_gelu")),
+    2: dict(unet=dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+            text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                      hidden_act="gelu")),
+}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_configs_inferred_at_stable_diffusion_sizes(version):
+    """SD 1.5 / SD 2.1 architectures (diffusers' and transformers' configs of the public models) written to the
+    original layout as meta tensors: the inferred configs are those configs."""
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**REAL[version]["unet"])
+        vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                      down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                                                                      **REAL[version]["text"]))
+    tensors = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config)}
+    sd = text.state_dict()
+    if version == 1:
+        tensors.update(clip_to_ldm(sd))
+    else:
+        extra = {k.split(".", 3)[3]: v for k, v in sd.items() if k.startswith("encoder.layers.0.")}
+        tensors.update(open_clip_to_ldm(sd, extra, torch.empty(1024, 1024, device="meta")))
+    configs = ldm.infer_configs({k: tuple(v.shape) for k, v in tensors.items()})
+    for got, ref in ((configs["unet"], unet.config), (configs["vae"], vae.config), (configs["text_encoder"], text.config)):
+        ref = ref if isinstance(ref, dict) else ref.to_dict()
+        diff = {k: (v, ref[k]) for k, v in got.items() if k in ref and k not in ("_class_name", "architectures",
+                "sample_size", "projection_dim", "eos_token_id") and _plain(v) != _plain(ref[k])}
+        assert not diff
+    assert configs["unet"]["sample_size"] == (64 if version == 1 else 96)
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+def test_a_config_that_does_not_fit_is_named(cases):
+    _, _, folder1, _ = cases(1)
+    _, _, _, path2 = cases(2)
+    with pytest.raises(ValueError, match="does not fit its config"):
+        ldm.load_ldm_checkpoint(path2, folder1)
