@@ -30,7 +30,7 @@ BUILTIN_DEFAULTS = dict(steps=20, guidance=3.0, classifier_scale=0.0, schedule="
 COMMON = ("model", "sampler", "schedule", "steps", "seed", "out", "from_png", "compile_cache", "no_progress")
 APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "sd": ("prompt", "prompts_file", "negative", "guidance", "rescale", "batch", "height", "width", "init_image",
-           "strength", "mask", "clip_skip", "dtype"),
+           "strength", "mask", "clip_skip", "dtype", "config"),
     "mixture": ("num", "label", "guidance"),
     "builtin": ("num", "label", "guidance", "classifier_scale"),
 }
@@ -101,7 +101,11 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     names = ", ".join(builtin_models())
     sd, mx, bi = SD_DEFAULTS, MIXTURE_DEFAULTS, BUILTIN_DEFAULTS
     p.add_argument("--model", default=None,
-                   help=f"a diffusers Stable Diffusion folder or a built-in model ({names}); default {default_model()}")
+                   help=f"a diffusers Stable Diffusion folder, an original SD 1.x/2.x single .safetensors file, "
+                        f"or a built-in model ({names}); default {default_model()}")
+    p.add_argument("--config", default=None,
+                   help="for a single .safetensors file: the model's diffusers folder, or a JSON file with any of "
+                        "unet, vae, text_encoder, scheduler, prediction_type, image_size; default: inferred")
     p.add_argument("--prompt", action="append", default=None, help="SD: text prompt (repeat for several)")
     p.add_argument("--prompts-file", default=None, help="SD: a text file with one prompt per line")
     p.add_argument("--negative", default=None, help="SD: negative prompt for every image (default: none)")
@@ -402,7 +406,8 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     prompts = _prompts(args)
     n = len(prompts)
     inputs = _sd_inputs(args)
-    sd = StableDiffusion.from_pretrained(args.model, dtype=_dtype(args.dtype), clip_skip=args.clip_skip)
+    config = dict(config=args.config) if getattr(args, "config", None) else {}
+    sd = StableDiffusion.from_pretrained(args.model, dtype=_dtype(args.dtype), clip_skip=args.clip_skip, **config)
     seeds = [args.seed + i for i in range(n)]
     plan = sd.plan(args.steps, args.sampler, args.schedule)  # warns once when the folder's scheduler has no equivalent
     kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=plan.schedule_name,
@@ -423,7 +428,8 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     base = dict(model=str(Path(args.model).resolve()), negative=args.negative or "", sampler=plan.sampler_name,
                 schedule=plan.schedule_name, steps=args.steps, guidance=args.guidance, rescale=args.rescale,
                 height=int(images.shape[1]), width=int(images.shape[2]), dtype=args.dtype,
-                clip_skip=args.clip_skip or 0, strength=inputs.get("strength"), jaxdiff_version=_version(), **files)
+                clip_skip=args.clip_skip or 0, strength=inputs.get("strength"), jaxdiff_version=_version(),
+                config=str(Path(args.config).resolve()) if args.config else None, **files)
     out = Path(args.out)
     paths = []
     for i, (p, s) in enumerate(zip(prompts, seeds)):
@@ -477,7 +483,7 @@ def _apply_png_settings(args: argparse.Namespace) -> None:
         raise CLIError(f"{args.from_png}: seeds {seeds} are not consecutive; reproduce with the pipeline API")
     args.prompt, args.prompts_file, args.batch, args.seed = prompts, None, 1, seeds[0]
     for k in ("negative", "sampler", "schedule", "steps", "guidance", "rescale", "height", "width", "dtype",
-              "clip_skip", "strength"):
+              "clip_skip", "strength", "config"):
         setattr(args, k, s.get(k))
     args.init_image = _recorded_file(s, "init_image", args.from_png)
     args.mask = _recorded_file(s, "mask", args.from_png)
@@ -510,7 +516,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif Path(args.model).exists():
         _sample_sd(args)
     else:
-        raise CLIError(f"unknown model {args.model!r}: not a folder, and not a built-in model "
+        raise CLIError(f"unknown model {args.model!r}: not a folder or .safetensors file, and not a built-in model "
                        f"(built-in: {', '.join(names)})")
     return 0
 
@@ -566,11 +572,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     }
     if args.model:
         if not Path(args.model).exists():
-            raise CLIError(f"model folder {args.model} does not exist")
-        info["model"] = folder_summary(args.model)
+            raise CLIError(f"model {args.model} does not exist (a diffusers folder or an original .safetensors file)")
+        info["model"] = file_summary(args.model) if Path(args.model).is_file() else folder_summary(args.model)
         info["model"]["schedules"] = list(schedule_names_sd())
     print(json.dumps(info, indent=2))
     return 0
+
+
+def file_summary(path: str | Path) -> dict:
+    """The configs jaxdiff infers for an original SD 1.x / 2.x single .safetensors file, and its tensor count."""
+    from jaxdiff.convert import open_safetensors
+    from jaxdiff.convert.ldm import infer_configs, is_ldm_layout, text_encoder_kind
+    from jaxdiff.convert.safetensors_io import refuse_pickle
+
+    refuse_pickle(Path(path))
+    with open_safetensors(path) as t:
+        if not is_ldm_layout(t.keys()):
+            raise CLIError(f"{path} is not an original Stable Diffusion checkpoint; pass a diffusers folder")
+        shapes = dict(t.shapes)
+        kind = text_encoder_kind(shapes)
+    return {"path": str(Path(path).resolve()), "format": "original Stable Diffusion single file",
+            "text_encoder": kind, "tensors": len(shapes), "inferred_configs": infer_configs(shapes)}
 
 
 # ---- bench --------------------------------------------------------------------------------------

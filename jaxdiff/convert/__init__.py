@@ -1,6 +1,7 @@
 """Checkpoint conversion: PyTorch-layout tensors (diffusers / transformers names) into Flax NNX modules.
 
-Weights are read from safetensors only (lazily, memory-mapped); pickle checkpoints are refused.
+Weights are read from safetensors only (lazily, memory-mapped); pickle checkpoints are refused. Original
+(CompVis / Stability) SD 1.x / 2.x single files are renamed on the fly (:mod:`jaxdiff.convert.ldm`).
 """
 from jaxdiff.convert.folders import MissingComponentsError as MissingComponentsError
 from jaxdiff.convert.folders import NetworkSpec as NetworkSpec
@@ -15,6 +16,8 @@ from jaxdiff.convert.folders import missing_components as missing_components
 from jaxdiff.convert.folders import read_component_config as read_component_config
 from jaxdiff.convert.folders import read_model_index as read_model_index
 from jaxdiff.convert.folders import require_components as require_components
+from jaxdiff.convert.ldm import LDMNetworks as LDMNetworks
+from jaxdiff.convert.ldm import load_ldm_checkpoint as load_ldm_checkpoint
 from jaxdiff.convert.safetensors_io import PickleCheckpointError as PickleCheckpointError
 from jaxdiff.convert.safetensors_io import SafetensorsError as SafetensorsError
 from jaxdiff.convert.safetensors_io import SafetensorsFile as SafetensorsFile

@@ -415,9 +415,9 @@ def load_single_file(path: str | os.PathLike, family: str, config: Mapping[str, 
         if not prefix and any(k.startswith(_ORIGINAL_LAYOUT_PREFIXES) for k in tensors.keys()):
             raise ValueError(
                 f"{path} is an original (CompVis / Stability) single-file checkpoint holding several networks "
-                "under their original names; jaxdiff reads diffusers-layout tensors. Convert it once with "
-                "diffusers in PyTorch (`StableDiffusionPipeline.from_single_file(path).save_pretrained(out, "
-                "safe_serialization=True)`) and load the folder, or pass prefix= for a diffusers-layout file."
+                "under their original names: load SD 1.x / 2.x files with StableDiffusion.from_single_file(path) "
+                "or jaxdiff.convert.load_ldm_checkpoint(path) (or `jaxdiff sample --model path`), or pass prefix= "
+                "for a diffusers-layout file."
             )
         view = PrefixView(tensors, prefix) if prefix else tensors
         if prefix and len(view) == 0:

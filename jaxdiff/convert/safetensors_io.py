@@ -58,10 +58,13 @@ def pickle_refusal_message(path: str | os.PathLike) -> str:
     return (
         f"{os.fspath(path)} is a pickle-based PyTorch checkpoint. Pickle files can run arbitrary code "
         "when opened, so jaxdiff loads safetensors only and will not open it. Convert it once in a "
-        "trusted PyTorch environment: for a single state dict, `from safetensors.torch import save_file; "
-        "save_file(torch.load(path, weights_only=True), 'model.safetensors')`; for a diffusers or "
-        "transformers model or pipeline, `X.from_pretrained(folder).save_pretrained(out, "
-        "safe_serialization=True)`. Then point jaxdiff at the .safetensors files."
+        "trusted PyTorch environment: for a state dict or an original Stable Diffusion .ckpt, "
+        "`sd = torch.load(path, weights_only=True); sd = sd.get('state_dict', sd); "
+        "from safetensors.torch import save_file; save_file({k: v.contiguous() for k, v in sd.items() "
+        "if isinstance(v, torch.Tensor)}, 'model.safetensors')` (jaxdiff loads SD 1.x/2.x single files: "
+        "`jaxdiff sample --model model.safetensors`); for a diffusers or transformers model or pipeline, "
+        "`X.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`. Then point jaxdiff at "
+        "the .safetensors files."
     )
 
 

@@ -258,18 +258,30 @@ class StableDiffusion:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: Any = jnp.float32, clip_skip: int | None = None,
-                        variant: str | None = None) -> "StableDiffusion":
-        """Load a diffusers Stable Diffusion (1.x, 2.x, inpainting) folder (safetensors weights only).
+                        variant: str | None = None, config: Any = None, prediction_type: str | None = None,
+                        image_size: int | None = None) -> "StableDiffusion":
+        """Load a diffusers Stable Diffusion (1.x, 2.x, inpainting) folder (safetensors weights only), or an
+        original single ``.safetensors`` checkpoint (see :meth:`from_single_file`, which takes ``config``,
+        ``prediction_type`` and ``image_size``).
 
         ``clip_skip`` k uses the hidden state k layers before the last, through the final norm (diffusers'
         ``clip_skip``). SD 2.x needs none: its folders already ship the truncated text encoder.
         """
         from jaxdiff.convert import load_component, read_component_config, require_components
+        from jaxdiff.convert.safetensors_io import refuse_pickle
         from jaxdiff.models.tokenizers import load_tokenizer
 
         path = Path(path)
+        if not path.is_dir():
+            refuse_pickle(path)
+        if path.is_file():
+            return cls.from_single_file(path, config=config, prediction_type=prediction_type, image_size=image_size,
+                                        dtype=dtype, clip_skip=clip_skip)
         if not path.exists():
             raise FileNotFoundError(f"model folder {path} does not exist")
+        if config is not None or prediction_type is not None or image_size is not None:
+            raise ValueError("config, prediction_type and image_size apply to single-file checkpoints; "
+                             "a diffusers folder carries its own configs")
         require_components(path, REQUIRED, variant=variant)
         unet = load_component(path, "unet", dtype=dtype, variant=variant)
         vae = load_component(path, "vae", dtype=dtype, variant=variant)
@@ -277,6 +289,32 @@ class StableDiffusion:
         tokenizer = load_tokenizer(path / "tokenizer")
         train = _sched.training_schedule(read_component_config(path, "scheduler"))
         return cls.from_modules(unet, vae, text, tokenizer, train, clip_skip=clip_skip, name=path.name)
+
+    @classmethod
+    def from_single_file(cls, path: str | Path, *, config: Any = None, prediction_type: str | None = None,
+                         image_size: int | None = None, dtype: Any = jnp.float32,
+                         clip_skip: int | None = None) -> "StableDiffusion":
+        """Load an original (CompVis / Stability) SD 1.x or 2.x single ``.safetensors`` checkpoint.
+
+        The U-Net, VAE and text encoder (CLIP for SD 1.x, OpenCLIP's penultimate layer for SD 2.x) are
+        renamed from the original layout and their configs inferred from the tensor shapes
+        (:mod:`jaxdiff.convert.ldm`), unless ``config`` gives them: a diffusers folder of the same model
+        (its configs, scheduler and tokenizer are used), a JSON file or a dict with any of ``unet``,
+        ``vae``, ``text_encoder``, ``scheduler``, ``prediction_type``, ``image_size``. The weights do not
+        say what the network predicts: SD 1.x defaults to ``"epsilon"`` at 512 px, SD 2.x to the 768-v
+        model (``"v_prediction"``, 768 px) as diffusers' ``from_single_file`` does; for SD 2.x 512-base
+        pass ``prediction_type="epsilon", image_size=512``. Without a folder, the scheduler is SD's
+        training schedule (DDIM, scaled_linear betas 0.00085-0.012, 1000 steps, steps_offset 1) and the
+        tokenizer OpenAI CLIP's BPE (the vocabulary file jaxdiff ships). ``.ckpt`` files are refused.
+        """
+        from jaxdiff.convert.ldm import load_ldm_checkpoint, single_file_tokenizer
+
+        nets = load_ldm_checkpoint(path, config, prediction_type=prediction_type, image_size=image_size, dtype=dtype)
+        limit = int(nets.configs["text_encoder"].get("max_position_embeddings", 77))
+        tokenizer = single_file_tokenizer(nets.text_kind, nets.config_folder, limit)
+        train = _sched.training_schedule(nets.configs["scheduler"])
+        return cls.from_modules(nets.unet, nets.vae, nets.text_encoder, tokenizer, train, clip_skip=clip_skip,
+                                name=Path(path).stem)
 
     @classmethod
     def from_modules(cls, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, train: _sched.TrainingSchedule, *,
@@ -407,7 +445,7 @@ def combine_transforms(*transforms: Any) -> Any:
 
 
 def load(path: str | Path, **kwargs: Any) -> StableDiffusion:
-    """``StableDiffusion.from_pretrained(path, **kwargs)``."""
+    """``StableDiffusion.from_pretrained(path, **kwargs)``: a diffusers folder or an original single ``.safetensors``."""
     return StableDiffusion.from_pretrained(path, **kwargs)
 
 
