@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import jaxdiff
-from jaxdiff import _pytree, sampling, schedules
+from jaxdiff import _pytree, sampling
 from jaxdiff import samplers as S
 
 sys.path.insert(0, os.path.dirname(__file__))
