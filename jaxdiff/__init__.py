@@ -3,6 +3,13 @@
 The core imported here is Flax-free: denoiser adapters, schedules, samplers, the compiled runner,
 guidance transforms and losses. Networks live in :mod:`jaxdiff.models` (Flax NNX), checkpoint
 loading in :mod:`jaxdiff.convert`, training in :mod:`jaxdiff.train`, recipes in :mod:`jaxdiff.pipelines`.
+
+Write your own denoisers, transforms and samplers as :func:`pytree_dataclass` classes (numeric
+settings as fields, hashable options as :func:`static_field`): they are then traced, never baked
+into the compiled program, and each class keeps its own tree structure. Prefer it to
+``jax.tree_util.register_dataclass`` and ``flax.struct.dataclass``: with jax 0.10 those give two
+different classes with the same number of data fields equal tree structures, and ``jax.jit`` can
+then run one class's compiled program for the other (silently wrong results).
 """
 from jaxdiff import denoisers as denoisers
 from jaxdiff import guidance as guidance
@@ -10,6 +17,8 @@ from jaxdiff import losses as losses
 from jaxdiff import metrics as metrics
 from jaxdiff import mixtures as mixtures
 from jaxdiff import samplers as samplers
+from jaxdiff._pytree import pytree_dataclass as pytree_dataclass
+from jaxdiff._pytree import static_field as static_field
 from jaxdiff import sampling as sampling
 from jaxdiff import schedules as schedules
 from jaxdiff.samplers import get_sampler as get_sampler

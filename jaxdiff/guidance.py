@@ -35,6 +35,12 @@ def _float_leaf(v: Any) -> Array:
     return jnp.asarray(v, jnp.float32)
 
 
+def _float_leaves(obj: Any, *names: str) -> None:
+    """Store a transform's numeric settings as float32 leaves (in ``__post_init__`` of a frozen dataclass)."""
+    for name in names:
+        object.__setattr__(obj, name, _float_leaf(getattr(obj, name)))
+
+
 def _as_pytree_callable(fn: Any) -> Any:
     """Keep pytree callables as they are; wrap a plain function as static (``jax.tree_util.Partial``)."""
     if not callable(fn):
@@ -139,6 +145,7 @@ class ClassifierFree:
     rescale_space: str = static_field(default="epsilon")
 
     def __post_init__(self) -> None:
+        _float_leaves(self, "scale", "rescale")
         if self.rescale_space not in RESCALE_SPACES:
             raise ValueError(f"unknown rescale_space {self.rescale_space!r}; valid: {', '.join(RESCALE_SPACES)}")
 
@@ -193,6 +200,9 @@ class ClassifierGuidance:
     normalize: bool = static_field(default=True)
     condition_inner: bool = static_field(default=False)
 
+    def __post_init__(self) -> None:
+        _float_leaves(self, "scale")
+
     def log_prob(self, x: Array, sigma: Array, labels: Array) -> Array:
         """``sum_b log p(labels[b] | x[b], sigma[b])``."""
         logp = self.classifier(x, batch_sigma(sigma, x))
@@ -241,6 +251,9 @@ class EnergyGuidance:
     scale: Array
     through_denoiser: bool = static_field(default=True)
 
+    def __post_init__(self) -> None:
+        _float_leaves(self, "scale")
+
     def _total_loss(self, x0: Array, cond: Any) -> Array:
         loss = self.loss_fn(x0, cond)
         if jnp.ndim(loss) > 1:
@@ -275,6 +288,9 @@ class StaticThreshold:
     low: Array = -1.0
     high: Array = 1.0
 
+    def __post_init__(self) -> None:
+        _float_leaves(self, "low", "high")
+
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         x0 = self.inner(x, sigma, cond)
         return jnp.clip(x0, jnp.asarray(self.low, x0.dtype), jnp.asarray(self.high, x0.dtype))
@@ -306,6 +322,9 @@ class DynamicThreshold:
     inner: Denoiser
     ratio: Array = 0.995
     max_value: Array = math.inf
+
+    def __post_init__(self) -> None:
+        _float_leaves(self, "ratio", "max_value")
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         return dynamic_threshold_values(self.inner(x, sigma, cond), self.ratio, self.max_value)

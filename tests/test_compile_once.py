@@ -51,3 +51,65 @@ def test_steps_beyond_capacity_are_refused():
     mix = mixtures.ring_2d()
     with pytest.raises(ValueError, match="capacity"):
         _run(mix, CAPACITY + 1, 1.0, 0.0, 0.0, 0, jnp.ones((BATCH,), jnp.int32), jnp.array([-1]))
+
+
+def _numeric_variants(factory) -> list[dict]:
+    """Each numeric option of a sampler at its default, given as a Python float, an int (or NumPy
+    float64 where the default is not whole) and a 0-d NumPy array: three spellings of one setting."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(factory) if not f.metadata.get("static")
+                and isinstance(f.default, (int, float)) and not isinstance(f.default, bool)}
+    as_int = {k: int(v) if float(v).is_integer() else np.float64(v) for k, v in defaults.items()
+              if np.isfinite(v)}
+    return [{k: float(v) for k, v in defaults.items()}, as_int, {k: np.asarray(v) for k, v in defaults.items()}]
+
+
+WITH_OPTIONS = [n for n in sorted(samplers.SAMPLERS) if _numeric_variants(samplers.SAMPLERS[n])[0]]
+
+
+def test_most_samplers_have_numeric_options():
+    assert len(WITH_OPTIONS) >= 7  # eta, churn, SNR, tolerances...: the next test covers them
+
+
+@pytest.mark.parametrize("name", WITH_OPTIONS)
+def test_int_and_float_sampler_options_share_one_program(name):
+    """``DDIM(eta=0)``, ``DDIM(eta=0.0)`` and ``DDIM(eta=np.asarray(0.0))`` compile one program."""
+    factory = samplers.SAMPLERS[name]
+    variants = _numeric_variants(factory)
+    mix = mixtures.ring_2d()
+    sig = schedules.karras(3, 0.1, 5.0, capacity=11)  # a capacity no other test uses
+    x = sampling.initial_noise(jax.random.key(0), (BATCH, 2), 5.0)
+    before = sampling.sample_jit._cache_size()
+    outs = [np.asarray(sampling.sample(mix, factory(**v), sig, x, 0, check_finite=False)) for v in variants]
+    assert sampling.sample_jit._cache_size() - before == 1, variants
+    np.testing.assert_array_equal(outs[0], outs[2])
+
+
+def test_sampler_options_are_float32_and_int32_leaves_and_still_checked():
+    ddim = samplers.DDIM(eta=1)
+    assert ddim.eta.dtype == jnp.float32 and float(ddim.eta) == 1.0
+    lang = samplers.Langevin(n_steps=2.0, eps=np.float64(1e-5))
+    assert lang.n_steps.dtype == jnp.int32 and lang.eps.dtype == jnp.float32 and lang.sigma_min is None
+    with pytest.raises(ValueError, match="whole number"):
+        samplers.Langevin(n_steps=2.5)
+    with pytest.raises(ValueError, match="eta must be non-negative"):
+        samplers.DDIM(eta=-1)
+    with pytest.raises(TypeError, match="s_churn must be a number"):
+        samplers.Heun(s_churn="lots")
+
+
+def test_int_and_float_transform_settings_share_one_program():
+    """Guidance classes built directly (not via their factories) store their settings as float32 too."""
+    mix = mixtures.ring_2d()
+    sig = schedules.karras(3, 0.1, 5.0, capacity=11)
+    x = sampling.initial_noise(jax.random.key(0), (BATCH, 2), 5.0)
+    labels = jnp.zeros((BATCH,), jnp.int32)
+    uncond = jnp.full((BATCH,), -1, jnp.int32)
+    for build in (lambda v: G.StaticThreshold(mix, -v, v), lambda v: G.DynamicThreshold(mix, 1, v),
+                  lambda v: G.ClassifierFree(mix, v, uncond, rescale=0 * v)):
+        before = sampling.sample_jit._cache_size()
+        a = sampling.sample(build(2), samplers.Euler(), sig, x, 0, labels)
+        b = sampling.sample(build(2.0), samplers.Euler(), sig, x, 0, labels)
+        assert sampling.sample_jit._cache_size() - before == 1
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

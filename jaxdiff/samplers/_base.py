@@ -10,7 +10,9 @@ and one optional method, ``prepare(sigmas) -> sampler``, which the runner calls 
 compiled program) with the traced schedule, for samplers whose maths depends on the whole schedule
 (Heun's churn divides by the step count; annealed Langevin scales by the smallest level).
 
-Numeric hyper-parameters (eta, churn, SNR...) are pytree leaves, so changing them never recompiles.
+Numeric hyper-parameters (eta, churn, SNR...) are pytree leaves, so changing them never recompiles;
+:func:`as_leaves` stores them as float32 (counts as int32) arrays, so ``DDIM(eta=0)`` and
+``DDIM(eta=0.0)`` share one compiled program too.
 """
 from __future__ import annotations
 
@@ -62,10 +64,34 @@ def per_sample_norm(v: Array) -> Array:
 def check_option(name: str, value: Any, ok: Callable[[np.ndarray], Any], requirement: str) -> None:
     """Validate a numeric option when it is concrete (tracers and placeholders pass through unchecked).
 
-    Pytree dataclasses re-run ``__post_init__`` on unflattening with tracers or sentinel objects, so
+    ``__post_init__`` also runs under ``jit`` (``prepare`` builds samplers from traced values), so
     only Python numbers, NumPy values and concrete JAX arrays are checked.
     """
     concrete = isinstance(value, (int, float, np.ndarray, np.number)) or (
         isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer))
     if concrete and not np.all(ok(np.asarray(value))):
         raise ValueError(f"sampler option {name} must be {requirement}, got {value!r}")
+
+
+def as_leaves(obj: Any, floats: tuple[str, ...] = (), ints: tuple[str, ...] = ()) -> None:
+    """Store ``obj``'s numeric options as float32 (``floats``) or int32 (``ints``) arrays, in place.
+
+    Python ints, floats, NumPy scalars and arrays of any dtype are then one abstract value under
+    ``jit`` (a weakly typed ``0`` and ``0.0`` would compile two programs). ``None`` stays None. For
+    use in a frozen dataclass's ``__post_init__``; a count given as a float must be integral.
+    """
+    for names, dtype in ((floats, jnp.float32), (ints, jnp.int32)):
+        for name in names:
+            value = getattr(obj, name)
+            if value is None:
+                continue
+            try:
+                arr = jnp.asarray(value)
+            except TypeError:
+                raise TypeError(f"sampler option {name} must be a number or an array, got {value!r}") from None
+            if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == jnp.bool_):
+                raise TypeError(f"sampler option {name} must be a number or an array, got {value!r}")
+            if dtype == jnp.int32 and not jnp.issubdtype(arr.dtype, jnp.integer) and not isinstance(arr, jax.core.Tracer):
+                if not np.all(np.mod(np.asarray(arr), 1) == 0):
+                    raise ValueError(f"sampler option {name} must be a whole number, got {value!r}")
+            object.__setattr__(obj, name, arr.astype(dtype))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff.samplers._base import DenoiseFn, check_option
+from jaxdiff.samplers._base import DenoiseFn, as_leaves, check_option
 
 Array = jax.Array
 
@@ -62,6 +62,7 @@ class Dopri5:
     def __post_init__(self) -> None:
         for name in ("rtol", "atol", "h0"):
             check_option(name, getattr(self, name), lambda v: v > 0, "positive")
+        as_leaves(self, floats=("rtol", "atol", "h0", "safety"), ints=("max_steps",))
 
     def init(self, x: Array) -> Dopri5State:
         zero = jnp.zeros((), jnp.int32)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff.samplers._base import DenoiseFn, check_option, noise_like
+from jaxdiff.samplers._base import DenoiseFn, as_leaves, check_option, noise_like
 from jaxdiff.samplers.dpmpp_2m import log_step, multistep_estimate
 
 Array = jax.Array
@@ -27,6 +27,7 @@ class DPMSolverPP2MSDE:
     def __post_init__(self) -> None:
         check_option("eta", self.eta, lambda v: v >= 0, "non-negative")
         check_option("s_noise", self.s_noise, lambda v: v >= 0, "non-negative")
+        as_leaves(self, floats=("eta", "s_noise"))
 
     def init(self, x: Array) -> tuple[Array, Array]:
         return jnp.zeros_like(x), jnp.zeros((), x.dtype)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff.samplers._base import DenoiseFn, ancestral_split, check_option, noise_like
+from jaxdiff.samplers._base import DenoiseFn, ancestral_split, as_leaves, check_option, noise_like
 
 Array = jax.Array
 
@@ -67,6 +67,7 @@ class DDIM:
 
     def __post_init__(self) -> None:
         check_option("eta", self.eta, lambda v: v >= 0, "non-negative (0: deterministic DDIM, 1: ancestral)")
+        as_leaves(self, floats=("eta",))
 
     def init(self, x: Array) -> tuple[()]:
         return ()

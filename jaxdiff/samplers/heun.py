@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass, replace
-from jaxdiff.samplers._base import DenoiseFn, check_option, noise_like
+from jaxdiff.samplers._base import DenoiseFn, as_leaves, check_option, noise_like
 
 Array = jax.Array
 
@@ -34,6 +34,7 @@ class Heun:
     def __post_init__(self) -> None:
         check_option("s_churn", self.s_churn, lambda v: v >= 0, "non-negative")
         check_option("s_noise", self.s_noise, lambda v: v >= 0, "non-negative")
+        as_leaves(self, floats=("s_churn", "s_tmin", "s_tmax", "s_noise"), ints=("num_steps",))
 
     def prepare(self, sigmas: Any) -> "Heun":
         return replace(self, num_steps=sigmas.count)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass, replace, static_field
-from jaxdiff.samplers._base import DenoiseFn, check_option, noise_like
+from jaxdiff.samplers._base import DenoiseFn, as_leaves, check_option, noise_like
 
 Array = jax.Array
 
@@ -34,6 +34,7 @@ class Langevin:
         check_option("eps", self.eps, lambda v: v > 0, "positive")
         check_option("n_steps", self.n_steps, lambda v: v >= 1, "a positive integer")
         check_option("sigma_min", self.sigma_min if self.sigma_min is not None else 1.0, lambda v: v > 0, "positive")
+        as_leaves(self, floats=("eps", "sigma_min"), ints=("n_steps",))
 
     def prepare(self, sigmas: Any) -> "Langevin":
         if self.sigma_min is not None:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff.samplers._base import DenoiseFn, check_option, noise_like, per_sample_norm
+from jaxdiff.samplers._base import DenoiseFn, as_leaves, check_option, noise_like, per_sample_norm
 
 Array = jax.Array
 
@@ -31,6 +31,7 @@ class PredictorCorrector:
     def __post_init__(self) -> None:
         check_option("snr", self.snr, lambda v: v >= 0, "non-negative")
         check_option("n_corrector", self.n_corrector, lambda v: v >= 0, "a non-negative integer")
+        as_leaves(self, floats=("snr",), ints=("n_corrector",))
 
     def init(self, x: Array) -> tuple[()]:
         return ()
