@@ -30,9 +30,9 @@ BUILTIN_DEFAULTS = dict(steps=20, guidance=3.0, classifier_scale=0.0, schedule="
 COMMON = ("model", "sampler", "schedule", "steps", "seed", "out", "from_png", "compile_cache", "no_progress")
 APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "sd": ("prompt", "prompts_file", "negative", "guidance", "rescale", "batch", "height", "width", "init_image",
-           "strength", "mask", "clip_skip", "dtype"),
+           "strength", "mask", "clip_skip", "dtype", "cpu_devices"),
     "mixture": ("num", "label", "guidance"),
-    "builtin": ("num", "label", "guidance", "classifier_scale"),
+    "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
 }
 UNCONDITIONAL_BUILTINS = ("digits-ncsn",)  # no label, no guidance
 
@@ -151,6 +151,14 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None,
                    help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_cpu_devices_arg(p)
+
+
+def _add_cpu_devices_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="CPU devices to split each sampling batch over (CFG halves and images); default "
+                        "$JAXDIFF_CPU_DEVICES, else XLA_FLAGS' host device count, else one per core; 1: a single "
+                        "device. Each device used holds a copy of the weights; no progress bar when split")
 
 
 def _flag(name: str) -> str:
@@ -320,6 +328,8 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
                if getattr(args, k) is not None or k == "label"}
     t0 = time.perf_counter()
     images = builtin.sample_builtin(args.model, num=args.num, seed=args.seed, progress=not args.no_progress, **options)
+    devices = _devices_used(builtin.network_batch(args.model, args.num, args.guidance or 1.0,
+                                                  args.classifier_scale or 0.0), pair=1)
     dt = time.perf_counter() - t0
     images = np.asarray(images)
     settings = _settings_png(args, dict(num=args.num, height=int(images.shape[1]), width=int(images.shape[2]),
@@ -328,8 +338,16 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     cols = 10 if args.label is None and len(images) >= 10 else None  # label=None cycles 0..9: a column per class
     path = save_png(grid(images, cols=cols, pad=zoom), args.out, settings)
-    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3), "devices": devices}))
     return path
+
+
+def _devices_used(batch: int, pair: int) -> int:
+    """How many devices the recipes split a batch over (printed with the results)."""
+    from jaxdiff import parallel
+
+    mesh = parallel.sampling_mesh(batch, pair=pair) if pair > 1 else parallel.batch_mesh(batch)
+    return 1 if mesh is None else int(mesh.size)
 
 
 # ---- Stable Diffusion folders -------------------------------------------------------------------
@@ -408,10 +426,10 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=plan.schedule_name,
               guidance=args.guidance, rescale=args.rescale, seed=seeds, height=args.height, width=args.width, **inputs)
     t0 = time.perf_counter()
-    if jax.device_count() > 1:
-        images = parallel.generate(sd, prompts, **kw)
-    else:
-        images = sd(prompts, progress=not args.no_progress, **kw)
+    if jax.process_count() > 1:  # jax.distributed: split over every host's devices
+        images, devices = parallel.generate(sd, prompts, **kw), jax.device_count()
+    else:  # on CPU split over the cores (jaxdiff.cpu_devices), else one device
+        images, devices = sd(prompts, progress=not args.no_progress, **kw), _devices_used(n, pair=2)
     dt = time.perf_counter() - t0
     files = {}
     for flag in ("init_image", "mask"):
@@ -431,7 +449,7 @@ def _sample_sd(args: argparse.Namespace) -> Path:
         paths.append(save_png(images[i], single, dict(base, prompt=[p], seed=[s])))
     if n > 1:
         save_png(grid(images), out, dict(base, prompt=prompts, seed=seeds))
-    print(json.dumps({"out": str(out), "images": [str(p) for p in paths], "seconds": round(dt, 3),
+    print(json.dumps({"out": str(out), "images": [str(p) for p in paths], "seconds": round(dt, 3), "devices": devices,
                       "sampler": plan.sampler_name, "steps": args.steps, "seed": args.seed}))
     return out
 
@@ -621,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler name; default dpmpp_2m")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (compiling) one; default 3")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    _add_cpu_devices_arg(p)
     p.add_argument("--compile-cache", default=None,
                    help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.set_defaults(func=cmd_bench)
@@ -642,6 +661,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with one_line_warnings():
+            if getattr(args, "cpu_devices", None) is not None:  # before any JAX computation (jaxdiff.cpu_devices)
+                if args.cpu_devices < 1:
+                    raise CLIError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+                from jaxdiff import cpu_devices
+
+                cpu_devices.configure(args.cpu_devices)
             return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad names, options, paths: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
