@@ -157,8 +157,8 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
 def _add_cpu_devices_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="CPU devices to split each sampling batch over (CFG halves and images); default "
-                        "$JAXDIFF_CPU_DEVICES, else XLA_FLAGS' host device count, else one per core; 1: a single "
-                        "device. Each device used holds a copy of the weights; no progress bar when split")
+                        "XLA_FLAGS' host device count if set, else $JAXDIFF_CPU_DEVICES, else one per core; 1: a "
+                        "single device. Each device used holds a copy of the weights; no progress bar when split")
 
 
 def _flag(name: str) -> str:
@@ -328,8 +328,6 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
                if getattr(args, k) is not None or k == "label"}
     t0 = time.perf_counter()
     images = builtin.sample_builtin(args.model, num=args.num, seed=args.seed, progress=not args.no_progress, **options)
-    devices = _devices_used(builtin.network_batch(args.model, args.num, args.guidance or 1.0,
-                                                  args.classifier_scale or 0.0), pair=1)
     dt = time.perf_counter() - t0
     images = np.asarray(images)
     settings = _settings_png(args, dict(num=args.num, height=int(images.shape[1]), width=int(images.shape[2]),
@@ -338,16 +336,15 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     cols = 10 if args.label is None and len(images) >= 10 else None  # label=None cycles 0..9: a column per class
     path = save_png(grid(images, cols=cols, pad=zoom), args.out, settings)
-    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3), "devices": devices}))
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3), "cpu_devices": _cpu_devices()}))
     return path
 
 
-def _devices_used(batch: int, pair: int) -> int:
-    """How many devices the recipes split a batch over (printed with the results)."""
-    from jaxdiff import parallel
+def _cpu_devices() -> int:
+    """JAX's CPU device count (printed with the results: --cpu-devices, $JAXDIFF_CPU_DEVICES or the cores)."""
+    import jax
 
-    mesh = parallel.sampling_mesh(batch, pair=pair) if pair > 1 else parallel.batch_mesh(batch)
-    return 1 if mesh is None else int(mesh.size)
+    return len(jax.devices("cpu"))
 
 
 # ---- Stable Diffusion folders -------------------------------------------------------------------
@@ -427,9 +424,9 @@ def _sample_sd(args: argparse.Namespace) -> Path:
               guidance=args.guidance, rescale=args.rescale, seed=seeds, height=args.height, width=args.width, **inputs)
     t0 = time.perf_counter()
     if jax.process_count() > 1:  # jax.distributed: split over every host's devices
-        images, devices = parallel.generate(sd, prompts, **kw), jax.device_count()
+        images = parallel.generate(sd, prompts, **kw)
     else:  # on CPU split over the cores (jaxdiff.cpu_devices), else one device
-        images, devices = sd(prompts, progress=not args.no_progress, **kw), _devices_used(n, pair=2)
+        images = sd(prompts, progress=not args.no_progress, **kw)
     dt = time.perf_counter() - t0
     files = {}
     for flag in ("init_image", "mask"):
@@ -449,7 +446,8 @@ def _sample_sd(args: argparse.Namespace) -> Path:
         paths.append(save_png(images[i], single, dict(base, prompt=[p], seed=[s])))
     if n > 1:
         save_png(grid(images), out, dict(base, prompt=prompts, seed=seeds))
-    print(json.dumps({"out": str(out), "images": [str(p) for p in paths], "seconds": round(dt, 3), "devices": devices,
+    print(json.dumps({"out": str(out), "images": [str(p) for p in paths], "seconds": round(dt, 3),
+                      "cpu_devices": _cpu_devices(),
                       "sampler": plan.sampler_name, "steps": args.steps, "seed": args.seed}))
     return out
 

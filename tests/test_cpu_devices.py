@@ -156,9 +156,9 @@ def test_cli_cpu_devices_flag_splits_and_keeps_the_images(split_runs, sd_folder,
     from jaxdiff.cli import main
 
     tmp, _, logs = split_runs
-    assert json.loads(logs[name].strip().splitlines()[-1])["devices"] == 2  # the flag beat JAXDIFF_CPU_DEVICES=1
+    assert json.loads(logs[name].strip().splitlines()[-1])["cpu_devices"] == 2  # the flag beat JAXDIFF_CPU_DEVICES=1
     assert main(_cli(name, sd_folder, tmp_path / "one.png", 1)) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["devices"] == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cpu_devices"] == 1
     a = np.asarray(Image.open(tmp / f"{name}.png"), np.int16)
     b = np.asarray(Image.open(tmp_path / "one.png"), np.int16)
     assert a.shape == b.shape and b.std() > 1

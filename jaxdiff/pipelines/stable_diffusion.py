@@ -190,7 +190,10 @@ def generate_latents(m: SDModels, sampler: Any, req: Request, transform: Any = N
             per["masked_mean"], per["masked_std"] = m.encode_image(req.image * (req.mask < 0.5))
     static = dict(latent_shape=(height // f, width // f, m.latent_channels))
     split = _cfg_split(mesh)
-    run = lambda i: _one_image(m, sampler, req, {**i, **static}, transform, mode, quantize, progress, split)  # noqa: E731
+
+    def run(i: dict) -> Array:
+        return _one_image(m, sampler, req, {**i, **static}, transform, mode, quantize, progress, split)
+
     return jax.vmap(run, spmd_axis_name=None if split is None else _parallel.DATA)(per)
 
 
