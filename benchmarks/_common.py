@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +23,93 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)),
+            "backend": jax.default_backend(),
             "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__}
+
+
+def pin_cores(n: int) -> list[int]:
+    """Restrict this process (and the thread pools it starts later) to the first ``n`` cores it may use.
+
+    Call before importing jax or torch: XLA sizes its CPU thread pool from the affinity, OpenMP from
+    ``OMP_NUM_THREADS``. Returns the cores kept (record them with the results)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(allowed):
+        raise SystemExit(f"asked for {n} cores; this process may use {len(allowed)} ({allowed})")
+    keep = allowed[:n]
+    os.sched_setaffinity(0, keep)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    return keep
+
+
+def _runnable_elsewhere(me: int) -> int:
+    """Threads in state R (running or runnable) that belong to processes outside ``me``'s process tree."""
+    parent, runnable = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            runnable[int(d.name)] = sum((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+                                        for t in (d / "task").iterdir())
+        except (OSError, ValueError, IndexError):
+            continue
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == me:
+                return True
+            pid = parent.get(pid, 0)
+        return False
+
+    return sum(n for pid, n in runnable.items() if not ours(pid))
+
+
+class LoadMonitor:
+    """The 1-minute load average before, during (sampled every ``every`` s) and after a ``with`` block, and
+    the runnable threads of other processes (outside this one's tree) at each sample.
+
+    ``quiet`` is False when the load average exceeded ``max_load`` (default: the core count) at any point:
+    timings from such a run are not comparable (PyTorch's OpenMP pool collapses under contention)."""
+
+    def __init__(self, every: float = 2.0, max_load: float | None = None) -> None:
+        self.every, self.samples, self.others = every, [], []
+        self.max_load = max_load
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+            self.others.append(_runnable_elsewhere(os.getpid()))
+
+    def __enter__(self) -> "LoadMonitor":
+        self.before = os.getloadavg()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.after = os.getloadavg()
+
+    def summary(self) -> dict[str, Any]:
+        peak = max([self.before[0], self.after[0], *self.samples])
+        cores = len(os.sched_getaffinity(0))
+        limit = cores if self.max_load is None else self.max_load
+        others = self.others or [0]
+        return {"load_before": list(self.before), "load_after": list(self.after), "load_max_1min": peak,
+                "load_samples": len(self.samples), "cores": cores, "max_load": limit, "quiet": peak <= limit,
+                "others_runnable_mean": statistics.mean(others), "others_runnable_max": max(others)}
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Median, min, max and the relative spread ``(max - min) / median`` of repeated measurements."""
+    med = statistics.median(xs)
+    return {"median": med, "min": min(xs), "max": max(xs), "rel_spread": (max(xs) - min(xs)) / med if med else 0.0,
+            "n": len(xs)}
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 5) -> float:

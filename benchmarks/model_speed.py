@@ -5,7 +5,9 @@ sizes (``tiny`` and ``mid``: U-Net block channels 64/128/256 on 32x32 latents, a
 32x32 latents to 256x256, a 6-layer width-512 CLIP text encoder): the PyTorch reference is built
 with a fixed seed, saved with ``save_pretrained`` and loaded by jaxdiff from that folder. Each
 forward is timed interleaved (one jaxdiff call, one PyTorch call, repeated; medians), both
-frameworks limited to the same number of threads. Also reports the peak RSS increase of one
+frameworks pinned to the same cores (``--threads N``: this process's CPU affinity is the first N cores it
+may use, set before jax and torch start their pools, and torch uses N threads; the affinity is in the
+JSON). Also reports the peak RSS increase of one
 forward, the outputs' max abs difference, and the peak RSS increase while loading the mid U-Net
 from its folder (in a fresh subprocess) divided by its parameter bytes, and the time to build the
 full-size DiT-XL/2, CLIP ViT-L/14 text, T5-XXL encoder and SD 1.5 U-Net abstractly.
@@ -14,6 +16,7 @@ Keys: ``unet_time_ratio`` (jaxdiff / PyTorch U-Net forward, mid size; target <= 
 ``load_memory_ratio`` (first load in a fresh process; target <= 1.3), ``cases``, ``load_memory``,
 ``abstract_build``. The machine's load average is recorded at the start and end: on a shared machine
 use ``--threads 1`` (the default), as PyTorch's OpenMP pool degrades badly when cores are contended.
+The forwards run on one JAX device; ``benchmarks/thread_scaling.py`` measures the batch split over CPU devices.
 
 Usage: ``python benchmarks/model_speed.py [--sizes tiny,mid] [--threads 1] [--repeats 7] [--json PATH]``.
 """
@@ -22,15 +25,17 @@ from __future__ import annotations
 import os
 import sys
 
-# Thread settings must be in place before jax (XLA) and torch start their pools.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's jaxdiff
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import emit, machine, parser, pin_cores  # noqa: E402
+
+# The cores must be pinned before jax (XLA) and torch size their thread pools (XLA from the affinity).
 _THREADS = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
 if _THREADS is None and "--threads" in sys.argv:
     _THREADS = sys.argv[sys.argv.index("--threads") + 1]
 _THREADS = int(_THREADS or os.environ.get("MODEL_SPEED_THREADS", "1"))
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={_THREADS}").strip()
-os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's jaxdiff
+_CORES = pin_cores(_THREADS) if __name__ == "__main__" else sorted(os.sched_getaffinity(0))
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -42,8 +47,6 @@ from typing import Any, Callable  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-from _common import emit, machine, parser  # noqa: E402
 
 # --- configurations ------------------------------------------------------------------------------
 
@@ -282,7 +285,8 @@ def main() -> None:
     p.add_argument("--sizes", default="tiny,mid")
     p.add_argument("--networks", default="unet,vae_decoder,clip_text")
     p.add_argument("--threads", type=int, default=_THREADS,
-                   help="threads for both XLA (intra-op / Eigen pool) and torch (set_num_threads)")
+                   help="cores for both frameworks: the process is pinned to that many (CPU affinity), torch uses "
+                        "that many threads; default 1")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--abstract-repeats", type=int, default=3,
                    help="fresh-process runs per full-size abstract build (0: skip that part)")
@@ -292,7 +296,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     results: dict[str, Any] = {"benchmark": "model_speed", "machine": machine(), "threads": args.threads,
-                               "torch": torch.__version__, "xla_flags": os.environ["XLA_FLAGS"],
+                               "affinity": sorted(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+                               "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                                "load_average_start": _uptime(), "repeats": args.repeats, "cases": {}}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,10 +2,15 @@
 
 DPM-Solver++ 2M, 20 steps, classifier-free guidance 7.5, batch 1 and 4, on a tiny and a mid-size
 SD-architecture model (random weights: the cost is the architecture's). Each measurement runs in its
-own process (peak RSS per framework); the frameworks are interleaved (jaxdiff cold cache, diffusers,
-jaxdiff warm cache, diffusers). Reported: images/s (median over the timed runs of both processes),
-first-call time and compile time (first call minus a run) with a cold and with a warm persistent
-compilation cache, peak RSS.
+own process (peak RSS per framework); the frameworks are interleaved, ``--rounds`` (>= 3) processes each
+(jaxdiff with a cold persistent compilation cache first, warm after; diffusers). Reported: images/s (the
+median of the processes' medians) with the spread over processes, first-call time and compile time
+(first call minus a run) with a cold and with a warm cache, peak RSS. jaxdiff runs with its defaults
+(on CPU the CFG batch split over one CPU device per core), diffusers with PyTorch's thread count.
+
+The 1-minute load average is recorded before, during (sampled every 2 s) and after; when it exceeded
+the core count at any point the ratios are not reported (``throughput_ratio`` null, with the reason):
+PyTorch's thread pool collapses under contention, which inflates jaxdiff's lead.
 
     python benchmarks/sampler_throughput.py --json benchmarks/results/sampler_throughput.json \
         --md benchmarks/results/sampler_throughput.md
@@ -106,49 +111,63 @@ def _spawn(kind: str, folder: Path, batch: int, a: argparse.Namespace, cache: st
 
 
 def _machine() -> dict:
-    """benchmarks/_common.machine() plus the platform and the load when the run starts."""
+    """benchmarks/_common.machine() plus the platform."""
     from _common import machine
 
-    return {**machine(), "platform": platform.platform(), "python": platform.python_version(),
-            "load_before": os.getloadavg()}
+    return {**machine(), "platform": platform.platform(), "python": platform.python_version()}
 
 
 def measure_pair(folder: Path, batch: int, a: argparse.Namespace) -> dict:
+    """``a.rounds`` jaxdiff and diffusers processes, interleaved; medians of the per-process medians."""
+    from _common import spread
+
     cache = tempfile.mkdtemp(prefix="jaxdiff-cache-")
-    cold = _spawn("jaxdiff", folder, batch, a, cache)
-    torch1 = _spawn("diffusers", folder, batch, a)
-    warm = _spawn("jaxdiff", folder, batch, a, cache)
-    torch2 = _spawn("diffusers", folder, batch, a)
-    jr = statistics.median(cold["runs_s"] + warm["runs_s"])
-    tr = statistics.median(torch1["runs_s"] + torch2["runs_s"])
+    jax_runs, torch_runs = [], []
+    for _ in range(a.rounds):
+        jax_runs.append(_spawn("jaxdiff", folder, batch, a, cache))  # the first with a cold cache
+        torch_runs.append(_spawn("diffusers", folder, batch, a))
+    js = spread([r["seconds_per_batch"] for r in jax_runs])
+    ts = spread([r["seconds_per_batch"] for r in torch_runs])
+    cold, warm = jax_runs[0], jax_runs[1]
     return {
-        "batch": batch,
-        "jaxdiff_images_per_s": batch / jr, "diffusers_images_per_s": batch / tr, "ratio": tr / jr,
+        "batch": batch, "rounds": a.rounds,
+        "jaxdiff_images_per_s": batch / js["median"], "diffusers_images_per_s": batch / ts["median"],
+        "ratio": ts["median"] / js["median"],
+        "jaxdiff_seconds_per_batch": js, "diffusers_seconds_per_batch": ts,
+        "jaxdiff_devices": cold.get("devices", 1), "jaxdiff_mesh": cold.get("mesh"),
+        "diffusers_threads": torch_runs[0]["threads"],
         "jaxdiff_first_call_s": cold["first_call_s"], "jaxdiff_compile_s": cold["compile_s"],
         "jaxdiff_compile_warm_cache_s": warm["compile_s"], "jaxdiff_first_call_warm_cache_s": warm["first_call_s"],
-        "diffusers_first_call_s": torch1["first_call_s"],
-        "jaxdiff_peak_rss_mb": max(cold["peak_rss_mb"], warm["peak_rss_mb"]),
-        "diffusers_peak_rss_mb": max(torch1["peak_rss_mb"], torch2["peak_rss_mb"]),
-        "raw": {"jaxdiff_cold": cold, "jaxdiff_warm": warm, "diffusers": [torch1, torch2]},
+        "diffusers_first_call_s": torch_runs[0]["first_call_s"],
+        "jaxdiff_peak_rss_mb": max(r["peak_rss_mb"] for r in jax_runs),
+        "diffusers_peak_rss_mb": max(r["peak_rss_mb"] for r in torch_runs),
+        "raw": {"jaxdiff": jax_runs, "diffusers": torch_runs},
     }
 
 
 def table(results: dict) -> str:
-    head = ("| size | batch | jaxdiff img/s | diffusers img/s | ratio | jaxdiff compile s (cold / warm cache) "
-            "| diffusers first call s | peak RSS MB (jaxdiff / diffusers) |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| size | batch | jaxdiff img/s (spread) | diffusers img/s (spread) | ratio | jaxdiff devices "
+            "| jaxdiff compile s (cold / warm cache) | diffusers first call s | peak RSS MB (jaxdiff / diffusers) |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for size, entries in results["sizes"].items():
         for e in entries:
+            ratio = "refused (load)" if e["ratio"] is None else f"{e['ratio']:.2f}"
             rows.append(f"| {size} | {e['batch']} | {e['jaxdiff_images_per_s']:.2f} "
-                        f"| {e['diffusers_images_per_s']:.2f} "
-                        f"| {e['ratio']:.2f} | {e['jaxdiff_compile_s']:.1f} / {e['jaxdiff_compile_warm_cache_s']:.1f} "
+                        f"({e['jaxdiff_seconds_per_batch']['rel_spread']:.0%}) "
+                        f"| {e['diffusers_images_per_s']:.2f} ({e['diffusers_seconds_per_batch']['rel_spread']:.0%}) "
+                        f"| {ratio} | {e['jaxdiff_devices']} "
+                        f"| {e['jaxdiff_compile_s']:.1f} / {e['jaxdiff_compile_warm_cache_s']:.1f} "
                         f"| {e['diffusers_first_call_s']:.2f} | {e['jaxdiff_peak_rss_mb']:.0f} / "
                         f"{e['diffusers_peak_rss_mb']:.0f} |")
-    m = results["machine"]
+    m, load = results["machine"], results["load"]
+    note = "" if load["quiet"] else f"\n\nRatios refused: {results['refused']}\n"
     return (f"Stable Diffusion sampling, DPM-Solver++ 2M, {results['steps']} steps, CFG {results['guidance']}, "
-            f"random SD-architecture weights; {m['cpu']}, {m['cores']} cores ({m['platform']}), shared machine "
-            f"(load average before: {', '.join(f'{x:.1f}' for x in m['load_before'])}).\n\n" + head + "\n".join(rows)
-            + f"\n\nthroughput_ratio (mid, batch 4): {results.get('throughput_ratio')}\n")
+            f"random SD-architecture weights, {results['rounds']} interleaved processes a side (spread: "
+            f"(max - min) / median over them); {m['cpu']}, {load['cores']} cores ({m['platform']}); load average "
+            f"before {load['load_before'][0]:.2f}, max during {load['load_max_1min']:.2f}, after "
+            f"{load['load_after'][0]:.2f}.\n\n" + head + "\n".join(rows)
+            + f"\n\nthroughput_ratio (mid, batch 4): {results.get('throughput_ratio')}\n" + note)
 
 
 def main() -> None:
@@ -157,7 +176,10 @@ def main() -> None:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per process after the first")
+    p.add_argument("--rounds", type=int, default=3, help="processes per framework, interleaved (at least 3)")
+    p.add_argument("--max-load", type=float, default=None,
+                   help="refuse the ratios when the 1-minute load average exceeds this; default the core count")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--worker", default=None, choices=("jaxdiff", "diffusers"))
@@ -167,17 +189,32 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         return _worker(a)
-    results: dict = {"steps": a.steps, "guidance": a.guidance, "sampler": "dpmpp_2m", "machine": _machine(),
-                     "sizes": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    if a.rounds < 3:
+        p.error("--rounds must be at least 3 (medians and spreads need them)")
+    from _common import LoadMonitor
+
+    results: dict = {"steps": a.steps, "guidance": a.guidance, "sampler": "dpmpp_2m", "rounds": a.rounds,
+                     "machine": _machine(), "sizes": {}}
+    with LoadMonitor(max_load=a.max_load) as load, tempfile.TemporaryDirectory() as tmp:
         for size in a.sizes.split(","):
             folder = build_folder(size, Path(tmp))
             results["sizes"][size] = [measure_pair(folder, int(b), a) for b in a.batches.split(",")]
             print(json.dumps({size: [{k: v for k, v in e.items() if k != "raw"} for e in results["sizes"][size]]}),
                   flush=True)
+    results["load"] = load.summary()
     mid4 = [e for e in results["sizes"].get("mid", []) if e["batch"] == 4]
     results["throughput_ratio"] = mid4[0]["ratio"] if mid4 else None
-    results["machine"]["load_after"] = os.getloadavg()
+    if not results["load"]["quiet"]:
+        ld = results["load"]
+        results["refused"] = (f"the 1-minute load average reached {ld['load_max_1min']:.2f} > {ld['max_load']:g} "
+                              f"({ld['cores']} cores; other processes' runnable threads: mean "
+                              f"{ld['others_runnable_mean']:.1f}, max {ld['others_runnable_max']}): the frameworks "
+                              "competed for the cores, the ratios would not be comparable; rerun on a quiet machine")
+        print("ratios not reported: " + results["refused"], file=sys.stderr)
+        results["throughput_ratio"] = None
+        for entries in results["sizes"].values():
+            for e in entries:
+                e["ratio_measured_under_load"], e["ratio"] = e["ratio"], None
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")

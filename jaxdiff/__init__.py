@@ -11,6 +11,7 @@ into the compiled program, and each class keeps its own tree structure. Prefer i
 different classes with the same number of data fields equal tree structures, and ``jax.jit`` can
 then run one class's compiled program for the other (silently wrong results).
 """
+from jaxdiff import cpu_devices as cpu_devices
 from jaxdiff import denoisers as denoisers
 from jaxdiff import guidance as guidance
 from jaxdiff import losses as losses
@@ -26,3 +27,5 @@ from jaxdiff.sampling import sample as sample
 from jaxdiff.schedules import get_schedule as get_schedule
 
 __version__ = "0.1.0"
+
+cpu_devices.configure()  # one CPU device per core unless the user chose (see jaxdiff.cpu_devices); before any JAX work

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff import guidance as G
-from jaxdiff import sampling, schedules
+from jaxdiff import parallel, sampling, schedules
 from jaxdiff._pytree import pytree_dataclass
 from jaxdiff.convert import abstract, load_torch_tensors, open_safetensors
 from jaxdiff.denoisers import DiscreteVPDenoiser, VEDenoiser
@@ -280,16 +280,25 @@ def labels_for(num: int, label: int | None) -> np.ndarray:
     return np.full((num,), int(label), np.int32)
 
 
+def network_batch(name: str, num: int, guidance: float = 1.0, classifier_scale: float = 0.0) -> int:
+    """The batch each network call of :func:`guided_denoiser` sees: ``2 num`` under classifier-free guidance."""
+    cfg = name == "digits" and classifier_scale <= 0 and guidance not in (0.0, 1.0)
+    return 2 * num if cfg else num
+
+
 def guided_denoiser(name: str, labels: Any = None, *, guidance: float = 1.0,
-                    classifier_scale: float = 0.0) -> tuple[Any, Any]:
+                    classifier_scale: float = 0.0, split: Any = None) -> tuple[Any, Any]:
     """``(denoiser, cond)`` for sampling a built-in model.
 
     ``digits``: ``guidance`` is the classifier-free scale (1: the conditional model alone, no second
     batch; 0: the unconditional model); ``classifier_scale > 0`` instead guides the *unconditional* model (null label) with the
     noisy classifier ``digits-classifier``. ``digits-ncsn`` is unconditional (labels must be None).
+    ``split`` (a ``NamedSharding``) splits the network's batch (:func:`network_batch`) over devices.
     """
     _check_name(name, BUILTIN_MODELS)
     den = load_builtin(name)
+    if split is not None:
+        den = parallel.ShardBatch(den, split)
     if name == "digits-ncsn":
         if labels is not None:
             raise ValueError("digits-ncsn is unconditional: pass label=None (use 'digits' for a chosen digit)")
@@ -316,13 +325,17 @@ def default_sampler(name: str, sampler: str) -> Any:
 
 def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = None, sampler: str = "dpmpp_2m",
                    schedule: str | None = None, steps: int | None = None, guidance: float = 3.0,
-                   classifier_scale: float = 0.0, seed: int = 0, progress: bool = False) -> np.ndarray:
+                   classifier_scale: float = 0.0, seed: int = 0, progress: bool = False,
+                   mesh: Any = "auto") -> np.ndarray:
     """Sample ``num`` digits from a built-in model: ``(num, 8, 8, 1)`` float32 in [0, 1].
 
     ``label=None`` cycles through 0..9 (so a grid shows every digit); ``guidance`` is the
     classifier-free scale of ``digits`` and ``classifier_scale > 0`` switches to classifier guidance
     (see :func:`guided_denoiser`); ``digits-ncsn`` is unconditional and ignores both. ``schedule`` defaults to ``karras`` (``ncsn_geometric`` for
     Langevin); ``steps`` to 20 (the trained level count for Langevin on ``digits-ncsn``).
+    ``mesh="auto"`` splits each network call's batch over the CPU devices that divide it
+    (:func:`jaxdiff.parallel.batch_mesh`; one per core by default, see :mod:`jaxdiff.cpu_devices`; no progress
+    bar then); ``None`` runs on one device, or give a 1-D ``data`` mesh.
     """
     _check_name(name, BUILTIN_MODELS)
     if num <= 0:
@@ -335,7 +348,13 @@ def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = N
     if name == "digits-ncsn" and label is not None:
         raise ValueError("digits-ncsn is unconditional: pass label=None (use 'digits' for a chosen digit)")
     labels = None if name == "digits-ncsn" else labels_for(num, label)
-    den, cond = guided_denoiser(name, labels, guidance=guidance, classifier_scale=classifier_scale)
+    if isinstance(mesh, str):
+        if mesh != "auto":
+            raise ValueError(f"mesh must be 'auto', None or a jax Mesh, got {mesh!r}")
+        mesh = parallel.batch_mesh(network_batch(name, num, guidance, classifier_scale))
+    split = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA))
+    progress = progress and split is None
+    den, cond = guided_denoiser(name, labels, guidance=guidance, classifier_scale=classifier_scale, split=split)
     key = jax.random.key(seed)
     vp = name == "digits"
     x = sampling.initial_noise(jax.random.fold_in(key, 1), (num, 8, 8, 1), sigmas.values[0], 1.0 if vp else 0.0)

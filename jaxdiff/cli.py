@@ -30,9 +30,9 @@ BUILTIN_DEFAULTS = dict(steps=20, guidance=3.0, classifier_scale=0.0, schedule="
 COMMON = ("model", "sampler", "schedule", "steps", "seed", "out", "from_png", "compile_cache", "no_progress")
 APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "sd": ("prompt", "prompts_file", "negative", "guidance", "rescale", "batch", "height", "width", "init_image",
-           "strength", "mask", "clip_skip", "dtype", "config"),
+           "strength", "mask", "clip_skip", "dtype", "config", "cpu_devices"),
     "mixture": ("num", "label", "guidance"),
-    "builtin": ("num", "label", "guidance", "classifier_scale"),
+    "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
 }
 UNCONDITIONAL_BUILTINS = ("digits-ncsn",)  # no label, no guidance
 
@@ -155,6 +155,14 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-cache", default=None,
                    help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_cpu_devices_arg(p)
+
+
+def _add_cpu_devices_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="CPU devices to split each sampling batch over (CFG halves and images); default "
+                        "XLA_FLAGS' host device count if set, else $JAXDIFF_CPU_DEVICES, else one per core; 1: a "
+                        "single device. Each device used holds a copy of the weights; no progress bar when split")
 
 
 def _flag(name: str) -> str:
@@ -332,8 +340,15 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
     images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)
     cols = 10 if args.label is None and len(images) >= 10 else None  # label=None cycles 0..9: a column per class
     path = save_png(grid(images, cols=cols, pad=zoom), args.out, settings)
-    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3), "cpu_devices": _cpu_devices()}))
     return path
+
+
+def _cpu_devices() -> int:
+    """JAX's CPU device count (printed with the results: --cpu-devices, $JAXDIFF_CPU_DEVICES or the cores)."""
+    import jax
+
+    return len(jax.devices("cpu"))
 
 
 # ---- Stable Diffusion folders -------------------------------------------------------------------
@@ -413,9 +428,9 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=plan.schedule_name,
               guidance=args.guidance, rescale=args.rescale, seed=seeds, height=args.height, width=args.width, **inputs)
     t0 = time.perf_counter()
-    if jax.device_count() > 1:
+    if jax.process_count() > 1:  # jax.distributed: split over every host's devices
         images = parallel.generate(sd, prompts, **kw)
-    else:
+    else:  # on CPU split over the cores (jaxdiff.cpu_devices), else one device
         images = sd(prompts, progress=not args.no_progress, **kw)
     dt = time.perf_counter() - t0
     files = {}
@@ -438,6 +453,7 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     if n > 1:
         save_png(grid(images), out, dict(base, prompt=prompts, seed=seeds))
     print(json.dumps({"out": str(out), "images": [str(p) for p in paths], "seconds": round(dt, 3),
+                      "cpu_devices": _cpu_devices(),
                       "sampler": plan.sampler_name, "steps": args.steps, "seed": args.seed}))
     return out
 
@@ -643,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="dpmpp_2m", help="sampler name; default dpmpp_2m")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (compiling) one; default 3")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    _add_cpu_devices_arg(p)
     p.add_argument("--compile-cache", default=None,
                    help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.set_defaults(func=cmd_bench)
@@ -664,6 +681,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with one_line_warnings():
+            if getattr(args, "cpu_devices", None) is not None:  # before any JAX computation (jaxdiff.cpu_devices)
+                if args.cpu_devices < 1:
+                    raise CLIError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+                from jaxdiff import cpu_devices
+
+                cpu_devices.configure(args.cpu_devices)
             return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad names, options, paths: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)

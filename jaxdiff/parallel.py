@@ -6,6 +6,13 @@ their large arrays are split along the same axis (ZeRO-3 style; XLA gathers them
 A batch that does not divide the device count is padded by repeating its last entry and trimmed after.
 Every image is drawn from its own seed (``jax.vmap`` inside the program), so the images do not depend on
 the device count, the padding or the batch position.
+
+On CPU the recipes do this by default (:func:`sampling_mesh`, :class:`ShardBatch`): jaxdiff makes one
+CPU device per core (:mod:`jaxdiff.cpu_devices`) and splits each sampling call's classifier-free-guidance
+batch over them: whole images along ``"data"`` and, when there are fewer images than devices, the
+conditional and unconditional halves of each image's U-Net call along ``"cfg"`` (their guided
+combination then gathers one latent per step between devices). Cost: the weights are replicated on every
+device used, and the program compiles somewhat slower.
 """
 from __future__ import annotations
 
@@ -17,7 +24,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdiff._pytree import pytree_dataclass, static_field
+
 DATA = "data"
+CFG = "cfg"
 BATCH_FIELDS = ("ids", "neg_ids", "seeds", "scale", "image", "mask")
 
 
@@ -31,6 +41,68 @@ def make_mesh(devices: Sequence[Any] | None = None, axis: str = DATA) -> Mesh:
     if not devices:
         raise ValueError("make_mesh needs at least one device")
     return jax.make_mesh((len(devices),), (axis,), axis_types=(AxisType.Auto,), devices=devices)
+
+
+def auto_devices() -> list[Any]:
+    """The devices the recipes split a sampling call over by default: every CPU device when the default
+    backend is the CPU of a single process, else just the first device (no automatic splitting)."""
+    if jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return jax.devices()[:1]
+    return jax.devices()
+
+
+def mesh_shape(batch: int, devices: int, pair: int = 2) -> tuple[int, int]:
+    """``(data, cfg)`` sizes of :func:`sampling_mesh` for ``batch`` images on ``devices`` devices."""
+    if batch < 1 or devices < 1:
+        raise ValueError(f"batch and device count must be at least 1, got {batch} and {devices}")
+    return (devices, 1) if batch >= devices else (batch, max(1, min(pair, devices // batch)))
+
+
+def sampling_mesh(batch: int, devices: Sequence[Any] | None = None, pair: int = 2) -> Mesh | None:
+    """A 2-D ``(data, cfg)`` mesh for ``batch`` images whose denoiser evaluates ``pair`` inputs each (the
+    CFG pair), or None when a single device would be used (default devices: :func:`auto_devices`).
+
+    With at least as many images as devices the images are split (``data`` = devices, ``cfg`` = 1; the
+    batch is padded to a multiple); with fewer, each image gets its own ``data`` slot and its CFG pair is
+    split over ``cfg = min(pair, devices // batch)`` devices. So batch 1 on two cores runs the conditional
+    and unconditional U-Net halves on one core each.
+    """
+    devices = list(auto_devices() if devices is None else devices)
+    data, cfg = mesh_shape(batch, len(devices), pair)
+    if data * cfg == 1:
+        return None
+    return jax.make_mesh((data, cfg), (DATA, CFG), axis_types=(AxisType.Auto,) * 2, devices=devices[:data * cfg])
+
+
+def batch_mesh(batch: int, devices: Sequence[Any] | None = None) -> Mesh | None:
+    """A 1-D ``data`` mesh over the most devices (of :func:`auto_devices`) that divide ``batch``; None for one."""
+    devices = list(auto_devices() if devices is None else devices)
+    n = max(d for d in range(1, min(len(devices), batch) + 1) if batch % d == 0)
+    return None if n == 1 else make_mesh(devices[:n])
+
+
+@pytree_dataclass
+class ShardBatch:
+    """Denoiser transform: the batch axis of ``x`` (and of ``sigma`` and the conditioning leaves with the same
+    leading size) split over ``sharding`` (a ``NamedSharding`` whose spec names the batch axis), the output too.
+
+    Wrap the network under a guidance transform (``ClassifierFree(ShardBatch(D, s), ...)``) to split the
+    CFG-doubled batch across devices inside the compiled loop; under ``jax.vmap(..., spmd_axis_name=a)``
+    the vmapped axis is split along mesh axis ``a`` as well. The batch must divide the axis size.
+    """
+
+    inner: Any
+    sharding: NamedSharding = static_field()
+
+    def _split(self, a: Any, size: int) -> Any:
+        if isinstance(a, jax.Array) and a.ndim and a.shape[0] == size:
+            return jax.lax.with_sharding_constraint(a, self.sharding)
+        return a
+
+    def __call__(self, x: jax.Array, sigma: jax.Array, cond: Any = None) -> jax.Array:
+        n = x.shape[0]
+        cond = jax.tree_util.tree_map(lambda a: self._split(a, n), cond)
+        return self._split(self.inner(self._split(x, n), self._split(sigma, n), cond), n)
 
 
 def param_sharding(x: Any, mesh: Mesh, fsdp: bool = False, min_size: int = 2**18, axis: str = DATA) -> NamedSharding:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import guidance, sampling
+from jaxdiff import parallel as _parallel
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff.denoisers import DiscreteVPDenoiser
 from jaxdiff.models._pure import PureModel
@@ -77,11 +78,15 @@ class SDModels:
         """The U-Net as ``D(x, sigma, {"context": ...}) -> x0`` (EDM coordinates, the scheduler's prediction type)."""
         return DiscreteVPDenoiser(UNetNet(self.unet), self.alphas_cumprod, self.prediction, quantize)
 
-    def guided(self, uncond: Any, scale: Array, rescale: Array = 0.0,
-               quantize: bool = False) -> guidance.ClassifierFree:
-        """Classifier-free guidance in one batched U-Net call; rescale in the network's output space (diffusers)."""
+    def guided(self, uncond: Any, scale: Array, rescale: Array = 0.0, quantize: bool = False,
+               split: Any = None) -> guidance.ClassifierFree:
+        """Classifier-free guidance in one batched U-Net call; rescale in the network's output space (diffusers).
+        ``split`` (a ``NamedSharding``) splits that call's conditional / unconditional halves over devices."""
         space = "v" if self.prediction == "v_prediction" else "epsilon"
-        return guidance.ClassifierFree(self.denoiser(quantize), scale, uncond, rescale, space)
+        den: Any = self.denoiser(quantize)
+        if split is not None:
+            den = _parallel.ShardBatch(den, split)
+        return guidance.ClassifierFree(den, scale, uncond, rescale, space)
 
     def encode_image(self, image: Array) -> tuple[Array, Array]:
         """Images (B, H, W, 3) in [-1, 1] -> the latent posterior's (mean, std), unscaled."""
@@ -127,7 +132,7 @@ def noise_for_seed(seed: Array, shape: tuple[int, ...], stream: int = NOISE_STRE
 
 
 def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any, mode: str, quantize: bool,
-               progress: bool) -> Array:
+               progress: bool, split: Any = None) -> Array:
     """Sample one image (batch of 1 inside ``vmap``) -> final latents (h, w, c) in VP scale."""
     seed = i["seed"]
     noise = noise_for_seed(seed, (1,) + i["latent_shape"])
@@ -146,7 +151,7 @@ def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any,
         zm = i["masked_mean"] + i["masked_std"] * noise_for_seed(seed, i["mean"].shape, MASKED_POSTERIOR_STREAM)
         concat = jnp.concatenate([i["mask"][None], m.to_latent(zm)[None]], axis=-1)
         cond, uncond = dict(cond, concat=concat), dict(uncond, concat=concat)
-    den: Any = m.guided(uncond, i["scale"], req.rescale, quantize)
+    den: Any = m.guided(uncond, i["scale"], req.rescale, quantize, split)
     if mode == "inpaint" and m.unet_in_channels == m.latent_channels:
         mask = i["mask"][None]
         den = _inpaint.MaskBlend(den, mask, known)
@@ -159,9 +164,21 @@ def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any,
     return out[0] * jax.lax.rsqrt(1.0 + final * final)
 
 
+def _cfg_split(mesh: Any) -> Any:
+    """The sharding of one image's CFG pair over the mesh's ``cfg`` axis (None when it has none or size 1)."""
+    if mesh is None or mesh.shape.get(_parallel.CFG, 1) == 1:
+        return None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_parallel.CFG))
+
+
 def generate_latents(m: SDModels, sampler: Any, req: Request, transform: Any = None, *, height: int, width: int,
-                     mode: str = "text2img", quantize: bool = False, progress: bool = False) -> Array:
-    """The pure program without decoding: final latents (B, h, w, c) (diffusers' ``output_type="latent"``)."""
+                     mode: str = "text2img", quantize: bool = False, progress: bool = False, mesh: Any = None) -> Array:
+    """The pure program without decoding: final latents (B, h, w, c) (diffusers' ``output_type="latent"``).
+
+    ``mesh`` (static; :func:`jaxdiff.parallel.sampling_mesh`): with a ``cfg`` axis of size > 1 each image's
+    U-Net call is split over it and the image axis along ``data`` (``vmap``'s ``spmd_axis_name``); the
+    request is expected sharded along ``data`` (:func:`jaxdiff.parallel.shard_request`).
+    """
     f = m.vae_factor
     ctx, uctx = m.encode_text(req.ids), m.encode_text(req.neg_ids)
     per = dict(seed=req.seeds, ctx=ctx, uctx=uctx, scale=req.scale)
@@ -172,19 +189,24 @@ def generate_latents(m: SDModels, sampler: Any, req: Request, transform: Any = N
         if m.unet_in_channels > m.latent_channels:
             per["masked_mean"], per["masked_std"] = m.encode_image(req.image * (req.mask < 0.5))
     static = dict(latent_shape=(height // f, width // f, m.latent_channels))
-    run = lambda i: _one_image(m, sampler, req, {**i, **static}, transform, mode, quantize, progress)  # noqa: E731
-    return jax.vmap(run)(per)
+    split = _cfg_split(mesh)
+
+    def run(i: dict) -> Array:
+        return _one_image(m, sampler, req, {**i, **static}, transform, mode, quantize, progress, split)
+
+    return jax.vmap(run, spmd_axis_name=None if split is None else _parallel.DATA)(per)
 
 
 def generate(m: SDModels, sampler: Any, req: Request, transform: Any = None, *, height: int, width: int,
-             mode: str = "text2img", quantize: bool = False, progress: bool = False) -> Array:
-    """The pure program: images (B, H, W, 3) in [0, 1]. Runs under ``jit``, ``pmap`` or a sharded ``jit``."""
+             mode: str = "text2img", quantize: bool = False, progress: bool = False, mesh: Any = None) -> Array:
+    """The pure program: images (B, H, W, 3) in [0, 1]. Runs under ``jit``, ``pmap`` or a sharded ``jit``
+    (``mesh``: see :func:`generate_latents`)."""
     lat = generate_latents(m, sampler, req, transform, height=height, width=width, mode=mode, quantize=quantize,
-                           progress=progress)
+                           progress=progress, mesh=mesh)
     return m.decode(lat)
 
 
-_STATIC = ("height", "width", "mode", "quantize", "progress")
+_STATIC = ("height", "width", "mode", "quantize", "progress", "mesh")
 generate_jit = jax.jit(generate, static_argnames=_STATIC)
 generate_latents_jit = jax.jit(generate_latents, static_argnames=_STATIC)
 
@@ -417,17 +439,45 @@ class StableDiffusion:
         static = dict(height=int(height), width=int(width), mode=mode, quantize=plan.quantize)
         return req, plan, static
 
+    def placed_models(self, mesh: Any) -> SDModels:
+        """The networks replicated on ``mesh``'s devices, kept for later calls on the same mesh."""
+        cache = self.__dict__.setdefault("_placed", {})
+        if mesh not in cache:
+            cache.clear()  # one placement at a time: each holds a copy of the weights per device
+            cache[mesh] = _parallel.shard_params(self.models, mesh)
+        return cache[mesh]
+
+    def run(self, req: Request, plan: _sched.Plan, static: Mapping[str, Any], transform: Any = None, *,
+            progress: bool = False, latent: bool = False, mesh: Any = "auto") -> np.ndarray:
+        """Run the compiled program on a checked :meth:`request`; images (or with ``latent`` latents) on the host.
+
+        ``mesh="auto"`` splits the batch over the CPU devices (:func:`jaxdiff.parallel.sampling_mesh`: all
+        cores by default, see :mod:`jaxdiff.cpu_devices`; no progress bar then), ``None`` runs on one device,
+        or give a ``(data, cfg)`` mesh. The images equal the single-device ones within float rounding.
+        """
+        n = int(req.seeds.shape[0])
+        if isinstance(mesh, str):
+            if mesh != "auto":
+                raise ValueError(f"mesh must be 'auto', None or a jax Mesh, got {mesh!r}")
+            mesh = _parallel.sampling_mesh(n)
+        fn = generate_latents_jit if latent else generate_jit
+        transform = combine_transforms(plan.threshold, transform)
+        if mesh is None:
+            return np.asarray(fn(self.models, plan.sampler, req, transform, progress=progress, **static))
+        req, n = _parallel.shard_request(req, mesh)
+        out = fn(self.placed_models(mesh), plan.sampler, req, transform, progress=False, mesh=mesh, **static)
+        return _parallel.gather(out)[:n]
+
     def __call__(self, prompt: str | Sequence[str], *, transform: Any = None, progress: bool = False,
-                 output: str = "np", **kwargs: Any) -> Any:
+                 output: str = "np", mesh: Any = "auto", **kwargs: Any) -> Any:
         """Generate images: ``output="np"`` (B, H, W, 3) float32 in [0, 1], ``"pil"`` a list of PIL images,
         ``"latent"`` the final latents. Keyword arguments as :meth:`request`; ``transform`` (a pytree callable
-        ``denoiser -> denoiser``, e.g. a :mod:`jaxdiff.guidance` transform) wraps the guided denoiser."""
-        req, plan, static = self.request(prompt, **kwargs)
-        transform = combine_transforms(plan.threshold, transform)
-        fn = generate_latents_jit if output == "latent" else generate_jit
+        ``denoiser -> denoiser``, e.g. a :mod:`jaxdiff.guidance` transform) wraps the guided denoiser;
+        ``mesh`` as :meth:`run` (default: split over all CPU cores)."""
         if output not in ("np", "pil", "latent"):
             raise ValueError(f"output must be 'np', 'pil' or 'latent', got {output!r}")
-        out = np.asarray(fn(self.models, plan.sampler, req, transform, progress=progress, **static))
+        req, plan, static = self.request(prompt, **kwargs)
+        out = self.run(req, plan, static, transform, progress=progress, latent=output == "latent", mesh=mesh)
         if not np.all(np.isfinite(out)):
             raise FloatingPointError("generation produced NaN/Inf; try float32 (--dtype float32) "
                                      "or a lower guidance scale")

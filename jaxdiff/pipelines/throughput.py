@@ -88,21 +88,23 @@ def peak_rss_mb() -> float:
 
 def measure(sd: Any, *, batch: int = 1, steps: int = 20, guidance: float = 7.5, sampler: str = "dpmpp_2m",
             repeats: int = 3) -> dict:
-    """Time the compiled program: first call (compile + one run), then ``repeats`` runs with new seeds."""
-    from jaxdiff.pipelines.stable_diffusion import combine_transforms, generate_jit
+    """Time the compiled program: first call (compile + one run), then ``repeats`` runs with new seeds.
+    On CPU the batch is split over the CPU devices as ``sd(...)`` does (:meth:`StableDiffusion.run`)."""
+    from jaxdiff import parallel
 
     def call(seed0: int) -> float:
         req, plan, static = sd.request([PROMPT] * batch, negative="", steps=steps, sampler=sampler,
                                        guidance=guidance, seed=seed0)
         t0 = time.perf_counter()
-        out = generate_jit(sd.models, plan.sampler, req, combine_transforms(plan.threshold), progress=False, **static)
-        out.block_until_ready()
+        sd.run(req, plan, static)  # returns host arrays: finished
         return time.perf_counter() - t0
 
     first = call(0)
     runs = [call(1000 * (i + 1)) for i in range(repeats)]
     run = statistics.median(runs)
+    mesh = parallel.sampling_mesh(batch)
     return {"batch": batch, "steps": steps, "sampler": sampler, "guidance": guidance,
+            "devices": 1 if mesh is None else int(mesh.size), "mesh": None if mesh is None else dict(mesh.shape),
             "images_per_s": batch / run, "seconds_per_batch": run, "runs_s": runs,
             "first_call_s": first, "compile_s": max(first - run, 0.0), "peak_rss_mb": peak_rss_mb()}
 
