@@ -16,7 +16,8 @@ Keys: ``unet_time_ratio`` (jaxdiff / PyTorch U-Net forward, mid size; target <= 
 ``load_memory_ratio`` (first load in a fresh process; target <= 1.3), ``cases``, ``load_memory``,
 ``abstract_build``. The machine's load average is recorded at the start and end: on a shared machine
 use ``--threads 1`` (the default), as PyTorch's OpenMP pool degrades badly when cores are contended.
-The forwards run on one JAX device; ``benchmarks/thread_scaling.py`` measures the batch split over CPU devices.
+jaxdiff runs as it does by default: one CPU device per pinned core, the U-Net's batch split over them
+(``JAXDIFF_CPU_DEVICES=1`` for a single device); ``benchmarks/thread_scaling.py`` compares both.
 
 Usage: ``python benchmarks/model_speed.py [--sizes tiny,mid] [--threads 1] [--repeats 7] [--json PATH]``.
 """
@@ -36,6 +37,7 @@ if _THREADS is None and "--threads" in sys.argv:
     _THREADS = sys.argv[sys.argv.index("--threads") + 1]
 _THREADS = int(_THREADS or os.environ.get("MODEL_SPEED_THREADS", "1"))
 _CORES = pin_cores(_THREADS) if __name__ == "__main__" else sorted(os.sched_getaffinity(0))
+import jaxdiff  # noqa: E402,F401  (chooses one CPU device per pinned core before the backend starts)
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -120,6 +122,7 @@ def make_case(kind: str, size: str, folder: Path) -> dict[str, Any]:
     """Torch and jaxdiff forwards for one network and size, with their inputs bound."""
     import torch
 
+    from jaxdiff import parallel
     from jaxdiff.models._pure import PureModel
 
     rng = np.random.default_rng(0)
@@ -136,7 +139,11 @@ def make_case(kind: str, size: str, folder: Path) -> dict[str, Any]:
         torch_fn = lambda: tmodel(tx, tt, tc).sample  # noqa: E731
         jfn = jax.jit(lambda m, a, b, c: m(a, b, c))
         args = (PureModel.of(jmodule), np.transpose(x, (0, 2, 3, 1)), t, ctx)
-        shape = f"{UNET_BATCH}x{s}x{s}x4, text 77x{cfg['cross_attention_dim']}"
+        mesh = parallel.batch_mesh(UNET_BATCH)
+        if mesh is not None:  # jaxdiff's default with several CPU devices: the batch split, the weights replicated
+            batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA))
+            args = (parallel.shard_params(args[0], mesh), *(jax.device_put(a, batch) for a in args[1:]))
+        shape = f"{UNET_BATCH}x{s}x{s}x4, text 77x{cfg['cross_attention_dim']}, {jax.device_count()} CPU device(s)"
     elif kind == "vae_decoder":
         s = cfg["latent"]
         z = rng.standard_normal((1, 4, s, s), np.float32)
