@@ -37,7 +37,7 @@ if _THREADS is None and "--threads" in sys.argv:
     _THREADS = sys.argv[sys.argv.index("--threads") + 1]
 _THREADS = int(_THREADS or os.environ.get("MODEL_SPEED_THREADS", "1"))
 _CORES = pin_cores(_THREADS) if __name__ == "__main__" else sorted(os.sched_getaffinity(0))
-import jaxdiff  # noqa: E402,F401  (chooses one CPU device per pinned core before the backend starts)
+import jaxdiff  # noqa: E402,F401 (chooses one CPU device per pinned core before the backend starts)
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -15,7 +15,6 @@ Usage: ``python benchmarks/solver_accuracy.py [--json PATH] [--png PATH] [--only
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import json

@@ -412,7 +412,6 @@ def _sd_inputs(args: argparse.Namespace) -> dict:
 
 def _sample_sd(args: argparse.Namespace) -> Path:
     import jax
-    import numpy as np
 
     from jaxdiff import parallel
     from jaxdiff.images import grid, save_png

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxdiff.convert.folders import _read_json
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -483,21 +485,6 @@ class LDMNetworks:
     configs: Mapping[str, Mapping[str, Any]]
     text_kind: str          # "clip" (SD 1.x) or "open_clip" (SD 2.x)
     config_folder: Any = None  # the diffusers folder given as config, if any (its tokenizer/ is used)
-
-
-def _read_json(path: Any) -> dict:
-    import json
-    from pathlib import Path
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config {path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path} must hold a JSON object")
-    return data
 
 
 def resolve_configs(shapes: Mapping[str, tuple[int, ...]], config: Any = None, *, prediction_type: str | None = None,

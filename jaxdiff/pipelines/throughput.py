@@ -9,9 +9,7 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -1,7 +1,7 @@
 """Adaptive Dormand-Prince 5(4) solver of the probability-flow ODE."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

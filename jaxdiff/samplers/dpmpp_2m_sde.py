@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass
 from jaxdiff.samplers._base import DenoiseFn, as_leaves, check_option, noise_like
-from jaxdiff.samplers.dpmpp_2m import log_step, multistep_estimate
+from jaxdiff.samplers.dpmpp_2m import multistep_estimate
 
 Array = jax.Array
 

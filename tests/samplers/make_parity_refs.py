@@ -9,7 +9,6 @@ scheduler module's ``randn_tensor``.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -23,36 +22,13 @@ OUT = os.path.join(os.path.dirname(__file__), "..", "data", "parity", "sd_schedu
 
 def diffusers_trajectory(case: str, spacing: str) -> dict[str, np.ndarray]:
     import diffusers
-    import torch
 
     cls_name, extra, _, _ = pc.CASES[case]
     cls = getattr(diffusers, cls_name)
     sched = cls(**pc.SD_CONFIG, timestep_spacing=spacing, **extra)
     sched.set_timesteps(pc.STEPS)
-    module = importlib.import_module(cls.__module__)
-    current = [0]
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(pc.step_noise(current[0]).copy()).to(dtype or torch.float32)
-
-    original = getattr(module, "randn_tensor", None)
-    module.randn_tensor = fake_randn
-    try:
-        x = torch.from_numpy(pc.base_noise().copy()) * sched.init_noise_sigma
-        traj, timesteps = [x.numpy().copy()], sched.timesteps.numpy()
-        for k, t in enumerate(sched.timesteps):
-            current[0] = len(traj) - 1  # the jaxdiff step this call belongs to
-            eps = pc.eps_torch(sched.scale_model_input(x, t), t)
-            x = sched.step(eps, t, x).prev_sample
-            heun_half = cls_name == "HeunDiscreteScheduler" and k % 2 == 0 and k != len(sched.timesteps) - 1
-            if not heun_half:
-                traj.append(x.numpy().copy())
-    finally:
-        if original is None:
-            del module.randn_tensor
-        else:
-            module.randn_tensor = original
-    out = {"traj": np.stack(traj), "timesteps": timesteps.astype(np.float64)}
+    traj, timesteps = pc.run_diffusers_scheduler(sched)
+    out = {"traj": traj, "timesteps": timesteps.astype(np.float64)}
     if hasattr(sched, "sigmas"):
         out["sigmas"] = sched.sigmas.numpy().astype(np.float32)
     return out

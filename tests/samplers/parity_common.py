@@ -57,3 +57,36 @@ def base_noise() -> np.ndarray:
 def step_noise(i: int) -> np.ndarray:
     """jaxdiff's noise for step i: ``jax.random.normal(fold_in(key, i))``."""
     return np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(KEY), i), SHAPE, jnp.float32))
+
+
+def run_diffusers_scheduler(sched, step_kwargs: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run a diffusers scheduler (``set_timesteps`` already called) on :func:`eps_torch` from
+    :func:`base_noise`, its ``randn_tensor`` replaced by :func:`step_noise` of the jaxdiff step each call
+    belongs to. Returns the states after each completed step (Heun: every second call) and the timesteps."""
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(type(sched).__module__)
+    heun = type(sched).__name__ == "HeunDiscreteScheduler"
+    traj: list[np.ndarray] = []
+
+    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(step_noise(len(traj) - 1).copy()).to(dtype or torch.float32)
+
+    original = getattr(module, "randn_tensor", None)
+    module.randn_tensor = fake_randn
+    try:
+        x = torch.from_numpy(base_noise().copy()) * sched.init_noise_sigma
+        traj.append(x.numpy().copy())
+        n = len(sched.timesteps)
+        for k, t in enumerate(sched.timesteps):
+            x = sched.step(eps_torch(sched.scale_model_input(x, t), t), t, x, **(step_kwargs or {})).prev_sample
+            if not (heun and k % 2 == 0 and k != n - 1):  # Heun: only completed steps
+                traj.append(x.numpy().copy())
+    finally:
+        if original is None:
+            del module.randn_tensor
+        else:
+            module.randn_tensor = original
+    return np.stack(traj), sched.timesteps.numpy()

@@ -13,7 +13,6 @@ thresholds are chosen so that the clip bites (checked by
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import sys
 
@@ -75,34 +74,12 @@ def jaxdiff_trajectory(case: str, threshold_in_denoiser: bool = False) -> np.nda
 
 def diffusers_trajectory(case: str) -> np.ndarray:
     import diffusers
-    import torch
 
     cls_name, _, _, _, step_kwargs = CASES[case]
     cls = getattr(diffusers, cls_name)
     sched = cls.from_config(config(case))
     sched.set_timesteps(pc.STEPS)
-    module = importlib.import_module(cls.__module__)
-    current = [0]
-
-    def fake_randn(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(pc.step_noise(current[0]).copy()).to(dtype or torch.float32)
-
-    original = getattr(module, "randn_tensor", None)
-    module.randn_tensor = fake_randn
-    try:
-        x = torch.from_numpy(pc.base_noise().copy()) * sched.init_noise_sigma
-        traj = [x.numpy().copy()]
-        for k, t in enumerate(sched.timesteps):
-            current[0] = k
-            x = sched.step(pc.eps_torch(sched.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
-            if not (cls_name == "HeunDiscreteScheduler" and k % 2 == 0 and k != len(sched.timesteps) - 1):
-                traj.append(x.numpy().copy())  # Heun: only completed steps
-    finally:
-        if original is None:
-            del module.randn_tensor
-        else:
-            module.randn_tensor = original
-    traj = np.stack(traj)
+    traj, _ = pc.run_diffusers_scheduler(sched, step_kwargs)
     if schedules.reference_state_is_vp(cls_name):
         return traj
     sigmas = sched.sigmas.numpy()
