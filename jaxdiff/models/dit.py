@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import KeySource
 
 Array = jax.Array
@@ -203,7 +204,7 @@ class Attention(nnx.Module):
     def __call__(self, x: Array) -> Array:
         b, n, d = x.shape
         split = lambda y: y.reshape(b, n, self.heads, d // self.heads)  # noqa: E731
-        out = jax.nn.dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
+        out = attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
         return self.to_out[0](out.reshape(b, n, d))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import shapes_only
+from jaxdiff.models.attention import attention
 
 Array = jax.Array
 
@@ -329,71 +330,25 @@ class ResnetBlock2D(nnx.Module):
 # --- attention ------------------------------------------------------------------------------------
 
 
-# On CPU, attention whose float32 logits exceed this many bytes runs in blocks of queries.
-CPU_ATTENTION_BLOCK_BYTES = 2 ** 21
-# Queries per block: measured best (or within noise of it) from 77 to 4096 keys on XLA:CPU.
-CPU_ATTENTION_QUERY_CHUNK = 64
-
-
-def _attention_block(q: Array, k: Array, v: Array) -> Array:
-    """``softmax(q k^T / sqrt(d)) v`` for one block of queries, normalising after the value product.
-
-    Heads-major layout (B, heads, T, d): each head's logits are one contiguous matrix product.
-    """
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-    p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / p.sum(axis=-1)[..., None]).astype(v.dtype)
-
-
-def query_chunk(batch: int, queries: int, heads: int, keys: int, budget: int = CPU_ATTENTION_BLOCK_BYTES) -> int:
-    """Queries per block: all of them when the backend is not the CPU or the float32 logits fit
-    ``budget`` bytes, else :data:`CPU_ATTENTION_QUERY_CHUNK`."""
-    if jax.default_backend() != "cpu" or 4 * batch * heads * queries * keys <= budget:
-        return queries
-    return min(queries, CPU_ATTENTION_QUERY_CHUNK)
-
-
-def scaled_dot_product_attention(q: Array, k: Array, v: Array, chunk: int | None = None) -> Array:
-    """``softmax(q k^T / sqrt(d)) v`` on (B, T, heads, d) arrays; logits and softmax in float32.
-
-    Written out (rather than ``jax.nn.dot_product_attention``) so that the float32 upcast is
-    explicit, and because XLA:CPU in jax 0.10 aborts on that function's bfloat16 dot preset.
-    The softmax denominator divides the (T, d) output rather than the (T, T) weights. On CPU the
-    queries are processed in chunks of ``chunk`` (default :func:`query_chunk`) under
-    ``lax.map``, so the logits of a chunk stay in cache (query chunking as in Rabe & Staats 2021,
-    "Self-attention does not need O(n^2) memory"): 1.5-5x faster than one (T, T) block at
-    T = 1024-4096 on XLA:CPU, and the logits never take O(T^2) memory.
-    """
-    b, t, h, d = q.shape
-    chunk = chunk or query_chunk(b, t, h, k.shape[1])
-    q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, heads, T, d): 1.1-1.8x faster on XLA:CPU
-    if chunk >= t:
-        return jnp.swapaxes(_attention_block(q, k, v), 1, 2)
-    n = -(-t // chunk)
-    qp = jnp.pad(q, ((0, 0), (0, 0), (0, n * chunk - t), (0, 0)))
-    blocks = jnp.moveaxis(qp.reshape(b, h, n, chunk, d), 2, 0)
-    out = jax.lax.map(lambda qc: _attention_block(qc, k, v), blocks)  # (n, B, heads, chunk, d)
-    out = jnp.moveaxis(out, 0, 2).reshape(b, h, n * chunk, v.shape[-1])[:, :, :t]
-    return jnp.swapaxes(out, 1, 2)
-
-
 class Attention(nnx.Module):
     """Multi-head (self or cross) attention, diffusers ``Attention`` with the default processor.
 
-    ``softmax(q k^T / sqrt(dim_head)) v`` per head (Vaswani et al. 2017); logits and softmax are
-    always computed in float32 (so ``upcast_attention``/``upcast_softmax`` hold for any dtype).
+    ``softmax(q k^T / sqrt(dim_head)) v`` per head (Vaswani et al. 2017); on CPU (the ``"cpu"`` and
+    ``"blockwise"`` backends) logits and softmax are computed in float32, so ``upcast_attention`` /
+    ``upcast_softmax`` hold for any dtype.
     On 4-D NHWC input (the VAE / pixel U-Net attention) it flattens the pixels, applies the
     optional ``group_norm`` first and, with ``residual_connection``, adds the input back and
-    divides by ``rescale_output_factor``.
+    divides by ``rescale_output_factor``. The kernel is :func:`jaxdiff.models.attention.attention`;
+    ``attention_backend`` fixes its backend for this layer (``None``: the module default).
     """
 
     def __init__(self, query_dim: int, mk: Maker, *, heads: int = 8, dim_head: int = 64,
                  cross_attention_dim: int | None = None, bias: bool = False, out_bias: bool = True,
                  norm_num_groups: int | None = None, eps: float = 1e-5, residual_connection: bool = False,
-                 rescale_output_factor: float = 1.0):
+                 rescale_output_factor: float = 1.0, attention_backend: str | None = None):
         inner = heads * dim_head
         self.heads = heads
+        self.attention_backend = attention_backend
         self.residual_connection = residual_connection
         self.rescale_output_factor = rescale_output_factor
         self.group_norm = mk.group_norm(query_dim, norm_num_groups, eps) if norm_num_groups else None
@@ -414,7 +369,7 @@ class Attention(nnx.Module):
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         split = lambda t: t.reshape(*t.shape[:2], self.heads, t.shape[-1] // self.heads)  # noqa: E731
-        out = scaled_dot_product_attention(split(q), split(k), split(v))
+        out = attention(split(q), split(k), split(v), backend=self.attention_backend)
         out = self.to_out[0](out.reshape(*out.shape[:2], -1))
         if spatial:
             out = out.reshape(b, h, w, c)

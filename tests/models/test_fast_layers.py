@@ -16,7 +16,8 @@ from flax import nnx
 
 from jaxdiff.models import clip, dit, t5
 from jaxdiff.models._pure import PureModel
-from jaxdiff.models.layers import GroupNorm, query_chunk, scaled_dot_product_attention
+from jaxdiff.models.attention import attention, query_chunk
+from jaxdiff.models.layers import GroupNorm
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "models"
 
@@ -33,7 +34,8 @@ def test_chunked_attention_matches_definition(chunk):
     rng = np.random.default_rng(0)
     q = rng.standard_normal((2, 50, 3, 4)) * 3  # 50 queries: the last chunk is padded
     k, v = rng.standard_normal((2, 2, 37, 3, 4))
-    out = jax.jit(scaled_dot_product_attention, static_argnums=3)(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), chunk)
+    cpu = jax.jit(lambda q, k, v: attention(q, k, v, backend="cpu", q_block=chunk))
+    out = cpu(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
     np.testing.assert_allclose(np.asarray(out), _attention_reference(q, k, v), atol=2e-6)
 
 
