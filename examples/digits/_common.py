@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from jaxdiff import builtin, losses as L  # noqa: E402
 from jaxdiff.convert.torch_layout import torch_name_map  # noqa: E402
 from jaxdiff.denoisers import DiscreteVPDenoiser  # noqa: E402
+from jaxdiff.models.classifier import DigitClassifier, DigitClassifierConfig  # noqa: E402
 from jaxdiff.models.unet2d import UNet2DConfig, UNet2DModel  # noqa: E402
 from jaxdiff.train import (ArrayDataset, ClassifierObjective, DiffusionObjective, OptimizerConfig,  # noqa: E402
                            Trainer, fit, load_digits_dataset, read_metrics)
@@ -40,7 +41,7 @@ def build_network(network: dict, seed: int) -> nnx.Module:
     """A freshly initialised network (PyTorch-default init, float32)."""
     if network["_class_name"] == "UNet2DModel":
         return UNet2DModel(UNet2DConfig.from_dict(network), rngs=nnx.Rngs(seed))
-    return builtin.DigitClassifier(builtin.DigitClassifierConfig.from_dict(network), rngs=nnx.Rngs(seed))
+    return DigitClassifier(DigitClassifierConfig.from_dict(network), rngs=nnx.Rngs(seed))
 
 
 @jax.tree_util.register_static
