@@ -35,8 +35,7 @@ from jaxdiff import guidance as G
 from jaxdiff import parallel, sampling, schedules
 from jaxdiff._pytree import pytree_dataclass
 from jaxdiff.convert import abstract, load_torch_tensors, open_safetensors
-from jaxdiff.denoisers import DiscreteVPDenoiser, VEDenoiser
-from jaxdiff.losses import DiscreteVPClassifier
+from jaxdiff.denoisers import DiscreteVPClassifier, DiscreteVPDenoiser, VEDenoiser
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.classifier import DigitClassifier, DigitClassifierConfig
 from jaxdiff.models.unet2d import UNet2DConfig, UNet2DModel
@@ -158,7 +157,7 @@ def load_builtin(name: str) -> Any:
 
     ``digits``: :class:`~jaxdiff.denoisers.DiscreteVPDenoiser` whose ``cond`` is a (B,) int label array
     (10 = no label); ``digits-ncsn``: :class:`~jaxdiff.denoisers.VEDenoiser` (unconditional);
-    ``digits-classifier``: :class:`~jaxdiff.losses.DiscreteVPClassifier` ``(x, sigma) -> logits``;
+    ``digits-classifier``: :class:`~jaxdiff.denoisers.DiscreteVPClassifier` ``(x, sigma) -> logits``;
     ``digits-eval``: the clean classifier ``x -> logits`` (``.bind("features")`` for its features).
     """
     _check_name(name)

@@ -185,6 +185,35 @@ class EDMDenoiser:
         return (x0 - c_skip * (x0 + s * noise)) / c_out
 
 
+# ---- noisy classifiers: the same input maps, for classifier guidance (Dhariwal & Nichol 2021) ----------
+
+@pytree_dataclass
+class DiscreteVPClassifier:
+    """A classifier of VP inputs at training step t: ``net(x / sqrt(1 + sigma^2), t) -> logits``."""
+
+    net: Callable[..., Array]
+    alphas_cumprod: Array
+
+    def __call__(self, x: Array, sigma: Array) -> Array:
+        sigma = batch_sigma(sigma, x)
+        ac = jnp.asarray(self.alphas_cumprod, sigma.dtype)
+        t = sigma_to_discrete_t(sigma, jnp.sqrt((1.0 - ac) / ac))
+        return self.net(x * expand_to(jax.lax.rsqrt(1.0 + sigma * sigma), x), t)
+
+
+@pytree_dataclass
+class EDMClassifier:
+    """A classifier with EDM input scaling: ``net(x / sqrt(sigma^2 + sd^2), log(sigma) / 4) -> logits``."""
+
+    net: Callable[..., Array]
+    sigma_data: float = 0.5
+
+    def __call__(self, x: Array, sigma: Array) -> Array:
+        sigma = batch_sigma(sigma, x)
+        c_in = jax.lax.rsqrt(sigma * sigma + self.sigma_data**2)
+        return self.net(x * expand_to(c_in, x), jnp.log(sigma) / 4.0)
+
+
 def to_epsilon(x: Array, x0: Array, sigma: Array) -> Array:
     """The noise estimate a denoiser implies: ``eps = (x - x0) / sigma``."""
     return (x - x0) / expand_to(batch_sigma(sigma, x), x)
