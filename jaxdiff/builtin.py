@@ -184,7 +184,7 @@ def sigma_range(name: str) -> tuple[float, float]:
     if adapter["kind"] == "ve":
         return float(adapter["sigma_min"]), float(adapter["sigma_max"])
     ac = vp_alphas_cumprod(adapter)
-    train = np.sqrt((1.0 - ac) / ac)
+    train = schedules.vp_sigmas(ac)
     return float(train[0]), float(min(train[-1], adapter.get("sigma_max_sampling", 80.0)))
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._util import batch_sigma, expand_to
+from jaxdiff.schedules import vp_sigmas
 
 Array = jax.Array
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "score")
@@ -84,8 +85,7 @@ class DiscreteVPDenoiser:
 
     @property
     def sigmas_train(self) -> Array:
-        ac = jnp.asarray(self.alphas_cumprod)
-        return jnp.sqrt((1.0 - ac) / ac)
+        return vp_sigmas(jnp.asarray(self.alphas_cumprod))
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         sigma = batch_sigma(sigma, x)
@@ -196,8 +196,7 @@ class DiscreteVPClassifier:
 
     def __call__(self, x: Array, sigma: Array) -> Array:
         sigma = batch_sigma(sigma, x)
-        ac = jnp.asarray(self.alphas_cumprod, sigma.dtype)
-        t = sigma_to_discrete_t(sigma, jnp.sqrt((1.0 - ac) / ac))
+        t = sigma_to_discrete_t(sigma, vp_sigmas(jnp.asarray(self.alphas_cumprod, sigma.dtype)))
         return self.net(x * expand_to(jax.lax.rsqrt(1.0 + sigma * sigma), x), t)
 
 

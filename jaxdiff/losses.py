@@ -48,6 +48,7 @@ import numpy as np
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._util import batch_sigma, expand_to
 from jaxdiff.denoisers import DiscreteVPClassifier, EDMClassifier  # noqa: F401 (NoisyClassifierLoss's adapters)
+from jaxdiff.schedules import vp_sigmas
 
 Array = jax.Array
 WEIGHTINGS = ("epsilon", "v", "x0", "edm", "ncsn")
@@ -64,8 +65,7 @@ class DiscreteVPLevels:
 
     @property
     def sigmas(self) -> Array:
-        ac = jnp.asarray(self.alphas_cumprod, jnp.float32)
-        return jnp.sqrt((1.0 - ac) / ac)
+        return vp_sigmas(jnp.asarray(self.alphas_cumprod, jnp.float32))
 
     def sample_t(self, key: Array, n: int) -> Array:
         return jax.random.randint(key, (n,), 0, self.sigmas.shape[0])
