@@ -43,6 +43,16 @@ def make_mesh(devices: Sequence[Any] | None = None, axis: str = DATA) -> Mesh:
     return jax.make_mesh((len(devices),), (axis,), axis_types=(AxisType.Auto,), devices=devices)
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with Auto axis types (sharding propagated by the compiler).
+
+    ``jax.make_mesh`` makes Explicit axes by default, under which every op must agree on its operands'
+    shardings; a network mixing a data-sharded batch with replicated noise levels would not trace.
+    Used for a mesh a caller hands in (the training step); the meshes made here are Auto already.
+    """
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def auto_devices() -> list[Any]:
     """The devices the recipes split a sampling call over by default: every CPU device when the default
     backend is the CPU of a single process, else just the first device (no automatic splitting)."""

@@ -120,7 +120,8 @@ def test_vp_sigma_formula_is_written_once():
 
 def test_ncsn_geometric_is_the_exponential_spacing():
     for n in (1, 2, 7, 10):
-        geo, exp = schedules.ncsn_geometric(n, 0.01, 1.0, capacity=16), schedules.exponential(n, 0.01, 1.0, capacity=16)
+        geo = schedules.ncsn_geometric(n, 0.01, 1.0, capacity=16)
+        exp = schedules.exponential(n, 0.01, 1.0, capacity=16)
         np.testing.assert_array_equal(geo.used(), exp.used())
         levels = geo.used().astype(np.float64)[:n]
         assert levels[0] == pytest.approx(1.0, rel=1e-6) and levels[-1] == pytest.approx(0.01 if n > 1 else 1.0, rel=1e-5)
