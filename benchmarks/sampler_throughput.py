@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jaxdiff.pipelines import throughput  # noqa: E402
+from benchmarks import throughput  # noqa: E402
 
 
 def build_folder(size: str, root: Path) -> Path:

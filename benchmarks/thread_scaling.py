@@ -96,7 +96,7 @@ def sd_worker(framework: str, folder: Path, repeats: int, batch: int = 4, steps:
 
         r = diffusers_worker(str(folder), batch, steps, 7.5, repeats)
     else:
-        from jaxdiff.pipelines import throughput
+        from benchmarks import throughput
 
         r = throughput.run(model=str(folder), batch=batch, steps=steps, guidance=7.5, sampler="dpmpp_2m",
                            repeats=repeats)

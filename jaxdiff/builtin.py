@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,10 +35,9 @@ from jaxdiff import guidance as G
 from jaxdiff import parallel, sampling, schedules
 from jaxdiff._pytree import pytree_dataclass
 from jaxdiff.convert import abstract, load_torch_tensors, open_safetensors
-from jaxdiff.denoisers import DiscreteVPDenoiser, VEDenoiser
-from jaxdiff.losses import DiscreteVPClassifier
+from jaxdiff.denoisers import DiscreteVPClassifier, DiscreteVPDenoiser, VEDenoiser
 from jaxdiff.models._pure import PureModel
-from jaxdiff.models.layers import Maker, ResnetBlock2D, TimestepEmbedding, config_from_dict, timestep_embedding
+from jaxdiff.models.classifier import DigitClassifier, DigitClassifierConfig
 from jaxdiff.models.unet2d import UNet2DConfig, UNet2DModel
 from jaxdiff.samplers import Langevin, get_sampler
 
@@ -59,63 +57,6 @@ BUILTIN_CLASSIFIERS: dict[str, str] = {
 """Classifiers :func:`load_builtin` also loads: name -> description."""
 
 SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
-
-
-# ---- the classifier network ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DigitClassifierConfig:
-    """A small residual convnet; with ``time_conditioned`` its blocks see a timestep embedding (ADM's encoder)."""
-
-    in_channels: int = 1
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
-    hidden: int = 64
-    num_classes: int = 10
-    norm_num_groups: int = 8
-    time_conditioned: bool = False
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DigitClassifierConfig":
-        return config_from_dict(cls, dict(d))
-
-
-class DigitClassifier(nnx.Module):
-    """``net(x, t=None) -> logits``: residual blocks (each after the first halves H and W), pooling, MLP head."""
-
-    def __init__(self, config: DigitClassifierConfig, *, rngs: nnx.Rngs):
-        self.config = c = config
-        mk = Maker(rngs)
-        c0, temb = c.block_out_channels[0], 4 * c.block_out_channels[0]
-        self.conv_in = mk.conv(c.in_channels, c0, 3)
-        self.time_embedding = TimestepEmbedding(c0, temb, mk) if c.time_conditioned else None
-        chans = (c0, *c.block_out_channels)
-        self.resnets = nnx.List([
-            ResnetBlock2D(chans[i], chans[i + 1], mk, temb_channels=temb if c.time_conditioned else None,
-                          groups=c.norm_num_groups, eps=1e-5, down=i > 0)
-            for i in range(len(c.block_out_channels))])
-        self.norm_out = mk.group_norm(chans[-1], c.norm_num_groups, 1e-5)
-        self.proj = mk.linear(chans[-1], c.hidden)
-        self.head = mk.linear(c.hidden, c.num_classes)
-
-    def features(self, x: Array, t: Any = None) -> Array:
-        """The penultimate activations (B, hidden)."""
-        if x.ndim != 4 or x.shape[-1] != self.config.in_channels:
-            raise ValueError(f"x must be NHWC with {self.config.in_channels} channel(s), got shape {x.shape}")
-        temb = None
-        if self.time_embedding is not None:
-            if t is None:
-                raise ValueError("this classifier is noise-conditioned: pass the timesteps t")
-            t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
-            temb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0], flip_sin_to_cos=True,
-                                                          downscale_freq_shift=0.0))
-        h = self.conv_in(x)
-        for block in self.resnets:
-            h = block(h, temb)
-        h = jnp.mean(jax.nn.silu(self.norm_out(h)), axis=(1, 2))
-        return jax.nn.silu(self.proj(h))
-
-    def __call__(self, x: Array, t: Any = None) -> Array:
-        return self.head(self.features(x, t))
 
 
 # ---- adapters --------------------------------------------------------------------------------
@@ -216,7 +157,7 @@ def load_builtin(name: str) -> Any:
 
     ``digits``: :class:`~jaxdiff.denoisers.DiscreteVPDenoiser` whose ``cond`` is a (B,) int label array
     (10 = no label); ``digits-ncsn``: :class:`~jaxdiff.denoisers.VEDenoiser` (unconditional);
-    ``digits-classifier``: :class:`~jaxdiff.losses.DiscreteVPClassifier` ``(x, sigma) -> logits``;
+    ``digits-classifier``: :class:`~jaxdiff.denoisers.DiscreteVPClassifier` ``(x, sigma) -> logits``;
     ``digits-eval``: the clean classifier ``x -> logits`` (``.bind("features")`` for its features).
     """
     _check_name(name)
@@ -243,7 +184,7 @@ def sigma_range(name: str) -> tuple[float, float]:
     if adapter["kind"] == "ve":
         return float(adapter["sigma_min"]), float(adapter["sigma_max"])
     ac = vp_alphas_cumprod(adapter)
-    train = np.sqrt((1.0 - ac) / ac)
+    train = schedules.vp_sigmas(ac)
     return float(train[0]), float(min(train[-1], adapter.get("sigma_max_sampling", 80.0)))
 
 

@@ -612,10 +612,37 @@ def file_summary(path: str | Path) -> dict:
 
 # ---- bench --------------------------------------------------------------------------------------
 
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+_BENCH_MODULE = "jaxdiff_benchmarks_throughput"
+
+
+def bench_module() -> Any:
+    """``benchmarks/throughput.py`` of the source checkout this jaxdiff runs from (loaded once).
+
+    The measurement is a benchmark, not part of the library, so it lives beside the other benchmarks;
+    an installed jaxdiff without that folder gets a one-line error saying where to run from."""
+    import importlib.util
+
+    if _BENCH_MODULE in sys.modules:
+        return sys.modules[_BENCH_MODULE]
+    if not BENCH_SCRIPT.is_file():
+        raise CLIError(f"`jaxdiff bench` runs {BENCH_SCRIPT.relative_to(BENCH_SCRIPT.parents[1])} of a source "
+                       f"checkout, not found at {BENCH_SCRIPT}; install jaxdiff from a checkout (pip install -e .)")
+    spec = importlib.util.spec_from_file_location(_BENCH_MODULE, BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_BENCH_MODULE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[_BENCH_MODULE]
+        raise
+    return module
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from jaxdiff import compile_cache
-    from jaxdiff.pipelines import throughput
 
+    throughput = bench_module()
     if args.compile_cache:
         compile_cache.enable(args.compile_cache)
     else:
@@ -647,9 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="a diffusers folder to summarise (default: none)")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="images/s of Stable Diffusion sampling (random SD-architecture weights)")
-    from jaxdiff.pipelines.throughput import SIZES
-
-    sizes = ", ".join(f"{k} ({_bench_resolution(v)} images)" for k, v in SIZES.items())
+    try:
+        sizes = ", ".join(f"{k} ({_bench_resolution(v)} images)" for k, v in bench_module().SIZES.items())
+    except CLIError:
+        sizes = "see benchmarks/throughput.py in a source checkout"
     p.add_argument("--size", default="tiny", help=f"random model size: {sizes}; ignored with --model; default tiny")
     p.add_argument("--model", default=None, help="a diffusers folder instead of random weights")
     p.add_argument("--batch", type=int, default=1, help="images per call; default 1")

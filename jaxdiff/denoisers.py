@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._util import batch_sigma, expand_to
+from jaxdiff.schedules import vp_sigmas
 
 Array = jax.Array
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "score")
@@ -84,8 +85,7 @@ class DiscreteVPDenoiser:
 
     @property
     def sigmas_train(self) -> Array:
-        ac = jnp.asarray(self.alphas_cumprod)
-        return jnp.sqrt((1.0 - ac) / ac)
+        return vp_sigmas(jnp.asarray(self.alphas_cumprod))
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         sigma = batch_sigma(sigma, x)
@@ -183,6 +183,34 @@ class EDMDenoiser:
         c_skip = sd2 / (s * s + sd2)
         c_out = s * sigma_data * jax.lax.rsqrt(s * s + sd2)
         return (x0 - c_skip * (x0 + s * noise)) / c_out
+
+
+# ---- noisy classifiers: the same input maps, for classifier guidance (Dhariwal & Nichol 2021) ----------
+
+@pytree_dataclass
+class DiscreteVPClassifier:
+    """A classifier of VP inputs at training step t: ``net(x / sqrt(1 + sigma^2), t) -> logits``."""
+
+    net: Callable[..., Array]
+    alphas_cumprod: Array
+
+    def __call__(self, x: Array, sigma: Array) -> Array:
+        sigma = batch_sigma(sigma, x)
+        t = sigma_to_discrete_t(sigma, vp_sigmas(jnp.asarray(self.alphas_cumprod, sigma.dtype)))
+        return self.net(x * expand_to(jax.lax.rsqrt(1.0 + sigma * sigma), x), t)
+
+
+@pytree_dataclass
+class EDMClassifier:
+    """A classifier with EDM input scaling: ``net(x / sqrt(sigma^2 + sd^2), log(sigma) / 4) -> logits``."""
+
+    net: Callable[..., Array]
+    sigma_data: float = 0.5
+
+    def __call__(self, x: Array, sigma: Array) -> Array:
+        sigma = batch_sigma(sigma, x)
+        c_in = jax.lax.rsqrt(sigma * sigma + self.sigma_data**2)
+        return self.net(x * expand_to(c_in, x), jnp.log(sigma) / 4.0)
 
 
 def to_epsilon(x: Array, x0: Array, sigma: Array) -> Array:

@@ -373,13 +373,16 @@ class Chain:
         return inner
 
 
-def chain(*transforms: Callable[[Denoiser], Any]) -> Chain:
-    """Compose transforms like ``optax.chain``: ``chain(a, b)(D) == b(a(D))``."""
+def chain(*transforms: Callable[[Denoiser], Any] | None) -> Chain:
+    """Compose transforms like ``optax.chain``: ``chain(a, b)(D) == b(a(D))``.
+
+    ``None`` entries are skipped, so optional transforms compose without branching (``chain()`` is the
+    identity)."""
     for i, t in enumerate(transforms):
-        if not callable(t):
+        if t is not None and not callable(t):
             raise TypeError(f"transform {i} is not callable ({type(t).__name__}); "
                             "pass transforms such as classifier_free(...), not denoisers")
-    return Chain(tuple(transforms))
+    return Chain(tuple(t for t in transforms if t is not None))
 
 
 def apply(denoiser: Denoiser, *transforms: Callable[[Denoiser], Any]) -> Any:

@@ -47,6 +47,8 @@ import numpy as np
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._util import batch_sigma, expand_to
+from jaxdiff.denoisers import DiscreteVPClassifier, EDMClassifier  # noqa: F401 (NoisyClassifierLoss's adapters)
+from jaxdiff.schedules import vp_sigmas
 
 Array = jax.Array
 WEIGHTINGS = ("epsilon", "v", "x0", "edm", "ncsn")
@@ -63,8 +65,7 @@ class DiscreteVPLevels:
 
     @property
     def sigmas(self) -> Array:
-        ac = jnp.asarray(self.alphas_cumprod, jnp.float32)
-        return jnp.sqrt((1.0 - ac) / ac)
+        return vp_sigmas(jnp.asarray(self.alphas_cumprod, jnp.float32))
 
     def sample_t(self, key: Array, n: int) -> Array:
         return jax.random.randint(key, (n,), 0, self.sigmas.shape[0])
@@ -238,7 +239,8 @@ class NoisyClassifierLoss:
     Called like :class:`DenoisingLoss`, with the labels (B,) as the conditioning:
     ``loss(classifier, x0, key, labels)`` and ``loss.at(classifier, x0, sigma, noise, labels)``.
     The classifier speaks the sigma convention, like a denoiser; wrap a network trained on VP inputs
-    with :class:`DiscreteVPClassifier` (Dhariwal & Nichol 2021, Sec. 4) or :class:`EDMClassifier`.
+    with :class:`~jaxdiff.denoisers.DiscreteVPClassifier` (Dhariwal & Nichol 2021, Sec. 4) or
+    :class:`~jaxdiff.denoisers.EDMClassifier`.
     """
 
     levels: Callable[[Array, int], Array]
@@ -264,31 +266,3 @@ class NoisyClassifierLoss:
     def __call__(self, classifier: Callable[..., Array], x0: Array, key: Array | int, labels: Array) -> Array:
         sigma, noise = self.sample(x0, key)
         return self.at(classifier, x0, sigma, noise, labels)
-
-
-@pytree_dataclass
-class DiscreteVPClassifier:
-    """A classifier of VP inputs at training step t: ``net(x / sqrt(1 + sigma^2), t) -> logits``."""
-
-    net: Callable[..., Array]
-    alphas_cumprod: Array
-
-    def __call__(self, x: Array, sigma: Array) -> Array:
-        sigma = batch_sigma(sigma, x)
-        ac = jnp.asarray(self.alphas_cumprod, sigma.dtype)
-        train = jnp.sqrt((1.0 - ac) / ac)
-        t = jnp.interp(sigma, train, jnp.arange(train.shape[0], dtype=sigma.dtype))
-        return self.net(x * expand_to(jax.lax.rsqrt(1.0 + sigma * sigma), x), t)
-
-
-@pytree_dataclass
-class EDMClassifier:
-    """A classifier with EDM input scaling: ``net(x / sqrt(sigma^2 + sd^2), log(sigma) / 4) -> logits``."""
-
-    net: Callable[..., Array]
-    sigma_data: float = 0.5
-
-    def __call__(self, x: Array, sigma: Array) -> Array:
-        sigma = batch_sigma(sigma, x)
-        c_in = jax.lax.rsqrt(sigma * sigma + self.sigma_data**2)
-        return self.net(x * expand_to(c_in, x), jnp.log(sigma) / 4.0)

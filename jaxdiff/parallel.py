@@ -43,6 +43,16 @@ def make_mesh(devices: Sequence[Any] | None = None, axis: str = DATA) -> Mesh:
     return jax.make_mesh((len(devices),), (axis,), axis_types=(AxisType.Auto,), devices=devices)
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with Auto axis types (sharding propagated by the compiler).
+
+    ``jax.make_mesh`` makes Explicit axes by default, under which every op must agree on its operands'
+    shardings; a network mixing a data-sharded batch with replicated noise levels would not trace.
+    Used for a mesh a caller hands in (the training step); the meshes made here are Auto already.
+    """
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def auto_devices() -> list[Any]:
     """The devices the recipes split a sampling call over by default: every CPU device when the default
     backend is the CPU of a single process, else just the first device (no automatic splitting)."""
@@ -170,13 +180,14 @@ def gather(x: jax.Array) -> np.ndarray:
 def generate(sd: Any, prompt: Any, *, mesh: Mesh | None = None, fsdp: bool = False, fsdp_min_size: int = 2**18,
              transform: Any = None, **kwargs: Any) -> np.ndarray:
     """``sd(prompt, **kwargs)`` data parallel on ``mesh`` (default: all devices); images (B, H, W, 3) in [0, 1]."""
-    from jaxdiff.pipelines.stable_diffusion import combine_transforms, generate_jit
+    from jaxdiff.guidance import chain
+    from jaxdiff.pipelines.stable_diffusion import generate_jit
 
     mesh = make_mesh() if mesh is None else mesh
     req, plan, static = sd.request(prompt, **kwargs)
     req, n = shard_request(req, mesh)
     models = shard_params(sd.models, mesh, fsdp=fsdp, min_size=fsdp_min_size)
-    transform = combine_transforms(plan.threshold, transform)
+    transform = chain(plan.threshold, transform)
     out = generate_jit(models, plan.sampler, req, transform, progress=False, **static)
     return gather(out)[:n]
 
@@ -184,7 +195,8 @@ def generate(sd: Any, prompt: Any, *, mesh: Mesh | None = None, fsdp: bool = Fal
 def pmap_generate(sd: Any, prompt: Any, *, devices: Sequence[Any] | None = None, transform: Any = None,
                   **kwargs: Any) -> np.ndarray:
     """The same program under ``jax.pmap``: the padded batch is reshaped to (devices, per device, ...)."""
-    from jaxdiff.pipelines.stable_diffusion import combine_transforms, generate
+    from jaxdiff.guidance import chain
+    from jaxdiff.pipelines.stable_diffusion import generate
 
     devices = list(jax.local_devices() if devices is None else devices)
     nd = len(devices)
@@ -201,7 +213,7 @@ def pmap_generate(sd: Any, prompt: Any, *, devices: Sequence[Any] | None = None,
             axes[f.name] = None
     req = dataclasses.replace(req, **changes)
     in_axes = (None, None, type(req)(**axes), None)
-    transform = combine_transforms(plan.threshold, transform)
+    transform = chain(plan.threshold, transform)
 
     def run(models: Any, sampler: Any, r: Any, t: Any) -> jax.Array:
         return generate(models, sampler, r, t, progress=False, **static)

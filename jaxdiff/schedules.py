@@ -63,7 +63,8 @@ def karras(n: Any, sigma_min: float, sigma_max: float, rho: float = 7.0, *, capa
 
 
 def exponential(n: Any, sigma_min: float, sigma_max: float, *, capacity: int = DEFAULT_CAPACITY) -> Sigmas:
-    """Levels evenly spaced in ``log sigma`` from sigma_max to sigma_min, then 0."""
+    """Levels evenly spaced in ``log sigma`` from sigma_max to sigma_min, then 0 (k-diffusion's
+    ``get_sigmas_exponential``)."""
     r = _ramp(n, capacity)
     levels = jnp.exp(jnp.log(sigma_max) + r * (jnp.log(sigma_min) - jnp.log(sigma_max)))
     return _pad(_append_final(levels, n, 0.0), n, capacity)
@@ -74,11 +75,10 @@ def ncsn_geometric(n: Any, sigma_min: float = 0.01, sigma_max: float = 1.0, *,
     """NCSN's geometric noise levels (Song & Ermon 2019, Sec. 4.2) for annealed Langevin dynamics, then 0.
 
     The n levels are those the dynamics run at; the final 0 marks the end of the run, where
-    :class:`jaxdiff.samplers.Langevin` optionally denoises (its ``final_denoise``).
+    :class:`jaxdiff.samplers.Langevin` optionally denoises (its ``final_denoise``). Geometric is
+    :func:`exponential` (even spacing in ``log sigma``) with NCSN's default range.
     """
-    r = _ramp(n, capacity)
-    levels = jnp.exp(jnp.log(sigma_max) + r * (jnp.log(sigma_min) - jnp.log(sigma_max)))
-    return _pad(_append_final(levels, n, 0.0), n, capacity)
+    return exponential(n, sigma_min, sigma_max, capacity=capacity)
 
 
 def linear(n: Any, sigma_min: float, sigma_max: float, *, capacity: int = DEFAULT_CAPACITY) -> Sigmas:
@@ -129,10 +129,16 @@ def alphas_cumprod(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(1.0 - np.asarray(betas, np.float32), dtype=np.float32)
 
 
-def vp_train_sigmas(alphas_cumprod_: Any) -> Array:
-    """``sigma_t = sqrt((1 - abar_t) / abar_t)`` for every training step t."""
-    ac = jnp.asarray(alphas_cumprod_, jnp.float32)
-    return jnp.sqrt((1.0 - ac) / ac)
+def vp_sigmas(alphas_cumprod_: Any) -> Any:
+    """``sigma_t = sqrt((1 - abar_t) / abar_t)`` for every training step t (Song et al. 2021, eq. 29).
+
+    The VE noise level of a VP marginal: ``x / sqrt(abar) = x0 + sigma eps``. A JAX array (or tracer)
+    gives a JAX array, anything else a NumPy array; the dtype is the input's.
+    """
+    if isinstance(alphas_cumprod_, jax.Array):
+        return jnp.sqrt((1.0 - alphas_cumprod_) / alphas_cumprod_)
+    ac = np.asarray(alphas_cumprod_)
+    return np.sqrt((1.0 - ac) / ac)
 
 
 def _vp_timesteps_host(n: int, spacing: str, T: int, offset: int, round_linspace: bool, drop_last: bool,
@@ -192,7 +198,7 @@ def vp_discrete(n: Any, alphas_cumprod_: Any, spacing: str = "leading", steps_of
     ``final="zero"`` ends at 0 (Euler, DPM-Solver); ``final="alpha_first"`` ends at ``sigma_0``
     (DDIM with ``set_alpha_to_one=False``, Stable Diffusion's setting); ``final="one"`` is 0 too.
     """
-    train = vp_train_sigmas(alphas_cumprod_)
+    train = vp_sigmas(jnp.asarray(alphas_cumprod_, jnp.float32))
     ts = vp_timesteps(n, spacing, train.shape[0], steps_offset, round_linspace=round_linspace, drop_last=drop_last,
                       capacity=capacity)
     levels = jnp.interp(ts, jnp.arange(train.shape[0], dtype=jnp.float32), train)
@@ -252,7 +258,7 @@ def ddim_reference_targets(n: int, alphas_cumprod_: Any, spacing: str = "leading
     Its ``prev_timestep`` arithmetic assumes leading spacing; with linspace (or trailing when n does
     not divide T) the state it returns is then read as if it were at the next listed timestep.
     """
-    train = np.asarray(vp_train_sigmas(alphas_cumprod_))
+    train = np.asarray(vp_sigmas(jnp.asarray(alphas_cumprod_, jnp.float32)))
     T = train.shape[0]
     ts = np.asarray(vp_timesteps(n, spacing, T, steps_offset, capacity=n)).astype(np.int64)
     prev = ts - T // n

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -132,8 +133,18 @@ def test_help_defaults_match_what_runs():
     assert cli.BUILTIN_DEFAULTS["sampler"] == api["sampler"].default
 
 
+def test_bench_without_a_source_checkout_is_one_clear_line(monkeypatch, tmp_path, capsys):
+    """An installed jaxdiff without benchmarks/ : `jaxdiff bench` names what is missing; other commands still parse."""
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", tmp_path / "benchmarks" / "throughput.py")
+    monkeypatch.delitem(sys.modules, cli._BENCH_MODULE, raising=False)
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "source checkout" in err[0] and "throughput.py" in err[0]
+    assert cli.build_parser().parse_args(["info"]).command == "info"
+
+
 def test_bench_prints_resolution_dtype_and_device(monkeypatch, capsys):
-    from jaxdiff.pipelines import throughput
+    throughput = cli.bench_module()  # benchmarks/throughput.py, as `jaxdiff bench` loads it
 
     seen = {}
 

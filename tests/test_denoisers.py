@@ -131,3 +131,24 @@ def test_adapters_are_pytrees_and_trace_their_network():
     b = f(jax.tree_util.tree_map(lambda v: v * 2 if v.ndim == 0 else v, d), x)
     np.testing.assert_allclose(b, 2 * a, rtol=1e-6)
     assert f._cache_size() == 1
+
+
+def test_classifier_adapters_feed_the_training_coordinates():
+    ac = jnp.asarray(schedules.alphas_cumprod(schedules.vp_betas("linear", 1000, 1e-4, 0.02)))
+    t = jnp.array([0, 17, 500, 999])
+    sigma = jnp.sqrt((1 - ac[t]) / ac[t])
+    x = jnp.ones((4, 3))
+    seen = denoisers.DiscreteVPClassifier(lambda x, t: (x, t), ac)(x, sigma)
+    np.testing.assert_allclose(seen[1], t, atol=1e-3)
+    np.testing.assert_allclose(seen[0][:, 0], jnp.sqrt(ac[t]), rtol=1e-5)
+    xe, ce = denoisers.EDMClassifier(lambda x, c: (x, c), 0.5)(x, sigma)
+    np.testing.assert_allclose(xe[:, 0], 1 / jnp.sqrt(sigma**2 + 0.25), rtol=1e-6)
+    np.testing.assert_allclose(ce, jnp.log(sigma) / 4, rtol=1e-6)
+
+
+def test_classifier_adapters_live_beside_the_denoisers():
+    from jaxdiff import losses
+
+    assert losses.DiscreteVPClassifier is denoisers.DiscreteVPClassifier
+    assert losses.EDMClassifier is denoisers.EDMClassifier
+    assert denoisers.DiscreteVPClassifier.__module__ == "jaxdiff.denoisers"

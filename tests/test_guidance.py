@@ -462,6 +462,20 @@ def test_chain_order_matters(mix, batch):
     np.testing.assert_allclose(before, u + 4.0 * (c - u), atol=1e-4)
 
 
+def test_chain_skips_none_so_optional_transforms_compose(mix, batch):
+    """What the recipes do with an optional threshold and an optional user transform (no separate helper)."""
+    x, labels = batch
+    cfg, clip = G.classifier_free(4.0, UNCOND), G.static_threshold(-0.5, 0.5)
+    np.testing.assert_array_equal(G.chain(None, cfg, None, clip)(mix)(x, 0.6, labels),
+                                  G.chain(cfg, clip)(mix)(x, 0.6, labels))
+    assert G.chain(None, None)(mix) is mix and G.chain()(mix) is mix
+    with pytest.raises(TypeError, match="transform 1 is not callable"):
+        G.chain(None, 3.0)
+    from jaxdiff.pipelines import stable_diffusion
+
+    assert not hasattr(stable_diffusion, "combine_transforms")
+
+
 def test_bind_ignores_runner_conditioning(mix, batch):
     x, labels = batch
     bound = G.apply(mix, G.bind(labels))

@@ -192,19 +192,6 @@ def test_exact_noisy_classifier_minimises_cross_entropy():
     assert wrong > ce[1.0] + 1e-3
 
 
-def test_classifier_adapters_feed_the_training_coordinates():
-    ac = jnp.asarray(AC)
-    t = jnp.array([0, 17, 500, 999])
-    sigma = jnp.sqrt((1 - ac[t]) / ac[t])
-    x = jnp.ones((4, 3))
-    seen = L.DiscreteVPClassifier(lambda x, t: (x, t), ac)(x, sigma)
-    np.testing.assert_allclose(seen[1], t, atol=1e-3)
-    np.testing.assert_allclose(seen[0][:, 0], jnp.sqrt(ac[t]), rtol=1e-5)
-    xe, ce = L.EDMClassifier(lambda x, c: (x, c), 0.5)(x, sigma)
-    np.testing.assert_allclose(xe[:, 0], 1 / jnp.sqrt(sigma**2 + 0.25), rtol=1e-6)
-    np.testing.assert_allclose(ce, jnp.log(sigma) / 4, rtol=1e-6)
-
-
 # ---- one calling convention ---------------------------------------------------------------------
 
 def test_losses_accept_an_int_seed_like_sample():

@@ -93,3 +93,18 @@ def test_fsdp_splits_large_arrays_only():
 
     mesh = make_mesh(jax.devices()[:1])
     assert param_sharding(np.zeros((4, 4)), mesh, fsdp=True, min_size=1).spec == jax.sharding.PartitionSpec()
+
+
+def test_one_auto_mesh_helper_for_sampling_and_training():
+    """A caller's Explicit mesh becomes Auto (same devices, names); training uses parallel's helper."""
+    import jax
+    from jax.sharding import AxisType
+
+    from jaxdiff import parallel
+    from jaxdiff.train import step
+
+    explicit = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:1])
+    auto = parallel.auto_mesh(explicit)
+    assert auto.axis_types == (AxisType.Auto,) and auto.axis_names == ("data",)
+    assert list(auto.devices.flat) == list(explicit.devices.flat)
+    assert step.auto_mesh is parallel.auto_mesh

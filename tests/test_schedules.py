@@ -92,3 +92,39 @@ def test_swapped_sigma_range_is_named(make) -> None:
     with pytest.raises(ValueError, match="sigma_min and sigma_max are swapped") as err:
         schedules.check_sigmas(bad)
     assert "invert" not in str(err.value)
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+
+def test_vp_sigmas_inverts_abar_and_keeps_the_array_kind():
+    ac = np.asarray(AC)
+    sig = schedules.vp_sigmas(ac)
+    assert isinstance(sig, np.ndarray) and sig.dtype == np.float32
+    np.testing.assert_allclose(1.0 / (1.0 + sig.astype(np.float64) ** 2), ac, rtol=1e-6)  # abar = 1 / (1 + sigma^2)
+    traced = jax.jit(schedules.vp_sigmas)(jax.numpy.asarray(ac))
+    assert isinstance(traced, jax.Array)
+    np.testing.assert_allclose(np.asarray(traced), sig, rtol=1e-6)
+
+
+def test_vp_sigma_formula_is_written_once():
+    """Every VP -> sigma conversion in the package goes through schedules.vp_sigmas (no copies drifting apart)."""
+    import re
+    from pathlib import Path
+
+    pattern = re.compile(r"sqrt\(\(1(\.0)? - ")
+    root = Path(schedules.__file__).parent
+    copies = [f"{path.relative_to(root)}:{i}" for path in root.rglob("*.py") if path.name != "schedules.py"
+              for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line) and "``" not in line]
+    assert not copies, copies
+
+
+def test_ncsn_geometric_is_the_exponential_spacing():
+    for n in (1, 2, 7, 10):
+        geo = schedules.ncsn_geometric(n, 0.01, 1.0, capacity=16)
+        exp = schedules.exponential(n, 0.01, 1.0, capacity=16)
+        np.testing.assert_array_equal(geo.used(), exp.used())
+        levels = geo.used().astype(np.float64)[:n]
+        assert levels[0] == pytest.approx(1.0, rel=1e-6) and levels[-1] == pytest.approx(0.01 if n > 1 else 1.0, rel=1e-5)
+        if n > 2:  # constant ratio between consecutive levels (Song & Ermon 2019, Sec. 4.2)
+            np.testing.assert_allclose(levels[1:] / levels[:-1], 0.01 ** (1 / (n - 1)), rtol=1e-5)
+

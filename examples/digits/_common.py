@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from jaxdiff import builtin, losses as L  # noqa: E402
 from jaxdiff.convert.torch_layout import torch_name_map  # noqa: E402
-from jaxdiff.denoisers import DiscreteVPDenoiser  # noqa: E402
+from jaxdiff.denoisers import DiscreteVPClassifier, DiscreteVPDenoiser  # noqa: E402
+from jaxdiff.models.classifier import DigitClassifier, DigitClassifierConfig  # noqa: E402
 from jaxdiff.models.unet2d import UNet2DConfig, UNet2DModel  # noqa: E402
 from jaxdiff.train import (ArrayDataset, ClassifierObjective, DiffusionObjective, OptimizerConfig,  # noqa: E402
                            Trainer, fit, load_digits_dataset, read_metrics)
@@ -40,7 +41,7 @@ def build_network(network: dict, seed: int) -> nnx.Module:
     """A freshly initialised network (PyTorch-default init, float32)."""
     if network["_class_name"] == "UNet2DModel":
         return UNet2DModel(UNet2DConfig.from_dict(network), rngs=nnx.Rngs(seed))
-    return builtin.DigitClassifier(builtin.DigitClassifierConfig.from_dict(network), rngs=nnx.Rngs(seed))
+    return DigitClassifier(DigitClassifierConfig.from_dict(network), rngs=nnx.Rngs(seed))
 
 
 @jax.tree_util.register_static
@@ -73,7 +74,7 @@ def objective_for(cfg: dict) -> Any:
         return DiffusionObjective(loss, builtin.ncsn_denoiser(None, adapter))
     if kind == "discrete_vp_classifier":
         ac = jnp.asarray(builtin.vp_alphas_cumprod(adapter))
-        return ClassifierObjective(L.NoisyClassifierLoss(L.DiscreteVPLevels(ac)), L.DiscreteVPClassifier(None, ac))
+        return ClassifierObjective(L.NoisyClassifierLoss(L.DiscreteVPLevels(ac)), DiscreteVPClassifier(None, ac))
     if kind == "classifier":
         return ClassifierObjective(ShiftedCrossEntropy(train.get("max_shift", 1)), None)
     raise ValueError(f"unknown adapter kind {kind!r}")
@@ -142,7 +143,7 @@ def evaluate(cfg: dict, module: nnx.Module, held_out: dict) -> dict:
         from jaxdiff.models._pure import PureModel
 
         ac = jnp.asarray(builtin.vp_alphas_cumprod(cfg["adapter"]))
-        clf = L.DiscreteVPClassifier(PureModel.of(module), ac)
+        clf = DiscreteVPClassifier(PureModel.of(module), ac)
         noise = jax.random.normal(jax.random.key(0), x.shape)
         acc = {}
         for s in (0.1, 0.5, 1.0, 2.0):

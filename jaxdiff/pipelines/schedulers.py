@@ -68,7 +68,7 @@ class TrainingSchedule:
 
     @property
     def sigmas(self) -> np.ndarray:
-        return np.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+        return schedules.vp_sigmas(self.alphas_cumprod)
 
 
 def training_schedule(config: Mapping[str, Any]) -> TrainingSchedule:

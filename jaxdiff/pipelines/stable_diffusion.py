@@ -461,7 +461,7 @@ class StableDiffusion:
                 raise ValueError(f"mesh must be 'auto', None or a jax Mesh, got {mesh!r}")
             mesh = _parallel.sampling_mesh(n)
         fn = generate_latents_jit if latent else generate_jit
-        transform = combine_transforms(plan.threshold, transform)
+        transform = guidance.chain(plan.threshold, transform)
         if mesh is None:
             return np.asarray(fn(self.models, plan.sampler, req, transform, progress=progress, **static))
         req, n = _parallel.shard_request(req, mesh)
@@ -486,12 +486,6 @@ class StableDiffusion:
 
             return [to_pil(im) for im in out]
         return out
-
-
-def combine_transforms(*transforms: Any) -> Any:
-    """The given transforms (None skipped) applied in order, as one pytree transform (None: none)."""
-    ts = [t for t in transforms if t is not None]
-    return None if not ts else ts[0] if len(ts) == 1 else guidance.chain(*ts)
 
 
 def load(path: str | Path, **kwargs: Any) -> StableDiffusion:

@@ -85,8 +85,8 @@ class DiffusionObjective:
 class ClassifierObjective:
     """Cross-entropy of a noisy classifier (for classifier guidance, Dhariwal & Nichol 2021).
 
-    ``classifier`` is an adapter with ``net=None`` (``DiscreteVPClassifier``, ``EDMClassifier``) or
-    None when the network itself is called as ``net(x, sigma) -> logits``.
+    ``classifier`` is an adapter of :mod:`jaxdiff.denoisers` with ``net=None`` (``DiscreteVPClassifier``,
+    ``EDMClassifier``) or None when the network itself is called as ``net(x, sigma) -> logits``.
     """
 
     loss: NoisyClassifierLoss

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff._pytree import pytree_dataclass, static_field
+from jaxdiff.parallel import auto_mesh
 from jaxdiff.models._pure import PureModel
 from jaxdiff.train.ema import ema_decay_at, ema_update
 from jaxdiff.train.optim import OptimizerConfig, make_optimizer
@@ -61,16 +62,6 @@ def network(graphdef: Any, params: Any, buffers: Any, compute_dtype: Any = None)
     return _Cast(model, dt)
 
 
-def auto_mesh(mesh: Mesh) -> Mesh:
-    """The same devices and axis names with Auto axis types (sharding propagated by the compiler).
-
-    ``jax.make_mesh`` now makes Explicit axes, under which every op must agree on its operands'
-    shardings; a network mixing the data-sharded batch with replicated noise levels would not trace.
-    The step only fixes its inputs' and outputs' shardings and lets XLA place the rest.
-    """
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-
-
 def _train_step(state: TrainState, batch: dict, objective: Any, *, graphdef: Any, tx: optax.GradientTransformation,
                 schedule: optax.Schedule, compute_dtype: Any, ema_warmup: bool) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.key, state.step)
@@ -110,7 +101,7 @@ class Trainer:
 
     def __post_init__(self) -> None:
         if self.mesh is not None:
-            object.__setattr__(self, "mesh", auto_mesh(self.mesh))
+            object.__setattr__(self, "mesh", auto_mesh(self.mesh))  # only in/out shardings fixed; XLA places the rest
         step = lambda s, b, o: _train_step(s, b, o, graphdef=self.graphdef, tx=self.tx,  # noqa: E731
                                            schedule=self.schedule, compute_dtype=self.compute_dtype,
                                            ema_warmup=self.ema_warmup)

@@ -41,7 +41,7 @@ def test_tokenizers_work_without_open_clip(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "open_clip" else real(name, *a))
     assert open_clip_bpe_path() is None
-    from jaxdiff.pipelines import throughput
+    from benchmarks import throughput
 
     for t in (clip_tokenizer_from_bpe(), throughput.tokenizer()):
         assert len(t) == 49408 and t("a photo of a cat").input_ids == PROMPTS["a photo of a cat"]

@@ -28,7 +28,7 @@ def test_denoiser_is_the_unet_in_edm_coordinates(tiny_sd):
 
 
 def test_throughput_measurement(tiny_sd):
-    from jaxdiff.pipelines import throughput
+    from benchmarks import throughput
 
     tiny_sd_square = tiny_sd  # 8x8 default size (unet sample_size 8 x vae factor 2 = 16)
     r = throughput.measure(tiny_sd_square, batch=1, steps=2, repeats=2)

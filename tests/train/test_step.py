@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from jaxdiff import losses as L
-from jaxdiff.denoisers import EDMDenoiser, VEDenoiser
+from jaxdiff.denoisers import EDMClassifier, EDMDenoiser, VEDenoiser
 from jaxdiff.mixtures import MixtureClassifier, make_mixture
 from jaxdiff.train import (ArrayDataset, ClassifierObjective, DiffusionObjective, OptimizerConfig, Trainer,
                            drop_labels, fit, learning_rate_schedule, make_optimizer)
@@ -149,7 +149,7 @@ def test_bad_input_raises_clear_errors():
         fit(trainer, state, ArrayDataset({"x": np.zeros((32, 4), np.uint8)}, 8), 1, progress=False)
     with pytest.raises(ValueError, match="same leading"):
         ArrayDataset({"x": np.zeros((32, 4)), "label": np.zeros(31)}, 8)
-    cls = ClassifierObjective(L.NoisyClassifierLoss(L.LogNormalLevels()), L.EDMClassifier(None))
+    cls = ClassifierObjective(L.NoisyClassifierLoss(L.LogNormalLevels()), EDMClassifier(None))
     trainer, state = Trainer.create(TinyClassifierNet(4, 2, rngs=nnx.Rngs(0)), cls, OptimizerConfig(1e-3),
                                     sample_shape=(4,))
     with pytest.raises(ValueError, match="needs integer labels"):
@@ -162,7 +162,7 @@ def test_bad_input_raises_clear_errors():
 
 def test_noisy_classifier_training_approaches_the_exact_posterior():
     levels = L.LogNormalLevels(-1.0, 1.0)
-    obj = ClassifierObjective(L.NoisyClassifierLoss(levels), L.EDMClassifier(None, 0.4))
+    obj = ClassifierObjective(L.NoisyClassifierLoss(levels), EDMClassifier(None, 0.4))
     trainer, state = Trainer.create(TinyClassifierNet(4, 2, rngs=nnx.Rngs(0)), obj,
                                     OptimizerConfig(1e-2, warmup_steps=10, total_steps=300), sample_shape=(4,),
                                     ema_decay=0.95)

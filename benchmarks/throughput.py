@@ -1,8 +1,8 @@
 """Throughput of Stable Diffusion sampling: images/s, first-call (compile) time and peak memory.
 
-Used by ``jaxdiff bench`` and ``benchmarks/sampler_throughput.py``. ``SIZES`` are SD-architecture
-configurations (random weights give the true cost): ``tiny`` and ``mid`` (U-Net block channels
-64/128/256, 2 layers a block, 32x32 latents).
+Used by ``sampler_throughput.py``, ``thread_scaling.py`` and ``jaxdiff bench`` (which loads this file from
+the source checkout). ``SIZES`` are SD-architecture configurations (random weights give the true cost):
+``tiny`` and ``mid`` (U-Net block channels 64/128/256, 2 layers a block, 32x32 latents).
 """
 from __future__ import annotations
 
