@@ -12,16 +12,24 @@ PROMPTS = ["a photo of a cat", "a red car on a hill"]
 NEGATIVE = ["blurry", ""]
 
 
-@pytest.mark.parity
-@pytest.mark.parametrize("scheduler,sampler", [("EulerDiscreteScheduler", "euler"), ("DDIMScheduler", "ddim")])
-def test_latents_match_diffusers(scheduler, sampler, tmp_path_factory):
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
+@pytest.fixture(scope="module")
+def eps_folder(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     import _sd_folders as folders
 
     root = folders.save(folders.build_pipeline(), tmp_path_factory.mktemp("sd") / "eps")
-    sd = StableDiffusion.from_pretrained(root)
+    return root, StableDiffusion.from_pretrained(root)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("scheduler,sampler", [("EulerDiscreteScheduler", "euler"), ("DDIMScheduler", "ddim")])
+def test_latents_match_diffusers(scheduler, sampler, eps_folder):
+    import diffusers
+    import torch
+
+    root, sd = eps_folder
     h = 16 // sd.models.vae_factor
     latents = np.random.default_rng(5).standard_normal((2, h, h, 4)).astype(np.float32)  # NHWC
     nchw = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))
