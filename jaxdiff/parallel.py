@@ -1,6 +1,6 @@
 """Data-parallel sampling over a device mesh: ``jax.jit`` + ``NamedSharding``, ``jax.pmap``, ``jax.distributed``.
 
-The batch of a :class:`jaxdiff.pipelines.stable_diffusion.Request` (token ids, seeds, scales, init images,
+The batch of a :class:`jaxdiff.pipelines.stable_diffusion.Request` (token ids, seeds, scales, init images, start noise,
 masks) is split along the mesh axis ``"data"``; the network parameters are replicated, or with ``fsdp``
 their large arrays are split along the same axis (ZeRO-3 style; XLA gathers them where they are used).
 A batch that does not divide the device count is padded by repeating its last entry and trimmed after.
@@ -28,7 +28,7 @@ from jaxdiff._pytree import pytree_dataclass, static_field
 
 DATA = "data"
 CFG = "cfg"
-BATCH_FIELDS = ("ids", "neg_ids", "seeds", "scale", "image", "mask")
+BATCH_FIELDS = ("ids", "neg_ids", "seeds", "scale", "image", "mask", "noise")
 
 
 def make_mesh(devices: Sequence[Any] | None = None, axis: str = DATA) -> Mesh:

@@ -10,7 +10,9 @@ builds the sampler and its levels, reproducing diffusers' timesteps exactly by d
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -210,6 +212,54 @@ def threshold_transform(scheduler: str, config: Mapping[str, Any]) -> Any:
         r = float(config.get("clip_sample_range", 1.0))
         return guidance.static_threshold(-r, r)
     return None
+
+
+SCHEDULER_CONFIG = "scheduler_config.json"
+
+
+def read_scheduler_config(path: str | Path) -> dict[str, Any]:
+    """The config dict of a standalone scheduler: a ``scheduler_config.json`` file, a folder holding one (what
+    diffusers' ``scheduler.save_pretrained(folder)`` writes), or a pipeline folder with a ``scheduler/`` one."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = (path / SCHEDULER_CONFIG, path / "scheduler" / SCHEDULER_CONFIG)
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{path} has no {SCHEDULER_CONFIG} (nor scheduler/{SCHEDULER_CONFIG}); "
+                                    "save one with diffusers' scheduler.save_pretrained(folder)")
+        path = found
+    elif not path.is_file():
+        raise FileNotFoundError(f"scheduler config {path} does not exist; give a {SCHEDULER_CONFIG} or its folder")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); expected a diffusers {SCHEDULER_CONFIG}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a diffusers scheduler config object")
+    return config
+
+
+def load_scheduler(path: str | Path, steps: int, sampler: str | None = None, schedule: str | None = None,
+                   **plan_options: Any) -> tuple[TrainingSchedule, Plan]:
+    """A standalone diffusers scheduler (``scheduler_config.json``, see :func:`read_scheduler_config`) as jaxdiff's
+    training schedule (``alphas_cumprod`` and prediction type, for :class:`jaxdiff.denoisers.DiscreteVPDenoiser`)
+    and :class:`Plan` for ``steps`` steps (:func:`plan`: by default the folder's own scheduler, timesteps and
+    initial sigma reproduced as ``SchedulerClass.from_pretrained(folder)`` followed by ``set_timesteps(steps)``).
+
+    A class that is no diffusers scheduler (the name must end in ``Scheduler``) is an error; a diffusers scheduler
+    jaxdiff does not implement is sampled by its documented stand-in or DPM-Solver++ 2M, with a warning.
+    """
+    config = read_scheduler_config(path)
+    name = config.get("_class_name")
+    if name is None and sampler is None:
+        raise ValueError(f"the scheduler config {path} has no _class_name; pass sampler= "
+                         f"(one of {', '.join(sorted(SAMPLERS))})")
+    if name is not None and (not isinstance(name, str) or not name.endswith("Scheduler")):
+        known = sorted(set(SAMPLER_OF_SCHEDULER) | set(SUBSTITUTE_OF_SCHEDULER))
+        raise ValueError(f"unknown scheduler class {name!r} in {path}; expected a diffusers scheduler such as "
+                         f"{', '.join(known)}")
+    train = training_schedule(config)
+    return train, plan(train, steps, sampler, schedule, **plan_options)
 
 
 def img2img_start(steps: int, strength: float) -> int:

@@ -117,6 +117,7 @@ class Request:
     start: Array        # () int32: first step (image-to-image strength)
     image: Array | None = None  # (B, H, W, 3) in [-1, 1]
     mask: Array | None = None   # (B, H, W, 1) in {0, 1}, 1 = repaint
+    noise: Array | None = None  # (B, h, w, c) float32: the user's standard-normal start noise (diffusers' latents=)
 
 
 NOISE_STREAM, SAMPLER_STREAM, POSTERIOR_STREAM, MASKED_POSTERIOR_STREAM = 0, 1, 2, 3
@@ -135,7 +136,7 @@ def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any,
                progress: bool, split: Any = None) -> Array:
     """Sample one image (batch of 1 inside ``vmap``) -> final latents (h, w, c) in VP scale."""
     seed = i["seed"]
-    noise = noise_for_seed(seed, (1,) + i["latent_shape"])
+    noise = i["noise"][None] if "noise" in i else noise_for_seed(seed, (1,) + i["latent_shape"])
     sig = req.sigmas.values
     s0 = sig[req.start]
     cond = {"context": i["ctx"][None]}
@@ -182,6 +183,8 @@ def generate_latents(m: SDModels, sampler: Any, req: Request, transform: Any = N
     f = m.vae_factor
     ctx, uctx = m.encode_text(req.ids), m.encode_text(req.neg_ids)
     per = dict(seed=req.seeds, ctx=ctx, uctx=uctx, scale=req.scale)
+    if req.noise is not None:
+        per["noise"] = req.noise.astype(jnp.float32)
     if mode != "text2img":
         per["mean"], per["std"] = m.encode_image(req.image)
     if mode == "inpaint":
@@ -243,6 +246,25 @@ def _check_size(height: int, width: int, factor: int) -> None:
         if int(v) != v or v <= 0 or v % factor:
             raise ValueError(f"{name} must be a positive multiple of {factor} (the VAE's downsampling), got {v}; "
                              f"try {max(factor, int(round(v / factor)) * factor)}")
+
+
+def _latents_array(latents: Any, n: int, shape: tuple[int, int, int], factor: int) -> np.ndarray:
+    """User start latents -> (n, h, w, c) float32. Arrays are NHWC; a torch tensor is diffusers' NCHW; an array whose
+    shape is only the NCHW one (not the NHWC one) is read as NCHW too."""
+    h, w, c = shape
+    nchw = (n, c, h, w)
+    is_torch = type(latents).__module__.startswith("torch")
+    arr = np.asarray(latents.detach().cpu().float().numpy() if is_torch else latents, np.float32)
+    if is_torch or (arr.shape == nchw and arr.shape != (n, h, w, c)):
+        if arr.shape != nchw:
+            raise ValueError(f"latents (a torch tensor, NCHW) must have shape {nchw}, got {tuple(arr.shape)}")
+        arr = arr.transpose(0, 2, 3, 1)
+    if arr.shape != (n, h, w, c):
+        raise ValueError(f"latents must have shape (batch, height/{factor}, width/{factor}, channels) = {(n, h, w, c)} "
+                         f"(or NCHW {nchw}), got {tuple(arr.shape)}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("latents contain NaN or Inf")
+    return arr
 
 
 def _image_array(image: Any, batch: int) -> np.ndarray:
@@ -405,8 +427,17 @@ class StableDiffusion:
                 steps: int = 50, sampler: str | None = None, schedule: str | None = None, guidance: Any = 7.5,
                 rescale: float = 0.0, seed: int | Sequence[int] | None = 0, height: int | None = None,
                 width: int | None = None, image: Any = None, strength: float | None = None, mask: Any = None,
-                sampler_options: Mapping[str, Any] | None = None) -> tuple[Request, _sched.Plan, dict]:
-        """Check and tokenize the inputs; the :class:`Request`, the plan and the static settings."""
+                latents: Any = None, sampler_options: Mapping[str, Any] | None = None,
+                ) -> tuple[Request, _sched.Plan, dict]:
+        """Check and tokenize the inputs; the :class:`Request`, the plan and the static settings.
+
+        ``latents`` (diffusers' ``latents=``): the start noise, standard normal, (B, height/8, width/8, c) NHWC (a
+        torch tensor, or an array of only the NCHW shape, is read as diffusers' (B, c, h, w)); the start is
+        ``latents * plan.init_sigma``, as diffusers' ``prepare_latents`` multiplies by ``init_noise_sigma``. The
+        seeds then no longer choose the start; they still key stochastic samplers' per-step noise. Text-to-image
+        and inpainting at strength 1 only: diffusers' image-to-image takes no ``latents``, and its inpainting at
+        strength < 1 starts from the given noise alone, ignoring the image, so both are refused.
+        """
         prompts = _as_list(prompt, None, "prompt")
         if not prompts:
             raise ValueError("give at least one prompt")
@@ -430,12 +461,19 @@ class StableDiffusion:
         if strength is None:
             strength = 1.0 if mode == "inpaint" else 0.8
         start = 0 if mode == "text2img" else _sched.img2img_start(steps, strength)
+        noise = None
+        if latents is not None:
+            if mode == "img2img" or start != 0:
+                raise ValueError("latents= applies to text-to-image and to inpainting at strength 1 (as in diffusers); "
+                                 "image-to-image starts from the noised init image: choose its noise with seed=")
+            f = self.models.vae_factor
+            noise = jnp.asarray(_latents_array(latents, n, (height // f, width // f, self.models.latent_channels), f))
         m = None if mask is None else _inpaint.binarize(_inpaint.check_mask(mask, height, width, n))
         scale = np.broadcast_to(np.asarray(guidance, np.float32), (n,)).copy()
         req = Request(jnp.asarray(self.tokenize(prompts)), jnp.asarray(self.tokenize(negatives)),
                       jnp.asarray(_seeds(seed, n)), jnp.asarray(scale), jnp.asarray(rescale, jnp.float32),
                       plan.sigmas, jnp.asarray(plan.init_sigma, jnp.float32), jnp.asarray(start, jnp.int32),
-                      None if img is None else jnp.asarray(img), m)
+                      None if img is None else jnp.asarray(img), m, noise)
         static = dict(height=int(height), width=int(width), mode=mode, quantize=plan.quantize)
         return req, plan, static
 
