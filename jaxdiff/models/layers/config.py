@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -11,7 +12,7 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def config_from_dict(cls: type, d: dict[str, Any]) -> Any:
+def config_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
     """Build the frozen dataclass ``cls`` from a reference ``config.json`` dict.
 
     Unknown keys and keys starting with ``_`` are ignored; lists become tuples.

@@ -77,22 +77,43 @@ class KeySource:
         return jax.random.fold_in(self.key, self.count)
 
 
+_INITS = ("torch", "flax")
+
+
 @dataclass(frozen=True)
 class Maker:
-    """Construction context: random keys and dtypes, with PyTorch-default layer factories.
+    """Construction context: random keys and dtypes, with layer factories. The one way jaxdiff's
+    networks build their layers.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. Norms compute their
     statistics in float32 whatever ``dtype`` is (Flax does so), and use the two-pass variance
-    as PyTorch does. One key is drawn from ``rngs``; layers get keys folded from it.
+    as PyTorch does. ``init="torch"`` starts Linear / Conv / Embed weights as PyTorch's defaults
+    (what a diffusers model starts from); ``init="flax"`` uses Flax's defaults (the transformers-style
+    encoders and DiT, whose random weights only serve before a checkpoint is loaded). One key is
+    drawn from ``rngs``; layers get keys folded from it. ``rngs`` may also be a :class:`KeySource`,
+    whose sequence is then continued (a subclass adding layers after its parent's).
     """
 
-    rngs: nnx.Rngs
+    rngs: nnx.Rngs | KeySource
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    init: str = "torch"
     keys: KeySource = field(init=False, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "keys", KeySource(self.rngs.params()))
+        if self.init not in _INITS:
+            raise ValueError(f"Maker init={self.init!r} is not supported; use one of {_INITS}")
+        keys = self.rngs if isinstance(self.rngs, KeySource) else KeySource(self.rngs.params())
+        object.__setattr__(self, "keys", keys)
+
+    def _inits(self, fan_in: int, zero: bool = False) -> dict[str, Any]:
+        """``kernel_init`` / ``bias_init`` for a layer with ``fan_in`` inputs (none: Flax's defaults)."""
+        if zero:
+            return dict(kernel_init=nnx.initializers.zeros_init(), bias_init=nnx.initializers.zeros_init())
+        if self.init == "flax":
+            return {}
+        init = torch_default_init(fan_in)
+        return dict(kernel_init=init, bias_init=init)
 
     def conv(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1, padding: Any = None,
              bias: bool = True, zero: bool = False) -> nnx.Conv:
@@ -104,15 +125,13 @@ class Maker:
             padding = kernel // 2
         if isinstance(padding, int):
             padding = ((padding, padding), (padding, padding))
-        init = nnx.initializers.zeros_init() if zero else torch_default_init(kernel * kernel * cin)
         return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=padding, use_bias=bias,
-                        kernel_init=init, bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
-                        rngs=self.keys)
+                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys,
+                        **self._inits(kernel * kernel * cin, zero))
 
     def linear(self, fin: int, fout: int, *, bias: bool = True) -> nnx.Linear:
-        init = torch_default_init(fin)
-        return nnx.Linear(fin, fout, use_bias=bias, kernel_init=init, bias_init=init, dtype=self.dtype,
-                          param_dtype=self.param_dtype, rngs=self.keys)
+        return nnx.Linear(fin, fout, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                          rngs=self.keys, **self._inits(fin))
 
     def group_norm(self, channels: int, groups: int, eps: float) -> nnx.GroupNorm:
         if channels % groups:
@@ -121,14 +140,16 @@ class Maker:
         return GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
                          dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
 
-    def layer_norm(self, features: int, eps: float) -> nnx.LayerNorm:
-        return nnx.LayerNorm(features, epsilon=eps, use_fast_variance=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype, rngs=self.keys)
+    def layer_norm(self, features: int, eps: float, *, affine: bool = True) -> nnx.LayerNorm:
+        """``torch.nn.LayerNorm``; ``affine=False`` has neither scale nor bias."""
+        return nnx.LayerNorm(features, epsilon=eps, use_bias=affine, use_scale=affine, use_fast_variance=False,
+                             dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
 
     def embed(self, num: int, features: int) -> nnx.Embed:
-        return nnx.Embed(num, features, embedding_init=_host_or_traced(lambda rng, shape: rng.standard_normal(shape),
-                                                                       jax.random.normal),
-                         dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
+        """``torch.nn.Embedding`` (``N(0, 1)`` rows under ``init="torch"``)."""
+        init = {} if self.init == "flax" else dict(
+            embedding_init=_host_or_traced(lambda rng, shape: rng.standard_normal(shape), jax.random.normal))
+        return nnx.Embed(num, features, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys, **init)
 
 
 class Identity(nnx.Module):
