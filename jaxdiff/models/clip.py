@@ -10,7 +10,7 @@ take an earlier hidden state, which :meth:`CLIPTextModel.hidden_state` selects.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -18,25 +18,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
-from jaxdiff.models.layers import KeySource, Maker, config_from_dict
+from jaxdiff.models.layers import ACTIVATIONS, KeySource, Maker, config_from_dict
 
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
-
 IGNORED_TORCH_KEYS = (r"position_ids$",)
+# hidden_act values accepted (functions from the shared table, transformers' ACT2FN numerics)
+HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
 
 
 def _check_act(act: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+    if act not in HIDDEN_ACTS:
+        raise ValueError(f"hidden_act={act!r} is not supported; use one of {list(HIDDEN_ACTS)}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,12 +20,12 @@ from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models.attention import attention
-from jaxdiff.models.layers import Identity, Maker, TimestepEmbedding, config_from_dict, timestep_embedding
+from jaxdiff.models.layers import FeedForward, Maker, TimestepEmbedding, config_from_dict, timestep_embedding
 
 Array = jax.Array
 
 IGNORED_TORCH_KEYS = (r"^pos_embed\.pos_embed$",)  # the fixed sin-cos table, when a file stores it
-_ACTIVATIONS = {"gelu-approximate": True, "gelu": False}  # -> tanh approximation?
+_FEED_FORWARDS = ("gelu", "gelu-approximate")  # diffusers FeedForward activation_fn values DiT uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +51,9 @@ class DiTConfig:
             raise ValueError(f"norm_type={self.norm_type!r} is not supported; DiT uses 'ada_norm_zero'.")
         if self.num_embeds_ada_norm is None:
             raise ValueError("num_embeds_ada_norm (number of classes) must be set for ada_norm_zero.")
-        if self.activation_fn not in _ACTIVATIONS:
+        if self.activation_fn not in _FEED_FORWARDS:
             raise ValueError(
-                f"activation_fn={self.activation_fn!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+                f"activation_fn={self.activation_fn!r} is not supported; use one of {_FEED_FORWARDS}."
             )
         if (self.num_attention_heads * self.attention_head_dim) % 4:
             raise ValueError("num_attention_heads * attention_head_dim must be divisible by 4 (2-D sin-cos table).")
@@ -173,30 +173,6 @@ class Attention(nnx.Module):
         return self.to_out[0](out.reshape(b, n, d))
 
 
-class GELU(nnx.Module):
-    """``gelu(proj(x))`` (tanh approximation for ``gelu-approximate``)."""
-
-    def __init__(self, din: int, dout: int, approximate: bool, mk: Maker):
-        self.approximate = approximate
-        self.proj = mk.linear(din, dout)
-
-    def __call__(self, x: Array) -> Array:
-        return jax.nn.gelu(self.proj(x), approximate=self.approximate)
-
-
-class FeedForward(nnx.Module):
-    """``net = [GELU(dim -> 4 dim), dropout, Linear(4 dim -> dim)]``."""
-
-    def __init__(self, cfg: DiTConfig, mk: Maker):
-        d = cfg.inner_dim
-        self.net = nnx.List([GELU(d, 4 * d, _ACTIVATIONS[cfg.activation_fn], mk), Identity(), mk.linear(4 * d, d)])
-
-    def __call__(self, x: Array) -> Array:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class BasicTransformerBlock(nnx.Module):
     """diffusers' ``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"`` and no cross-attention."""
 
@@ -204,7 +180,7 @@ class BasicTransformerBlock(nnx.Module):
         self.norm1 = AdaLayerNormZero(cfg, mk)
         self.attn1 = Attention(cfg, mk)
         self.norm3 = mk.layer_norm(cfg.inner_dim, cfg.norm_eps, affine=cfg.norm_elementwise_affine)
-        self.ff = FeedForward(cfg, mk)
+        self.ff = FeedForward(cfg.inner_dim, mk, activation_fn=cfg.activation_fn)
 
     def __call__(self, x: Array, t: Array, labels: Array) -> Array:
         h, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, t, labels)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -19,18 +19,13 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
-from jaxdiff.models.layers import Maker, config_from_dict
+from jaxdiff.models.layers import ACTIVATIONS, Maker, config_from_dict
 
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation (T5 v1.1 "gated-gelu")
-    "silu": jax.nn.silu,
-}
-
 IGNORED_TORCH_KEYS = (r"^decoder\.", r"^lm_head\.")
+# ACT of feed_forward_proj "ACT" / "gated-ACT" (functions from the shared table)
+FEED_FORWARD_ACTS = ("gelu", "gelu_new", "relu", "silu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +45,11 @@ class T5Config:
 
     def __post_init__(self) -> None:
         parts = self.feed_forward_proj.split("-")
-        ok = (len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated")) and parts[-1] in ACTIVATIONS
+        ok = (len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated")) and parts[-1] in FEED_FORWARD_ACTS
         if not ok:
             raise ValueError(
                 f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use 'ACT' or 'gated-ACT' with ACT in "
-                f"{sorted(ACTIVATIONS)} (T5 v1.0: 'relu', v1.1 / flan: 'gated-gelu')."
+                f"{list(FEED_FORWARD_ACTS)} (T5 v1.0: 'relu', v1.1 / flan: 'gated-gelu')."
             )
 
     @property

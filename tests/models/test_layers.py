@@ -45,3 +45,13 @@ def test_layer_norm_without_affine_matches_torch():
     x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
     ref = torch.nn.functional.layer_norm(torch.from_numpy(x), (8,), eps=1e-6).numpy()
     np.testing.assert_allclose(np.asarray(norm(x)), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["quick_gelu", "gelu_new", "gelu_pytorch_tanh", "gelu", "relu", "silu"])
+def test_one_activation_table_matches_transformers(name):
+    """The table the CLIP and T5 encoders read is transformers' ``ACT2FN`` numerically."""
+    from transformers.activations import ACT2FN
+
+    x = np.linspace(-5, 5, 101, dtype=np.float32)
+    ref = ACT2FN[name](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(activation(name)(x)), ref, atol=1e-6)

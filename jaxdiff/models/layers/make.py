@@ -1,5 +1,6 @@
-"""One way to build layers: :class:`Maker` (keys, dtypes, PyTorch-default Linear / Conv /
-norm / Embed factories), the initialisers behind it, activations by name, ``Identity``."""
+"""The one way jaxdiff's networks build layers: :class:`Maker` (keys, dtypes, Linear / Conv / norm /
+Embed factories with PyTorch- or Flax-default initialisation), the initialisers behind it, the one
+activation table (diffusers' and transformers' names), ``Identity``."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,11 +24,15 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
+    # transformers' ACT2FN names (CLIP, T5)
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
 def activation(name: str) -> Callable[[Array], Array]:
-    """The activation called ``name`` in diffusers' ``get_activation``."""
+    """The activation called ``name`` in diffusers' ``get_activation`` / transformers' ``ACT2FN``."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
