@@ -10,7 +10,7 @@ take an earlier hidden state, which :meth:`CLIPTextModel.hidden_state` selects.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -18,31 +18,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
-from jaxdiff.models.layers import KeySource
+from jaxdiff.models.layers import ACTIVATIONS, KeySource, Maker, config_from_dict
 
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
-
 IGNORED_TORCH_KEYS = (r"position_ids$",)
-
-
-def config_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
-    """Build the frozen dataclass ``cls`` from the keys of ``d`` it knows (unknown and ``_`` keys ignored)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names and not k.startswith("_")})
+# hidden_act values accepted (functions from the shared table, transformers' ACT2FN numerics)
+HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu", "silu")
 
 
 def _check_act(act: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={act!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+    if act not in HIDDEN_ACTS:
+        raise ValueError(f"hidden_act={act!r} is not supported; use one of {list(HIDDEN_ACTS)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,36 +86,21 @@ class CLIPVisionConfig:
         return config_from_dict(cls, d.get("vision_config") or d)
 
 
-def _key_source(rngs: nnx.Rngs | KeySource) -> KeySource:
-    """Per-layer keys from a Python counter: drawing from nnx.Rngs in every layer makes
-    ``nnx.eval_shape`` quadratic in the number of layers (see :class:`KeySource`)."""
-    return rngs if isinstance(rngs, KeySource) else KeySource(rngs.params())
-
-
-class _Dtypes(NamedTuple):
-    dtype: Any
-    param_dtype: Any
-
-
-def _linear(din: int, dout: int, dt: _Dtypes, rngs: nnx.Rngs, bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs)
-
-
-def _layer_norm(dim: int, eps: float, dt: _Dtypes, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        dim, epsilon=eps, use_fast_variance=False, dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs
-    )
+def _maker(rngs: nnx.Rngs | KeySource, dtype: Any, param_dtype: Any) -> Maker:
+    """Flax-default initialisation; per-layer keys from a Python counter (``nnx.Rngs`` in every layer
+    makes ``nnx.eval_shape`` quadratic in the number of layers, see :class:`KeySource`)."""
+    return Maker(rngs, dtype, param_dtype, init="flax")
 
 
 class CLIPAttention(nnx.Module):
     """Multi-head self-attention with ``q/k/v/out_proj`` (scale ``head_dim**-0.5``)."""
 
-    def __init__(self, dim: int, heads: int, dt: _Dtypes, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, mk: Maker):
         self.heads = heads
-        self.q_proj = _linear(dim, dim, dt, rngs)
-        self.k_proj = _linear(dim, dim, dt, rngs)
-        self.v_proj = _linear(dim, dim, dt, rngs)
-        self.out_proj = _linear(dim, dim, dt, rngs)
+        self.q_proj = mk.linear(dim, dim)
+        self.k_proj = mk.linear(dim, dim)
+        self.v_proj = mk.linear(dim, dim)
+        self.out_proj = mk.linear(dim, dim)
 
     def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
         b, t, d = x.shape
@@ -141,10 +113,10 @@ class CLIPAttention(nnx.Module):
 class CLIPMLP(nnx.Module):
     """``fc2(act(fc1(x)))``."""
 
-    def __init__(self, dim: int, inner: int, act: str, dt: _Dtypes, rngs: nnx.Rngs):
+    def __init__(self, dim: int, inner: int, act: str, mk: Maker):
         self.act = act
-        self.fc1 = _linear(dim, inner, dt, rngs)
-        self.fc2 = _linear(inner, dim, dt, rngs)
+        self.fc1 = mk.linear(dim, inner)
+        self.fc2 = mk.linear(inner, dim)
 
     def __call__(self, x: Array) -> Array:
         return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
@@ -153,12 +125,12 @@ class CLIPMLP(nnx.Module):
 class CLIPEncoderLayer(nnx.Module):
     """Pre-norm transformer layer: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
-    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, mk: Maker):
         d = cfg.hidden_size
-        self.self_attn = CLIPAttention(d, cfg.num_attention_heads, dt, rngs)
-        self.layer_norm1 = _layer_norm(d, cfg.layer_norm_eps, dt, rngs)
-        self.mlp = CLIPMLP(d, cfg.intermediate_size, cfg.hidden_act, dt, rngs)
-        self.layer_norm2 = _layer_norm(d, cfg.layer_norm_eps, dt, rngs)
+        self.self_attn = CLIPAttention(d, cfg.num_attention_heads, mk)
+        self.layer_norm1 = mk.layer_norm(d, cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(d, cfg.intermediate_size, cfg.hidden_act, mk)
+        self.layer_norm2 = mk.layer_norm(d, cfg.layer_norm_eps)
 
     def __call__(self, x: Array, mask: Array | None = None, is_causal: bool = False) -> Array:
         x = x + self.self_attn(self.layer_norm1(x), mask, is_causal)
@@ -168,8 +140,8 @@ class CLIPEncoderLayer(nnx.Module):
 class CLIPEncoder(nnx.Module):
     """A stack of :class:`CLIPEncoderLayer` (``encoder.layers.i``)."""
 
-    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
-        self.layers = nnx.List([CLIPEncoderLayer(cfg, dt, rngs) for _ in range(cfg.num_hidden_layers)])
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, mk: Maker):
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, mk) for _ in range(cfg.num_hidden_layers)])
 
     def __call__(
         self, x: Array, mask: Array | None = None, is_causal: bool = False, n: int | None = None,
@@ -187,10 +159,9 @@ class CLIPEncoder(nnx.Module):
 class CLIPTextEmbeddings(nnx.Module):
     """Token plus learned absolute position embeddings."""
 
-    def __init__(self, cfg: CLIPTextConfig, dt: _Dtypes, rngs: nnx.Rngs):
-        kw = dict(dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs)
-        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, **kw)
+    def __init__(self, cfg: CLIPTextConfig, mk: Maker):
+        self.token_embedding = mk.embed(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = mk.embed(cfg.max_position_embeddings, cfg.hidden_size)
 
     def __call__(self, input_ids: Array) -> Array:
         t = input_ids.shape[-1]
@@ -216,11 +187,11 @@ class CLIPTextOutput(NamedTuple):
 class CLIPTextTransformer(nnx.Module):
     """``text_model``: embeddings, causal encoder, final layer norm."""
 
-    def __init__(self, cfg: CLIPTextConfig, dt: _Dtypes, rngs: nnx.Rngs):
+    def __init__(self, cfg: CLIPTextConfig, mk: Maker):
         self.eos_token_id = cfg.eos_token_id
-        self.embeddings = CLIPTextEmbeddings(cfg, dt, rngs)
-        self.encoder = CLIPEncoder(cfg, dt, rngs)
-        self.final_layer_norm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dt, rngs)
+        self.embeddings = CLIPTextEmbeddings(cfg, mk)
+        self.encoder = CLIPEncoder(cfg, mk)
+        self.final_layer_norm = mk.layer_norm(cfg.hidden_size, cfg.layer_norm_eps)
 
     def states(self, input_ids: Array, attention_mask: Array | None = None, n: int | None = None) -> list[Array]:
         """Embeddings and the outputs of the first ``n`` causal layers."""
@@ -276,7 +247,7 @@ class CLIPTextModel(nnx.Module):
         self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
     ):
         self.config = config
-        self.text_model = CLIPTextTransformer(config, _Dtypes(dtype, param_dtype), _key_source(rngs))
+        self.text_model = CLIPTextTransformer(config, _maker(rngs, dtype, param_dtype))
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> CLIPTextOutput:
         """All outputs of transformers' ``CLIPTextModel`` (with ``output_hidden_states=True``)."""
@@ -316,10 +287,9 @@ class CLIPTextModelWithProjection(CLIPTextModel):
     def __init__(
         self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
     ):
-        keys = _key_source(rngs)
-        super().__init__(config, rngs=keys, dtype=dtype, param_dtype=param_dtype)
-        dt = _Dtypes(dtype, param_dtype)
-        self.text_projection = _linear(config.hidden_size, config.projection_dim, dt, keys, bias=False)
+        mk = _maker(rngs, dtype, param_dtype)
+        super().__init__(config, rngs=mk.keys, dtype=dtype, param_dtype=param_dtype)
+        self.text_projection = mk.linear(config.hidden_size, config.projection_dim, bias=False)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> CLIPTextOutput:
         out = self.text_model(input_ids, attention_mask)
@@ -336,16 +306,12 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 class CLIPVisionEmbeddings(nnx.Module):
     """Class token + non-overlapping patches (conv without bias) + learned positions."""
 
-    def __init__(self, cfg: CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
+    def __init__(self, cfg: CLIPVisionConfig, mk: Maker):
         d, p = cfg.hidden_size, cfg.patch_size
         self.image_size = cfg.image_size
-        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (d,), dt.param_dtype))
-        self.patch_embedding = nnx.Conv(
-            cfg.num_channels, d, (p, p), (p, p), padding="VALID", use_bias=False,
-            dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs,
-        )
-        n = (cfg.image_size // p) ** 2 + 1
-        self.position_embedding = nnx.Embed(n, d, dtype=dt.dtype, param_dtype=dt.param_dtype, rngs=rngs)
+        self.class_embedding = nnx.Param(jax.random.normal(mk.keys.params(), (d,), mk.param_dtype))
+        self.patch_embedding = mk.conv(cfg.num_channels, d, p, stride=p, padding="VALID", bias=False)
+        self.position_embedding = mk.embed((cfg.image_size // p) ** 2 + 1, d)
 
     def __call__(self, pixels: Array) -> Array:
         b, h, w, _ = pixels.shape
@@ -371,11 +337,11 @@ class CLIPVisionOutput(NamedTuple):
 class CLIPVisionTransformer(nnx.Module):
     """``vision_model``: embeddings, ``pre_layrnorm`` (sic), encoder, ``post_layernorm`` on the class token."""
 
-    def __init__(self, cfg: CLIPVisionConfig, dt: _Dtypes, rngs: nnx.Rngs):
-        self.embeddings = CLIPVisionEmbeddings(cfg, dt, rngs)
-        self.pre_layrnorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dt, rngs)
-        self.encoder = CLIPEncoder(cfg, dt, rngs)
-        self.post_layernorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dt, rngs)
+    def __init__(self, cfg: CLIPVisionConfig, mk: Maker):
+        self.embeddings = CLIPVisionEmbeddings(cfg, mk)
+        self.pre_layrnorm = mk.layer_norm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.encoder = CLIPEncoder(cfg, mk)
+        self.post_layernorm = mk.layer_norm(cfg.hidden_size, cfg.layer_norm_eps)
 
     def __call__(self, pixels: Array) -> CLIPVisionOutput:
         states = self.encoder(self.pre_layrnorm(self.embeddings(pixels)))
@@ -392,10 +358,9 @@ class CLIPVisionModelWithProjection(nnx.Module):
         self, config: CLIPVisionConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
     ):
         self.config = config
-        dt = _Dtypes(dtype, param_dtype)
-        keys = _key_source(rngs)
-        self.vision_model = CLIPVisionTransformer(config, dt, keys)
-        self.visual_projection = _linear(config.hidden_size, config.projection_dim, dt, keys, bias=False)
+        mk = _maker(rngs, dtype, param_dtype)
+        self.vision_model = CLIPVisionTransformer(config, mk)
+        self.visual_projection = mk.linear(config.hidden_size, config.projection_dim, bias=False)
 
     def __call__(self, pixel_values: Array) -> CLIPVisionOutput:
         out = self.vision_model(pixel_values)

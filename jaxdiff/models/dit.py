@@ -10,7 +10,6 @@ has ``2 * in_channels`` channels (epsilon, then the variance interpolation). Ima
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,12 +20,12 @@ from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models.attention import attention
-from jaxdiff.models.layers import KeySource
+from jaxdiff.models.layers import FeedForward, Maker, TimestepEmbedding, config_from_dict, timestep_embedding
 
 Array = jax.Array
 
 IGNORED_TORCH_KEYS = (r"^pos_embed\.pos_embed$",)  # the fixed sin-cos table, when a file stores it
-_ACTIVATIONS = {"gelu-approximate": True, "gelu": False}  # -> tanh approximation?
+_FEED_FORWARDS = ("gelu", "gelu-approximate")  # diffusers FeedForward activation_fn values DiT uses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +51,9 @@ class DiTConfig:
             raise ValueError(f"norm_type={self.norm_type!r} is not supported; DiT uses 'ada_norm_zero'.")
         if self.num_embeds_ada_norm is None:
             raise ValueError("num_embeds_ada_norm (number of classes) must be set for ada_norm_zero.")
-        if self.activation_fn not in _ACTIVATIONS:
+        if self.activation_fn not in _FEED_FORWARDS:
             raise ValueError(
-                f"activation_fn={self.activation_fn!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+                f"activation_fn={self.activation_fn!r} is not supported; use one of {_FEED_FORWARDS}."
             )
         if (self.num_attention_heads * self.attention_head_dim) % 4:
             raise ValueError("num_attention_heads * attention_head_dim must be divisible by 4 (2-D sin-cos table).")
@@ -70,8 +69,7 @@ class DiTConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DiTConfig":
         """From a ``config.json`` dict (unknown keys and keys starting with ``_`` are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and not k.startswith("_")})
+        return config_from_dict(cls, d)
 
 
 # ------------------------------------------------------------------------------- fixed embeddings
@@ -94,39 +92,15 @@ def sincos_2d(dim: int, height: int, width: int, base_size: int) -> np.ndarray:
     return np.concatenate([sincos_1d(dim // 2, col_grid), sincos_1d(dim // 2, row_grid)], axis=1).astype(np.float32)
 
 
-def timestep_embedding(t: Array, dim: int = 256, max_period: float = 10000.0) -> Array:
-    """DDPM sinusoidal embedding as diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=1)``:
-    ``[cos(t w), sin(t w)]`` with ``w_i = exp(-ln(max_period) i / (dim/2 - 1))``."""
-    half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1)
-    args = t.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
 # ---------------------------------------------------------------------------------------- modules
-
-class _Identity(nnx.Module):
-    """Parameter-free placeholder at the index of a torch ``Dropout``."""
-
-    def __call__(self, x: Array) -> Array:
-        return x
-
-
-def _linear(din: int, dout: int, kw: dict, bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=bias, **kw)
-
-
-def _norm(dim: int, eps: float, affine: bool, kw: dict) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=eps, use_bias=affine, use_scale=affine, use_fast_variance=False, **kw)
-
 
 class PatchEmbed(nnx.Module):
     """``proj``: non-overlapping ``p x p`` conv; adds the fixed sin-cos position table."""
 
-    def __init__(self, cfg: DiTConfig, kw: dict):
+    def __init__(self, cfg: DiTConfig, mk: Maker):
         p = cfg.patch_size
         self.patch_size, self.base_size, self.dim = p, cfg.sample_size // p, cfg.inner_dim
-        self.proj = nnx.Conv(cfg.in_channels, cfg.inner_dim, (p, p), (p, p), padding="VALID", **kw)
+        self.proj = mk.conv(cfg.in_channels, cfg.inner_dim, p, stride=p, padding="VALID")
 
     def __call__(self, x: Array) -> Array:
         b, h, w, _ = x.shape
@@ -137,22 +111,11 @@ class PatchEmbed(nnx.Module):
         return tokens + jnp.asarray(sincos_2d(self.dim, h // p, w // p, self.base_size), tokens.dtype)
 
 
-class TimestepEmbedding(nnx.Module):
-    """``linear_2(silu(linear_1(x)))``."""
-
-    def __init__(self, din: int, dim: int, kw: dict):
-        self.linear_1 = _linear(din, dim, kw)
-        self.linear_2 = _linear(dim, dim, kw)
-
-    def __call__(self, x: Array) -> Array:
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
-
-
 class LabelEmbedding(nnx.Module):
     """``embedding_table``: ``num_classes + 1`` rows; the last is the learned null (unconditional) class."""
 
-    def __init__(self, num_classes: int, dim: int, kw: dict):
-        self.embedding_table = nnx.Embed(num_classes + 1, dim, **kw)
+    def __init__(self, num_classes: int, dim: int, mk: Maker):
+        self.embedding_table = mk.embed(num_classes + 1, dim)
 
     def __call__(self, labels: Array) -> Array:
         return self.embedding_table(labels)
@@ -161,23 +124,25 @@ class LabelEmbedding(nnx.Module):
 class CombinedTimestepLabelEmbeddings(nnx.Module):
     """Timestep MLP of the 256-channel sinusoidal embedding plus the class embedding."""
 
-    def __init__(self, num_classes: int, dim: int, kw: dict):
-        self.dtype = kw["dtype"]
-        self.timestep_embedder = TimestepEmbedding(256, dim, kw)
-        self.class_embedder = LabelEmbedding(num_classes, dim, kw)
+    def __init__(self, num_classes: int, dim: int, mk: Maker):
+        self.dtype = mk.dtype
+        self.timestep_embedder = TimestepEmbedding(256, dim, mk)
+        self.class_embedder = LabelEmbedding(num_classes, dim, mk)
 
     def __call__(self, t: Array, labels: Array) -> Array:
-        return self.timestep_embedder(timestep_embedding(t).astype(self.dtype)) + self.class_embedder(labels)
+        # diffusers' Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)
+        temb = timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=1)
+        return self.timestep_embedder(temb.astype(self.dtype)) + self.class_embedder(labels)
 
 
 class AdaLayerNormZero(nnx.Module):
     """adaLN-Zero: ``linear(silu(emb))`` -> shift/scale/gate (attention), shift/scale/gate (MLP)."""
 
-    def __init__(self, cfg: DiTConfig, kw: dict):
+    def __init__(self, cfg: DiTConfig, mk: Maker):
         d = cfg.inner_dim
-        self.emb = CombinedTimestepLabelEmbeddings(cfg.num_embeds_ada_norm, d, kw)
-        self.linear = _linear(d, 6 * d, kw)
-        self.norm = _norm(d, 1e-6, False, kw)
+        self.emb = CombinedTimestepLabelEmbeddings(cfg.num_embeds_ada_norm, d, mk)
+        self.linear = mk.linear(d, 6 * d)
+        self.norm = mk.layer_norm(d, 1e-6, affine=False)
 
     def __call__(self, x: Array, t: Array, labels: Array) -> tuple[Array, ...]:
         params = self.linear(jax.nn.silu(self.emb(t, labels)))
@@ -193,13 +158,13 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
 class Attention(nnx.Module):
     """Self-attention with ``to_q/to_k/to_v`` and ``to_out[0]`` (scale ``head_dim**-0.5``)."""
 
-    def __init__(self, cfg: DiTConfig, kw: dict):
+    def __init__(self, cfg: DiTConfig, mk: Maker):
         d = cfg.inner_dim
         self.heads = cfg.num_attention_heads
-        self.to_q = _linear(d, d, kw, cfg.attention_bias)
-        self.to_k = _linear(d, d, kw, cfg.attention_bias)
-        self.to_v = _linear(d, d, kw, cfg.attention_bias)
-        self.to_out = nnx.List([_linear(d, d, kw)])
+        self.to_q = mk.linear(d, d, bias=cfg.attention_bias)
+        self.to_k = mk.linear(d, d, bias=cfg.attention_bias)
+        self.to_v = mk.linear(d, d, bias=cfg.attention_bias)
+        self.to_out = nnx.List([mk.linear(d, d)])
 
     def __call__(self, x: Array) -> Array:
         b, n, d = x.shape
@@ -208,38 +173,14 @@ class Attention(nnx.Module):
         return self.to_out[0](out.reshape(b, n, d))
 
 
-class GELU(nnx.Module):
-    """``gelu(proj(x))`` (tanh approximation for ``gelu-approximate``)."""
-
-    def __init__(self, din: int, dout: int, approximate: bool, kw: dict):
-        self.approximate = approximate
-        self.proj = _linear(din, dout, kw)
-
-    def __call__(self, x: Array) -> Array:
-        return jax.nn.gelu(self.proj(x), approximate=self.approximate)
-
-
-class FeedForward(nnx.Module):
-    """``net = [GELU(dim -> 4 dim), dropout, Linear(4 dim -> dim)]``."""
-
-    def __init__(self, cfg: DiTConfig, kw: dict):
-        d = cfg.inner_dim
-        self.net = nnx.List([GELU(d, 4 * d, _ACTIVATIONS[cfg.activation_fn], kw), _Identity(), _linear(4 * d, d, kw)])
-
-    def __call__(self, x: Array) -> Array:
-        for layer in self.net:
-            x = layer(x)
-        return x
-
-
 class BasicTransformerBlock(nnx.Module):
     """diffusers' ``BasicTransformerBlock`` with ``norm_type="ada_norm_zero"`` and no cross-attention."""
 
-    def __init__(self, cfg: DiTConfig, kw: dict):
-        self.norm1 = AdaLayerNormZero(cfg, kw)
-        self.attn1 = Attention(cfg, kw)
-        self.norm3 = _norm(cfg.inner_dim, cfg.norm_eps, cfg.norm_elementwise_affine, kw)
-        self.ff = FeedForward(cfg, kw)
+    def __init__(self, cfg: DiTConfig, mk: Maker):
+        self.norm1 = AdaLayerNormZero(cfg, mk)
+        self.attn1 = Attention(cfg, mk)
+        self.norm3 = mk.layer_norm(cfg.inner_dim, cfg.norm_eps, affine=cfg.norm_elementwise_affine)
+        self.ff = FeedForward(cfg.inner_dim, mk, activation_fn=cfg.activation_fn)
 
     def __call__(self, x: Array, t: Array, labels: Array) -> Array:
         h, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, t, labels)
@@ -254,14 +195,13 @@ class DiTTransformer2DModel(nnx.Module):
 
     def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         self.config = config
-        # Per-layer keys from a Python counter: nnx.Rngs makes nnx.eval_shape quadratic (see KeySource).
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySource(rngs.params()))
+        mk = Maker(rngs, dtype, param_dtype, init="flax")
         d, p = config.inner_dim, config.patch_size
-        self.pos_embed = PatchEmbed(config, kw)
-        self.transformer_blocks = nnx.List([BasicTransformerBlock(config, kw) for _ in range(config.num_layers)])
-        self.norm_out = _norm(d, 1e-6, False, kw)
-        self.proj_out_1 = _linear(d, 2 * d, kw)
-        self.proj_out_2 = _linear(d, p * p * config.output_channels, kw)
+        self.pos_embed = PatchEmbed(config, mk)
+        self.transformer_blocks = nnx.List([BasicTransformerBlock(config, mk) for _ in range(config.num_layers)])
+        self.norm_out = mk.layer_norm(d, 1e-6, affine=False)
+        self.proj_out_1 = mk.linear(d, 2 * d)
+        self.proj_out_2 = mk.linear(d, p * p * config.output_channels)
 
     def __call__(self, latents: Array, timesteps: Array, class_labels: Array) -> Array:
         """``timesteps``: ``(batch,)`` or a scalar (DDPM steps, may be fractional); ``class_labels``: ``(batch,)``

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -19,18 +19,13 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
-from jaxdiff.models.layers import KeySource
+from jaxdiff.models.layers import ACTIVATIONS, Maker, config_from_dict
 
 Array = jax.Array
 
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation (T5 v1.1 "gated-gelu")
-    "silu": jax.nn.silu,
-}
-
 IGNORED_TORCH_KEYS = (r"^decoder\.", r"^lm_head\.")
+# ACT of feed_forward_proj "ACT" / "gated-ACT" (functions from the shared table)
+FEED_FORWARD_ACTS = ("gelu", "gelu_new", "relu", "silu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +45,11 @@ class T5Config:
 
     def __post_init__(self) -> None:
         parts = self.feed_forward_proj.split("-")
-        ok = (len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated")) and parts[-1] in ACTIVATIONS
+        ok = (len(parts) == 1 or (len(parts) == 2 and parts[0] == "gated")) and parts[-1] in FEED_FORWARD_ACTS
         if not ok:
             raise ValueError(
                 f"feed_forward_proj={self.feed_forward_proj!r} is not supported; use 'ACT' or 'gated-ACT' with ACT in "
-                f"{sorted(ACTIVATIONS)} (T5 v1.0: 'relu', v1.1 / flan: 'gated-gelu')."
+                f"{list(FEED_FORWARD_ACTS)} (T5 v1.0: 'relu', v1.1 / flan: 'gated-gelu')."
             )
 
     @property
@@ -70,8 +65,7 @@ class T5Config:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "T5Config":
         """From a ``config.json`` dict (unknown keys and keys starting with ``_`` are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and not k.startswith("_")})
+        return config_from_dict(cls, d)
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -100,23 +94,20 @@ class T5LayerNorm(nnx.Module):
         return (self.scale[...].astype(jnp.float32) * h).astype(self.dtype)
 
 
-def _linear(din: int, dout: int, kw: dict) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=False, **kw)
-
 
 class T5Attention(nnx.Module):
     """Unscaled multi-head attention; the first block owns ``relative_attention_bias``."""
 
-    def __init__(self, cfg: T5Config, has_bias: bool, kw: dict):
+    def __init__(self, cfg: T5Config, has_bias: bool, mk: Maker):
         inner = cfg.num_heads * cfg.d_kv
         self.heads, self.d_kv = cfg.num_heads, cfg.d_kv
         self.buckets, self.max_distance = cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
-        self.q = _linear(cfg.d_model, inner, kw)
-        self.k = _linear(cfg.d_model, inner, kw)
-        self.v = _linear(cfg.d_model, inner, kw)
-        self.o = _linear(inner, cfg.d_model, kw)
+        self.q = mk.linear(cfg.d_model, inner, bias=False)
+        self.k = mk.linear(cfg.d_model, inner, bias=False)
+        self.v = mk.linear(cfg.d_model, inner, bias=False)
+        self.o = mk.linear(inner, cfg.d_model, bias=False)
         if has_bias:
-            self.relative_attention_bias = nnx.Embed(self.buckets, cfg.num_heads, **kw)
+            self.relative_attention_bias = mk.embed(self.buckets, cfg.num_heads)
 
     def position_bias(self, length: int) -> Array:
         """``(1, heads, length, length)`` bias from the bucketed relative positions."""
@@ -135,9 +126,9 @@ class T5Attention(nnx.Module):
 class T5LayerSelfAttention(nnx.Module):
     """``x + SelfAttention(layer_norm(x))``."""
 
-    def __init__(self, cfg: T5Config, has_bias: bool, kw: dict):
-        self.SelfAttention = T5Attention(cfg, has_bias, kw)
-        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, kw["dtype"], kw["param_dtype"])
+    def __init__(self, cfg: T5Config, has_bias: bool, mk: Maker):
+        self.SelfAttention = T5Attention(cfg, has_bias, mk)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, mk.dtype, mk.param_dtype)
 
     def __call__(self, x: Array, bias: Array, mask: Array | None) -> Array:
         return x + self.SelfAttention(self.layer_norm(x), bias, mask)
@@ -146,10 +137,10 @@ class T5LayerSelfAttention(nnx.Module):
 class T5DenseActDense(nnx.Module):
     """``wo(act(wi x))`` (T5 v1.0)."""
 
-    def __init__(self, cfg: T5Config, kw: dict):
+    def __init__(self, cfg: T5Config, mk: Maker):
         self.act = cfg.dense_act
-        self.wi = _linear(cfg.d_model, cfg.d_ff, kw)
-        self.wo = _linear(cfg.d_ff, cfg.d_model, kw)
+        self.wi = mk.linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = mk.linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def __call__(self, x: Array) -> Array:
         return self.wo(ACTIVATIONS[self.act](self.wi(x)))
@@ -158,11 +149,11 @@ class T5DenseActDense(nnx.Module):
 class T5DenseGatedActDense(nnx.Module):
     """``wo(act(wi_0 x) * wi_1 x)`` (T5 v1.1, flan-T5)."""
 
-    def __init__(self, cfg: T5Config, kw: dict):
+    def __init__(self, cfg: T5Config, mk: Maker):
         self.act = cfg.dense_act
-        self.wi_0 = _linear(cfg.d_model, cfg.d_ff, kw)
-        self.wi_1 = _linear(cfg.d_model, cfg.d_ff, kw)
-        self.wo = _linear(cfg.d_ff, cfg.d_model, kw)
+        self.wi_0 = mk.linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wi_1 = mk.linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = mk.linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def __call__(self, x: Array) -> Array:
         return self.wo(ACTIVATIONS[self.act](self.wi_0(x)) * self.wi_1(x))
@@ -171,10 +162,10 @@ class T5DenseGatedActDense(nnx.Module):
 class T5LayerFF(nnx.Module):
     """``x + DenseReluDense(layer_norm(x))``."""
 
-    def __init__(self, cfg: T5Config, kw: dict):
+    def __init__(self, cfg: T5Config, mk: Maker):
         ff = T5DenseGatedActDense if cfg.is_gated else T5DenseActDense
-        self.DenseReluDense = ff(cfg, kw)
-        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, kw["dtype"], kw["param_dtype"])
+        self.DenseReluDense = ff(cfg, mk)
+        self.layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, mk.dtype, mk.param_dtype)
 
     def __call__(self, x: Array) -> Array:
         return x + self.DenseReluDense(self.layer_norm(x))
@@ -183,8 +174,8 @@ class T5LayerFF(nnx.Module):
 class T5Block(nnx.Module):
     """``layer = [self-attention, feed-forward]``."""
 
-    def __init__(self, cfg: T5Config, has_bias: bool, kw: dict):
-        self.layer = nnx.List([T5LayerSelfAttention(cfg, has_bias, kw), T5LayerFF(cfg, kw)])
+    def __init__(self, cfg: T5Config, has_bias: bool, mk: Maker):
+        self.layer = nnx.List([T5LayerSelfAttention(cfg, has_bias, mk), T5LayerFF(cfg, mk)])
 
     def __call__(self, x: Array, bias: Array, mask: Array | None) -> Array:
         return self.layer[1](self.layer[0](x, bias, mask))
@@ -193,9 +184,9 @@ class T5Block(nnx.Module):
 class T5Stack(nnx.Module):
     """``encoder``: blocks and ``final_layer_norm``; token embeddings come from the tied ``shared`` table."""
 
-    def __init__(self, cfg: T5Config, kw: dict):
-        self.block = nnx.List([T5Block(cfg, i == 0, kw) for i in range(cfg.num_layers)])
-        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, kw["dtype"], kw["param_dtype"])
+    def __init__(self, cfg: T5Config, mk: Maker):
+        self.block = nnx.List([T5Block(cfg, i == 0, mk) for i in range(cfg.num_layers)])
+        self.final_layer_norm = T5LayerNorm(cfg.d_model, cfg.layer_norm_epsilon, mk.dtype, mk.param_dtype)
 
     def __call__(self, x: Array, attention_mask: Array | None) -> Array:
         bias = self.block[0].layer[0].SelfAttention.position_bias(x.shape[1])
@@ -212,10 +203,9 @@ class T5EncoderModel(nnx.Module):
 
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
         self.config = config
-        # Per-layer keys from a Python counter: nnx.Rngs makes nnx.eval_shape quadratic (see KeySource).
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeySource(rngs.params()))
-        self.shared = nnx.Embed(config.vocab_size, config.d_model, **kw)
-        self.encoder = T5Stack(config, kw)
+        mk = Maker(rngs, dtype, param_dtype, init="flax")
+        self.shared = mk.embed(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, mk)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         """``(batch, length)`` token ids and optional 1/0 padding mask -> ``(batch, length, d_model)``."""

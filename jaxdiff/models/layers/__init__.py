@@ -1,0 +1,36 @@
+"""Building blocks shared by jaxdiff's networks (U-Nets, VAE, ControlNet, DiT, CLIP, T5).
+
+Every block mirrors the attribute names of its diffusers counterpart (``ResnetBlock2D.norm1``,
+``Attention.to_out[0]``, ``Transformer2DModel.proj_in``...), so PyTorch checkpoints load by name
+(see :mod:`jaxdiff.convert.torch_layout`). Tensors are NHWC (channels last) throughout.
+
+- :mod:`.make`: :class:`Maker`, the one way layers are built (keys, dtypes, PyTorch-default inits)
+- :mod:`.norms`: ``GroupNorm`` with PyTorch statistics
+- :mod:`.embeddings`: the sinusoidal timestep embedding and ``TimestepEmbedding``
+- :mod:`.resnet`: ``ResnetBlock2D``, ``Downsample2D``, ``Upsample2D``
+- :mod:`.transformer`: ``Attention``, ``FeedForward``, ``BasicTransformerBlock``, ``Transformer2DModel``
+- :mod:`.blocks`: the U-Net stages ``DownBlock``, ``UpBlock``, ``MidBlock``
+- :mod:`.config`: :func:`config_from_dict`, :func:`per_block`
+"""
+from jaxdiff.models.layers.blocks import DownBlock, MidBlock, UpBlock
+from jaxdiff.models.layers.config import config_from_dict, per_block
+from jaxdiff.models.layers.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
+from jaxdiff.models.layers.make import ACTIVATIONS, Identity, KeySource, Maker, activation, torch_default_init
+from jaxdiff.models.layers.norms import GroupNorm
+from jaxdiff.models.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D, upsample_nearest
+from jaxdiff.models.layers.transformer import (
+    GEGLU,
+    Attention,
+    BasicTransformerBlock,
+    FeedForward,
+    GELUProj,
+    Transformer2DModel,
+    spatial_attention,
+)
+
+__all__ = [
+    "ACTIVATIONS", "GEGLU", "Attention", "BasicTransformerBlock", "DownBlock", "Downsample2D", "FeedForward",
+    "GELUProj", "GroupNorm", "Identity", "KeySource", "Maker", "MidBlock", "ResnetBlock2D", "TimestepEmbedding",
+    "Transformer2DModel", "UpBlock", "Upsample2D", "activation", "batch_timesteps", "config_from_dict",
+    "per_block", "spatial_attention", "timestep_embedding", "torch_default_init", "upsample_nearest",
+]
