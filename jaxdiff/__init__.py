@@ -6,10 +6,8 @@ loading in :mod:`jaxdiff.convert`, training in :mod:`jaxdiff.train`, recipes in 
 
 Write your own denoisers, transforms and samplers as :func:`pytree_dataclass` classes (numeric
 settings as fields, hashable options as :func:`static_field`): they are then traced, never baked
-into the compiled program, and each class keeps its own tree structure. Prefer it to
-``jax.tree_util.register_dataclass`` and ``flax.struct.dataclass``: with jax 0.10 those give two
-different classes with the same number of data fields equal tree structures, and ``jax.jit`` can
-then run one class's compiled program for the other (silently wrong results).
+into the compiled program, and each class keeps its own tree structure, which JAX's own dataclass
+registration does not guarantee (see :mod:`jaxdiff._pytree` for why that matters under ``jit``).
 """
 from jaxdiff import cpu_devices as cpu_devices
 from jaxdiff import denoisers as denoisers
