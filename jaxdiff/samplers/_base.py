@@ -95,3 +95,13 @@ def as_leaves(obj: Any, floats: tuple[str, ...] = (), ints: tuple[str, ...] = ()
                 if not np.all(np.mod(np.asarray(arr), 1) == 0):
                     raise ValueError(f"sampler option {name} must be a whole number, got {value!r}")
             object.__setattr__(obj, name, arr.astype(dtype))
+
+
+def threshold_x0(threshold: Any, x0: Array, x: Array, sigma: Array) -> Array:
+    """Apply a denoiser transform (``denoiser -> denoiser``, e.g. :func:`jaxdiff.guidance.static_threshold`)
+    to a data estimate already computed: the transform wraps a denoiser that returns ``x0``.
+
+    This is how a sampler clips x0 inside its step (diffusers' ``clip_sample`` / ``thresholding``)
+    without the clipped value leaking into the noise estimate.
+    """
+    return threshold(lambda x_, sigma_, cond=None: x0)(x, sigma)

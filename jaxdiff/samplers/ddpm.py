@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass, static_field
-from jaxdiff.samplers._base import DenoiseFn, noise_like
-from jaxdiff.samplers.euler import threshold_x0
+from jaxdiff.samplers._base import DenoiseFn, noise_like, threshold_x0
 
 Array = jax.Array
 VARIANCES = ("fixed_small", "fixed_large")

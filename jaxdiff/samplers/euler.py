@@ -7,19 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff.samplers._base import DenoiseFn, ancestral_split, as_leaves, check_option, noise_like
+from jaxdiff.samplers._base import DenoiseFn, ancestral_split, as_leaves, check_option, noise_like, threshold_x0
 
 Array = jax.Array
-
-
-def threshold_x0(threshold: Any, x0: Array, x: Array, sigma: Array) -> Array:
-    """Apply a denoiser transform (``denoiser -> denoiser``, e.g. :func:`jaxdiff.guidance.static_threshold`)
-    to a data estimate already computed: the transform wraps a denoiser that returns ``x0``.
-
-    This is how a sampler clips x0 inside its step (diffusers' ``clip_sample`` / ``thresholding``)
-    without the clipped value leaking into the noise estimate.
-    """
-    return threshold(lambda x_, sigma_, cond=None: x0)(x, sigma)
 
 
 @pytree_dataclass
