@@ -9,6 +9,7 @@ settings as fields, hashable options as :func:`static_field`): they are then tra
 into the compiled program, and each class keeps its own tree structure, which JAX's own dataclass
 registration does not guarantee (see :mod:`jaxdiff._pytree` for why that matters under ``jit``).
 """
+from jaxdiff import conditioning as conditioning
 from jaxdiff import cpu_devices as cpu_devices
 from jaxdiff import denoisers as denoisers
 from jaxdiff import guidance as guidance

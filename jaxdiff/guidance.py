@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdiff import _transforms
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._util import batch_sigma, expand_to
 
@@ -345,49 +346,8 @@ class Bound:
 
 # ---- transforms and composition --------------------------------------------------------------
 
-@pytree_dataclass
-class Transform:
-    """A denoiser -> denoiser map: ``Transform(cls, params)(inner) == cls(inner, **params, **static)``.
-
-    ``params`` (a dict of leaves: scales, labels, conditioning, pytree callables) are children;
-    ``static`` holds hashable options as ``(name, value)`` pairs.
-    """
-
-    cls: type = static_field()
-    params: dict
-    static: tuple = static_field(default=())
-
-    def __call__(self, inner: Denoiser) -> Any:
-        return self.cls(inner, **self.params, **dict(self.static))
-
-
-@pytree_dataclass
-class Chain:
-    """Transforms applied in order: the first wraps the denoiser innermost."""
-
-    transforms: tuple
-
-    def __call__(self, inner: Denoiser) -> Any:
-        for t in self.transforms:
-            inner = t(inner)
-        return inner
-
-
-def chain(*transforms: Callable[[Denoiser], Any] | None) -> Chain:
-    """Compose transforms like ``optax.chain``: ``chain(a, b)(D) == b(a(D))``.
-
-    ``None`` entries are skipped, so optional transforms compose without branching (``chain()`` is the
-    identity)."""
-    for i, t in enumerate(transforms):
-        if t is not None and not callable(t):
-            raise TypeError(f"transform {i} is not callable ({type(t).__name__}); "
-                            "pass transforms such as classifier_free(...), not denoisers")
-    return Chain(tuple(t for t in transforms if t is not None))
-
-
-def apply(denoiser: Denoiser, *transforms: Callable[[Denoiser], Any]) -> Any:
-    """Wrap ``denoiser`` in ``transforms``, in order (the first is innermost)."""
-    return chain(*transforms)(denoiser)
+# Transform, Chain, chain and apply are the algebra shared with jaxdiff.conditioning (network transforms).
+Transform, Chain, chain, apply = _transforms.Transform, _transforms.Chain, _transforms.chain, _transforms.apply
 
 
 def classifier_free(scale: Any, uncond: Any, *, rescale: Any = 0.0, rescale_space: str = "epsilon") -> Transform:

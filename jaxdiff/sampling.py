@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import progress as _progress
+from jaxdiff.conditioning import at_step
 from jaxdiff.samplers._base import prepare as _prepare
 from jaxdiff.schedules import Sigmas, check_sigmas
 
@@ -108,7 +109,7 @@ def _check_denoiser(denoiser: Any) -> None:
     """A denoiser is traced as a pytree: a plain function or lambda is a leaf JAX cannot trace."""
     if not callable(denoiser):
         raise TypeError(f"the denoiser must be callable as D(x, sigma, cond), got {type(denoiser).__name__}")
-    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(denoiser)):
+    if jax.tree_util.tree_leaves(denoiser) == [denoiser]:  # a leaf itself (a field-less pytree class has no leaves)
         raise TypeError(f"the denoiser is a plain Python callable ({type(denoiser).__name__} "
                         f"{getattr(denoiser, '__name__', '')!s}), which jit cannot trace; wrap it as "
                         "jax.tree_util.Partial(fn, *arrays) (arrays as arguments, not closed over) or make it a "
@@ -154,9 +155,9 @@ def _raise_on_nonfinite(bad: Array, sigmas: Sigmas) -> None:
 
 def _step_fn(denoiser: Any, sampler: Any, sigmas: Sigmas, key: Array, cond: Any) -> Callable:
     """One step ``(x, state, i) -> (x, state)`` with x kept in its starting dtype."""
-    denoise = lambda x_, s_: denoiser(x_, s_, cond)  # noqa: E731
-
     def step(x: Array, state: Any, i: Array) -> tuple[Array, Any]:
+        den, c = at_step((denoiser, cond), i)  # controls that act on chosen steps read the index
+        denoise = lambda x_, s_: den(x_, s_, c)  # noqa: E731
         x_new, state_new = sampler.step(denoise, state, x, sigmas.values[i], sigmas.values[i + 1],
                                         jax.random.fold_in(key, i))
         return x_new.astype(x.dtype), state_new
@@ -321,11 +322,11 @@ def _invert_step(denoise: Callable[[Array, Array], Array], x: Array, sigma: Arra
 
 
 def _invert_loop(denoiser: Any, x0: Array, sigmas: Sigmas, cond: Any, start: Array, evaluate_at: str) -> Array:
-    denoise = lambda x_, s_: denoiser(x_, s_, cond)  # noqa: E731
     count, v = sigmas.count, sigmas.values
 
     def body(j: Array, x: Array) -> Array:
-        return _invert_step(denoise, x, v[count - j], v[count - j - 1], evaluate_at)
+        den, c = at_step((denoiser, cond), count - j - 1)  # the index of the downward step this move mirrors
+        return _invert_step(lambda x_, s_: den(x_, s_, c), x, v[count - j], v[count - j - 1], evaluate_at)
 
     return jax.lax.fori_loop(0, count - start, body, x0)
 

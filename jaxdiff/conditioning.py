@@ -1,0 +1,145 @@
+"""Network transforms: ``net -> net`` in the network's own coordinates ``net(x, t, cond)``.
+
+Denoiser transforms (:mod:`jaxdiff.guidance`) wrap ``D(x, sigma, cond)`` outside the parameterisation;
+what must happen at *every network call inside guidance* wraps the network instead: concatenation
+conditioning (inpainting U-Nets, depth-to-image, Palette), residuals from side networks (ControlNet,
+T2I-Adapter), attention control, scaled weight patches. Both kinds are pytree callables composed by
+the same :func:`chain` / :func:`apply`::
+
+    net = conditioning.apply(UNetNet(unet), conditioning.concat(depth_latents))
+    den = guidance.apply(DiscreteVPDenoiser(net, alphas_cumprod), guidance.classifier_free(7.5, uncond))
+
+Conventions for dictionary conditioning (what :class:`jaxdiff.pipelines.stable_diffusion.UNetNet` reads):
+``"context"`` the text embeddings, ``"residuals"`` a :class:`Residuals`, ``"attention"`` an attention
+control (:mod:`jaxdiff.models.attention_control`), ``"class_labels"``, and ``"conditional"`` (B,): 1 for
+the rows of the conditional half of classifier-free guidance, 0 for the unconditional ones, which
+per-half transforms (ControlNet's guess mode) read.
+
+The runner hands each step its index: every :class:`StepIndex` inside the denoiser or the
+conditioning is replaced by the current step (a traced int32) before the step runs, so a control that
+acts on chosen steps holds a ``StepIndex`` field and reads ``.value``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff._pytree import pytree_dataclass
+from jaxdiff._transforms import Chain, Transform, apply, chain
+
+Array = jax.Array
+Network = Callable[..., Array]
+CONDITIONAL = "conditional"
+
+__all__ = ["CONDITIONAL", "Chain", "Concat", "Residuals", "StepIndex", "Transform", "add_residuals", "apply",
+           "at_step", "chain", "concat", "tile_batch"]
+
+
+# ---- the step index ------------------------------------------------------------------------------
+
+@pytree_dataclass
+class StepIndex:
+    """The index of the sampling step being run, a traced int32 set by the runner (:func:`at_step`)."""
+
+    value: Any = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", jnp.asarray(self.value, jnp.int32))
+
+
+def _is_step(node: Any) -> bool:
+    return isinstance(node, StepIndex)
+
+
+def at_step(tree: Any, step: Any) -> Any:
+    """``tree`` with every :class:`StepIndex` in it set to ``step`` (the identity on trees without one)."""
+    return jax.tree_util.tree_map(lambda n: StepIndex(step) if _is_step(n) else n, tree, is_leaf=_is_step)
+
+
+# ---- residuals from side networks ------------------------------------------------------------------
+
+def _add(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tuple):
+        if len(a) != len(b):
+            raise ValueError(f"cannot add residual tuples of lengths {len(a)} and {len(b)}: the side networks "
+                             "were built for different U-Nets")
+        return tuple(_add(x, y) for x, y in zip(a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"cannot add residuals of shapes {a.shape} and {b.shape}")
+    return a + b
+
+
+def _per_sample(scale: Any, like: Array) -> Array:
+    s = jnp.asarray(scale, like.dtype)
+    return s.reshape(s.shape + (1,) * (like.ndim - s.ndim)) if s.ndim else s
+
+
+@pytree_dataclass
+class Residuals:
+    """What side networks hand the U-Net, NHWC, in the U-Net's order (``None``: nothing there).
+
+    - ``down``: one per skip connection (``conv_in``, then each down block's layers and downsampler),
+      added to the skips (ControlNet's ``down_block_additional_residuals``);
+    - ``mid``: added to the mid block's output (ControlNet's ``mid_block_additional_residual``);
+    - ``intra``: one per down block, added inside it to the output of its last layer (T2I-Adapter's
+      ``down_intrablock_additional_residuals``).
+
+    ``a + b`` sums two side networks' residuals; :meth:`scaled` multiplies by a scalar or per-sample scale.
+    """
+
+    down: tuple[Array, ...] | None = None
+    mid: Array | None = None
+    intra: tuple[Array, ...] | None = None
+
+    def __add__(self, other: "Residuals") -> "Residuals":
+        if not isinstance(other, Residuals):
+            return NotImplemented
+        return Residuals(_add(self.down, other.down), _add(self.mid, other.mid), _add(self.intra, other.intra))
+
+    def scaled(self, scale: Any) -> "Residuals":
+        """Every residual times ``scale`` (a scalar, or (B,) per sample)."""
+        return jax.tree_util.tree_map(lambda r: r * _per_sample(scale, r), self)
+
+
+def add_residuals(cond: Mapping[str, Any], residuals: Residuals) -> dict:
+    """``cond`` with ``residuals`` added to any ``cond["residuals"]`` already there."""
+    previous = cond.get("residuals")
+    return {**cond, "residuals": residuals if previous is None else previous + residuals}
+
+
+# ---- concatenation conditioning --------------------------------------------------------------------
+
+def tile_batch(a: Array, batch: int) -> Array:
+    """``a`` (B, ...) repeated along the batch to ``batch`` rows (classifier-free guidance doubles the batch)."""
+    if a.shape[0] == batch:
+        return a
+    if batch % a.shape[0]:
+        raise ValueError(f"cannot tile a batch of {a.shape[0]} to {batch} network rows; give one entry per sample")
+    return jnp.tile(a, (batch // a.shape[0],) + (1,) * (a.ndim - 1))
+
+
+@pytree_dataclass
+class Concat:
+    """``inner(concat([x, extra], -1), t, cond)``: extra input channels (Palette, depth-to-image, inpainting U-Nets).
+
+    ``extra`` (B, ..., c) is appended after the network-coordinate sample on the last (channel) axis, as
+    diffusers does, and is the same for both halves of classifier-free guidance.
+    """
+
+    inner: Network
+    extra: Array
+
+    def __call__(self, x: Array, t: Array, cond: Any = None) -> Array:
+        extra = tile_batch(jnp.asarray(self.extra), x.shape[0]).astype(x.dtype)
+        return self.inner(jnp.concatenate([x, extra], axis=-1), t, cond)
+
+
+def concat(extra: Any) -> Transform:
+    """Network transform appending ``extra`` channels to the sample; see :class:`Concat`."""
+    return Transform(Concat, dict(extra=jnp.asarray(extra)))
