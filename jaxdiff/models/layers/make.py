@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import shapes_only
+from jaxdiff.models.layers import weight_tie
 from jaxdiff.models.layers.norms import GroupNorm
 
 Array = jax.Array
@@ -122,7 +123,8 @@ class Maker:
 
     def conv(self, cin: int, cout: int, kernel: int = 3, *, stride: int = 1, padding: Any = None,
              bias: bool = True, zero: bool = False) -> nnx.Conv:
-        """``torch.nn.Conv2d``; ``padding`` defaults to ``kernel // 2`` on every side.
+        """``torch.nn.Conv2d``; ``padding`` defaults to ``kernel // 2`` on every side (low-precision kernels
+        are converted where the layer runs: :mod:`jaxdiff.models.layers.weight_tie`).
 
         ``zero=True`` starts weights and bias at zero (ControlNet's "zero convolutions").
         """
@@ -132,11 +134,11 @@ class Maker:
             padding = ((padding, padding), (padding, padding))
         return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=padding, use_bias=bias,
                         dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys,
-                        **self._inits(kernel * kernel * cin, zero))
+                        conv_general_dilated=weight_tie.conv_general_dilated, **self._inits(kernel * kernel * cin, zero))
 
     def linear(self, fin: int, fout: int, *, bias: bool = True) -> nnx.Linear:
         return nnx.Linear(fin, fout, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                          rngs=self.keys, **self._inits(fin))
+                          rngs=self.keys, dot_general=weight_tie.dot_general, **self._inits(fin))
 
     def group_norm(self, channels: int, groups: int, eps: float) -> nnx.GroupNorm:
         if channels % groups:
