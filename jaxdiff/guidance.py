@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxdiff import _transforms
 from jaxdiff._pytree import pytree_dataclass, static_field
-from jaxdiff._util import batch_sigma, expand_to
+from jaxdiff._util import as_leaves, batch_sigma, expand_to
 
 Array = jax.Array
 Denoiser = Callable[..., Array]
@@ -34,12 +34,6 @@ RESCALE_SPACES = ("epsilon", "v", "x0")
 def _float_leaf(v: Any) -> Array:
     """A numeric setting as a float32 array, so Python floats and arrays share one compiled program."""
     return jnp.asarray(v, jnp.float32)
-
-
-def _float_leaves(obj: Any, *names: str) -> None:
-    """Store a transform's numeric settings as float32 leaves (in ``__post_init__`` of a frozen dataclass)."""
-    for name in names:
-        object.__setattr__(obj, name, _float_leaf(getattr(obj, name)))
 
 
 def _as_pytree_callable(fn: Any) -> Any:
@@ -146,7 +140,7 @@ class ClassifierFree:
     rescale_space: str = static_field(default="epsilon")
 
     def __post_init__(self) -> None:
-        _float_leaves(self, "scale", "rescale")
+        as_leaves(self, floats=("scale", "rescale"))
         if self.rescale_space not in RESCALE_SPACES:
             raise ValueError(f"unknown rescale_space {self.rescale_space!r}; valid: {', '.join(RESCALE_SPACES)}")
 
@@ -202,7 +196,7 @@ class ClassifierGuidance:
     condition_inner: bool = static_field(default=False)
 
     def __post_init__(self) -> None:
-        _float_leaves(self, "scale")
+        as_leaves(self, floats=("scale",))
 
     def log_prob(self, x: Array, sigma: Array, labels: Array) -> Array:
         """``sum_b log p(labels[b] | x[b], sigma[b])``."""
@@ -253,7 +247,7 @@ class EnergyGuidance:
     through_denoiser: bool = static_field(default=True)
 
     def __post_init__(self) -> None:
-        _float_leaves(self, "scale")
+        as_leaves(self, floats=("scale",))
 
     def _total_loss(self, x0: Array, cond: Any) -> Array:
         loss = self.loss_fn(x0, cond)
@@ -290,7 +284,7 @@ class StaticThreshold:
     high: Array = 1.0
 
     def __post_init__(self) -> None:
-        _float_leaves(self, "low", "high")
+        as_leaves(self, floats=("low", "high"))
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         x0 = self.inner(x, sigma, cond)
@@ -325,7 +319,7 @@ class DynamicThreshold:
     max_value: Array = math.inf
 
     def __post_init__(self) -> None:
-        _float_leaves(self, "ratio", "max_value")
+        as_leaves(self, floats=("ratio", "max_value"))
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         return dynamic_threshold_values(self.inner(x, sigma, cond), self.ratio, self.max_value)

@@ -109,7 +109,8 @@ def _check_denoiser(denoiser: Any) -> None:
     """A denoiser is traced as a pytree: a plain function or lambda is a leaf JAX cannot trace."""
     if not callable(denoiser):
         raise TypeError(f"the denoiser must be callable as D(x, sigma, cond), got {type(denoiser).__name__}")
-    if jax.tree_util.tree_leaves(denoiser) == [denoiser]:  # a leaf itself (a field-less pytree class has no leaves)
+    leaves = jax.tree_util.tree_leaves(denoiser)
+    if len(leaves) == 1 and leaves[0] is denoiser:  # a leaf itself (a field-less pytree class has no leaves)
         raise TypeError(f"the denoiser is a plain Python callable ({type(denoiser).__name__} "
                         f"{getattr(denoiser, '__name__', '')!s}), which jit cannot trace; wrap it as "
                         "jax.tree_util.Partial(fn, *arrays) (arrays as arguments, not closed over) or make it a "

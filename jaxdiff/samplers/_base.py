@@ -21,6 +21,7 @@ from typing import Any, Callable, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxdiff._util import as_leaves as as_leaves  # noqa: F401 (samplers import it from here)
 
 Array = jax.Array
 DenoiseFn = Callable[[Array, Array], Array]
@@ -71,30 +72,6 @@ def check_option(name: str, value: Any, ok: Callable[[np.ndarray], Any], require
         isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer))
     if concrete and not np.all(ok(np.asarray(value))):
         raise ValueError(f"sampler option {name} must be {requirement}, got {value!r}")
-
-
-def as_leaves(obj: Any, floats: tuple[str, ...] = (), ints: tuple[str, ...] = ()) -> None:
-    """Store ``obj``'s numeric options as float32 (``floats``) or int32 (``ints``) arrays, in place.
-
-    Python ints, floats, NumPy scalars and arrays of any dtype are then one abstract value under
-    ``jit`` (a weakly typed ``0`` and ``0.0`` would compile two programs). ``None`` stays None. For
-    use in a frozen dataclass's ``__post_init__``; a count given as a float must be integral.
-    """
-    for names, dtype in ((floats, jnp.float32), (ints, jnp.int32)):
-        for name in names:
-            value = getattr(obj, name)
-            if value is None:
-                continue
-            try:
-                arr = jnp.asarray(value)
-            except TypeError:
-                raise TypeError(f"sampler option {name} must be a number or an array, got {value!r}") from None
-            if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == jnp.bool_):
-                raise TypeError(f"sampler option {name} must be a number or an array, got {value!r}")
-            if dtype == jnp.int32 and not jnp.issubdtype(arr.dtype, jnp.integer) and not isinstance(arr, jax.core.Tracer):
-                if not np.all(np.mod(np.asarray(arr), 1) == 0):
-                    raise ValueError(f"sampler option {name} must be a whole number, got {value!r}")
-            object.__setattr__(obj, name, arr.astype(dtype))
 
 
 def threshold_x0(threshold: Any, x0: Array, x: Array, sigma: Array) -> Array:
