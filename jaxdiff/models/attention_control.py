@@ -173,8 +173,9 @@ class Add:
 
 @pytree_dataclass
 class Reweight:
-    """Key column ``j`` times ``factors[j]`` ((T_k,), or (B, T_k) per row), not renormalised
-    (Prompt-to-Prompt's attention re-weighting). Default sites: cross-attention (keys are tokens)."""
+    """Key column ``j`` times ``factors[j]`` ((T_k,), or (B, T_k) per network row: under classifier-free
+    guidance both halves), not renormalised (Prompt-to-Prompt's attention re-weighting). Default sites:
+    cross-attention (keys are tokens)."""
 
     factors: Array
     where: Where = static_field(default=CROSS)
