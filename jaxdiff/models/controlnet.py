@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models import attention_control
 from jaxdiff.models.layers import Maker, TimestepEmbedding, config_from_dict
 from jaxdiff.models.unet import (
     UNet2DConditionConfig,
@@ -106,14 +107,16 @@ class ControlNetModel(nnx.Module):
             zero_convs += [mk.conv(c, c, 1, zero=True) for _ in range(layers[i] + (i < len(chans) - 1))]
         self.controlnet_down_blocks = nnx.List(zero_convs)
         self.controlnet_mid_block = mk.conv(chans[-1], chans[-1], 1, zero=True)
+        attention_control.assign_sites(self)
 
     def __call__(self, sample: Array, timesteps: Any, encoder_hidden_states: Array, controlnet_cond: Array,
                  conditioning_scale: Any = 1.0, *, class_labels: Array | None = None,
-                 guess_mode: bool = False) -> tuple[tuple[Array, ...], Array]:
+                 guess_mode: bool = False, control: Any = None, return_records: bool = False) -> Any:
         """Latents (B, h, w, C), timesteps, text (B, L, D), control image (B, h*f, w*f, cond_channels).
 
         ``conditioning_scale`` multiplies every residual (a traced value: changing it does not
         recompile); ``guess_mode`` scales them geometrically from 0.1 (first) to 1 (mid), as diffusers.
+        ``control`` / ``return_records``: attention control, as for the U-Net.
         """
         cfg = self.config
         f = cfg.cond_downscale
@@ -128,13 +131,14 @@ class ControlNetModel(nnx.Module):
             cond = cond[..., ::-1]
         emb = embed_time_and_class(self, timesteps, sample.shape[0], class_labels)
         context = encoder_hidden_states.astype(self.dtype)
+        run = attention_control.start(control)
 
         x = self.conv_in(sample.astype(self.dtype)) + self.controlnet_cond_embedding(cond)
         skips: tuple[Array, ...] = (x,)
         for block in self.down_blocks:
-            x, res = block(x, emb, context)
+            x, res = block(x, emb, context, control=run)
             skips += res
-        x = self.mid_block(x, emb, context)
+        x = self.mid_block(x, emb, context, control=run)
 
         downs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(x)
@@ -147,7 +151,7 @@ class ControlNetModel(nnx.Module):
         if cfg.global_pool_conditions:
             downs = [d.mean(axis=(1, 2), keepdims=True) for d in downs]
             mid = mid.mean(axis=(1, 2), keepdims=True)
-        return tuple(downs), mid
+        return attention_control.finish((tuple(downs), mid), run, return_records)
 
 
 _SHARED_WITH_UNET = ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block")

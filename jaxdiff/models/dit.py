@@ -19,7 +19,9 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models import attention_control
 from jaxdiff.models.attention import attention
+from jaxdiff.models.attention_control import ControlRun, Site
 from jaxdiff.models.layers import FeedForward, Maker, TimestepEmbedding, config_from_dict, timestep_embedding
 
 Array = jax.Array
@@ -165,11 +167,19 @@ class Attention(nnx.Module):
         self.to_k = mk.linear(d, d, bias=cfg.attention_bias)
         self.to_v = mk.linear(d, d, bias=cfg.attention_bias)
         self.to_out = nnx.List([mk.linear(d, d)])
+        self.site = Site("", "self", self.heads)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, control: ControlRun | None = None, hw: tuple[int, int] | None = None) -> Array:
         b, n, d = x.shape
+        ck = cv = x
+        if control is not None:
+            ck, cv = control.context(self.site, hw, x)
         split = lambda y: y.reshape(b, n, self.heads, d // self.heads)  # noqa: E731
-        out = attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
+        q, k, v = split(self.to_q(x)), split(self.to_k(ck)), split(self.to_v(cv))
+        if control is not None and control.explicit(self.site, hw):
+            out = control.attend(self.site, hw, q, k, v)
+        else:
+            out = attention(q, k, v)
         return self.to_out[0](out.reshape(b, n, d))
 
 
@@ -182,9 +192,10 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = mk.layer_norm(cfg.inner_dim, cfg.norm_eps, affine=cfg.norm_elementwise_affine)
         self.ff = FeedForward(cfg.inner_dim, mk, activation_fn=cfg.activation_fn)
 
-    def __call__(self, x: Array, t: Array, labels: Array) -> Array:
+    def __call__(self, x: Array, t: Array, labels: Array, control: ControlRun | None = None,
+                 hw: tuple[int, int] | None = None) -> Array:
         h, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, t, labels)
-        x = x + gate[:, None] * self.attn1(h)
+        x = x + gate[:, None] * self.attn1(h, control, hw)
         return x + gate_mlp[:, None] * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))
 
 
@@ -202,10 +213,14 @@ class DiTTransformer2DModel(nnx.Module):
         self.norm_out = mk.layer_norm(d, 1e-6, affine=False)
         self.proj_out_1 = mk.linear(d, 2 * d)
         self.proj_out_2 = mk.linear(d, p * p * config.output_channels)
+        attention_control.assign_sites(self)
 
-    def __call__(self, latents: Array, timesteps: Array, class_labels: Array) -> Array:
+    def __call__(self, latents: Array, timesteps: Array, class_labels: Array, *, control: Any = None,
+                 return_records: bool = False) -> Any:
         """``timesteps``: ``(batch,)`` or a scalar (DDPM steps, may be fractional); ``class_labels``: ``(batch,)``
-        ints in ``[0, num_embeds_ada_norm]``, where ``num_embeds_ada_norm`` is the null class for guidance."""
+        ints in ``[0, num_embeds_ada_norm]``, where ``num_embeds_ada_norm`` is the null class for guidance.
+        ``control`` / ``return_records``: attention control (:mod:`jaxdiff.models.attention_control`);
+        the query grid of every site is the patch grid."""
         if latents.ndim != 4 or latents.shape[-1] != self.config.in_channels:
             raise ValueError(
                 f"latents must be NHWC with {self.config.in_channels} channels, got shape {latents.shape}."
@@ -214,12 +229,14 @@ class DiTTransformer2DModel(nnx.Module):
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
         labels = jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (b,))
         x = self.pos_embed(latents)
+        run, grid = attention_control.start(control), (h // self.config.patch_size, w // self.config.patch_size)
         for block in self.transformer_blocks:
-            x = block(x, t, labels)
+            x = block(x, t, labels, run, grid)
         cond = self.transformer_blocks[0].norm1.emb(t, labels)
         shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(cond)), 2, -1)
         x = self.proj_out_2(modulate(self.norm_out(x), shift, scale))
-        return unpatchify(x, h // self.config.patch_size, w // self.config.patch_size, self.config.patch_size)
+        out = unpatchify(x, h // self.config.patch_size, w // self.config.patch_size, self.config.patch_size)
+        return attention_control.finish(out, run, return_records)
 
     @staticmethod
     def rename_torch_key(key: str) -> str | None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models import attention_control
 from jaxdiff.models.layers import (
     DownBlock,
     Downsample2D,
@@ -258,7 +259,9 @@ class UNet2DConditionModel(nnx.Module):
     """Text-conditioned U-Net; ``__call__`` is diffusers' forward in NHWC.
 
     ``down_block_additional_residuals`` / ``mid_block_additional_residual`` are ControlNet's
-    outputs (NHWC), added to the skip connections and to the mid-block output.
+    outputs (NHWC), added to the skip connections and to the mid-block output. ``control`` is an
+    attention control (:mod:`jaxdiff.models.attention_control`); ``return_records=True`` returns
+    ``(out, records)``, the maps its :class:`~jaxdiff.models.attention_control.Record` s took.
     """
 
     def __init__(self, config: UNet2DConditionConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
@@ -277,11 +280,13 @@ class UNet2DConditionModel(nnx.Module):
         self.conv_norm_out = mk.group_norm(c0, config.norm_num_groups, config.norm_eps)
         self.conv_out = mk.conv(c0, config.out_channels, config.conv_out_kernel)
         self.act = activation(config.act_fn)
+        attention_control.assign_sites(self)
 
     def __call__(self, sample: Array, timesteps: Any, encoder_hidden_states: Array, *,
+                 control: Any = None, return_records: bool = False,
                  down_block_additional_residuals: tuple[Array, ...] | None = None,
                  mid_block_additional_residual: Array | None = None,
-                 class_labels: Array | None = None) -> Array:
+                 class_labels: Array | None = None) -> Any:
         """(B, H, W, in_channels) latents, timesteps (scalar or (B,)), (B, L, D) text -> (B, H, W, out)."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
@@ -291,11 +296,12 @@ class UNet2DConditionModel(nnx.Module):
             x = 2 * x - 1.0
         emb = embed_time_and_class(self, timesteps, x.shape[0], class_labels)
         context = encoder_hidden_states.astype(self.dtype)
+        run = attention_control.start(control)
 
         x = self.conv_in(x)
         skips: tuple[Array, ...] = (x,)
         for block in self.down_blocks:
-            x, res = block(x, emb, context)
+            x, res = block(x, emb, context, control=run)
             skips += res
         if down_block_additional_residuals is not None:
             got = len(down_block_additional_residuals)
@@ -303,7 +309,7 @@ class UNet2DConditionModel(nnx.Module):
                 raise ValueError(f"expected {len(skips)} down-block residuals (one per skip connection), got {got}")
             skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals))
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, context)
+            x = self.mid_block(x, emb, context, control=run)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual.astype(x.dtype)
 
@@ -312,9 +318,9 @@ class UNet2DConditionModel(nnx.Module):
             res, skips = skips[-n:], skips[:-n]
             # Sizes that do not halve evenly: upsample to the next skip's size, as diffusers does.
             size = tuple(skips[-1].shape[1:3]) if skips else None
-            x = block(x, res, emb, context, upsample_size=size)
+            x = block(x, res, emb, context, upsample_size=size, control=run)
         x = self.conv_out(self.act(self.conv_norm_out(x)))
-        return x
+        return attention_control.finish(x, run, return_records)
 
 
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,

@@ -13,9 +13,9 @@ from jaxdiff.models.layers.transformer import Transformer2DModel
 Array = jax.Array
 
 
-def _call_attention(attn: nnx.Module, x: Array, context: Array | None) -> Array:
+def _call_attention(attn: nnx.Module, x: Array, context: Array | None, control: Any = None) -> Array:
     """Transformer2DModel takes the text context; a plain spatial Attention attends to itself."""
-    return attn(x, context) if isinstance(attn, Transformer2DModel) else attn(x)
+    return attn(x, context, control) if isinstance(attn, Transformer2DModel) else attn(x, control=control)
 
 
 def _call_resampler(sampler: nnx.Module, x: Array, temb: Array | None, **kwargs: Any) -> Array:
@@ -36,13 +36,13 @@ class DownBlock(nnx.Module):
         self.attentions = nnx.List(attentions) if attentions else None
         self.downsamplers = nnx.List(downsamplers) if downsamplers else None
 
-    def __call__(self, x: Array, temb: Array | None = None,
-                 context: Array | None = None) -> tuple[Array, tuple[Array, ...]]:
+    def __call__(self, x: Array, temb: Array | None = None, context: Array | None = None,
+                 control: Any = None) -> tuple[Array, tuple[Array, ...]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = _call_attention(self.attentions[i], x, context)
+                x = _call_attention(self.attentions[i], x, context, control)
             skips.append(x)
         if self.downsamplers is not None:
             x = _call_resampler(self.downsamplers[0], x, temb)
@@ -65,14 +65,15 @@ class UpBlock(nnx.Module):
         self.upsamplers = nnx.List(upsamplers) if upsamplers else None
 
     def __call__(self, x: Array, skips: tuple[Array, ...] = (), temb: Array | None = None,
-                 context: Array | None = None, upsample_size: tuple[int, int] | None = None) -> Array:
+                 context: Array | None = None, upsample_size: tuple[int, int] | None = None,
+                 control: Any = None) -> Array:
         skips = list(skips)
         for i, resnet in enumerate(self.resnets):
             if skips:
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = _call_attention(self.attentions[i], x, context)
+                x = _call_attention(self.attentions[i], x, context, control)
         if self.upsamplers is not None:
             x = _call_resampler(self.upsamplers[0], x, temb, output_size=upsample_size)
         return x
@@ -89,10 +90,11 @@ class MidBlock(nnx.Module):
         self.resnets = nnx.List(resnets)
         self.attentions = nnx.List(attentions) if attentions else None
 
-    def __call__(self, x: Array, temb: Array | None = None, context: Array | None = None) -> Array:
+    def __call__(self, x: Array, temb: Array | None = None, context: Array | None = None,
+                 control: Any = None) -> Array:
         x = self.resnets[0](x, temb)
         for i in range(1, len(self.resnets)):
             if self.attentions is not None:
-                x = _call_attention(self.attentions[i - 1], x, context)
+                x = _call_attention(self.attentions[i - 1], x, context, control)
             x = self.resnets[i](x, temb)
         return x

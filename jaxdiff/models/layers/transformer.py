@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.models.attention import attention
+from jaxdiff.models.attention_control import ControlRun, Site
 from jaxdiff.models.layers.make import Identity, Maker
 
 Array = jax.Array
@@ -22,6 +23,8 @@ class Attention(nnx.Module):
     optional ``group_norm`` first and, with ``residual_connection``, adds the input back and
     divides by ``rescale_output_factor``. The kernel is :func:`jaxdiff.models.attention.attention`;
     ``attention_backend`` fixes its backend for this layer (``None``: the module default).
+    ``site`` (static; its path set by :func:`~jaxdiff.models.attention_control.assign_sites`) is where
+    an attention ``control`` acts; ``hw`` is the query grid of a flattened 3-D input.
     """
 
     def __init__(self, query_dim: int, mk: Maker, *, heads: int = 8, dim_head: int = 64,
@@ -30,6 +33,7 @@ class Attention(nnx.Module):
                  rescale_output_factor: float = 1.0, attention_backend: str | None = None):
         inner = heads * dim_head
         self.heads = heads
+        self.site = Site("", "cross" if cross_attention_dim else "self", heads)
         self.attention_backend = attention_backend
         self.residual_connection = residual_connection
         self.rescale_output_factor = rescale_output_factor
@@ -40,18 +44,26 @@ class Attention(nnx.Module):
         self.to_v = mk.linear(kv_dim, inner, bias=bias)
         self.to_out = nnx.List([mk.linear(inner, query_dim, bias=out_bias), Identity()])
 
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
+    def __call__(self, x: Array, context: Array | None = None, control: ControlRun | None = None,
+                 hw: tuple[int, int] | None = None) -> Array:
         residual = x
         spatial = x.ndim == 4
         if spatial:
             b, h, w, c = x.shape
-            x = x.reshape(b, h * w, c)
+            x, hw = x.reshape(b, h * w, c), (h, w)
         if self.group_norm is not None:
             x = self.group_norm(x)
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        ck = cv = context
+        if control is not None:
+            ck, cv = control.context(self.site, hw, context)
+        q, k, v = self.to_q(x), self.to_k(ck), self.to_v(cv)
         split = lambda t: t.reshape(*t.shape[:2], self.heads, t.shape[-1] // self.heads)  # noqa: E731
-        out = attention(split(q), split(k), split(v), backend=self.attention_backend)
+        q, k, v = split(q), split(k), split(v)
+        if control is not None and control.explicit(self.site, hw):
+            out = control.attend(self.site, hw, q, k, v)
+        else:
+            out = attention(q, k, v, backend=self.attention_backend)
         out = self.to_out[0](out.reshape(*out.shape[:2], -1))
         if spatial:
             out = out.reshape(b, h, w, c)
@@ -120,9 +132,10 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = mk.layer_norm(dim, norm_eps)
         self.ff = FeedForward(dim, mk, activation_fn=activation_fn)
 
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
-        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
-        x = x + self.attn2(self.norm2(x), context)
+    def __call__(self, x: Array, context: Array | None = None, control: ControlRun | None = None,
+                 hw: tuple[int, int] | None = None) -> Array:
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None, control, hw)
+        x = x + self.attn2(self.norm2(x), context, control, hw)
         return x + self.ff(self.norm3(x))
 
 
@@ -152,12 +165,12 @@ class Transformer2DModel(nnx.Module):
             for _ in range(num_layers)
         ])
 
-    def __call__(self, x: Array, context: Array | None = None) -> Array:
+    def __call__(self, x: Array, context: Array | None = None, control: ControlRun | None = None) -> Array:
         b, h, w, _ = x.shape
         hs = self.proj_in(self.norm(x))  # a 1x1 conv and a Linear both act on the last axis
         hs = hs.reshape(b, h * w, hs.shape[-1])
         for block in self.transformer_blocks:
-            hs = block(hs, context)
+            hs = block(hs, context, control, (h, w))
         hs = self.proj_out(hs.reshape(b, h, w, hs.shape[-1]))
         return hs + x
 
