@@ -148,7 +148,8 @@ class SideNetwork:
     def __call__(self, x: Array, t: Array, cond: Any) -> Array:
         residuals = self.side(x, t, cond)
         if not isinstance(residuals, Residuals):
-            raise TypeError(f"a side network must return jaxdiff.conditioning.Residuals, got {type(residuals).__name__}")
+            raise TypeError("a side network must return jaxdiff.conditioning.Residuals, "
+                            f"got {type(residuals).__name__}")
         scale = jnp.asarray(self.scale, jnp.float32)
         if scale.ndim:
             scale = tile_batch(scale, x.shape[0])
@@ -158,7 +159,7 @@ class SideNetwork:
 
 
 def side_network(side: Callable[..., Residuals], scale: Any = 1.0, *, conditional_only: bool = False) -> Transform:
-    """Network transform adding ``scale * side(x, t, cond)`` to the residuals the network reads; see :class:`SideNetwork`."""
+    """Network transform adding ``scale * side(x, t, cond)`` to the network's residuals; see :class:`SideNetwork`."""
     return Transform(SideNetwork, dict(side=_as_pytree_callable(side), scale=_float_leaf(scale)),
                      (("conditional_only", bool(conditional_only)),))
 
