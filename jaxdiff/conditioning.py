@@ -26,15 +26,16 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxdiff._pytree import pytree_dataclass
+from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._transforms import Chain, Transform, apply, chain
+from jaxdiff.guidance import _as_pytree_callable, _float_leaf
 
 Array = jax.Array
 Network = Callable[..., Array]
 CONDITIONAL = "conditional"
 
-__all__ = ["CONDITIONAL", "Chain", "Concat", "Residuals", "StepIndex", "Transform", "add_residuals", "apply",
-           "at_step", "chain", "concat", "tile_batch"]
+__all__ = ["CONDITIONAL", "Chain", "Concat", "Residuals", "SideNetwork", "StepIndex", "Transform", "add_residuals",
+           "apply", "at_step", "chain", "concat", "conditional_flag", "side_network", "tile_batch"]
 
 
 # ---- the step index ------------------------------------------------------------------------------
@@ -111,6 +112,56 @@ def add_residuals(cond: Mapping[str, Any], residuals: Residuals) -> dict:
     """``cond`` with ``residuals`` added to any ``cond["residuals"]`` already there."""
     previous = cond.get("residuals")
     return {**cond, "residuals": residuals if previous is None else previous + residuals}
+
+
+def conditional_flag(cond: Any, batch: int) -> Array:
+    """``cond["conditional"]`` (B,): 1 on the conditional rows of classifier-free guidance, 0 on the others."""
+    flag = cond.get(CONDITIONAL) if isinstance(cond, Mapping) else None
+    if flag is None:
+        raise ValueError(f'a per-half transform needs cond["{CONDITIONAL}"] (B,): put ones in the conditioning '
+                         "and zeros in the unconditional conditioning given to classifier_free")
+    flag = jnp.asarray(flag)
+    if flag.shape != (batch,):
+        raise ValueError(f'cond["{CONDITIONAL}"] must have shape ({batch},), one flag per network row, '
+                         f"got {flag.shape}")
+    return flag
+
+
+@pytree_dataclass
+class SideNetwork:
+    """``inner(x, t, cond + scale * side(x, t, cond))``: a side network's residuals (ControlNet, T2I-Adapter).
+
+    ``side(x, t, cond) -> Residuals`` is a pytree callable run on the same network inputs; its residuals,
+    times ``scale`` (a traced scalar, or (B,) per sample, tiled over the network batch), are added to
+    ``cond["residuals"]`` (:func:`add_residuals`), so several side networks sum, as diffusers'
+    ``MultiControlNetModel`` does. ``conditional_only`` (static) also multiplies by
+    ``cond["conditional"]``, leaving the unconditional half of classifier-free guidance without them
+    (diffusers' ControlNet guess mode, which runs the ControlNet on the conditional half only and hands
+    the unconditional half zeros).
+    """
+
+    inner: Network
+    side: Callable[..., Residuals]
+    scale: Array
+    conditional_only: bool = static_field(default=False)
+
+    def __call__(self, x: Array, t: Array, cond: Any) -> Array:
+        residuals = self.side(x, t, cond)
+        if not isinstance(residuals, Residuals):
+            raise TypeError("a side network must return jaxdiff.conditioning.Residuals, "
+                            f"got {type(residuals).__name__}")
+        scale = jnp.asarray(self.scale, jnp.float32)
+        if scale.ndim:
+            scale = tile_batch(scale, x.shape[0])
+        if self.conditional_only:
+            scale = scale * conditional_flag(cond, x.shape[0]).astype(jnp.float32)
+        return self.inner(x, t, add_residuals(cond, residuals.scaled(scale)))
+
+
+def side_network(side: Callable[..., Residuals], scale: Any = 1.0, *, conditional_only: bool = False) -> Transform:
+    """Network transform adding ``scale * side(x, t, cond)`` to the network's residuals; see :class:`SideNetwork`."""
+    return Transform(SideNetwork, dict(side=_as_pytree_callable(side), scale=_float_leaf(scale)),
+                     (("conditional_only", bool(conditional_only)),))
 
 
 # ---- concatenation conditioning --------------------------------------------------------------------

@@ -108,3 +108,66 @@ def test_one_chain_for_both_levels():
     inner = C.chain(C.concat(jnp.zeros((1, 1))))
     outer = C.chain(inner, None, C.concat(jnp.ones((1, 1))))
     assert len(outer.transforms) == 2  # a chain inside a chain is flattened
+
+
+# ---- side networks ---------------------------------------------------------------------------------
+
+@pytree_dataclass
+class MidReader:
+    """A network whose output is its input plus the mid residual it was handed (0 without one)."""
+
+    def __call__(self, x, t, cond):
+        r = cond.get("residuals")
+        return x if r is None or r.mid is None else x + r.mid
+
+
+@pytree_dataclass
+class ConstantSide:
+    """A side network handing ``value`` (B, 1, 1, 1) as the mid residual, whatever the inputs."""
+
+    value: jax.Array
+
+    def __call__(self, x, t, cond):
+        return C.Residuals(mid=jnp.broadcast_to(self.value, x.shape))
+
+
+def test_side_networks_sum_scaled_and_per_sample_scales_tile_over_guidance():
+    x = jnp.zeros((4, 1, 1, 1))  # 2 samples, doubled by classifier-free guidance
+    net = C.apply(MidReader(), C.side_network(ConstantSide(jnp.ones(())), jnp.array([2.0, 3.0])),
+                  C.side_network(ConstantSide(10 * jnp.ones(())), 0.5))
+    out = net(x, 0.0, {"context": None})
+    np.testing.assert_array_equal(np.asarray(out)[:, 0, 0, 0], [7.0, 8.0, 7.0, 8.0])  # 1*[2,3,2,3] + 10*0.5
+
+
+def test_conditional_only_leaves_the_unconditional_half_without_residuals():
+    net = C.apply(MidReader(), C.side_network(ConstantSide(jnp.ones(())), 4.0, conditional_only=True))
+    den = guidance.apply(lambda x, s, cond: net(x, s, cond),
+                         guidance.classifier_free(1.0, {C.CONDITIONAL: jnp.zeros(2)}))
+    # at scale 1 guidance returns the conditional half, which got the residual ...
+    np.testing.assert_array_equal(np.asarray(den(jnp.zeros((2, 1, 1, 1)), 1.0, {C.CONDITIONAL: jnp.ones(2)})), 4.0)
+    # ... and at scale 0 the unconditional half, which did not
+    den0 = guidance.apply(lambda x, s, cond: net(x, s, cond),
+                          guidance.classifier_free(0.0, {C.CONDITIONAL: jnp.zeros(2)}))
+    np.testing.assert_array_equal(np.asarray(den0(jnp.zeros((2, 1, 1, 1)), 1.0, {C.CONDITIONAL: jnp.ones(2)})), 0.0)
+
+
+def test_side_network_errors_are_clear():
+    needs_flag = C.apply(MidReader(), C.side_network(ConstantSide(jnp.ones(())), conditional_only=True))
+    with pytest.raises(ValueError, match=r'needs cond\["conditional"\]'):
+        needs_flag(jnp.zeros((2, 1, 1, 1)), 0.0, {"context": None})
+    with pytest.raises(ValueError, match=r'must have shape \(2,\)'):
+        needs_flag(jnp.zeros((2, 1, 1, 1)), 0.0, {C.CONDITIONAL: jnp.ones(3)})
+    not_residuals = C.apply(MidReader(), C.side_network(lambda x, t, cond: x))
+    with pytest.raises(TypeError, match="must return jaxdiff.conditioning.Residuals"):
+        not_residuals(jnp.zeros((2, 1, 1, 1)), 0.0, {})
+
+
+def test_side_network_scale_is_a_traced_leaf_and_conditional_only_static():
+    f = jax.jit(lambda net, x: net(x, 0.0, {C.CONDITIONAL: jnp.ones(2)}))
+    make = lambda s, only=False: C.apply(MidReader(), C.side_network(ConstantSide(jnp.ones(())), s,  # noqa: E731
+                                                                     conditional_only=only))
+    x = jnp.zeros((2, 1, 1, 1))
+    outs = [float(f(make(s), x)[0, 0, 0, 0]) for s in (1.0, 2, np.float32(3.0), jnp.asarray(4.0))]
+    assert outs == [1.0, 2.0, 3.0, 4.0] and f._cache_size() == 1
+    f(make(1.0, True), x)
+    assert f._cache_size() == 2  # the static option is part of the program

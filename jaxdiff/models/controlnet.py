@@ -3,9 +3,10 @@ Models"), NHWC.
 
 Architecture-compatible with diffusers' ``ControlNetModel``: a trainable copy of the U-Net's
 encoder and mid block, fed with ``conv_in(x) + controlnet_cond_embedding(image)``, whose every
-skip connection and mid output pass through a zero-initialised 1x1 convolution. The results are
-residuals for :class:`jaxdiff.models.unet.UNet2DConditionModel`
-(``down_block_additional_residuals``, ``mid_block_additional_residual``).
+skip connection and mid output pass through a zero-initialised 1x1 convolution. The result is a
+:class:`jaxdiff.conditioning.Residuals` (``down``, ``mid``) for
+:class:`jaxdiff.models.unet.UNet2DConditionModel`. :class:`ControlNetSide` makes a ControlNet a side
+network of :func:`jaxdiff.conditioning.side_network`, a network transform inside guidance.
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdiff._pytree import pytree_dataclass, static_field
+from jaxdiff.conditioning import Residuals, tile_batch
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models import attention_control
+from jaxdiff.models._pure import PureModel
 from jaxdiff.models.layers import Maker, TimestepEmbedding, config_from_dict
 from jaxdiff.models.unet import (
     UNet2DConditionConfig,
@@ -28,6 +32,7 @@ from jaxdiff.models.unet import (
     build_down_blocks,
     build_mid_block,
     embed_time_and_class,
+    encode,
 )
 
 Array = jax.Array
@@ -85,7 +90,7 @@ class ControlNetConditioningEmbedding(nnx.Module):
 
 
 class ControlNetModel(nnx.Module):
-    """``__call__(sample, t, text, image) -> (down residuals, mid residual)``, all NHWC."""
+    """``__call__(sample, t, text, image) -> Residuals(down=..., mid=...)``, all NHWC."""
 
     def __init__(self, config: ControlNetConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32):
@@ -111,12 +116,18 @@ class ControlNetModel(nnx.Module):
 
     def __call__(self, sample: Array, timesteps: Any, encoder_hidden_states: Array, controlnet_cond: Array,
                  conditioning_scale: Any = 1.0, *, class_labels: Array | None = None,
-                 guess_mode: bool = False, control: Any = None, return_records: bool = False) -> Any:
+                 guess_mode: bool = False, residuals: Residuals | None = None, control: Any = None,
+                 return_records: bool = False) -> Any:
         """Latents (B, h, w, C), timesteps, text (B, L, D), control image (B, h*f, w*f, cond_channels).
 
         ``conditioning_scale`` multiplies every residual (a traced value: changing it does not
         recompile); ``guess_mode`` scales them geometrically from 0.1 (first) to 1 (mid), as diffusers.
-        ``control`` / ``return_records``: attention control, as for the U-Net.
+        ``residuals`` act on the ControlNet's copy of the U-Net encoder exactly as on the U-Net's own
+        (:func:`jaxdiff.models.unet.encode`): intra-block features (a T2I-Adapter's) enter its down
+        blocks and so shape everything after them; ``down`` / ``mid`` are added to the skips and mid
+        output that the zero convolutions read. diffusers' ControlNet has no such input.
+        ``control`` / ``return_records``: attention control, as for the U-Net (``return_records=True``
+        returns ``(residuals, records)``).
         """
         cfg = self.config
         f = cfg.cond_downscale
@@ -134,11 +145,7 @@ class ControlNetModel(nnx.Module):
         run = attention_control.start(control)
 
         x = self.conv_in(sample.astype(self.dtype)) + self.controlnet_cond_embedding(cond)
-        skips: tuple[Array, ...] = (x,)
-        for block in self.down_blocks:
-            x, res = block(x, emb, context, control=run)
-            skips += res
-        x = self.mid_block(x, emb, context, control=run)
+        x, skips = encode(self, x, emb, context, residuals, run)
 
         downs = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(x)
@@ -151,7 +158,29 @@ class ControlNetModel(nnx.Module):
         if cfg.global_pool_conditions:
             downs = [d.mean(axis=(1, 2), keepdims=True) for d in downs]
             mid = mid.mean(axis=(1, 2), keepdims=True)
-        return attention_control.finish((tuple(downs), mid), run, return_records)
+        return attention_control.finish(Residuals(down=tuple(downs), mid=mid), run, return_records)
+
+
+@pytree_dataclass
+class ControlNetSide:
+    """A ControlNet as a side network ``side(x, t, cond) -> Residuals`` for :func:`jaxdiff.conditioning.side_network`.
+
+    Reads ``cond["context"]`` (and ``cond["class_labels"]`` when present); ``image`` (B, H, W, c), the
+    control image, is tiled over the network batch (classifier-free guidance doubles it). The
+    residuals come unscaled (``conditioning_scale`` 1): the side network's ``scale`` scales them.
+    ``guess_mode`` gives diffusers' geometric per-skip scales; with
+    ``side_network(..., conditional_only=True)`` it is diffusers' guess mode, in which the
+    unconditional half of classifier-free guidance gets no control.
+    """
+
+    model: PureModel
+    image: Array
+    guess_mode: bool = static_field(default=False)
+
+    def __call__(self, x: Array, t: Array, cond: Mapping[str, Any]) -> Residuals:
+        image = tile_batch(jnp.asarray(self.image), x.shape[0])
+        return self.model(x, t, cond["context"], image, 1.0, class_labels=cond.get("class_labels"),
+                          guess_mode=self.guess_mode)
 
 
 _SHARED_WITH_UNET = ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block")

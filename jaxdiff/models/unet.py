@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdiff.conditioning import Residuals
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models import attention_control
 from jaxdiff.models.layers import (
@@ -255,13 +256,97 @@ def embed_time_and_class(model: Any, timesteps: Any, batch: int, class_labels: A
     return emb
 
 
+def collect_residuals(residuals: Residuals | None = None, down: Any = None, mid: Array | None = None,
+                      intra: Any = None) -> Residuals | None:
+    """One :class:`Residuals` from ``residuals`` and diffusers' keywords (all given are summed).
+
+    ``down`` is ``down_block_additional_residuals`` (ControlNet), ``mid`` ``mid_block_additional_residual``,
+    ``intra`` ``down_intrablock_additional_residuals`` (T2I-Adapter). diffusers' deprecated use of
+    ``down_block_additional_residuals`` for T2I-Adapter features is not followed: they go in ``intra``.
+    """
+    if residuals is not None and not isinstance(residuals, Residuals):
+        raise TypeError(f"residuals must be a jaxdiff.conditioning.Residuals, got {type(residuals).__name__}")
+    if down is None and mid is None and intra is None:
+        return residuals
+    named = Residuals(None if down is None else tuple(down), mid, None if intra is None else tuple(intra))
+    return named if residuals is None else residuals + named
+
+
+def _check_fits(r: Array | None, shape: tuple[int, ...], where: str) -> None:
+    """``r`` must broadcast to the activations' ``shape`` without enlarging it."""
+    if r is None:
+        return
+    try:
+        fits = jnp.broadcast_shapes(r.shape, shape) == tuple(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{where}: residual of shape {tuple(r.shape)} does not fit the activations there, "
+                         f"expected shape {tuple(shape)} (NHWC)")
+
+
+def _add_fitting(x: Array, r: Array | None, where: str) -> Array:
+    """``x + r`` after :func:`_check_fits`."""
+    _check_fits(r, x.shape, where)
+    return x if r is None else x + r.astype(x.dtype)
+
+
+def encode(model: Any, x: Array, emb: Array, context: Array, residuals: Residuals | None = None,
+           control: Any = None) -> tuple[Array, tuple[Array, ...]]:
+    """The encoder shared by the U-Net and ControlNet: ``conv_in`` output -> (mid-block output, skips).
+
+    ``residuals`` enter as in diffusers' ``UNet2DConditionModel.forward``: ``intra[i]`` inside
+    cross-attention down block ``i`` after its last resnet/attention pair (so that skip and the
+    downsampler carry it), or on the output of a plain down block (after its downsampler; that output
+    is also the block's last skip, which carries it, as diffusers' in-place add does); an extra
+    ``intra[len(down_blocks)]`` on the mid-block output (T2I-Adapter-XL); ``down`` on the skips after
+    the whole encoder ran; ``mid`` on the mid-block output (the encoder output without a mid block).
+    ``None`` entries of ``intra`` are skipped; fewer entries than down blocks are refused. ``control`` is
+    the call's attention-control run (:func:`jaxdiff.models.attention_control.start`).
+    """
+    cfg, blocks = model.config, model.down_blocks
+    intra = () if residuals is None or residuals.intra is None else tuple(residuals.intra)
+    has_mid = model.mid_block is not None
+    if len(intra) not in (0, len(blocks), len(blocks) + has_mid):
+        extra = " (plus one for the mid-block output)" if has_mid else ""
+        raise ValueError(f"expected {len(blocks)} intra-block residuals, one per down block{extra}, got {len(intra)}")
+    intra += (None,) * (len(blocks) + 1 - len(intra))
+    skips: tuple[Array, ...] = (x,)
+    for i, block in enumerate(blocks):
+        r = intra[i]
+        if block.attentions is not None:
+            _check_fits(r, x.shape[:3] + (cfg.block_out_channels[i],),
+                        f"intra-block residual {i} (cross-attention down block)")
+            x, res = block(x, emb, context, control=control, residual=r)
+        else:
+            x, res = block(x, emb, context, control=control)
+            x = _add_fitting(x, r, f"intra-block residual {i} (down block output)")
+            res = res[:-1] + (x,)
+        skips += res
+    down = None if residuals is None else residuals.down
+    if down is not None:
+        if len(down) != len(skips):
+            raise ValueError(f"expected {len(skips)} down residuals, one per skip connection with shapes "
+                             f"{[tuple(s.shape) for s in skips]}, got {len(down)}; T2I-Adapter features go in "
+                             "Residuals.intra (down_intrablock_additional_residuals)")
+        skips = tuple(_add_fitting(s, r, f"down residual {j}") for j, (s, r) in enumerate(zip(skips, down)))
+    if has_mid:
+        x = model.mid_block(x, emb, context, control=control)
+        x = _add_fitting(x, intra[len(blocks)], f"intra-block residual {len(blocks)} (mid-block output)")
+    mid = None if residuals is None else residuals.mid
+    return _add_fitting(x, mid, "mid residual"), skips
+
+
 class UNet2DConditionModel(nnx.Module):
     """Text-conditioned U-Net; ``__call__`` is diffusers' forward in NHWC.
 
-    ``down_block_additional_residuals`` / ``mid_block_additional_residual`` are ControlNet's
-    outputs (NHWC), added to the skip connections and to the mid-block output. ``control`` is an
-    attention control (:mod:`jaxdiff.models.attention_control`); ``return_records=True`` returns
-    ``(out, records)``, the maps its :class:`~jaxdiff.models.attention_control.Record` s took.
+    ``residuals`` (a :class:`jaxdiff.conditioning.Residuals`, NHWC) is what side networks hand the
+    U-Net: ControlNet's skip and mid residuals and T2I-Adapter's intra-block features, entering where
+    diffusers adds them (see :func:`encode`). diffusers' keywords ``down_block_additional_residuals``,
+    ``mid_block_additional_residual`` and ``down_intrablock_additional_residuals`` are accepted too and
+    summed with ``residuals``.
+    ``control`` is an attention control (:mod:`jaxdiff.models.attention_control`); ``return_records=True``
+    returns ``(out, records)``, the maps its :class:`~jaxdiff.models.attention_control.Record` s took.
     """
 
     def __init__(self, config: UNet2DConditionConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
@@ -283,10 +368,11 @@ class UNet2DConditionModel(nnx.Module):
         attention_control.assign_sites(self)
 
     def __call__(self, sample: Array, timesteps: Any, encoder_hidden_states: Array, *,
-                 control: Any = None, return_records: bool = False,
+                 residuals: Residuals | None = None, control: Any = None, return_records: bool = False,
+                 class_labels: Array | None = None,
                  down_block_additional_residuals: tuple[Array, ...] | None = None,
                  mid_block_additional_residual: Array | None = None,
-                 class_labels: Array | None = None) -> Any:
+                 down_intrablock_additional_residuals: tuple[Array, ...] | None = None) -> Any:
         """(B, H, W, in_channels) latents, timesteps (scalar or (B,)), (B, L, D) text -> (B, H, W, out)."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
@@ -298,20 +384,9 @@ class UNet2DConditionModel(nnx.Module):
         context = encoder_hidden_states.astype(self.dtype)
         run = attention_control.start(control)
 
-        x = self.conv_in(x)
-        skips: tuple[Array, ...] = (x,)
-        for block in self.down_blocks:
-            x, res = block(x, emb, context, control=run)
-            skips += res
-        if down_block_additional_residuals is not None:
-            got = len(down_block_additional_residuals)
-            if got != len(skips):
-                raise ValueError(f"expected {len(skips)} down-block residuals (one per skip connection), got {got}")
-            skips = tuple(s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals))
-        if self.mid_block is not None:
-            x = self.mid_block(x, emb, context, control=run)
-        if mid_block_additional_residual is not None:
-            x = x + mid_block_additional_residual.astype(x.dtype)
+        residuals = collect_residuals(residuals, down_block_additional_residuals, mid_block_additional_residual,
+                                      down_intrablock_additional_residuals)
+        x, skips = encode(self, self.conv_in(x), emb, context, residuals, run)
 
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxdiff.conditioning import Residuals
 from jaxdiff.convert.torch_layout import abstract, count_params
 from jaxdiff.models import controlnet, unet
 from jaxdiff.models._pure import PureModel
@@ -23,15 +24,18 @@ def run_controlnet(config, weights, io, scale=None):
 
 
 def check_case(config, weights, io, unet_config, unet_weights):
-    down, mid = run_controlnet(config, weights, io)
-    assert len(down) == len([k for k in io if k.startswith("down_")])
-    for i, d in enumerate(down):
+    res = run_controlnet(config, weights, io)
+    assert isinstance(res, Residuals) and res.intra is None
+    assert len(res.down) == len([k for k in io if k.startswith("down_")])
+    for i, d in enumerate(res.down):
         assert_close(nchw(d), io[f"down_{i}"])
-    assert_close(nchw(mid), io["mid"])
+    assert_close(nchw(res.mid), io["mid"])
     model = PureModel.of(unet.from_pretrained_tensors(unet_config, unet_weights))
-    out = apply(model, nhwc(io["sample"]), io["timesteps"], io["encoder_hidden_states"],
-                down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    out = apply(model, nhwc(io["sample"]), io["timesteps"], io["encoder_hidden_states"], residuals=res)
     assert_close(nchw(out), io["unet_out"])
+    named = apply(model, nhwc(io["sample"]), io["timesteps"], io["encoder_hidden_states"],
+                  down_block_additional_residuals=res.down, mid_block_additional_residual=res.mid)
+    assert_close(nchw(named), io["unet_out"])
 
 
 def test_residuals_and_controlled_unet_match_diffusers_fixture():
@@ -63,8 +67,8 @@ def test_heads_that_do_not_divide_channels_match_diffusers_live():
 
 def test_conditioning_scale_is_linear_and_traced():
     config, weights, io = load_case("controlnet_sd1")
-    d1, m1 = run_controlnet(config, weights, io, scale=np.float32(0.5))
-    d2, m2 = run_controlnet(config, weights, io, scale=np.float32(1.0))
+    (d1, m1), (d2, m2) = ((r.down, r.mid) for r in (run_controlnet(config, weights, io, scale=np.float32(s))
+                                                     for s in (0.5, 1.0)))
     np.testing.assert_allclose(np.asarray(m2), 2 * np.asarray(m1), rtol=1e-5, atol=1e-7)
     for a, b in zip(d1, d2):
         np.testing.assert_allclose(np.asarray(b), 2 * np.asarray(a), rtol=1e-5, atol=1e-7)
@@ -100,7 +104,7 @@ def test_from_unet_copies_the_encoder_and_starts_with_zero_residuals():
     for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
         jax.tree.map(np.testing.assert_array_equal, nnx.state(getattr(cn, name)), nnx.state(getattr(base, name)))
     cond = np.ones((2, 16, 16, 3), np.float32)
-    down, mid = jax.eval_shape(lambda: cn(nhwc(io["sample"]), io["timesteps"], io["encoder_hidden_states"], cond))
+    down = jax.eval_shape(lambda: cn(nhwc(io["sample"]), io["timesteps"], io["encoder_hidden_states"], cond)).down
     assert [d.shape[1:3] for d in down] == [(8, 8), (8, 8), (4, 4), (4, 4), (2, 2), (2, 2)]
     for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
         assert not np.any(conv.kernel[...]) and not np.any(conv.bias[...])

@@ -28,6 +28,8 @@ class DownBlock(nnx.Module):
     One class for diffusers' ``DownBlock2D``, ``CrossAttnDownBlock2D``, ``AttnDownBlock2D`` and
     ``DownEncoderBlock2D`` (they differ only in which attention, if any, follows each resnet).
     Returns the output and the skip connections (every layer's output, then the downsampled one).
+    ``residual`` (T2I-Adapter features) is added to the last layer's output, so that skip and the
+    downsampler carry it (diffusers' ``CrossAttnDownBlock2D(additional_residuals=...)``).
     """
 
     def __init__(self, resnets: list[nnx.Module], attentions: list[nnx.Module] | None = None,
@@ -37,12 +39,14 @@ class DownBlock(nnx.Module):
         self.downsamplers = nnx.List(downsamplers) if downsamplers else None
 
     def __call__(self, x: Array, temb: Array | None = None, context: Array | None = None,
-                 control: Any = None) -> tuple[Array, tuple[Array, ...]]:
+                 control: Any = None, residual: Array | None = None) -> tuple[Array, tuple[Array, ...]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = _call_attention(self.attentions[i], x, context, control)
+            if residual is not None and i == len(self.resnets) - 1:
+                x = x + residual.astype(x.dtype)
             skips.append(x)
         if self.downsamplers is not None:
             x = _call_resampler(self.downsamplers[0], x, temb)
