@@ -1,12 +1,12 @@
 """Data-parallel sampling over a device mesh: ``jax.jit`` + ``NamedSharding``, ``jax.pmap``, ``jax.distributed``.
 
-Any request pytree is split along the mesh axis ``"data"`` on its declared batch axes (:func:`batch_field`
-on a dataclass request, as :class:`jaxdiff.pipelines.stable_diffusion.Request` declares its token ids, seeds,
-scales, init images, masks and start noise; or an explicit prefix tree of axes, ``None`` = replicated); the network parameters are replicated, or with ``fsdp``
-their large arrays are split along the same axis (ZeRO-3 style; XLA gathers them where they are used).
-A batch that does not divide the device count is padded by repeating its last entry and trimmed after.
-Every image is drawn from its own seed (``jax.vmap`` inside the program), so the images do not depend on
-the device count, the padding or the batch position.
+Any request pytree is split along the mesh axis ``"data"`` on its batch axes: those its dataclass declares
+(:func:`batch_field`; :class:`jaxdiff.pipelines.stable_diffusion.Request` declares its token ids, seeds, scales,
+init images, masks and start noise), or an explicit prefix tree of axes (``None`` = replicated). The network
+parameters are replicated, or with ``fsdp`` their large arrays are split along the same axis (ZeRO-3 style;
+XLA gathers them where they are used). A batch that does not divide the device count is padded by repeating its
+last entry and trimmed after. Every image is drawn from its own seed (``jax.vmap`` inside the program), so the
+images do not depend on the device count, the padding or the batch position.
 
 On CPU the recipes do this by default (:func:`sampling_mesh`, :class:`ShardBatch`): jaxdiff makes one
 CPU device per core (:mod:`jaxdiff.cpu_devices`) and splits each sampling call's classifier-free-guidance
@@ -179,21 +179,23 @@ def batch_axes(tree: Any) -> Any:
                         "or declare its batched fields with jaxdiff.parallel.batch_field()")
     declared = {f.name: f.metadata.get(BATCH_AXIS) for f in dataclasses.fields(tree)}
     children, treedef = _one_level(tree)
+    if treedef.num_leaves == 1 and not children[0][0]:
+        raise TypeError(f"{type(tree).__name__} is not a registered pytree; decorate it with "
+                        "jaxdiff.pytree_dataclass (or pass a pytree)")
     return treedef.unflatten([declared[path[0].name] for path, _ in children])
 
 
-def _batched_leaves(tree: Any, axes: Any) -> list[tuple[Any, int | None]]:
-    """Every leaf of ``tree`` with its batch axis from the prefix tree ``axes`` (``None``: replicated)."""
-    out: list = []
-    jax.tree_util.tree_map(lambda a, sub: out.extend((x, a) for x in jax.tree_util.tree_leaves(sub)),
-                           axes, tree, is_leaf=lambda n: n is None)
-    return out
+def _subtrees(tree: Any, axes: Any) -> list[tuple[int | None, Any]]:
+    """(batch axis, subtree of ``tree``) for each leaf of the prefix tree ``axes`` (``None``: replicated)."""
+    leaves, treedef = jax.tree_util.tree_flatten(axes, is_leaf=lambda n: n is None)
+    return list(zip(leaves, treedef.flatten_up_to(tree)))
 
 
 def batch_size(tree: Any, axes: Any = None) -> int:
     """The common size of the batched leaves' batch axes (one clear error when they disagree)."""
     axes = batch_axes(tree) if axes is None else axes
-    sizes = {np.shape(x)[a] for x, a in _batched_leaves(tree, axes) if a is not None}
+    batched = [(a, x) for a, sub in _subtrees(tree, axes) if a is not None for x in jax.tree_util.tree_leaves(sub)]
+    sizes = {np.shape(x)[a] for a, x in batched}
     if len(sizes) != 1:
         raise ValueError(f"the batched leaves must share one batch size, got sizes {sorted(sizes) or 'none'}; "
                          "check the request's batch axes (axes=)")

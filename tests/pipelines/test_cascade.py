@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import guidance, mixtures, sampling, samplers, schedules
+from jaxdiff import conditioning, guidance, mixtures, sampling, samplers, schedules
 from jaxdiff._pytree import pytree_dataclass
 from jaxdiff.pipelines import cascade as C
 
@@ -37,8 +37,9 @@ def _stages(steps1, steps2, scale, augment, s=0.2):
     labels = jnp.array([0, 1, 0])
     base = C.Stage(_mixture(), samplers.DPMSolverPP2M(), schedules.karras(steps1, 0.02, 20.0, capacity=CAP), LOW,
                    transform=guidance.classifier_free(scale, jnp.full((B,), -1)), cond=labels)
-    up = C.Stage(GaussianUpsampler(jnp.float32(s)), samplers.Euler(), schedules.karras(steps2, 0.02, 10.0, capacity=CAP),
-                 HIGH, augment=jnp.float32(augment), upsample="nearest")
+    sig2 = schedules.karras(steps2, 0.02, 10.0, capacity=CAP)
+    up = C.Stage(GaussianUpsampler(jnp.float32(s)), samplers.Euler(), sig2, HIGH, augment=jnp.float32(augment),
+                 upsample="nearest")
     return base, up
 
 
@@ -51,8 +52,6 @@ def _by_hand(steps1, steps2, scale, augment, key):
     low = sampling.sample(den1, base.sampler, base.sigmas, x1, jax.random.fold_in(k1, 2), base.cond)
     cond_img = jnp.repeat(jnp.repeat(low, 2, axis=1), 2, axis=2)  # nearest x2
     cond_img = cond_img + augment * jax.random.normal(jax.random.fold_in(k2, 1), cond_img.shape)
-    from jaxdiff import conditioning
-
     den2 = conditioning.apply(up.network, conditioning.concat(cond_img))
     x2 = jax.random.normal(jax.random.fold_in(k2, 0), (B,) + HIGH) * up.sigmas.values[0]
     high = sampling.sample(den2, up.sampler, up.sigmas, x2, jax.random.fold_in(k2, 2),
