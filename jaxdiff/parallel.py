@@ -1,11 +1,12 @@
 """Data-parallel sampling over a device mesh: ``jax.jit`` + ``NamedSharding``, ``jax.pmap``, ``jax.distributed``.
 
-The batch of a :class:`jaxdiff.pipelines.stable_diffusion.Request` (token ids, seeds, scales, init images, start noise,
-masks) is split along the mesh axis ``"data"``; the network parameters are replicated, or with ``fsdp``
-their large arrays are split along the same axis (ZeRO-3 style; XLA gathers them where they are used).
-A batch that does not divide the device count is padded by repeating its last entry and trimmed after.
-Every image is drawn from its own seed (``jax.vmap`` inside the program), so the images do not depend on
-the device count, the padding or the batch position.
+Any request pytree is split along the mesh axis ``"data"`` on its batch axes: those its dataclass declares
+(:func:`batch_field`; :class:`jaxdiff.pipelines.stable_diffusion.Request` declares its token ids, seeds, scales,
+init images, masks and start noise), or an explicit prefix tree of axes (``None`` = replicated). The network
+parameters are replicated, or with ``fsdp`` their large arrays are split along the same axis (ZeRO-3 style;
+XLA gathers them where they are used). A batch that does not divide the device count is padded by repeating its
+last entry and trimmed after. Every image is drawn from its own seed (``jax.vmap`` inside the program), so the
+images do not depend on the device count, the padding or the batch position.
 
 On CPU the recipes do this by default (:func:`sampling_mesh`, :class:`ShardBatch`): jaxdiff makes one
 CPU device per core (:mod:`jaxdiff.cpu_devices`) and splits each sampling call's classifier-free-guidance
@@ -28,7 +29,6 @@ from jaxdiff._pytree import pytree_dataclass, static_field
 
 DATA = "data"
 CFG = "cfg"
-BATCH_FIELDS = ("ids", "neg_ids", "seeds", "scale", "image", "mask", "noise")
 
 
 def make_mesh(devices: Sequence[Any] | None = None, axis: str = DATA) -> Mesh:
@@ -144,28 +144,99 @@ def _put(x: Any, sharding: NamedSharding) -> Any:
     return jax.device_put(x, sharding)
 
 
-def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
-    """Pad the leading axis to a multiple of ``multiple`` by repeating the last entry."""
-    n = x.shape[0]
-    extra = -n % multiple
-    return x if extra == 0 else np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+def pad_batch(x: np.ndarray, multiple: int, axis: int = 0) -> np.ndarray:
+    """Pad ``axis`` to a multiple of ``multiple`` by repeating the last entry."""
+    extra = -x.shape[axis] % multiple
+    if extra == 0:
+        return x
+    last = np.take(x, [-1], axis=axis)
+    return np.concatenate([x, np.repeat(last, extra, axis=axis)], axis=axis)
 
 
-def shard_request(req: Any, mesh: Mesh, axis: str = DATA) -> tuple[Any, int]:
-    """The request with its batch padded to the axis size and split along it; returns (request, true batch)."""
-    n = int(req.seeds.shape[0])
-    size = mesh.shape[axis]
-    changes = {}
-    for f in dataclasses.fields(req):
-        v = getattr(req, f.name)
-        if v is None:
-            continue
-        if f.name in BATCH_FIELDS:
-            arr = pad_batch(np.asarray(v), size)
-            changes[f.name] = _put(arr, NamedSharding(mesh, P(axis, *([None] * (arr.ndim - 1)))))
-        else:
-            changes[f.name] = jax.tree_util.tree_map(lambda a: _put(np.asarray(a), NamedSharding(mesh, P())), v)
-    return dataclasses.replace(req, **changes), n
+# ---- batch axes of request pytrees -----------------------------------------------------------------
+
+BATCH_AXIS = "batch_axis"
+
+
+def batch_field(axis: int = 0, **kwargs: Any) -> Any:
+    """A dataclass field batched along ``axis`` (every array leaf under it): :func:`batch_axes` reads it, so
+    :func:`shard_request` and :func:`split_for_pmap` split it over devices. Other fields are replicated."""
+    metadata = dict(kwargs.pop("metadata", {}) or {})
+    metadata[BATCH_AXIS] = axis
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+def _one_level(tree: Any) -> tuple[list, Any]:
+    """The direct children of a pytree node with their keys, and the node's tree definition one level deep."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda n: n is not tree)
+
+
+def batch_axes(tree: Any) -> Any:
+    """The prefix tree of batch axes a dataclass request declares (:func:`batch_field`; ``None`` = replicated):
+    the request's own node with an int or ``None`` for each child field."""
+    if not dataclasses.is_dataclass(tree):
+        raise TypeError(f"{type(tree).__name__} declares no batch axes; pass axes= (a prefix tree of ints / None), "
+                        "or declare its batched fields with jaxdiff.parallel.batch_field()")
+    declared = {f.name: f.metadata.get(BATCH_AXIS) for f in dataclasses.fields(tree)}
+    children, treedef = _one_level(tree)
+    if treedef.num_leaves == 1 and not children[0][0]:
+        raise TypeError(f"{type(tree).__name__} is not a registered pytree; decorate it with "
+                        "jaxdiff.pytree_dataclass (or pass a pytree)")
+    return treedef.unflatten([declared[path[0].name] for path, _ in children])
+
+
+def _subtrees(tree: Any, axes: Any) -> list[tuple[int | None, Any]]:
+    """(batch axis, subtree of ``tree``) for each leaf of the prefix tree ``axes`` (``None``: replicated)."""
+    leaves, treedef = jax.tree_util.tree_flatten(axes, is_leaf=lambda n: n is None)
+    return list(zip(leaves, treedef.flatten_up_to(tree)))
+
+
+def batch_size(tree: Any, axes: Any = None) -> int:
+    """The common size of the batched leaves' batch axes (one clear error when they disagree)."""
+    axes = batch_axes(tree) if axes is None else axes
+    batched = [(a, x) for a, sub in _subtrees(tree, axes) if a is not None for x in jax.tree_util.tree_leaves(sub)]
+    sizes = {np.shape(x)[a] for a, x in batched}
+    if len(sizes) != 1:
+        raise ValueError(f"the batched leaves must share one batch size, got sizes {sorted(sizes) or 'none'}; "
+                         "check the request's batch axes (axes=)")
+    return sizes.pop()
+
+
+def _map_batched(fn: Any, tree: Any, axes: Any) -> Any:
+    """``fn(leaf, axis)`` on every leaf (``axis`` None for replicated leaves), keeping the tree's structure."""
+    return jax.tree_util.tree_map(lambda a, sub: jax.tree_util.tree_map(lambda x: fn(x, a), sub), axes, tree,
+                                  is_leaf=lambda n: n is None)
+
+
+def shard_request(req: Any, mesh: Mesh, axis: str = DATA, axes: Any = None) -> tuple[Any, int]:
+    """Any request pytree with its batched leaves padded to the mesh axis size and split along it, the others
+    replicated; returns (request, true batch). ``axes``: a prefix tree of batch axes (int, or ``None`` =
+    replicated), by default the request's declared ones (:func:`batch_axes`)."""
+    axes = batch_axes(req) if axes is None else axes
+    n, size = batch_size(req, axes), mesh.shape[axis]
+
+    def put(x: Any, a: int | None) -> Any:
+        if a is None:
+            return _put(np.asarray(x), NamedSharding(mesh, P()))
+        x = pad_batch(np.asarray(x), size, a)
+        return _put(x, NamedSharding(mesh, P(*([None] * a), axis)))
+
+    return _map_batched(put, req, axes), n
+
+
+def split_for_pmap(req: Any, devices: int, axes: Any = None) -> tuple[Any, Any, int]:
+    """For ``jax.pmap``: each batched leaf padded and its batch axis ``a`` split into (devices, per device) at ``a``.
+    Returns (request, ``in_axes`` prefix tree for that argument, true batch)."""
+    axes = batch_axes(req) if axes is None else axes
+    n = batch_size(req, axes)
+
+    def split(x: Any, a: int | None) -> Any:
+        if a is None:
+            return x
+        x = pad_batch(np.asarray(x), devices, a)
+        return x.reshape(x.shape[:a] + (devices, x.shape[a] // devices) + x.shape[a + 1:])
+
+    return _map_batched(split, req, axes), axes, n
 
 
 def gather(x: jax.Array) -> np.ndarray:
@@ -178,7 +249,7 @@ def gather(x: jax.Array) -> np.ndarray:
 
 
 def generate(sd: Any, prompt: Any, *, mesh: Mesh | None = None, fsdp: bool = False, fsdp_min_size: int = 2**18,
-             transform: Any = None, **kwargs: Any) -> np.ndarray:
+             transform: Any = None, network_transform: Any = None, **kwargs: Any) -> np.ndarray:
     """``sd(prompt, **kwargs)`` data parallel on ``mesh`` (default: all devices); images (B, H, W, 3) in [0, 1]."""
     from jaxdiff.guidance import chain
     from jaxdiff.pipelines.stable_diffusion import generate_jit
@@ -188,38 +259,27 @@ def generate(sd: Any, prompt: Any, *, mesh: Mesh | None = None, fsdp: bool = Fal
     req, n = shard_request(req, mesh)
     models = shard_params(sd.models, mesh, fsdp=fsdp, min_size=fsdp_min_size)
     transform = chain(plan.threshold, transform)
-    out = generate_jit(models, plan.sampler, req, transform, progress=False, **static)
+    out = generate_jit(models, plan.sampler, req, transform, network_transform, progress=False, **static)
     return gather(out)[:n]
 
 
 def pmap_generate(sd: Any, prompt: Any, *, devices: Sequence[Any] | None = None, transform: Any = None,
-                  **kwargs: Any) -> np.ndarray:
+                  network_transform: Any = None, **kwargs: Any) -> np.ndarray:
     """The same program under ``jax.pmap``: the padded batch is reshaped to (devices, per device, ...)."""
     from jaxdiff.guidance import chain
     from jaxdiff.pipelines.stable_diffusion import generate
 
     devices = list(jax.local_devices() if devices is None else devices)
-    nd = len(devices)
     req, plan, static = sd.request(prompt, **kwargs)
-    n = int(req.seeds.shape[0])
-    axes, changes = {}, {}
-    for f in dataclasses.fields(req):
-        v = getattr(req, f.name)
-        if f.name in BATCH_FIELDS and v is not None:
-            arr = pad_batch(np.asarray(v), nd)
-            changes[f.name] = arr.reshape((nd, arr.shape[0] // nd) + arr.shape[1:])
-            axes[f.name] = 0
-        else:
-            axes[f.name] = None
-    req = dataclasses.replace(req, **changes)
-    in_axes = (None, None, type(req)(**axes), None)
+    req, req_axes, n = split_for_pmap(req, len(devices))
     transform = chain(plan.threshold, transform)
 
-    def run(models: Any, sampler: Any, r: Any, t: Any) -> jax.Array:
-        return generate(models, sampler, r, t, progress=False, **static)
+    def run(models: Any, sampler: Any, r: Any, t: Any, nt: Any) -> jax.Array:
+        return generate(models, sampler, r, t, nt, progress=False, **static)
 
-    out = jax.pmap(run, in_axes=in_axes, devices=devices)(sd.models, plan.sampler, req, transform)
-    out = np.asarray(out)
+    in_axes = (None, None, req_axes, None, None)
+    out = np.asarray(jax.pmap(run, in_axes=in_axes, devices=devices)(sd.models, plan.sampler, req, transform,
+                                                                    network_transform))
     return out.reshape((-1,) + out.shape[2:])[:n]
 
 

@@ -108,3 +108,37 @@ def test_one_auto_mesh_helper_for_sampling_and_training():
     assert auto.axis_types == (AxisType.Auto,) and auto.axis_names == ("data",)
     assert list(auto.devices.flat) == list(explicit.devices.flat)
     assert step.auto_mesh is parallel.auto_mesh
+
+
+def test_any_request_pytree_is_split_along_its_declared_batch_axis(tmp_path):
+    """A non-SD request (batch on axis 1, a replicated field, a static tag) and a plain dict with an explicit prefix
+    tree of axes, on 2 devices: each device holds half the (padded) batch; jit and pmap give the numpy result."""
+    p = subprocess.run([sys.executable, str(HERE / "_shard_worker.py"), str(tmp_path / "s.npz")], env=_env(2),
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    r = dict(np.load(tmp_path / "s.npz"))
+    assert int(r["devices"]) == 2 and int(r["n"]) == 5
+    assert tuple(r["x_shard"]) == (3, 3) and tuple(r["w_shard"]) == (3,)  # (3, 5) padded to (3, 6), split on axis 1
+    assert tuple(r["dict_b_shard"]) == (2, 3)
+    for k in ("jit", "pmap"):
+        np.testing.assert_allclose(r[k], r["ref"], rtol=1e-6, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(r["dict"], r["dict_ref"], rtol=1e-6, atol=1e-6)
+
+
+def test_batch_axes_are_declared_by_the_request_class():
+    import jax.numpy as jnp
+
+    from jaxdiff import parallel
+    from jaxdiff.pipelines.stable_diffusion import Request
+
+    ids = jnp.zeros((3, 4), jnp.int32)
+    req = Request(ids, ids, jnp.zeros(3, jnp.uint32), jnp.ones(3), 0.0, None, 1.0, 0, image=jnp.zeros((3, 8, 8, 3)))
+    axes = parallel.batch_axes(req)
+    assert (axes.ids, axes.seeds, axes.image, axes.mask, axes.sigmas, axes.start) == (0, 0, 0, 0, None, None)
+    assert parallel.batch_size(req) == 3
+    with pytest.raises(ValueError, match="one batch size"):
+        parallel.batch_size({"a": np.zeros(3), "b": np.zeros(4)}, {"a": 0, "b": 0})
+    with pytest.raises(TypeError, match="axes="):
+        parallel.batch_axes({"a": np.zeros(3)})
+    np.testing.assert_array_equal(parallel.pad_batch(np.arange(6).reshape(2, 3), 2, axis=1),
+                                  [[0, 1, 2, 2], [3, 4, 5, 5]])

@@ -6,7 +6,8 @@ combination ``x' = a x + b D`` with ``a + b = 1`` on the x0 part, so a run start
 ``x0_known + sigma_0 noise`` in the known region stays at ``x0_known + sigma_i noise`` there: the same
 latents diffusers' ``StableDiffusionInpaintPipeline`` re-noises and pastes after every step (for a
 4-channel U-Net), without touching the sampler. The 9-channel inpainting U-Net instead reads
-``[mask, masked-image latents]`` concatenated to its input (:class:`jaxdiff.pipelines.stable_diffusion.UNetNet`).
+``[mask, masked-image latents]`` concatenated to its input, a network transform
+(:func:`jaxdiff.conditioning.concat`, see :func:`jaxdiff.pipelines.stable_diffusion.network_transforms`).
 """
 from __future__ import annotations
 

@@ -7,9 +7,12 @@ token ids, seeds, guidance scales, the schedule (with a traced step count) and t
 prompts, seeds, scales, strengths and step counts reuse it. Each image is sampled under ``jax.vmap``
 from its own key, so an image depends on its seed only, never on its batch position or the device count.
 
-The pieces stay reachable: :meth:`StableDiffusion.denoiser` is the U-Net as an EDM-coordinate denoiser,
-:meth:`StableDiffusion.guided` adds classifier-free guidance, and ``transform=`` wraps any further
-denoiser transform around it inside the compiled program.
+The program is a composition of stages (:func:`encode`, :func:`start_latents`, :func:`network_transforms`,
+:func:`guided_pair`, :func:`denoiser_transforms`, the sampler, :meth:`SDModels.decode`); which of them run
+follows from the :class:`Request`'s structure (an init image, a mask, start latents present or ``None``),
+never from a mode string. Two levels of user transforms run inside the compiled program:
+``network_transform=`` wraps the U-Net network ``net(x_vp, t, cond)`` at every call inside guidance
+(:mod:`jaxdiff.conditioning`), ``transform=`` wraps the guided denoiser (:mod:`jaxdiff.guidance`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import guidance, sampling
+from jaxdiff import conditioning, guidance, sampling
 from jaxdiff import parallel as _parallel
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff.denoisers import DiscreteVPDenoiser
@@ -32,26 +35,27 @@ from jaxdiff.pipelines import inpaint as _inpaint
 from jaxdiff.pipelines import schedulers as _sched
 
 Array = jax.Array
-MODES = ("text2img", "img2img", "inpaint")
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+UNET_KEYWORDS = (("residuals", "residuals"), ("attention", "control"), ("class_labels", "class_labels"))
+"""(conditioning key, U-Net keyword): what :class:`UNetNet` hands the U-Net besides the context, when present."""
 
 
 @pytree_dataclass
 class UNetNet:
     """``net(x_vp, t, cond)`` for :class:`DiscreteVPDenoiser` around a ``UNet2DConditionModel``.
 
-    ``cond`` is ``{"context": (B, L, D)}``, plus ``"concat"`` (B, h, w, c) for networks that read extra
-    input channels (the 9-channel inpainting U-Net: mask then masked-image latents, appended after the
-    VP-scaled sample, as diffusers does).
+    ``cond`` is a dict: ``"context"`` (B, L, D) text, and when present (not None) ``"residuals"``
+    (:class:`jaxdiff.conditioning.Residuals`), ``"attention"`` (an attention control) and ``"class_labels"``,
+    passed as the U-Net's ``residuals=``, ``control=`` and ``class_labels=``; other keys (``"conditional"``)
+    are for network transforms. Extra input channels (the 9-channel inpainting U-Net's mask and masked-image
+    latents) come through :func:`jaxdiff.conditioning.concat`.
     """
 
     unet: Callable[..., Array]
 
-    def __call__(self, x: Array, t: Array, cond: Mapping[str, Array]) -> Array:
-        concat = cond.get("concat")
-        if concat is not None:
-            x = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
-        return self.unet(x, t, cond["context"])
+    def __call__(self, x: Array, t: Array, cond: Mapping[str, Any]) -> Array:
+        extra = {kw: cond[key] for key, kw in UNET_KEYWORDS if cond.get(key) is not None}
+        return self.unet(x, t, cond["context"], **extra)
 
 
 @pytree_dataclass
@@ -70,20 +74,27 @@ class SDModels:
     unet_in_channels: int = static_field(default=4)
     vae_factor: int = static_field(default=8)
 
+    @property
+    def reads_concat(self) -> bool:
+        """True for the inpainting U-Net, which reads [mask, masked-image latents] after the latents."""
+        return self.unet_in_channels > self.latent_channels
+
     def encode_text(self, ids: Array) -> Array:
         """Token ids (B, L) -> hidden states (B, L, D): the last layer (or ``clip_skip``'s) through the final norm."""
         return self.text_encoder.bind("hidden_state")(ids, self.text_layer, True)
 
-    def denoiser(self, quantize: bool = False) -> DiscreteVPDenoiser:
-        """The U-Net as ``D(x, sigma, {"context": ...}) -> x0`` (EDM coordinates, the scheduler's prediction type)."""
-        return DiscreteVPDenoiser(UNetNet(self.unet), self.alphas_cumprod, self.prediction, quantize)
+    def denoiser(self, quantize: bool = False, network_transform: Any = None) -> DiscreteVPDenoiser:
+        """The U-Net as ``D(x, sigma, {"context": ...}) -> x0`` (EDM coordinates, the scheduler's prediction type),
+        its network wrapped in ``network_transform`` (a :mod:`jaxdiff.conditioning` transform or chain)."""
+        net = conditioning.apply(UNetNet(self.unet), network_transform)
+        return DiscreteVPDenoiser(net, self.alphas_cumprod, self.prediction, quantize)
 
     def guided(self, uncond: Any, scale: Array, rescale: Array = 0.0, quantize: bool = False,
-               split: Any = None) -> guidance.ClassifierFree:
+               split: Any = None, network_transform: Any = None) -> guidance.ClassifierFree:
         """Classifier-free guidance in one batched U-Net call; rescale in the network's output space (diffusers).
         ``split`` (a ``NamedSharding``) splits that call's conditional / unconditional halves over devices."""
         space = "v" if self.prediction == "v_prediction" else "epsilon"
-        den: Any = self.denoiser(quantize)
+        den: Any = self.denoiser(quantize, network_transform)
         if split is not None:
             den = _parallel.ShardBatch(den, split)
         return guidance.ClassifierFree(den, scale, uncond, rescale, space)
@@ -103,21 +114,29 @@ class SDModels:
         return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
+_batched = _parallel.batch_field
+
+
 @pytree_dataclass
 class Request:
-    """The traced inputs of one generation (changing any of them reuses the compiled program)."""
+    """The traced inputs of one generation (changing any of them reuses the compiled program).
 
-    ids: Array          # (B, L) int32 prompt tokens
-    neg_ids: Array      # (B, L) int32 negative-prompt tokens
-    seeds: Array        # (B,) uint32
-    scale: Array        # (B,) float32 guidance scale
-    rescale: Array      # () float32 guidance rescale (phi)
-    sigmas: Any         # jaxdiff.schedules.Sigmas (traced values and count)
-    init_sigma: Array   # () float32: standard deviation of the text-to-image start
-    start: Array        # () int32: first step (image-to-image strength)
-    image: Array | None = None  # (B, H, W, 3) in [-1, 1]
-    mask: Array | None = None   # (B, H, W, 1) in {0, 1}, 1 = repaint
-    noise: Array | None = None  # (B, h, w, c) float32: the user's standard-normal start noise (diffusers' latents=)
+    Which stages run follows from the structure: ``image`` None is text-to-image, ``image`` alone
+    image-to-image, ``image`` and ``mask`` inpainting. Batched fields (axis 0) are declared with
+    :func:`jaxdiff.parallel.batch_field`, so :func:`jaxdiff.parallel.shard_request` splits them.
+    """
+
+    ids: Array = _batched()          # (B, L) int32 prompt tokens
+    neg_ids: Array = _batched()      # (B, L) int32 negative-prompt tokens
+    seeds: Array = _batched()        # (B,) uint32
+    scale: Array = _batched()        # (B,) float32 guidance scale
+    rescale: Array                   # () float32 guidance rescale (phi)
+    sigmas: Any                      # jaxdiff.schedules.Sigmas (traced values and count)
+    init_sigma: Array                # () float32: standard deviation of the text-to-image start
+    start: Array                     # () int32: first step (image-to-image strength)
+    image: Array | None = _batched(default=None)  # (B, H, W, 3) in [-1, 1]
+    mask: Array | None = _batched(default=None)   # (B, H, W, 1) in {0, 1}, 1 = repaint
+    noise: Array | None = _batched(default=None)  # (B, h, w, c) float32: the user's start noise (diffusers' latents=)
 
 
 NOISE_STREAM, SAMPLER_STREAM, POSTERIOR_STREAM, MASKED_POSTERIOR_STREAM = 0, 1, 2, 3
@@ -132,36 +151,80 @@ def noise_for_seed(seed: Array, shape: tuple[int, ...], stream: int = NOISE_STRE
     return jax.random.normal(jax.random.fold_in(jax.random.key(seed), stream), shape, jnp.float32)
 
 
-def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any, mode: str, quantize: bool,
-               progress: bool, split: Any = None) -> Array:
-    """Sample one image (batch of 1 inside ``vmap``) -> final latents (h, w, c) in VP scale."""
-    seed = i["seed"]
-    noise = i["noise"][None] if "noise" in i else noise_for_seed(seed, (1,) + i["latent_shape"])
-    sig = req.sigmas.values
-    s0 = sig[req.start]
-    cond = {"context": i["ctx"][None]}
-    uncond = {"context": i["uctx"][None]}
+# ---- the stages -----------------------------------------------------------------------------------
+
+def encode(m: SDModels, req: Request) -> dict:
+    """Stage 1, batched: the per-image inputs: prompt embeddings, seeds, scales; the start noise, the init image's
+    latent posterior and the latent mask when the request holds them (the masked image's for the inpainting U-Net)."""
+    per = dict(seed=req.seeds, ctx=m.encode_text(req.ids), uctx=m.encode_text(req.neg_ids), scale=req.scale)
+    if req.noise is not None:
+        per["noise"] = req.noise.astype(jnp.float32)
+    if req.image is not None:
+        per["mean"], per["std"] = m.encode_image(req.image)
+    if req.mask is not None:
+        per["mask"] = _inpaint.mask_to_latent(req.mask, m.vae_factor)
+        if m.reads_concat:
+            per["masked_mean"], per["masked_std"] = m.encode_image(req.image * (req.mask < 0.5))
+    return per
+
+
+def start_latents(m: SDModels, req: Request, i: dict) -> tuple[Array, Array | None]:
+    """Stage 2, one image: (start latents (1, h, w, c), the init image's latents or None).
+
+    Noise times ``init_sigma``; with an init image its latents noised to the start level (image-to-image); with
+    a mask as well, pure noise at strength 1 (start 0), and for a 4-channel U-Net the kept region noised."""
+    noise = i["noise"][None] if "noise" in i else noise_for_seed(i["seed"], (1,) + i["latent_shape"])
     x = noise * req.init_sigma
-    known = None
-    if mode != "text2img":
-        z = i["mean"] + i["std"] * noise_for_seed(seed, i["mean"].shape, POSTERIOR_STREAM)
-        known = m.to_latent(z)[None]
-        noisy = known + s0 * noise
-        x = noisy if mode == "img2img" else jnp.where(req.start == 0, x, noisy)
-    if mode == "inpaint" and m.unet_in_channels > m.latent_channels:
-        zm = i["masked_mean"] + i["masked_std"] * noise_for_seed(seed, i["mean"].shape, MASKED_POSTERIOR_STREAM)
-        concat = jnp.concatenate([i["mask"][None], m.to_latent(zm)[None]], axis=-1)
-        cond, uncond = dict(cond, concat=concat), dict(uncond, concat=concat)
-    den: Any = m.guided(uncond, i["scale"], req.rescale, quantize, split)
-    if mode == "inpaint" and m.unet_in_channels == m.latent_channels:
+    if "mean" not in i:
+        return x, None
+    z = i["mean"] + i["std"] * noise_for_seed(i["seed"], i["mean"].shape, POSTERIOR_STREAM)
+    known = m.to_latent(z)[None]
+    noisy = known + req.sigmas.values[req.start] * noise
+    if "mask" not in i:
+        return noisy, known
+    x = jnp.where(req.start == 0, x, noisy)
+    if not m.reads_concat:
         mask = i["mask"][None]
-        den = _inpaint.MaskBlend(den, mask, known)
-        x = mask * x + (1.0 - mask) * (known + s0 * noise)
-    if transform is not None:
-        den = transform(den)
-    out, _ = sampling.sample_jit(den, sampler, req.sigmas, x, jax.random.fold_in(jax.random.key(seed), SAMPLER_STREAM),
-                                cond, progress, req.start)
-    final = sig[req.sigmas.count]
+        x = mask * x + (1.0 - mask) * noisy
+    return x, known
+
+
+def network_transforms(m: SDModels, i: dict, user: Any = None) -> conditioning.Chain:
+    """Stage 3, one image: the network transforms: the inpainting U-Net's [mask, masked-image latents] channels
+    (:func:`jaxdiff.conditioning.concat`, as diffusers concatenates them), then the user's."""
+    if "masked_mean" not in i:
+        return conditioning.chain(user)
+    zm = i["masked_mean"] + i["masked_std"] * noise_for_seed(i["seed"], i["mean"].shape, MASKED_POSTERIOR_STREAM)
+    extra = jnp.concatenate([i["mask"][None], m.to_latent(zm)[None]], axis=-1)
+    return conditioning.chain(conditioning.concat(extra), user)
+
+
+def guided_pair(i: dict) -> tuple[dict, dict]:
+    """Stage 4, one image: the conditioning of the two halves of classifier-free guidance (``"conditional"`` 1 / 0)."""
+    cond = {"context": i["ctx"][None], conditioning.CONDITIONAL: jnp.ones((1,), jnp.float32)}
+    uncond = {"context": i["uctx"][None], conditioning.CONDITIONAL: jnp.zeros((1,), jnp.float32)}
+    return cond, uncond
+
+
+def denoiser_transforms(m: SDModels, i: dict, known: Array | None, user: Any = None) -> guidance.Chain:
+    """Stage 5, one image: the denoiser transforms around the guided denoiser: the 4-channel U-Net's inpainting
+    blend (:class:`jaxdiff.pipelines.inpaint.MaskBlend`), then the user's (the plan's threshold first)."""
+    blend = None
+    if "mask" in i and not m.reads_concat:
+        blend = _inpaint.mask_blend(i["mask"][None], known)
+    return guidance.chain(blend, user)
+
+
+def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any, network_transform: Any,
+               quantize: bool, progress: bool, split: Any = None) -> Array:
+    """Sample one image (batch of 1 inside ``vmap``) -> final latents (h, w, c) in VP scale."""
+    x, known = start_latents(m, req, i)
+    cond, uncond = guided_pair(i)
+    den = m.guided(uncond, i["scale"], req.rescale, quantize, split, network_transforms(m, i, network_transform))
+    den = denoiser_transforms(m, i, known, transform)(den)
+    key = jax.random.fold_in(jax.random.key(i["seed"]), SAMPLER_STREAM)
+    out, _ = sampling.sample_jit(den, sampler, req.sigmas, x, key, cond, progress, req.start)
+    final = req.sigmas.values[req.sigmas.count]
     return out[0] * jax.lax.rsqrt(1.0 + final * final)
 
 
@@ -172,44 +235,36 @@ def _cfg_split(mesh: Any) -> Any:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_parallel.CFG))
 
 
-def generate_latents(m: SDModels, sampler: Any, req: Request, transform: Any = None, *, height: int, width: int,
-                     mode: str = "text2img", quantize: bool = False, progress: bool = False, mesh: Any = None) -> Array:
+def generate_latents(m: SDModels, sampler: Any, req: Request, transform: Any = None, network_transform: Any = None,
+                     *, height: int, width: int, quantize: bool = False, progress: bool = False,
+                     mesh: Any = None) -> Array:
     """The pure program without decoding: final latents (B, h, w, c) (diffusers' ``output_type="latent"``).
 
+    ``transform`` (denoiser transforms) wraps the guided denoiser, ``network_transform`` (network transforms)
+    the U-Net network at every call inside guidance; both are traced pytrees.
     ``mesh`` (static; :func:`jaxdiff.parallel.sampling_mesh`): with a ``cfg`` axis of size > 1 each image's
     U-Net call is split over it and the image axis along ``data`` (``vmap``'s ``spmd_axis_name``); the
     request is expected sharded along ``data`` (:func:`jaxdiff.parallel.shard_request`).
     """
-    f = m.vae_factor
-    ctx, uctx = m.encode_text(req.ids), m.encode_text(req.neg_ids)
-    per = dict(seed=req.seeds, ctx=ctx, uctx=uctx, scale=req.scale)
-    if req.noise is not None:
-        per["noise"] = req.noise.astype(jnp.float32)
-    if mode != "text2img":
-        per["mean"], per["std"] = m.encode_image(req.image)
-    if mode == "inpaint":
-        per["mask"] = _inpaint.mask_to_latent(req.mask, f)
-        if m.unet_in_channels > m.latent_channels:
-            per["masked_mean"], per["masked_std"] = m.encode_image(req.image * (req.mask < 0.5))
-    static = dict(latent_shape=(height // f, width // f, m.latent_channels))
+    static = dict(latent_shape=(height // m.vae_factor, width // m.vae_factor, m.latent_channels))
     split = _cfg_split(mesh)
 
     def run(i: dict) -> Array:
-        return _one_image(m, sampler, req, {**i, **static}, transform, mode, quantize, progress, split)
+        return _one_image(m, sampler, req, {**i, **static}, transform, network_transform, quantize, progress, split)
 
-    return jax.vmap(run, spmd_axis_name=None if split is None else _parallel.DATA)(per)
+    return jax.vmap(run, spmd_axis_name=None if split is None else _parallel.DATA)(encode(m, req))
 
 
-def generate(m: SDModels, sampler: Any, req: Request, transform: Any = None, *, height: int, width: int,
-             mode: str = "text2img", quantize: bool = False, progress: bool = False, mesh: Any = None) -> Array:
+def generate(m: SDModels, sampler: Any, req: Request, transform: Any = None, network_transform: Any = None, *,
+             height: int, width: int, quantize: bool = False, progress: bool = False, mesh: Any = None) -> Array:
     """The pure program: images (B, H, W, 3) in [0, 1]. Runs under ``jit``, ``pmap`` or a sharded ``jit``
     (``mesh``: see :func:`generate_latents`)."""
-    lat = generate_latents(m, sampler, req, transform, height=height, width=width, mode=mode, quantize=quantize,
-                           progress=progress, mesh=mesh)
+    lat = generate_latents(m, sampler, req, transform, network_transform, height=height, width=width,
+                           quantize=quantize, progress=progress, mesh=mesh)
     return m.decode(lat)
 
 
-_STATIC = ("height", "width", "mode", "quantize", "progress", "mesh")
+_STATIC = ("height", "width", "quantize", "progress", "mesh")
 generate_jit = jax.jit(generate, static_argnames=_STATIC)
 generate_latents_jit = jax.jit(generate_latents, static_argnames=_STATIC)
 
@@ -400,9 +455,9 @@ class StableDiffusion:
                               f"was truncated; dropped: {dropped!r}", stacklevel=3)
         return ids
 
-    def denoiser(self, quantize: bool = False) -> DiscreteVPDenoiser:
+    def denoiser(self, quantize: bool = False, network_transform: Any = None) -> DiscreteVPDenoiser:
         """The U-Net as a denoiser (see :meth:`SDModels.denoiser`); conditioning ``{"context": encode_text(ids)}``."""
-        return self.models.denoiser(quantize)
+        return self.models.denoiser(quantize, network_transform)
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> Array:
         """Text embeddings (B, L, D) as the U-Net reads them."""
@@ -444,7 +499,6 @@ class StableDiffusion:
         n = len(prompts)
         negatives = _as_list(negative if negative is not None else "", n, "negative prompt")
         plan = self.plan(steps, sampler, schedule, **dict(sampler_options or {}))
-        mode = "text2img" if image is None else ("img2img" if mask is None else "inpaint")
         if mask is not None and image is None:
             raise ValueError("a mask needs an init image (the picture to inpaint)")
         if image is None and mask is None and self.is_inpainting_model:
@@ -459,11 +513,11 @@ class StableDiffusion:
             raise ValueError(f"the init image is {img.shape[1]}x{img.shape[2]} but height x width is {height}x{width}; "
                              "resize the image or drop --height/--width")
         if strength is None:
-            strength = 1.0 if mode == "inpaint" else 0.8
-        start = 0 if mode == "text2img" else _sched.img2img_start(steps, strength)
+            strength = 1.0 if mask is not None else 0.8
+        start = 0 if image is None else _sched.img2img_start(steps, strength)
         noise = None
         if latents is not None:
-            if mode == "img2img" or start != 0:
+            if start != 0 or (image is not None and mask is None):
                 raise ValueError("latents= applies to text-to-image and to inpainting at strength 1 (as in diffusers); "
                                  "image-to-image starts from the noised init image: choose its noise with seed=")
             f = self.models.vae_factor
@@ -474,7 +528,7 @@ class StableDiffusion:
                       jnp.asarray(_seeds(seed, n)), jnp.asarray(scale), jnp.asarray(rescale, jnp.float32),
                       plan.sigmas, jnp.asarray(plan.init_sigma, jnp.float32), jnp.asarray(start, jnp.int32),
                       None if img is None else jnp.asarray(img), m, noise)
-        static = dict(height=int(height), width=int(width), mode=mode, quantize=plan.quantize)
+        static = dict(height=int(height), width=int(width), quantize=plan.quantize)
         return req, plan, static
 
     def placed_models(self, mesh: Any) -> SDModels:
@@ -485,9 +539,13 @@ class StableDiffusion:
             cache[mesh] = _parallel.shard_params(self.models, mesh)
         return cache[mesh]
 
-    def run(self, req: Request, plan: _sched.Plan, static: Mapping[str, Any], transform: Any = None, *,
-            progress: bool = False, latent: bool = False, mesh: Any = "auto") -> np.ndarray:
+    def run(self, req: Request, plan: _sched.Plan, static: Mapping[str, Any], transform: Any = None,
+            network_transform: Any = None, *, progress: bool = False, latent: bool = False,
+            mesh: Any = "auto") -> np.ndarray:
         """Run the compiled program on a checked :meth:`request`; images (or with ``latent`` latents) on the host.
+
+        ``transform`` (denoiser transforms, after the plan's threshold) and ``network_transform`` (network
+        transforms) run inside the compiled program; see :func:`generate_latents`.
 
         ``mesh="auto"`` splits the batch over the CPU devices (:func:`jaxdiff.parallel.sampling_mesh`: all
         cores by default, see :mod:`jaxdiff.cpu_devices`; no progress bar then), ``None`` runs on one device,
@@ -501,21 +559,26 @@ class StableDiffusion:
         fn = generate_latents_jit if latent else generate_jit
         transform = guidance.chain(plan.threshold, transform)
         if mesh is None:
-            return np.asarray(fn(self.models, plan.sampler, req, transform, progress=progress, **static))
+            return np.asarray(fn(self.models, plan.sampler, req, transform, network_transform, progress=progress,
+                                 **static))
         req, n = _parallel.shard_request(req, mesh)
-        out = fn(self.placed_models(mesh), plan.sampler, req, transform, progress=False, mesh=mesh, **static)
+        out = fn(self.placed_models(mesh), plan.sampler, req, transform, network_transform, progress=False, mesh=mesh,
+                 **static)
         return _parallel.gather(out)[:n]
 
-    def __call__(self, prompt: str | Sequence[str], *, transform: Any = None, progress: bool = False,
-                 output: str = "np", mesh: Any = "auto", **kwargs: Any) -> Any:
+    def __call__(self, prompt: str | Sequence[str], *, transform: Any = None, network_transform: Any = None,
+                 progress: bool = False, output: str = "np", mesh: Any = "auto", **kwargs: Any) -> Any:
         """Generate images: ``output="np"`` (B, H, W, 3) float32 in [0, 1], ``"pil"`` a list of PIL images,
         ``"latent"`` the final latents. Keyword arguments as :meth:`request`; ``transform`` (a pytree callable
         ``denoiser -> denoiser``, e.g. a :mod:`jaxdiff.guidance` transform) wraps the guided denoiser;
-        ``mesh`` as :meth:`run` (default: split over all CPU cores)."""
+        ``network_transform`` (``net -> net``, e.g. a :mod:`jaxdiff.conditioning` transform) wraps the U-Net
+        network ``net(x_vp, t, cond)`` at every call inside guidance; ``mesh`` as :meth:`run` (default: split
+        over all CPU cores)."""
         if output not in ("np", "pil", "latent"):
             raise ValueError(f"output must be 'np', 'pil' or 'latent', got {output!r}")
         req, plan, static = self.request(prompt, **kwargs)
-        out = self.run(req, plan, static, transform, progress=progress, latent=output == "latent", mesh=mesh)
+        out = self.run(req, plan, static, transform, network_transform, progress=progress, latent=output == "latent",
+                       mesh=mesh)
         if not np.all(np.isfinite(out)):
             raise FloatingPointError("generation produced NaN/Inf; try float32 (--dtype float32) "
                                      "or a lower guidance scale")
