@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import ACTIVATIONS, KeySource, Maker, config_from_dict
 
 Array = jax.Array
@@ -106,7 +107,7 @@ class CLIPAttention(nnx.Module):
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        out = attention(q, k, v, mask=mask, is_causal=is_causal)
         return self.out_proj(out.reshape(b, t, d))
 
 
