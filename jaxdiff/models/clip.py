@@ -208,6 +208,10 @@ class CLIPTextTransformer(nnx.Module):
 
         Configs with ``eos_token_id == 2`` (written before transformers PR #24773, e.g. SD 1.x/2.x) take the
         position of the largest token id; others the first position holding ``eos_token_id``.
+        Added tokens (textual inversion, :func:`jaxdiff.models.patches.set_embedding_rows`) have ids above
+        the EOS id, so with such a legacy config the pooled output is read at the largest *added* token's
+        position, not at EOS: transformers does the same (checked in ``tests/models/test_patches.py``).
+        The hidden states, which Stable Diffusion's U-Net reads, are unaffected.
         """
         if self.eos_token_id == 2:
             idx = jnp.argmax(input_ids, axis=-1)

@@ -294,7 +294,8 @@ class PatchWeights:
             fits = [i for i, p in enumerate(params) if not _check_against(patch, p)]
             if not fits:
                 best = min(range(len(models)), key=lambda i: len(_check_against(patch, params[i])))
-                _fail(_check_against(patch, params[best]), f"patch (closest model: {_model_type(models[best]).__name__})")
+                closest = _model_type(models[best]).__name__
+                _fail(_check_against(patch, params[best]), f"patch (closest model: {closest})")
             if len(fits) > 1 and self.model is None:
                 kinds = ", ".join(_model_type(models[i]).__name__ for i in fits)
                 raise PatchMismatchError(f"the patch fits {len(fits)} models inside the network ({kinds}); "
@@ -354,7 +355,10 @@ def pad_embedding(state: Any, name: str, capacity: int) -> Any:
     """The table ``name`` (vocab, dim) zero-padded to ``(capacity, dim)``; ids below ``vocab`` read the same rows.
 
     Pad once, before compiling: new tokens (:func:`set_embedding_rows`) then fill rows that exist already,
-    so their ids change values only, never shapes."""
+    so their ids change values only, never shapes. For CLIP text configs with the legacy ``eos_token_id == 2``
+    the pooled output is read at ``argmax(input_ids)``, so once a prompt holds an added id (above the EOS id)
+    it pools at that token instead of EOS, exactly as transformers does; the hidden states are unaffected
+    (see :meth:`jaxdiff.models.clip.CLIPTextTransformer.pool`)."""
     def pad(table: Array) -> Array:
         if table.ndim != 2 or capacity < table.shape[0]:
             raise ValueError(f"cannot pad the {tuple(table.shape)} table {name!r} to capacity {capacity}: "
@@ -381,8 +385,3 @@ def set_embedding_rows(state: Any, name: str, rows: Any, start: int | Array) -> 
         return jax.lax.dynamic_update_slice_in_dim(table, r.astype(table.dtype), start, axis=0)
 
     return _edit(state, name, put)
-
-
-def parameter_names(state: Any) -> list[str]:
-    """The checkpoint names of a model's parameters (what patches may target)."""
-    return sorted(torch_name_map(_model_state(state)))
