@@ -17,6 +17,11 @@ and dispatches to one of:
   on CPU, ``"xla"`` on other platforms) while the full float32 logits fit :data:`DENSE_LOGITS_BUDGET`
   bytes, else ``"blockwise"``.
 
+Every backend takes an additive ``bias`` and a boolean ``mask`` (both broadcast to ``(B, heads, T_q, T_k)``)
+and ``is_causal``, as ``jax.nn.dot_product_attention`` does (CLIP's causal and padding masks, T5's relative
+position bias); the ``"cpu"`` and ``"blockwise"`` kernels slice them per tile. Without them the kernels
+trace exactly as before (no extra operation on the U-Net path).
+
 The choice is made at trace time from static shapes, dtypes and the platform, so it is ``jit``
 friendly. Override it for one call (``backend=``), one layer (the layers' ``attention_backend``)
 or everywhere (:func:`set_default_backend`, or the :func:`default_backend` context manager). The
@@ -301,6 +306,7 @@ def attention(q: Array, k: Array, v: Array, *, backend: str | None = None, scale
     b, tq, h, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     bias, mask = _as4(bias, "bias"), _as4(mask, "mask")
+    mask = None if mask is None else mask.astype(bool)
     plain = bias is None and mask is None and not is_causal
     if is_causal and tq != k.shape[1]:
         raise ValueError(f"is_causal needs as many queries as keys (got {tq} and {k.shape[1]}); pass a mask instead")
@@ -320,7 +326,7 @@ def attention(q: Array, k: Array, v: Array, *, backend: str | None = None, scale
                              f"multiple of 8 up to 128 (got {jax.default_backend()}, {q.dtype}, {d}); "
                              "use backend='xla' or 'auto'")
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=name, **extra_kw)
-    extra = None if plain else _Extra(bias, None if mask is None else mask.astype(bool), is_causal)
+    extra = None if plain else _Extra(bias, mask, is_causal)
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads-major: 1.1-1.8x faster on XLA:CPU
     if name == "cpu":
         out = _cpu(q, k, v, scale, q_block, extra)
