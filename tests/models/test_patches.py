@@ -310,3 +310,28 @@ def test_added_tokens_keep_shapes_and_equal_transformers_resized_embeddings():
     np.testing.assert_array_equal(np.asarray(got[1])[1], np.asarray(got[0])[1, 6])  # pooled at the new token
     with pytest.raises(ValueError, match="pad it first"):
         patches.set_embedding_rows(padded, TABLE, rows, 79)
+
+
+def test_kohya_underscored_names_find_the_same_layers():
+    """``lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight`` names the dotted layer."""
+    config, tensors, _, _ = fx.load_case(DATA / "clip_text_quick_gelu")
+    model = PureModel.of(CLIPTextModel.from_pretrained_tensors(config, tensors))
+    rng = np.random.default_rng(5)
+    dotted, kohya = {}, {}
+    for module, (din, dout) in {"text_model.encoder.layers.0.self_attn.q_proj": (32, 32),
+                                "text_model.encoder.layers.2.mlp.fc2": (48, 32)}.items():
+        values = {"lora_down.weight": rng.standard_normal((2, din)).astype(np.float32),
+                  "lora_up.weight": rng.standard_normal((dout, 2)).astype(np.float32), "alpha": np.float32(1.0)}
+        for suffix, value in values.items():
+            dotted[f"{module}.{suffix}"] = value
+            kohya[f"lora_te_{module.replace('.', '_')}.{suffix}"] = value
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
+    a, b = patches.lora(dotted, model), patches.lora(kohya, model, prefix="lora_te_")
+    assert a.names() == b.names() == ["text_model.encoder.layers.0.self_attn.q_proj.kernel",
+                                      "text_model.encoder.layers.2.mlp.fc2.kernel"]
+    for n in a.names():
+        np.testing.assert_array_equal(np.asarray(a.low_rank[n].delta()), np.asarray(b.low_rank[n].delta()))
+    # the delta is (alpha / r) up @ down, in jaxdiff's (in, out) layout
+    q = "text_model.encoder.layers.0.self_attn.q_proj"
+    want = 0.5 * (dotted[f"{q}.lora_up.weight"] @ dotted[f"{q}.lora_down.weight"]).T
+    np.testing.assert_allclose(np.asarray(a.low_rank[q + ".kernel"].delta()), want, rtol=1e-6, atol=1e-6)
