@@ -58,6 +58,44 @@ def to_jax_layout(array: np.ndarray, kind: str) -> np.ndarray:
     return array
 
 
+def to_torch_layout(array: Any, kind: str) -> Any:
+    """Flax layout -> PyTorch layout (inverse of :func:`to_jax_layout`; numpy or jax arrays)."""
+    if kind != "kernel" or array.ndim < 2:
+        return array
+    if array.ndim == 2:  # Linear (in, out) -> (out, in)
+        return array.T
+    n = array.ndim  # Conv (*spatial, in, out) -> (out, in, *spatial)
+    return array.transpose((n - 1, n - 2, *range(n - 2)))
+
+
+def state_name(path: tuple[Any, ...]) -> str:
+    """An NNX state path as one dotted string (``down_blocks.0.resnets.0.conv1.kernel``)."""
+    return ".".join(str(p) for p in path)
+
+
+def checkpoint_name(path: tuple[Any, ...] | str) -> str:
+    """The PyTorch checkpoint name of an NNX parameter path (or its :func:`state_name`):
+    ``(..., "attn1", "to_q", "kernel")`` -> ``"....attn1.to_q.weight"``."""
+    parts = tuple(path.split(".")) if isinstance(path, str) else path
+    return _torch_key(parts)[0]
+
+
+def parameter_kind(path: tuple[Any, ...] | str) -> str:
+    """The last name of an NNX parameter path: ``kernel`` (transposed layouts), ``scale``, ``embedding``, ``bias``."""
+    return str(path.split(".")[-1] if isinstance(path, str) else path[-1])
+
+
+def state_path(name: str, state: nnx.State) -> tuple[Any, ...]:
+    """Inverse of :func:`checkpoint_name` within ``state``: the NNX path holding checkpoint tensor ``name``.
+
+    ``weight`` is ambiguous without the model (``kernel``, ``scale`` or ``embedding``), hence ``state``.
+    Raises ``KeyError`` naming the tensor when the model has no such parameter."""
+    found = torch_name_map(state).get(name)
+    if found is None:
+        raise KeyError(f"the model has no parameter named {name!r} (PyTorch naming, e.g. 'conv_in.weight')")
+    return found[0]
+
+
 def _summarise(names: Iterable[str], limit: int = 20) -> str:
     names = sorted(names)
     shown = ", ".join(names[:limit])

@@ -17,6 +17,11 @@ and dispatches to one of:
   on CPU, ``"xla"`` on other platforms) while the full float32 logits fit :data:`DENSE_LOGITS_BUDGET`
   bytes, else ``"blockwise"``.
 
+Every backend takes an additive ``bias`` and a boolean ``mask`` (both broadcast to ``(B, heads, T_q, T_k)``)
+and ``is_causal``, as ``jax.nn.dot_product_attention`` does (CLIP's causal and padding masks, T5's relative
+position bias); the ``"cpu"`` and ``"blockwise"`` kernels slice them per tile. Without them the kernels
+trace exactly as before (no extra operation on the U-Net path).
+
 The choice is made at trace time from static shapes, dtypes and the platform, so it is ``jit``
 friendly. Override it for one call (``backend=``), one layer (the layers' ``attention_backend``)
 or everywhere (:func:`set_default_backend`, or the :func:`default_backend` context manager). The
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import dataclasses
 import math
 
 import jax
@@ -95,9 +101,15 @@ def choose_backend(batch: int, heads: int, queries: int, keys: int, head_dim: in
 # --- "cpu": the dense kernel tuned for XLA:CPU ---------------------------------------------------
 
 
-def _dense_block(q: Array, k: Array, v: Array, scale: float) -> Array:
-    """``softmax(q k^T * scale) v`` for heads-major (B, heads, T, d) blocks, normalising after the value product."""
+def _dense_block(q: Array, k: Array, v: Array, scale: float, bias: Array | None = None,
+                 keep: Array | None = None) -> Array:
+    """``softmax(q k^T * scale + bias) v`` for heads-major (B, heads, T, d) blocks, normalising after the value
+    product; ``keep`` (boolean, broadcast to the logits) drops the logits where it is False."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if keep is not None:
+        logits = jnp.where(keep, logits, MASKED)
     p = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
     out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / p.sum(axis=-1)[..., None]).astype(v.dtype)
@@ -125,26 +137,101 @@ def _unblocks(x: Array, t: int) -> Array:
     return jnp.moveaxis(x, 0, 2).reshape(b, h, n * size, d)[:, :, :t]
 
 
-def _cpu(q: Array, k: Array, v: Array, scale: float, chunk: int | None = None) -> Array:
+def _cpu(q: Array, k: Array, v: Array, scale: float, chunk: int | None = None, extra: "_Extra | None" = None) -> Array:
     """Heads-major dense attention, queries in chunks of ``chunk`` (default :func:`query_chunk`)."""
     b, h, t, _ = q.shape
     chunk = chunk or query_chunk(b, t, h, k.shape[2])
     if chunk >= t:
-        return _dense_block(q, k, v, scale)
-    out = jax.lax.map(lambda qc: _dense_block(qc, k, v, scale), _blocks(q, chunk))
+        if extra is None:
+            return _dense_block(q, k, v, scale)
+        return _dense_block(q, k, v, scale, extra.bias, extra.keep(0, t, 0, k.shape[2]))
+    if extra is None:
+        out = jax.lax.map(lambda qc: _dense_block(qc, k, v, scale), _blocks(q, chunk))
+    else:
+        extra = extra.padded(-(-t // chunk) * chunk, k.shape[2])
+
+        def one(block):
+            qc, i = block
+            return _dense_block(qc, k, v, scale, extra.bias_tile(i * chunk, chunk, 0, k.shape[2]),
+                                extra.keep(i * chunk, chunk, 0, k.shape[2]))
+
+        out = jax.lax.map(one, (_blocks(q, chunk), jnp.arange(-(-t // chunk))))
     return _unblocks(out, t)
+
+
+# --- additive bias and boolean mask, tiled -------------------------------------------------------
+
+# Logit of a masked (query, key) pair: finite, as jax.nn.dot_product_attention's, so a query whose keys are all
+# masked averages the values instead of producing NaN; 0.7 of the largest float32 leaves room to subtract.
+MASKED = float(-0.7 * jnp.finfo(jnp.float32).max)
+
+
+def _as4(x: Array | None, name: str) -> Array | None:
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    if x.ndim > 4:
+        raise ValueError(f"attention {name} must broadcast to (B, heads, T_q, T_k); got shape {x.shape}")
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def _pad_axis(x: Array, axis: int, size: int, value) -> Array:
+    if x.shape[axis] in (1, size):
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _tile(x: Array, q0, nq: int, k0, nk: int) -> Array:
+    """Rows ``q0:q0+nq`` and columns ``k0:k0+nk`` of a (B|1, heads|1, T_q|1, T_k|1) array (size-1 axes kept)."""
+    if x.shape[2] != 1:
+        x = jax.lax.dynamic_slice_in_dim(x, q0, nq, axis=2)
+    if x.shape[3] != 1:
+        x = jax.lax.dynamic_slice_in_dim(x, k0, nk, axis=3)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class _Extra:
+    """An additive ``bias`` and a boolean ``mask`` (True: attend), each broadcastable to (B, heads, T_q, T_k) and
+    kept in their own shapes, plus ``causal`` (key ``j`` visible to query ``i`` when ``j <= i``); the kernels ask
+    for the tile of queries ``q0:q0+nq`` and keys ``k0:k0+nk``."""
+
+    bias: Array | None
+    mask: Array | None
+    causal: bool
+
+    def padded(self, tq: int, tk: int) -> "_Extra":
+        """Bias and mask zero-/False-padded along their full-length axes to ``tq`` queries and ``tk`` keys."""
+        pad = lambda x, value: None if x is None else _pad_axis(_pad_axis(x, 2, tq, value), 3, tk, value)  # noqa: E731
+        return _Extra(pad(self.bias, 0), pad(self.mask, False), self.causal)
+
+    def bias_tile(self, q0, nq: int, k0, nk: int) -> Array | None:
+        return None if self.bias is None else _tile(self.bias, q0, nq, k0, nk)
+
+    def keep(self, q0, nq: int, k0, nk: int) -> Array | None:
+        keep = None if self.mask is None else _tile(self.mask, q0, nq, k0, nk).astype(bool)
+        if self.causal:
+            rows = q0 + jnp.arange(nq)[:, None]
+            cols = k0 + jnp.arange(nk)[None, :]
+            keep = cols <= rows if keep is None else keep & (cols <= rows)
+        return keep
 
 
 # --- "blockwise": online softmax over key blocks ---------------------------------------------------
 
 
-def _blockwise(q: Array, k: Array, v: Array, scale: float, q_block: int, k_block: int) -> Array:
+def _blockwise(q: Array, k: Array, v: Array, scale: float, q_block: int, k_block: int,
+               extra: _Extra | None = None) -> Array:
     """Heads-major attention with O(q_block * k_block) temporaries per head.
 
     For each query block, a scan over key blocks carries the running row maximum ``m``, the running
     sum ``l`` of ``exp(s - m)`` and the unnormalised output ``acc``; a new block with maximum ``m'``
     rescales both by ``exp(m - m')`` (Rabe & Staats 2021, Sec. 3; FlashAttention Alg. 1). Padded keys
     (when ``T_k`` is not a multiple of ``k_block``) are masked to ``-inf``; every block holds a real key.
+    A bias and a mask (``extra``) are sliced per (query block, key block) tile; masked keys get the finite
+    :data:`MASKED` logit, so a block of masked keys is wiped out by the rescale once a visible key is seen.
     """
     b, h, tq, _ = q.shape
     tk, dv = k.shape[2], v.shape[-1]
@@ -153,12 +240,24 @@ def _blockwise(q: Array, k: Array, v: Array, scale: float, q_block: int, k_block
     n_k = kb.shape[0]
     padded = n_k * k_block != tk
     valid = (jnp.arange(n_k * k_block) < tk).reshape(n_k, k_block)
+    qb = _blocks(q, q_block)
+    if extra is not None:
+        extra = extra.padded(qb.shape[0] * q_block, n_k * k_block)
 
-    def one_query_block(qc: Array) -> Array:
+    def one_query_block(block) -> Array:
+        qc, qi = block if extra is not None else (block, None)
+
         def step(carry, block):
             m, l, acc = carry
-            kc, vc, ok = block
+            kc, vc, ok, ki = block if extra is not None else (*block, None)
             s = jnp.einsum("bhqd,bhkd->bhqk", qc, kc, preferred_element_type=jnp.float32) * scale
+            if extra is not None:
+                tile = (qi * q_block, q_block, ki * k_block, k_block)
+                bias, keep = extra.bias_tile(*tile), extra.keep(*tile)
+                if bias is not None:
+                    s = s + bias.astype(jnp.float32)
+                if keep is not None:
+                    s = jnp.where(keep, s, MASKED)
             if padded:
                 s = jnp.where(ok, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
@@ -172,51 +271,67 @@ def _blockwise(q: Array, k: Array, v: Array, scale: float, q_block: int, k_block
         rows = qc.shape[:3]
         init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
                 jnp.zeros((*rows, dv), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, valid))
+        xs = (kb, vb, valid) if extra is None else (kb, vb, valid, jnp.arange(n_k))
+        (_, l, acc), _ = jax.lax.scan(step, init, xs)
         return (acc / l[..., None]).astype(v.dtype)
 
-    return _unblocks(jax.lax.map(one_query_block, _blocks(q, q_block)), tq)
+    xs = qb if extra is None else (qb, jnp.arange(qb.shape[0]))
+    return _unblocks(jax.lax.map(one_query_block, xs), tq)
 
 
 # --- the one entry point ----------------------------------------------------------------------------
 
 
 def attention(q: Array, k: Array, v: Array, *, backend: str | None = None, scale: float | None = None,
+              bias: Array | None = None, mask: Array | None = None, is_causal: bool = False,
               budget: int = DENSE_LOGITS_BUDGET, q_block: int | None = None,
               k_block: int = BLOCKWISE_KEY_BLOCK) -> Array:
-    """``softmax(q k^T * scale) v`` per head on (B, T, heads, d) arrays; returns (B, T_q, heads, d_v).
+    """``softmax(q k^T * scale + bias) v`` per head on (B, T, heads, d) arrays; returns (B, T_q, heads, d_v).
 
-    ``scale`` defaults to ``d ** -0.5``. ``backend`` is one of :data:`BACKENDS` (``None``: the
-    module default, see :func:`set_default_backend`); ``budget`` is the float32-logit size in
-    bytes past which ``"auto"`` goes blockwise on CPU. ``q_block`` is the queries per block of the
-    ``"cpu"`` kernel (default :func:`query_chunk`) and of ``"blockwise"`` (default
-    :data:`BLOCKWISE_QUERY_BLOCK`); ``k_block`` the keys per blockwise scan step.
-    The ``"cpu"`` and ``"blockwise"`` paths compute logits and softmax in float32 for any input dtype.
+    ``scale`` defaults to ``d ** -0.5``. ``bias`` (additive, e.g. T5's relative positions) and ``mask``
+    (boolean, True where a query may attend to a key, e.g. a padding mask ``(B, 1, 1, T_k)``) broadcast to
+    ``(B, heads, T_q, T_k)``, as in ``jax.nn.dot_product_attention``; ``is_causal`` lets query ``i`` see keys
+    ``j <= i`` only. A masked logit is a large finite negative number (:data:`MASKED`), so a query with every
+    key masked averages the values, as ``jax.nn.dot_product_attention`` does. ``backend`` is one of
+    :data:`BACKENDS` (``None``: the module default, see :func:`set_default_backend`); ``budget`` is the
+    float32-logit size in bytes past which ``"auto"`` goes blockwise on CPU. ``q_block`` is the queries per
+    block of the ``"cpu"`` kernel (default :func:`query_chunk`) and of ``"blockwise"`` (default
+    :data:`BLOCKWISE_QUERY_BLOCK`); ``k_block`` the keys per blockwise scan step. The ``"cpu"`` and
+    ``"blockwise"`` paths compute logits and softmax in float32 for any input dtype, and slice the bias and
+    the mask per tile (their size-1 axes stay size 1: a padding mask is never expanded to ``T_q * T_k``).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention takes (B, T, heads, d) arrays; got shapes {q.shape}, {k.shape}, {v.shape}")
     name = _check_backend(backend or _default[0])
     b, tq, h, d = q.shape
     scale = d ** -0.5 if scale is None else scale
+    bias, mask = _as4(bias, "bias"), _as4(mask, "mask")
+    mask = None if mask is None else mask.astype(bool)
+    plain = bias is None and mask is None and not is_causal
+    if is_causal and tq != k.shape[1]:
+        raise ValueError(f"is_causal needs as many queries as keys (got {tq} and {k.shape[1]}); pass a mask instead")
     auto = name == "auto"
     if auto:
         name = choose_backend(b, h, tq, k.shape[1], d, q.dtype, budget=budget)
+    extra_kw = {} if plain else dict(bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+                                     is_causal=is_causal)
     if name == "cudnn" and auto:
         try:  # jax checks cuDNN's version and the GPU's compute capability while tracing
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-        except (NotImplementedError, RuntimeError):
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn", **extra_kw)
+        except (NotImplementedError, RuntimeError, ValueError):
             name = "xla"
     if name in ("xla", "cudnn"):
         if name == "cudnn" and not (jax.default_backend() == "gpu" and _cudnn_applies(q.dtype, d)):
             raise ValueError(f"the cudnn attention backend needs a GPU, float16/bfloat16 and a head dim that is a "
                              f"multiple of 8 up to 128 (got {jax.default_backend()}, {q.dtype}, {d}); "
                              "use backend='xla' or 'auto'")
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=name)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=name, **extra_kw)
+    extra = None if plain else _Extra(bias, mask, is_causal)
     q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads-major: 1.1-1.8x faster on XLA:CPU
     if name == "cpu":
-        out = _cpu(q, k, v, scale, q_block)
+        out = _cpu(q, k, v, scale, q_block, extra)
     else:
-        out = _blockwise(q, k, v, scale, q_block or BLOCKWISE_QUERY_BLOCK, k_block)
+        out = _blockwise(q, k, v, scale, q_block or BLOCKWISE_QUERY_BLOCK, k_block, extra)
     return jnp.swapaxes(out, 1, 2)
 
 

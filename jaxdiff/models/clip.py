@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import ACTIVATIONS, KeySource, Maker, config_from_dict
 
 Array = jax.Array
@@ -106,7 +107,7 @@ class CLIPAttention(nnx.Module):
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        out = attention(q, k, v, mask=mask, is_causal=is_causal)
         return self.out_proj(out.reshape(b, t, d))
 
 
@@ -207,6 +208,10 @@ class CLIPTextTransformer(nnx.Module):
 
         Configs with ``eos_token_id == 2`` (written before transformers PR #24773, e.g. SD 1.x/2.x) take the
         position of the largest token id; others the first position holding ``eos_token_id``.
+        Added tokens (textual inversion, :func:`jaxdiff.models.patches.set_embedding_rows`) have ids above
+        the EOS id, so with such a legacy config the pooled output is read at the largest *added* token's
+        position, not at EOS: transformers does the same (checked in ``tests/models/test_patches.py``).
+        The hidden states, which Stable Diffusion's U-Net reads, are unaffected.
         """
         if self.eos_token_id == 2:
             idx = jnp.argmax(input_ids, axis=-1)

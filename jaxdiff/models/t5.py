@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import ACTIVATIONS, Maker, config_from_dict
 
 Array = jax.Array
@@ -119,7 +120,7 @@ class T5Attention(nnx.Module):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.heads, self.d_kv)  # noqa: E731
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask, scale=1.0)
+        out = attention(q, k, v, bias=bias, mask=mask, scale=1.0)
         return self.o(out.reshape(b, t, self.heads * self.d_kv))
 
 

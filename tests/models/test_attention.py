@@ -130,3 +130,77 @@ def test_blockwise_temp_memory_does_not_grow_with_the_logits():
     assert dense >= logits  # the measure sees materialised logits
     assert blockwise < logits / 16, (blockwise, logits)
     assert longer < 3 * blockwise, (longer, blockwise)  # linear in T (padded copies), not quadratic
+
+
+# --- additive bias, boolean mask, causal: every backend against a dense float64 reference ------------
+
+def _reference_masked(q, k, v, scale=None, bias=None, mask=None, causal=False) -> np.ndarray:
+    """``softmax(q k^T * scale + bias)`` with masked logits at ``jax.nn.dot_product_attention``'s finite
+    large negative (a row with every key masked averages the values), in float64."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)
+    keep = np.ones(logits.shape, bool)
+    if mask is not None:
+        keep &= np.asarray(mask, bool)
+    if causal:
+        keep &= np.tril(np.ones(logits.shape[-2:], bool))
+    logits = np.where(keep, logits, -1e30)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def _bias_mask(b, h, tq, tk, seed, bias_shape, mask_kind):
+    rng = np.random.default_rng(seed)
+    bias = None if bias_shape is None else rng.standard_normal(bias_shape(b, h, tq, tk)).astype(np.float32) * 3
+    if mask_kind == "padding":  # keys past each row's length, (B, 1, 1, T_k)
+        lengths = np.array([tk, max(1, tk // 3)][:b])
+        mask = (np.arange(tk)[None] < lengths[:, None])[:, None, None, :]
+    elif mask_kind == "random":  # a full (B, heads, T_q, T_k) mask; query 0 of batch 0 sees no key at all
+        mask = rng.random((b, h, tq, tk)) < 0.6
+        mask[0, :, 0, :] = False
+    else:
+        mask = None
+    return bias, mask
+
+
+MASK_CASES = [  # (B, T_q, T_k, heads, d, bias shape, mask, causal)
+    (2, 50, 37, 3, 4, lambda b, h, tq, tk: (1, h, tq, tk), "padding", False),  # T5: shared bias, padding mask
+    (2, 40, 40, 2, 8, None, "padding", True),  # CLIP: causal and padding
+    (2, 33, 70, 2, 8, lambda b, h, tq, tk: (b, 1, 1, tk), "random", False),  # per-key bias, full mask
+    (1, 70, 70, 2, 8, lambda b, h, tq, tk: (h, tq, tk), None, True),  # 3-d bias, causal only
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "xla", "blockwise"])
+@pytest.mark.parametrize("case", range(len(MASK_CASES)))
+def test_bias_and_mask_equal_the_definition_on_every_backend(backend, case):
+    b, tq, tk, h, d, bias_shape, mask_kind, causal = MASK_CASES[case]
+    q, k, v = _qkv(b, tq, tk, h, d, seed=10 + case)
+    bias, mask = _bias_mask(b, h, tq, tk, 20 + case, bias_shape, mask_kind)
+    ref = _reference_masked(q, k, v, 0.7, bias, mask, causal)
+    # small tiles: several query and key blocks, neither length a multiple of them, so the slicing is exercised
+    for kw in ({}, {"q_block": 16, "k_block": 16}):
+        out = _run(backend, q, k, v, scale=0.7, bias=bias, mask=mask, is_causal=causal, **kw)
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=2e-6, err_msg=f"{backend} {kw}")
+
+
+def test_causal_needs_square_attention():
+    with pytest.raises(ValueError, match="is_causal needs as many queries as keys"):
+        attention(*_qkv(1, 4, 5, 1, 4), is_causal=True)
+
+
+def test_no_mask_path_is_unchanged():
+    """Without bias, mask or causal the kernels trace exactly as before: the plain call and the call
+    spelling the defaults out give one jaxpr, with no select, on the dense and the blockwise backends."""
+    q, k, v = _qkv(1, 40, 30, 2, 8)
+    for backend in ("cpu", "blockwise"):
+        plain = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, backend=backend, q_block=16, k_block=8))(q, k, v))
+        spelled = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, backend=backend, q_block=16, k_block=8,
+                                                               bias=None, mask=None, is_causal=False))(q, k, v))
+        assert plain == spelled
+        assert "dynamic_slice" not in plain
+    assert "select_n" not in str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, backend="cpu"))(q, k, v))

@@ -160,3 +160,21 @@ def test_bfloat16_compute_stays_close():
     assert got.dtype == jnp.bfloat16
     ref = outputs["last_hidden_state"]
     assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))) < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "xla"])
+def test_clip_attention_runs_through_the_one_attention_function(backend):
+    """The causal and padding masks reach every backend of ``attention()``: the text tower follows the
+    default backend (blockwise: a scan over key blocks) and still equals transformers."""
+    from jaxdiff.models.attention import default_backend
+
+    config, tensors, inputs, outputs = fx.load_case(DATA / "clip_text_quick_gelu")
+    model = PureModel.of(CLIPTextModel.from_pretrained_tensors(config, tensors))
+    ids, mask = jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"])
+    fn = lambda m: (m(ids).last_hidden_state, m(ids, mask).last_hidden_state)  # noqa: E731
+    with default_backend(backend):
+        jaxpr = str(jax.make_jaxpr(fn)(model))
+        last, masked = jax.jit(fn)(model)
+    assert ("scan" in jaxpr) == (backend == "blockwise")
+    fx.assert_close(last, outputs["last_hidden_state"], f"clip {backend}")
+    fx.assert_close(masked, outputs["last_hidden_state_masked"], f"clip {backend} masked")

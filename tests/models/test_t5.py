@@ -114,3 +114,19 @@ def test_bfloat16_compute_stays_close():
     assert got.dtype == jnp.bfloat16
     ref = outputs["last_hidden_state"]
     assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))) < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("backend", ["blockwise", "xla"])
+def test_t5_attention_runs_through_the_one_attention_function(backend):
+    """The relative-position bias and the padding mask reach every backend of ``attention()``: the model
+    follows the default backend (blockwise: a scan over key blocks) and still equals transformers."""
+    from jaxdiff.models.attention import default_backend
+
+    config, tensors, inputs, outputs = fx.load_case(DATA / "t5_gated_gelu")
+    model = PureModel.of(from_pretrained_tensors(config, tensors))
+    ids, mask = jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"])
+    with default_backend(backend):
+        jaxpr = str(jax.make_jaxpr(lambda m: m(ids, mask))(model))
+        got = jax.jit(lambda m: m(ids, mask))(model)
+    assert ("scan" in jaxpr) == (backend == "blockwise")
+    fx.assert_close(got, outputs["last_hidden_state"], f"t5 {backend}")
