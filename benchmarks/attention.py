@@ -176,11 +176,11 @@ def record_overhead(rounds: int, repeats: int) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxdiff.models.attention_control import RecordMaps
+    from jaxdiff.models import attention_control as ac
 
     (graphdef, state), inputs = _mid_unet(jnp.float32)
     plain = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
-    control = RecordMaps(kind="cross")
+    control = ac.Record(ac.CROSS)
     recording = jax.jit(lambda st, c, *a: nnx.merge(graphdef, st)(*a, control=c, return_records=True))
     _, maps = recording(state, control, *inputs)
     r = _interleaved({"plain": plain, "recording": recording},

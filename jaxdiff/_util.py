@@ -41,10 +41,10 @@ def as_leaves(obj: Any, floats: tuple[str, ...] = (), ints: tuple[str, ...] = ()
             try:
                 arr = jnp.asarray(value)
             except TypeError:
-                raise TypeError(f"option {name} of {type(obj).__name__} must be a number or an array, got {value!r}") from None
+                raise TypeError(f"{type(obj).__name__} option {name} must be a number or an array, got {value!r}") from None
             if not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == jnp.bool_):
-                raise TypeError(f"option {name} of {type(obj).__name__} must be a number or an array, got {value!r}")
+                raise TypeError(f"{type(obj).__name__} option {name} must be a number or an array, got {value!r}")
             if dtype == jnp.int32 and not jnp.issubdtype(arr.dtype, jnp.integer) and not isinstance(arr, jax.core.Tracer):
                 if not np.all(np.mod(np.asarray(arr), 1) == 0):
-                    raise ValueError(f"option {name} of {type(obj).__name__} must be a whole number, got {value!r}")
+                    raise ValueError(f"{type(obj).__name__} option {name} must be a whole number, got {value!r}")
             object.__setattr__(obj, name, arr.astype(dtype))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.models import attention_control
 from jaxdiff.models.layers import (
     DownBlock,
     Downsample2D,
@@ -187,9 +188,14 @@ class UNet2DModel(nnx.Module):
         self.up_blocks = nnx.List(ups)
         self.conv_norm_out = mk.group_norm(c0, config.norm_num_groups, config.norm_eps)
         self.conv_out = mk.conv(c0, config.out_channels, 3)
+        attention_control.assign_sites(self)
 
-    def __call__(self, sample: Array, timesteps: Any, class_labels: Array | None = None) -> Array:
-        """(B, H, W, in_channels) images, timesteps (scalar or (B,)), labels (B,) int -> (B, H, W, out)."""
+    def __call__(self, sample: Array, timesteps: Any, class_labels: Array | None = None, *, control: Any = None,
+                 return_records: bool = False) -> Any:
+        """(B, H, W, in_channels) images, timesteps (scalar or (B,)), labels (B,) int -> (B, H, W, out).
+
+        ``control`` / ``return_records``: attention control of the self-attention layers, as for
+        :class:`jaxdiff.models.unet.UNet2DConditionModel` (:mod:`jaxdiff.models.attention_control`)."""
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be NHWC with {cfg.in_channels} channels, got shape {sample.shape}")
@@ -200,18 +206,19 @@ class UNet2DModel(nnx.Module):
         if cfg.center_input_sample:
             x = 2 * x - 1.0
         emb = embed_time_and_class(self, timesteps, x.shape[0], class_labels)
+        run = attention_control.start(control)
         x = self.conv_in(x)
         skips: tuple[Array, ...] = (x,)
         for block in self.down_blocks:
-            x, res = block(x, emb)
+            x, res = block(x, emb, control=run)
             skips += res
         if self.mid_block is not None:
-            x = self.mid_block(x, emb)
+            x = self.mid_block(x, emb, control=run)
         for block in self.up_blocks:
             n = len(block.resnets)
             res, skips = skips[-n:], skips[:-n]
-            x = block(x, res, emb)
-        return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+            x = block(x, res, emb, control=run)
+        return attention_control.finish(self.conv_out(jax.nn.silu(self.conv_norm_out(x))), run, return_records)
 
 
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,

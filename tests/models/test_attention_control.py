@@ -46,11 +46,16 @@ def _storing_processors(model, store: dict) -> None:
 
         def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                      *args, **kwargs):
-            assert hidden_states.ndim == 3 and attention_mask is None and attn.spatial_norm is None
-            ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-            q, k = attn.head_to_batch_dim(attn.to_q(hidden_states)), attn.head_to_batch_dim(attn.to_k(ctx))
+            assert attention_mask is None and attn.spatial_norm is None
+            hs = hidden_states
+            if hs.ndim == 4:  # the pixel U-Net's spatial attention: (B, C, H, W) -> (B, HW, C), then its GroupNorm
+                hs = hs.flatten(2).transpose(1, 2)
+            if attn.group_norm is not None:
+                hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
+            ctx = hs if encoder_hidden_states is None else encoder_hidden_states
+            q, k = attn.head_to_batch_dim(attn.to_q(hs)), attn.head_to_batch_dim(attn.to_k(ctx))
             p = attn.get_attention_scores(q, k, None)
-            b, tq, tk = hidden_states.shape[0], q.shape[1], k.shape[1]
+            b, tq, tk = hs.shape[0], q.shape[1], k.shape[1]
             store[self.name] = p.reshape(b, attn.heads, tq, tk).detach().numpy()
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
@@ -105,6 +110,34 @@ def test_unet_records_equal_diffusers_attention_probs_at_every_site():
     _compare_records(model, call, store)
     assert {s.kind for s in ac.sites(model)} == {"self", "cross"}
     assert ac.sites(model)[2].path == "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+
+
+@pytest.mark.parity
+def test_pixel_unet_records_equal_diffusers_attention_probs_at_every_site():
+    """The pixel U-Net's spatial self-attention (GroupNorm first; 6 and 12 heads of size 5 on 32 / 64
+    channels): every site, including the mid block's, as diffusers forms the probabilities."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from jaxdiff.models import unet2d
+    from tests.models.fixtures import make_unet
+
+    cfg = make_unet.UNET2D_ODD_HEAD_DIM
+    ref = make_unet.build("unet2d", cfg, 4)
+    store: dict = {}
+    _storing_processors(ref, store)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, cfg["in_channels"], 8, 8, generator=g), torch.tensor([5.0, 600.0])
+    with torch.no_grad():
+        expected = ref(x, t).sample.numpy()
+    model = unet2d.from_pretrained_tensors(dict(ref.config), _weights(ref))
+
+    def call(control):
+        out, rec = run(model, nhwc(x.numpy()), t.numpy(), control=control, return_records=True)
+        np.testing.assert_allclose(np.transpose(out, (0, 3, 1, 2)), expected, atol=1e-4)
+        return out, rec
+
+    _compare_records(model, call, store)
+    assert {s.kind for s in ac.sites(model)} == {"self"} and "mid_block.attentions.0" in store
 
 
 @pytest.mark.parity

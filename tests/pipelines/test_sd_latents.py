@@ -80,7 +80,7 @@ def test_latents_values_do_not_recompile_and_replace_the_seeds(tiny_sd):
     noise = tiny_sd.initial_noise([4, 9], 2, 16, 16)
     seeded = tiny_sd(["a b", "c"], seed=[4, 9], **base)
     np.testing.assert_allclose(tiny_sd(["a b", "c"], latents=noise, seed=0, **base), seeded,
-                               atol=1e-6 * np.abs(seeded).max(), rtol=0)  # float32 rounding of O(30) latents
+                               atol=4e-6 * np.abs(seeded).max(), rtol=0)  # float32 rounding of O(30) latents, 7.5x CFG
 
 
 SPLIT_SCRIPT = """
