@@ -376,3 +376,13 @@ def test_attention_control_transform_appends_to_the_control_in_cond():
     assert net(jnp.zeros(1), jnp.zeros(1), {}).items == (second,)
     with pytest.raises(TypeError, match="not an attention control"):
         ac.compose(lambda p: p)
+
+
+def test_controlled_layer_keeps_the_compute_dtype_and_records_in_float32():
+    layer = Attention(8, Maker(nnx.Rngs(0), jnp.bfloat16, jnp.bfloat16), heads=2, dim_head=4, cross_attention_dim=6)
+    x, ctx = jnp.ones((1, 4, 8), jnp.bfloat16), jnp.ones((1, 3, 6), jnp.bfloat16)
+    run_ = ac.start(ac.compose(ac.Record(), ac.Reweight(jnp.ones(3))))
+    out = layer(x, ctx, run_)
+    assert out.dtype == jnp.bfloat16 and layer(x, ctx, ac.start(ac.Record())).dtype == jnp.bfloat16
+    (maps,) = run_.records.values()
+    assert maps.dtype == jnp.float32 and maps.shape == (1, 4, 3)
