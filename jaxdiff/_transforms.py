@@ -9,7 +9,26 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+
 from jaxdiff._pytree import pytree_dataclass, static_field
+
+Array = jax.Array
+
+
+def float_leaf(v: Any) -> Array:
+    """A numeric setting as a float32 array, so Python floats and arrays share one compiled program."""
+    return jnp.asarray(v, jnp.float32)
+
+
+def as_pytree_callable(fn: Any) -> Any:
+    """Keep pytree callables as they are; wrap a plain function as static (``jax.tree_util.Partial``)."""
+    if not callable(fn):
+        raise TypeError(f"expected a callable, got {type(fn).__name__}")
+    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(fn)):
+        return jax.tree_util.Partial(fn)
+    return fn
 
 
 @pytree_dataclass

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdiff import conditioning
 from jaxdiff import guidance as G
 from jaxdiff import parallel, sampling, schedules
 from jaxdiff._pytree import pytree_dataclass
@@ -152,18 +153,24 @@ def load_network(name: str) -> PureModel:
     return PureModel.of(module)
 
 
-def load_builtin(name: str) -> Any:
+def load_builtin(name: str, network_transform: Any = None) -> Any:
     """A built-in model by name, ready for jaxdiff's samplers and guidance.
 
     ``digits``: :class:`~jaxdiff.denoisers.DiscreteVPDenoiser` whose ``cond`` is a (B,) int label array
     (10 = no label); ``digits-ncsn``: :class:`~jaxdiff.denoisers.VEDenoiser` (unconditional);
     ``digits-classifier``: :class:`~jaxdiff.denoisers.DiscreteVPClassifier` ``(x, sigma) -> logits``;
     ``digits-eval``: the clean classifier ``x -> logits`` (``.bind("features")`` for its features).
+    ``network_transform`` (:mod:`jaxdiff.conditioning`) wraps the two generative models' U-Net,
+    ``net(x, t, labels)`` (the pixel ``UNet2DModel``: ``cond`` is its class labels, or None).
     """
     _check_name(name)
     cfg, net = builtin_config(name), load_network(name)
     adapter = cfg["adapter"]
     kind = adapter["kind"]
+    if network_transform is not None:
+        if kind not in ("discrete_vp", "ve"):
+            raise ValueError(f"{name} is a classifier: network transforms apply to 'digits' and 'digits-ncsn'")
+        net = conditioning.apply(net, network_transform)
     if kind == "discrete_vp":
         return DiscreteVPDenoiser(net, jnp.asarray(vp_alphas_cumprod(adapter)), adapter["prediction"])
     if kind == "ve":
@@ -227,33 +234,37 @@ def network_batch(name: str, num: int, guidance: float = 1.0, classifier_scale: 
     return 2 * num if cfg else num
 
 
-def guided_denoiser(name: str, labels: Any = None, *, guidance: float = 1.0,
-                    classifier_scale: float = 0.0, split: Any = None) -> tuple[Any, Any]:
+def guided_denoiser(name: str, labels: Any = None, *, guidance: float = 1.0, classifier_scale: float = 0.0,
+                    split: Any = None, transform: Any = None, network_transform: Any = None) -> tuple[Any, Any]:
     """``(denoiser, cond)`` for sampling a built-in model.
 
     ``digits``: ``guidance`` is the classifier-free scale (1: the conditional model alone, no second
     batch; 0: the unconditional model); ``classifier_scale > 0`` instead guides the *unconditional* model (null label) with the
     noisy classifier ``digits-classifier``. ``digits-ncsn`` is unconditional (labels must be None).
     ``split`` (a ``NamedSharding``) splits the network's batch (:func:`network_batch`) over devices.
+    ``network_transform`` wraps the U-Net (see :func:`load_builtin`), ``transform`` (denoiser transforms)
+    the guided denoiser.
     """
     _check_name(name, BUILTIN_MODELS)
-    den = load_builtin(name)
+    den = load_builtin(name, network_transform)
     if split is not None:
         den = parallel.ShardBatch(den, split)
     if name == "digits-ncsn":
         if labels is not None:
             raise ValueError("digits-ncsn is unconditional: pass label=None (use 'digits' for a chosen digit)")
-        return den, None
+        return G.apply(den, transform), None
     labels = jnp.asarray(labels, jnp.int32)
     null = jnp.full(labels.shape, builtin_config(name)["adapter"]["null_label"], jnp.int32)
     if classifier_scale > 0:
         clf = load_builtin("digits-classifier")
-        return G.apply(den, G.bind(null), G.classifier_guidance(clf, classifier_scale)), labels
-    if guidance == 1.0:
-        return den, labels
-    if guidance == 0.0:  # the unconditional model: one batch with the null label
-        return G.apply(den, G.bind(null)), labels
-    return G.apply(den, G.classifier_free(guidance, null)), labels
+        guide = G.chain(G.bind(null), G.classifier_guidance(clf, classifier_scale))
+    elif guidance == 1.0:
+        guide = None
+    elif guidance == 0.0:  # the unconditional model: one batch with the null label
+        guide = G.bind(null)
+    else:
+        guide = G.classifier_free(guidance, null)
+    return G.apply(den, guide, transform), labels
 
 
 def default_sampler(name: str, sampler: str) -> Any:
@@ -267,7 +278,7 @@ def default_sampler(name: str, sampler: str) -> Any:
 def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = None, sampler: str = "dpmpp_2m",
                    schedule: str | None = None, steps: int | None = None, guidance: float = 3.0,
                    classifier_scale: float = 0.0, seed: int = 0, progress: bool = False,
-                   mesh: Any = "auto") -> np.ndarray:
+                   mesh: Any = "auto", transform: Any = None, network_transform: Any = None) -> np.ndarray:
     """Sample ``num`` digits from a built-in model: ``(num, 8, 8, 1)`` float32 in [0, 1].
 
     ``label=None`` cycles through 0..9 (so a grid shows every digit); ``guidance`` is the
@@ -276,7 +287,8 @@ def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = N
     Langevin); ``steps`` to 20 (the trained level count for Langevin on ``digits-ncsn``).
     ``mesh="auto"`` splits each network call's batch over the CPU devices that divide it
     (:func:`jaxdiff.parallel.batch_mesh`; one per core by default, see :mod:`jaxdiff.cpu_devices`; no progress
-    bar then); ``None`` runs on one device, or give a 1-D ``data`` mesh.
+    bar then); ``None`` runs on one device, or give a 1-D ``data`` mesh. ``transform`` / ``network_transform``:
+    denoiser and network transforms, run inside the compiled loop (see :func:`guided_denoiser`).
     """
     _check_name(name, BUILTIN_MODELS)
     if num <= 0:
@@ -295,7 +307,8 @@ def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = N
         mesh = parallel.batch_mesh(network_batch(name, num, guidance, classifier_scale))
     split = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA))
     progress = progress and split is None
-    den, cond = guided_denoiser(name, labels, guidance=guidance, classifier_scale=classifier_scale, split=split)
+    den, cond = guided_denoiser(name, labels, guidance=guidance, classifier_scale=classifier_scale, split=split,
+                                transform=transform, network_transform=network_transform)
     key = jax.random.key(seed)
     vp = name == "digits"
     x = sampling.initial_noise(jax.random.fold_in(key, 1), (num, 8, 8, 1), sigmas.values[0], 1.0 if vp else 0.0)

@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass, static_field
-from jaxdiff._transforms import Chain, Transform, apply, chain
-from jaxdiff.guidance import _as_pytree_callable, _float_leaf
+from jaxdiff._transforms import Chain, Transform, apply, as_pytree_callable, chain, float_leaf
 
 Array = jax.Array
 Network = Callable[..., Array]
@@ -160,7 +159,7 @@ class SideNetwork:
 
 def side_network(side: Callable[..., Residuals], scale: Any = 1.0, *, conditional_only: bool = False) -> Transform:
     """Network transform adding ``scale * side(x, t, cond)`` to the network's residuals; see :class:`SideNetwork`."""
-    return Transform(SideNetwork, dict(side=_as_pytree_callable(side), scale=_float_leaf(scale)),
+    return Transform(SideNetwork, dict(side=as_pytree_callable(side), scale=float_leaf(scale)),
                      (("conditional_only", bool(conditional_only)),))
 
 

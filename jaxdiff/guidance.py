@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxdiff import _transforms
 from jaxdiff._pytree import pytree_dataclass, static_field
+from jaxdiff._transforms import as_pytree_callable, float_leaf
 from jaxdiff._util import as_leaves, batch_sigma, expand_to
 
 Array = jax.Array
@@ -30,20 +31,6 @@ RESCALE_SPACES = ("epsilon", "v", "x0")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _float_leaf(v: Any) -> Array:
-    """A numeric setting as a float32 array, so Python floats and arrays share one compiled program."""
-    return jnp.asarray(v, jnp.float32)
-
-
-def _as_pytree_callable(fn: Any) -> Any:
-    """Keep pytree callables as they are; wrap a plain function as static (``jax.tree_util.Partial``)."""
-    if not callable(fn):
-        raise TypeError(f"expected a callable, got {type(fn).__name__}")
-    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(fn)):
-        return jax.tree_util.Partial(fn)
-    return fn
-
 
 def _per_sample(v: Array, like: Array) -> Array:
     """A scalar or per-sample (B,) setting, cast to ``like``'s dtype and shaped to broadcast against it."""
@@ -348,8 +335,8 @@ def classifier_free(scale: Any, uncond: Any, *, rescale: Any = 0.0, rescale_spac
     """Classifier-free guidance transform; see :class:`ClassifierFree`."""
     if rescale_space not in RESCALE_SPACES:
         raise ValueError(f"unknown rescale_space {rescale_space!r}; valid: {', '.join(RESCALE_SPACES)}")
-    params = dict(scale=_float_leaf(scale), uncond=jax.tree_util.tree_map(jnp.asarray, uncond),
-                  rescale=_float_leaf(rescale))
+    params = dict(scale=float_leaf(scale), uncond=jax.tree_util.tree_map(jnp.asarray, uncond),
+                  rescale=float_leaf(rescale))
     return Transform(ClassifierFree, params, (("rescale_space", rescale_space),))
 
 
@@ -363,7 +350,7 @@ def classifier_guidance(classifier: Callable[[Array, Array], Array], scale: Any 
     if condition_inner and labels is not None:
         raise ValueError("condition_inner=True passes the labels read from cond to the inner denoiser; with "
                          "labels= given, cond already goes to the inner denoiser: drop one of them")
-    params = dict(classifier=_as_pytree_callable(classifier), scale=_float_leaf(scale),
+    params = dict(classifier=as_pytree_callable(classifier), scale=float_leaf(scale),
                   labels=None if labels is None else jnp.asarray(labels, jnp.int32))
     static = (("normalize", bool(normalize)), ("condition_inner", bool(condition_inner)))
     return Transform(ClassifierGuidance, params, static)
@@ -372,7 +359,7 @@ def classifier_guidance(classifier: Callable[[Array, Array], Array], scale: Any 
 def energy_guidance(loss_fn: Callable[[Array, Any], Array], scale: Any = 1.0, *,
                     through_denoiser: bool = True) -> Transform:
     """Loss-gradient guidance transform; see :class:`EnergyGuidance`. A plain function is static (hashed)."""
-    params = dict(loss_fn=_as_pytree_callable(loss_fn), scale=_float_leaf(scale))
+    params = dict(loss_fn=as_pytree_callable(loss_fn), scale=float_leaf(scale))
     return Transform(EnergyGuidance, params, (("through_denoiser", bool(through_denoiser)),))
 
 
@@ -384,7 +371,7 @@ def static_threshold(low: Any = -1.0, high: Any = 1.0) -> Transform:
         bad = False  # traced or per-element bounds: not checked
     if bad:
         raise ValueError(f"static threshold needs low < high, got low={low}, high={high}")
-    return Transform(StaticThreshold, dict(low=_float_leaf(low), high=_float_leaf(high)))
+    return Transform(StaticThreshold, dict(low=float_leaf(low), high=float_leaf(high)))
 
 
 def dynamic_threshold(ratio: Any = 0.995, max_value: Any = math.inf) -> Transform:
@@ -401,7 +388,7 @@ def dynamic_threshold(ratio: Any = 0.995, max_value: Any = math.inf) -> Transfor
         raise ValueError(f"dynamic threshold ratio is a quantile in [0, 1], got {r} (e.g. 0.995, not 99.5)")
     if not m >= 1.0:
         raise ValueError(f"dynamic threshold max_value must be >= 1 (s is clipped to [1, max_value]), got {m}")
-    return Transform(DynamicThreshold, dict(ratio=_float_leaf(ratio), max_value=_float_leaf(max_value)))
+    return Transform(DynamicThreshold, dict(ratio=float_leaf(ratio), max_value=float_leaf(max_value)))
 
 
 def bind(cond: Any) -> Transform:

@@ -158,3 +158,38 @@ def test_ncsn_adapter_is_ncsnv2_with_log_sigma_time():
     np.testing.assert_allclose(den(x, sigma)[:, 0, 0, 0],
                                1.0 - np.array([0.1, 1.0]) * t / 1000.0, rtol=1e-5)
     np.testing.assert_allclose(seen["t"], t, rtol=1e-5)
+
+
+def test_builtin_recipe_takes_both_transform_levels_in_one_program():
+    """A network transform (scaling the U-Net's epsilon) and a denoiser transform (a shift) run inside the
+    compiled loop: neutral values give the plain samples, new values reuse the program and change them."""
+    from jaxdiff import conditioning, guidance, sampling
+    from jaxdiff._pytree import pytree_dataclass
+
+    @pytree_dataclass
+    class OutputScale:
+        inner: object
+        s: jax.Array
+
+        def __call__(self, x, t, cond=None):
+            return self.inner(x, t, cond) * self.s
+
+    @pytree_dataclass
+    class Shift:
+        inner: object
+        c: jax.Array
+
+        def __call__(self, x, sigma, cond=None):
+            return self.inner(x, sigma, cond) + self.c
+
+    def run(s, c):
+        return builtin.sample_builtin("digits", num=2, steps=4, guidance=2.0, mesh=None,
+                                      network_transform=conditioning.Transform(OutputScale, {"s": jnp.float32(s)}),
+                                      transform=guidance.Transform(Shift, {"c": jnp.float32(c)}))
+
+    plain = builtin.sample_builtin("digits", num=2, steps=4, guidance=2.0, mesh=None)
+    np.testing.assert_allclose(run(1.0, 0.0), plain, atol=1e-6)
+    size = sampling.sample_jit._cache_size()
+    a, b = run(0.8, 0.0), run(1.0, 0.05)
+    assert sampling.sample_jit._cache_size() == size
+    assert np.abs(a - plain).max() > 1e-3 and np.abs(b - plain).max() > 1e-3
