@@ -37,6 +37,9 @@ class Sigmas:
 
 def _pad(values: Array, count: Array, capacity: int) -> Sigmas:
     """Fill entries past ``values[count]`` with it, making the padding a no-op region."""
+    if not isinstance(count, jax.core.Tracer) and int(count) > capacity:
+        raise ValueError(f"{int(count)} steps exceed the schedule's capacity of {capacity}; "
+                         "build it with a larger `capacity=`")
     idx = jnp.arange(capacity + 1)
     last = values[jnp.minimum(count, capacity)]
     return Sigmas(jnp.where(idx <= count, values, last), jnp.asarray(count, jnp.int32))

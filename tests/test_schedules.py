@@ -128,3 +128,12 @@ def test_ncsn_geometric_is_the_exponential_spacing():
         if n > 2:  # constant ratio between consecutive levels (Song & Ermon 2019, Sec. 4.2)
             np.testing.assert_allclose(levels[1:] / levels[:-1], 0.01 ** (1 / (n - 1)), rtol=1e-5)
 
+
+
+def test_a_step_count_above_the_capacity_is_refused_when_the_schedule_is_built():
+    for build in (lambda: schedules.karras(12, 0.1, 10.0, capacity=11),
+                  lambda: schedules.exponential(12, 0.1, 10.0, capacity=11),
+                  lambda: schedules.linear(12, 0.1, 10.0, capacity=11)):
+        with pytest.raises(ValueError, match="12 steps exceed the schedule's capacity of 11"):
+            build()
+    assert int(schedules.karras(11, 0.1, 10.0, capacity=11).count) == 11

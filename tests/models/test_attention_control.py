@@ -82,6 +82,26 @@ def _compare_records(jax_model, call, torch_store: dict) -> None:
         np.testing.assert_allclose(np.asarray(rec[site.path]).sum(-1), 1.0, atol=1e-5, err_msg=site.path)
 
 
+def _reference(kind: str, cfg: dict, seed: int):
+    """The diffusers model ``kind`` of tests/models/fixtures/make_unet.py with storing processors: (model, store)."""
+    from tests.models.fixtures import make_unet
+
+    ref = make_unet.build(kind, cfg, seed)
+    store: dict = {}
+    _storing_processors(ref, store)
+    return ref, store
+
+
+def _checked(model, args: tuple, expected: np.ndarray):
+    """``call(control) -> (out, records)`` that also checks the output against diffusers' (recording is exact)."""
+    def call(control):
+        out, rec = run(model, *args, control=control, return_records=True)
+        np.testing.assert_allclose(np.transpose(out, (0, 3, 1, 2)), expected, atol=1e-4)
+        return out, rec
+
+    return call
+
+
 @pytest.mark.parity
 def test_unet_records_equal_diffusers_attention_probs_at_every_site():
     """SD 2 style tiny U-Net (linear projection, per-block heads, two transformer layers in a block,
@@ -91,23 +111,14 @@ def test_unet_records_equal_diffusers_attention_probs_at_every_site():
     from tests.models.fixtures import make_unet
 
     cfg = make_unet.UNET_SD2_DEPTH
-    ref = make_unet.build("unet", cfg, 1)
-    store: dict = {}
-    _storing_processors(ref, store)
+    ref, store = _reference("unet", cfg, 1)
     g = torch.Generator().manual_seed(0)
     x, ctx, t = torch.randn(2, cfg["in_channels"], 6, 10, generator=g), torch.randn(2, 5, 12, generator=g), \
         torch.tensor([3.0, 700.0])
     with torch.no_grad():
         expected = ref(x, t, ctx).sample.numpy()
     model = unet.from_pretrained_tensors(dict(ref.config), _weights(ref))
-    args = (nhwc(x.numpy()), t.numpy(), ctx.numpy())
-
-    def call(control):
-        out, rec = run(model, *args, control=control, return_records=True)
-        np.testing.assert_allclose(np.transpose(out, (0, 3, 1, 2)), expected, atol=1e-4)  # recording is exact
-        return out, rec
-
-    _compare_records(model, call, store)
+    _compare_records(model, _checked(model, (nhwc(x.numpy()), t.numpy(), ctx.numpy()), expected), store)
     assert {s.kind for s in ac.sites(model)} == {"self", "cross"}
     assert ac.sites(model)[2].path == "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
 
@@ -122,21 +133,13 @@ def test_pixel_unet_records_equal_diffusers_attention_probs_at_every_site():
     from tests.models.fixtures import make_unet
 
     cfg = make_unet.UNET2D_ODD_HEAD_DIM
-    ref = make_unet.build("unet2d", cfg, 4)
-    store: dict = {}
-    _storing_processors(ref, store)
+    ref, store = _reference("unet2d", cfg, 4)
     g = torch.Generator().manual_seed(2)
     x, t = torch.randn(2, cfg["in_channels"], 8, 8, generator=g), torch.tensor([5.0, 600.0])
     with torch.no_grad():
         expected = ref(x, t).sample.numpy()
     model = unet2d.from_pretrained_tensors(dict(ref.config), _weights(ref))
-
-    def call(control):
-        out, rec = run(model, nhwc(x.numpy()), t.numpy(), control=control, return_records=True)
-        np.testing.assert_allclose(np.transpose(out, (0, 3, 1, 2)), expected, atol=1e-4)
-        return out, rec
-
-    _compare_records(model, call, store)
+    _compare_records(model, _checked(model, (nhwc(x.numpy()), t.numpy()), expected), store)
     assert {s.kind for s in ac.sites(model)} == {"self"} and "mid_block.attentions.0" in store
 
 
@@ -147,9 +150,7 @@ def test_controlnet_records_equal_diffusers_attention_probs_at_every_site():
     from tests.models.fixtures import make_unet
 
     cfg = make_unet.CONTROLNET_SD1
-    ref = make_unet.build("controlnet", cfg, 3)
-    store: dict = {}
-    _storing_processors(ref, store)
+    ref, store = _reference("controlnet", cfg, 3)
     g = torch.Generator().manual_seed(1)
     x, ctx, image = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), \
         torch.randn(2, 3, 16, 16, generator=g)
