@@ -99,7 +99,8 @@ def alpha_maps(intensity: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     x = np.asarray(intensity, np.float64)
     if x.ndim != 3:
         raise ValueError(f"intensity must be (N, h, w), got shape {x.shape}; drop the channel axis with x[..., 0]")
-    up = np.clip(np.einsum("ih,nhw,jw->nij", _cubic_weights(x.shape[1], size), x, _cubic_weights(x.shape[2], size)), 0, 1)
+    rows, cols = _cubic_weights(x.shape[1], size), _cubic_weights(x.shape[2], size)
+    up = np.clip(np.einsum("ih,nhw,jw->nij", rows, x, cols), 0, 1)
     return (up / np.maximum(up.max((1, 2), keepdims=True), 1e-12)).astype(np.float32)
 
 
@@ -150,7 +151,8 @@ def _tercile_edges(values: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def attribute_thresholds() -> dict[str, np.ndarray]:
     """Per-class tercile edges ``{"ink_mass": (10, 2), "shear": (10, 2)}`` over the judge's training split
-    (1,500 digits, :func:`alpha_maps` at 32x32): below the first edge is thin / left, from the second on thick / right."""
+    (1,500 digits, :func:`alpha_maps` at 32x32): below the first edge is thin / left, from the second on
+    thick / right."""
     train, _ = _judge_split()
     alpha = alpha_maps(train["x"])
     out = {}
