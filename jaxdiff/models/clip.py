@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdiff.convert.export import torch_state_dict
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import ACTIVATIONS, KeySource, Maker, config_from_dict
@@ -60,6 +61,10 @@ class CLIPTextConfig:
         """From a ``config.json`` dict (a full ``CLIPConfig``'s ``text_config`` is used when present)."""
         return config_from_dict(cls, d.get("text_config") or d)
 
+    def to_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict for transformers' ``CLIPTextModel`` (``model_type`` ``clip_text_model``)."""
+        return dict(dataclasses.asdict(self), model_type="clip_text_model")
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
@@ -85,6 +90,10 @@ class CLIPVisionConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
         """From a ``config.json`` dict (a full ``CLIPConfig``'s ``vision_config`` is used when present)."""
         return config_from_dict(cls, d.get("vision_config") or d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict for transformers' ``CLIPVisionModelWithProjection``."""
+        return dict(dataclasses.asdict(self), model_type="clip_vision_model")
 
 
 def _maker(rngs: nnx.Rngs | KeySource, dtype: Any, param_dtype: Any) -> Maker:
@@ -417,10 +426,9 @@ class CLIPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A ``config.json`` dict that transformers' ``CLIPConfig`` reads back to this configuration."""
-        text = dict(dataclasses.asdict(self.text_config), model_type="clip_text_model")
-        vision = dict(dataclasses.asdict(self.vision_config), model_type="clip_vision_model")
-        return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": self.projection_dim,
-                "logit_scale_init_value": self.logit_scale_init_value, "text_config": text, "vision_config": vision}
+        return {"model_type": "clip", "projection_dim": self.projection_dim,
+                "logit_scale_init_value": self.logit_scale_init_value, "text_config": self.text_config.to_dict(),
+                "vision_config": self.vision_config.to_dict()}
 
 
 class CLIPOutput(NamedTuple):
@@ -478,6 +486,22 @@ class CLIPModel(nnx.Module):
         scale = self.logit_scale[...]
         logits_per_text = jnp.exp(scale).astype(text_embeds.dtype) * (text_embeds @ image_embeds.T)
         return CLIPOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text_out, vision_out, scale)
+
+    def text_tower(self, projection: bool = False) -> "CLIPTextModel":
+        """The text tower alone, as a :class:`CLIPTextModel` (Stable Diffusion's ``text_encoder``) or, with
+        ``projection``, a :class:`CLIPTextModelWithProjection`; it holds copies of this model's arrays."""
+        return self._tower(CLIPTextModelWithProjection if projection else CLIPTextModel, self.config.text_config,
+                           ("text_model.", "text_projection.") if projection else ("text_model.",))
+
+    def vision_tower(self) -> "CLIPVisionModelWithProjection":
+        """The image tower with its projection, as a :class:`CLIPVisionModelWithProjection` (copied arrays)."""
+        return self._tower(CLIPVisionModelWithProjection, self.config.vision_config, ("vision_model.", "visual_projection."))
+
+    def _tower(self, cls: type, cfg: Any, prefixes: tuple[str, ...]) -> Any:
+        tensors = {k: v for k, v in torch_state_dict(self).items() if k.startswith(prefixes)}
+        cfg = dataclasses.replace(cfg, projection_dim=self.config.projection_dim)
+        dtype = self.text_projection.kernel[...].dtype
+        return cls.from_pretrained_tensors(cfg, tensors, dtype=self.text_projection.dtype, param_dtype=dtype)
 
     @staticmethod
     def rename_torch_key(key: str) -> str | None:
