@@ -12,6 +12,8 @@ from jaxdiff.convert.torch_layout import CheckpointMismatchError, abstract, coun
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
+from tests.models._textdit_cases import DATA, fx
+
 VOCAB, LENGTH, IMAGE = 64, 12, 16
 TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=VOCAB - 2, eos_token_id=VOCAB - 1,
@@ -124,13 +126,11 @@ def test_full_size_count_matches_transformers_meta():
 
 
 def test_missing_tower_is_reported():
-    cfg = CLIPConfig(CLIPTextConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                    num_attention_heads=2, max_position_embeddings=4),
-                     CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                      image_size=8, patch_size=4), projection_dim=4)
-    from jaxdiff.convert.export import torch_state_dict
-
-    tensors = torch_state_dict(CLIPModel(cfg, rngs=nnx.Rngs(0)))
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("vision_model.")}
-    with pytest.raises(CheckpointMismatchError, match="missing.*vision_model"):
-        CLIPModel.from_pretrained_tensors(cfg.to_dict(), tensors)
+    """A text-only file (e.g. a CLIPTextModel's weights) is refused by CLIPModel, naming the missing tower."""
+    config, tensors, _, _ = fx.load_case(DATA / "clip_text_gelu")  # transformers' CLIPTextModelWithProjection
+    full = {"text_config": config, "vision_config": {"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                                                     "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
+            "projection_dim": config["projection_dim"]}
+    tensors = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()}
+    with pytest.raises(CheckpointMismatchError, match=r"missing from checkpoint \(\d+\): logit_scale, vision_model"):
+        CLIPModel.from_pretrained_tensors(full, tensors)
