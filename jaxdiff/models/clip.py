@@ -435,7 +435,8 @@ class CLIPOutput(NamedTuple):
     """As transformers' ``CLIPOutput`` (without the loss; see :mod:`jaxdiff.train.contrastive`):
     ``logits_per_image`` (images x texts) = ``exp(logit_scale) * image_embeds @ text_embeds.T``,
     ``logits_per_text`` its transpose, the L2-normalised ``text_embeds`` / ``image_embeds``, each tower's own
-    output (its ``pooler_output`` before projection), and the raw (log) ``logit_scale`` parameter, which the training loss clips."""
+    output (its ``pooler_output`` before projection), and the raw (log) ``logit_scale`` parameter, which the
+    training loss clips."""
 
     logits_per_image: Array
     logits_per_text: Array
@@ -495,7 +496,8 @@ class CLIPModel(nnx.Module):
 
     def vision_tower(self) -> "CLIPVisionModelWithProjection":
         """The image tower with its projection, as a :class:`CLIPVisionModelWithProjection` (copied arrays)."""
-        return self._tower(CLIPVisionModelWithProjection, self.config.vision_config, ("vision_model.", "visual_projection."))
+        return self._tower(CLIPVisionModelWithProjection, self.config.vision_config,
+                           ("vision_model.", "visual_projection."))
 
     def _tower(self, cls: type, cfg: Any, prefixes: tuple[str, ...]) -> Any:
         tensors = {k: v for k, v in torch_state_dict(self).items() if k.startswith(prefixes)}
@@ -513,5 +515,5 @@ class CLIPModel(nnx.Module):
         cls, config: Mapping[str, Any] | Any, tensors: Mapping[str, Any],
         *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
     ):
-        """Build abstractly from a ``config.json`` dict (or :class:`CLIPConfig`) and fill from torch-named ``tensors``."""
+        """Build abstractly from a ``config.json`` dict (or :class:`CLIPConfig`), fill from torch-named ``tensors``."""
         return _from_tensors(cls, config, tensors, dtype, param_dtype)

@@ -15,16 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff._pytree import pytree_dataclass, static_field
+from jaxdiff.models.clip import l2_normalize
 from jaxdiff.train.step import Trainer, TrainState
 
 Array = jax.Array
 
 MAX_LOGIT_SCALE = 100.0  # Radford et al. 2021, section 2.5: the temperature is clipped so logits scale <= 100
 BATCH_KEYS = ("x", "input_ids", "attention_mask")
-
-
-def _normalize(x: Array) -> Array:
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def clip_logits(text_features: Array, image_features: Array, logit_scale: Array,
@@ -37,7 +34,7 @@ def clip_logits(text_features: Array, image_features: Array, logit_scale: Array,
     scale = jnp.exp(logit_scale)
     if max_scale is not None:
         scale = jnp.minimum(scale, max_scale)
-    return scale * (_normalize(text_features) @ _normalize(image_features).T)
+    return scale * (l2_normalize(text_features) @ l2_normalize(image_features).T)
 
 
 def contrastive_loss(logits_per_text: Array) -> Array:
@@ -45,7 +42,8 @@ def contrastive_loss(logits_per_text: Array) -> Array:
     ``(CE(texts -> images) + CE(images -> texts)) / 2`` (transformers' ``image_text_contrastive_loss``)."""
     n = logits_per_text.shape[0]
     if logits_per_text.ndim != 2 or logits_per_text.shape[1] != n:
-        raise ValueError(f"the contrastive loss needs as many texts as images (a square matrix), got {logits_per_text.shape}")
+        raise ValueError("the contrastive loss needs as many texts as images (a square matrix), "
+                         f"got {logits_per_text.shape}")
     diag = jnp.diagonal(logits_per_text)
     per_text = jax.nn.logsumexp(logits_per_text, axis=1) - diag
     per_image = jax.nn.logsumexp(logits_per_text, axis=0) - diag

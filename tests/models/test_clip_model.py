@@ -131,6 +131,7 @@ def test_missing_tower_is_reported():
     full = {"text_config": config, "vision_config": {"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
                                                      "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
             "projection_dim": config["projection_dim"]}
-    tensors = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in tensors.items()}
+    own = ("text_model.", "text_projection.")
+    tensors = {k if k.startswith(own) else f"text_model.{k}": v for k, v in tensors.items()}
     with pytest.raises(CheckpointMismatchError, match=r"missing from checkpoint \(\d+\): logit_scale, vision_model"):
         CLIPModel.from_pretrained_tensors(full, tensors)
