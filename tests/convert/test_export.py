@@ -78,6 +78,11 @@ def test_clip_round_trip_is_bit_exact(tmp_path):
     back = load_model_folder(tmp_path)
     assert isinstance(back, CLIPModel) and back.config == model.config
     assert_same_state(model, back)
+    ids, pixels = _ids_and_pixels()  # the towers split off carry the same arrays
+    np.testing.assert_array_equal(model.vision_tower()(jnp.asarray(pixels)).image_embeds,
+                                  model.get_image_features(jnp.asarray(pixels)))
+    np.testing.assert_array_equal(model.text_tower(projection=True)(jnp.asarray(ids)).text_embeds,
+                                  model.get_text_features(jnp.asarray(ids)))
     with open_safetensors(weights) as tensors:  # PyTorch layouts: Linear (out, in), Conv (out, in, kh, kw)
         assert tensors.shapes["vision_model.embeddings.patch_embedding.weight"] == (16, 3, 4, 4)
         assert tensors.shapes["text_projection.weight"] == (12, 16)
