@@ -82,6 +82,7 @@ REGISTRY: Mapping[str, NetworkSpec] = {
     "CLIPTextModel": NetworkSpec("jaxdiff.models.clip", "CLIPTextModel"),
     "CLIPTextModelWithProjection": NetworkSpec("jaxdiff.models.clip", "CLIPTextModelWithProjection"),
     "CLIPVisionModelWithProjection": NetworkSpec("jaxdiff.models.clip", "CLIPVisionModelWithProjection"),
+    "CLIPModel": NetworkSpec("jaxdiff.models.clip", "CLIPModel"),
     "T5EncoderModel": NetworkSpec("jaxdiff.models.t5", "T5EncoderModel"),
     "DiTTransformer2DModel": NetworkSpec("jaxdiff.models.dit", "DiTTransformer2DModel"),
 }
@@ -94,6 +95,7 @@ FAMILIES: Mapping[str, str] = {
     "clip_text": "CLIPTextModel",
     "clip_text_projection": "CLIPTextModelWithProjection",
     "clip_vision": "CLIPVisionModelWithProjection",
+    "clip": "CLIPModel",
     "t5": "T5EncoderModel",
     "dit": "DiTTransformer2DModel",
 }

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdiff.convert.export import torch_state_dict
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import ACTIVATIONS, KeySource, Maker, config_from_dict
@@ -60,6 +61,10 @@ class CLIPTextConfig:
         """From a ``config.json`` dict (a full ``CLIPConfig``'s ``text_config`` is used when present)."""
         return config_from_dict(cls, d.get("text_config") or d)
 
+    def to_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict for transformers' ``CLIPTextModel`` (``model_type`` ``clip_text_model``)."""
+        return dict(dataclasses.asdict(self), model_type="clip_text_model")
+
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
@@ -85,6 +90,10 @@ class CLIPVisionConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "CLIPVisionConfig":
         """From a ``config.json`` dict (a full ``CLIPConfig``'s ``vision_config`` is used when present)."""
         return config_from_dict(cls, d.get("vision_config") or d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict for transformers' ``CLIPVisionModelWithProjection``."""
+        return dict(dataclasses.asdict(self), model_type="clip_vision_model")
 
 
 def _maker(rngs: nnx.Rngs | KeySource, dtype: Any, param_dtype: Any) -> Maker:
@@ -390,3 +399,121 @@ def _from_tensors(cls: type, config: Any, tensors: Mapping[str, Any], dtype: Any
     module = abstract(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     rename = cls.rename_torch_key
     return load_torch_tensors(module, tensors, rename=rename, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+
+
+# ----------------------------------------------------------------------------------- both towers
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """Keys of transformers' ``CLIPConfig``: the two towers' configs, ``projection_dim`` (the shared embedding
+    width; the towers' own ``projection_dim`` keys are unused here, as in transformers) and the initial
+    ``logit_scale`` (``log(1 / 0.07)``, Radford et al. 2021, section 2.5)."""
+
+    text_config: CLIPTextConfig = CLIPTextConfig()
+    vision_config: CLIPVisionConfig = CLIPVisionConfig()
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
+        """From a transformers ``CLIPModel`` ``config.json`` dict (``text_config`` and ``vision_config`` nested)."""
+        if "text_config" not in d or "vision_config" not in d:
+            raise ValueError("a CLIPModel config.json needs both 'text_config' and 'vision_config'; "
+                             "load a single tower with CLIPTextModel / CLIPVisionModelWithProjection instead.")
+        top = {k: d[k] for k in ("projection_dim", "logit_scale_init_value") if k in d}
+        return cls(CLIPTextConfig.from_dict(d["text_config"]), CLIPVisionConfig.from_dict(d["vision_config"]), **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers' ``CLIPConfig`` reads back to this configuration."""
+        return {"model_type": "clip", "projection_dim": self.projection_dim,
+                "logit_scale_init_value": self.logit_scale_init_value, "text_config": self.text_config.to_dict(),
+                "vision_config": self.vision_config.to_dict()}
+
+
+class CLIPOutput(NamedTuple):
+    """As transformers' ``CLIPOutput`` (without the loss; see :mod:`jaxdiff.train.contrastive`):
+    ``logits_per_image`` (images x texts) = ``exp(logit_scale) * image_embeds @ text_embeds.T``,
+    ``logits_per_text`` its transpose, the L2-normalised ``text_embeds`` / ``image_embeds``, each tower's own
+    output (its ``pooler_output`` before projection), and the raw (log) ``logit_scale`` parameter, which the
+    training loss clips."""
+
+    logits_per_image: Array
+    logits_per_text: Array
+    text_embeds: Array
+    image_embeds: Array
+    text_model_output: CLIPTextOutput
+    vision_model_output: CLIPVisionOutput
+    logit_scale: Array
+
+
+def l2_normalize(x: Array) -> Array:
+    """``x / ||x||_2`` over the last axis (transformers' ``_get_vector_norm``, no epsilon)."""
+    return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+
+
+class CLIPModel(nnx.Module):
+    """Compatible with ``transformers.CLIPModel``: ``text_model``, ``vision_model``, ``text_projection`` and
+    ``visual_projection`` (no bias) and the scalar ``logit_scale``. Images are normalised NHWC pixels."""
+
+    config_class = CLIPConfig
+
+    def __init__(
+        self, config: CLIPConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
+        self.config = config
+        mk = _maker(rngs, dtype, param_dtype)
+        text, vision = config.text_config, config.vision_config
+        self.text_model = CLIPTextTransformer(text, mk)
+        self.vision_model = CLIPVisionTransformer(vision, mk)
+        self.visual_projection = mk.linear(vision.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = mk.linear(text.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, param_dtype))
+
+    def get_text_features(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Projected pooled text features, not normalised (transformers' ``get_text_features().pooler_output``)."""
+        return self.text_projection(self.text_model(input_ids, attention_mask).pooler_output)
+
+    def get_image_features(self, pixel_values: Array) -> Array:
+        """Projected pooled image features, not normalised (transformers' ``get_image_features().pooler_output``)."""
+        return self.visual_projection(self.vision_model(pixel_values).pooler_output)
+
+    def __call__(self, input_ids: Array, pixel_values: Array, attention_mask: Array | None = None) -> CLIPOutput:
+        """Cosine similarities scaled by ``exp(logit_scale)`` (unclipped, as transformers' forward)."""
+        text_out = self.text_model(input_ids, attention_mask)
+        vision_out = self.vision_model(pixel_values)
+        text_embeds = l2_normalize(self.text_projection(text_out.pooler_output))
+        image_embeds = l2_normalize(self.visual_projection(vision_out.pooler_output))
+        scale = self.logit_scale[...]
+        logits_per_text = jnp.exp(scale).astype(text_embeds.dtype) * (text_embeds @ image_embeds.T)
+        return CLIPOutput(logits_per_text.T, logits_per_text, text_embeds, image_embeds, text_out, vision_out, scale)
+
+    def text_tower(self, projection: bool = False) -> "CLIPTextModel":
+        """The text tower alone, as a :class:`CLIPTextModel` (Stable Diffusion's ``text_encoder``) or, with
+        ``projection``, a :class:`CLIPTextModelWithProjection`; it holds copies of this model's arrays."""
+        return self._tower(CLIPTextModelWithProjection if projection else CLIPTextModel, self.config.text_config,
+                           ("text_model.", "text_projection.") if projection else ("text_model.",))
+
+    def vision_tower(self) -> "CLIPVisionModelWithProjection":
+        """The image tower with its projection, as a :class:`CLIPVisionModelWithProjection` (copied arrays)."""
+        return self._tower(CLIPVisionModelWithProjection, self.config.vision_config,
+                           ("vision_model.", "visual_projection."))
+
+    def _tower(self, cls: type, cfg: Any, prefixes: tuple[str, ...]) -> Any:
+        tensors = {k: v for k, v in torch_state_dict(self).items() if k.startswith(prefixes)}
+        cfg = dataclasses.replace(cfg, projection_dim=self.config.projection_dim)
+        dtype = self.text_projection.kernel[...].dtype
+        return cls.from_pretrained_tensors(cfg, tensors, dtype=self.text_projection.dtype, param_dtype=dtype)
+
+    @staticmethod
+    def rename_torch_key(key: str) -> str | None:
+        """Names are transformers' own (``text_model.*``, ``vision_model.*``, ``logit_scale`` ...)."""
+        return key
+
+    @classmethod
+    def from_pretrained_tensors(
+        cls, config: Mapping[str, Any] | Any, tensors: Mapping[str, Any],
+        *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+    ):
+        """Build abstractly from a ``config.json`` dict (or :class:`CLIPConfig`), fill from torch-named ``tensors``."""
+        return _from_tensors(cls, config, tensors, dtype, param_dtype)

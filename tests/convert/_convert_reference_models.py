@@ -46,6 +46,11 @@ def build(class_name: str):
         return transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
             hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8,
             patch_size=4, projection_dim=8))
+    if class_name == "CLIPModel":
+        vision = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                      patch_size=4)
+        return transformers.CLIPModel(transformers.CLIPConfig(text_config=TINY_CLIP_TEXT, vision_config=vision,
+                                                              projection_dim=8))
     if class_name == "T5EncoderModel":
         return transformers.T5EncoderModel(transformers.T5Config(
             vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, relative_attention_num_buckets=8))
