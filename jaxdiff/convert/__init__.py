@@ -3,6 +3,8 @@
 Weights are read from safetensors only (lazily, memory-mapped); pickle checkpoints are refused. Original
 (CompVis / Stability) SD 1.x / 2.x single files are renamed on the fly (:mod:`jaxdiff.convert.ldm`).
 """
+from jaxdiff.convert.export import save_pretrained as save_pretrained
+from jaxdiff.convert.export import torch_state_dict as torch_state_dict
 from jaxdiff.convert.folders import MissingComponentsError as MissingComponentsError
 from jaxdiff.convert.folders import NetworkSpec as NetworkSpec
 from jaxdiff.convert.folders import PipelineFolder as PipelineFolder

@@ -12,6 +12,9 @@ from jaxdiff.train.checkpoint import CheckpointMismatchError as CheckpointMismat
 from jaxdiff.train.checkpoint import CheckpointStore as CheckpointStore
 from jaxdiff.train.checkpoint import run_identity as run_identity
 from jaxdiff.train.checkpoint import tree_checksum as tree_checksum
+from jaxdiff.train.contrastive import ContrastiveObjective as ContrastiveObjective
+from jaxdiff.train.contrastive import ContrastiveTrainer as ContrastiveTrainer
+from jaxdiff.train.contrastive import clip_loss as clip_loss
 from jaxdiff.train.data import ArrayDataset as ArrayDataset
 from jaxdiff.train.data import load_digits_dataset as load_digits_dataset
 from jaxdiff.train.ema import ema_update as ema_update
