@@ -60,6 +60,13 @@ def test_restricted_tokenizer_splits_like_clip_and_never_loses_text():
     ids = ex.tokenize(tok, [unseen], 24)[0]
     assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True).strip() == unseen
     assert len(tok.tokenize(unseen)) > len(full.tokenize(unseen))
+    caps, labels = np.array(["a red 3 on a white background"] * 400), np.arange(400) % 10
+    assert (ex.short_captions(caps, labels, 0.0, 0) == caps).all()
+    short = ex.short_captions(caps, labels, 0.25, 0)
+    changed = np.flatnonzero(short != caps)
+    assert 60 < len(changed) < 140  # about a quarter
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    assert all(short[i].split()[-1] in (str(labels[i]), words[labels[i]]) for i in changed)
     assert ex.merges_used("photo</w>", {("p", "h"): 0, ("ph", "o"): 1, ("t", "o</w>"): 2, ("pho", "to</w>"): 3}) == [
         ("p", "h"), ("ph", "o"), ("t", "o</w>"), ("pho", "to</w>")]
 

@@ -42,6 +42,9 @@ from jaxdiff.train.contrastive import ContrastiveObjective, ContrastiveTrainer
 CONFIG = Path(__file__).resolve().parent / "configs" / "clip.json"
 PHOTO_PROMPT = "a photo of the digit {k}"  # issue 11's zero-shot prompt, k = 0..9
 OWN_PROMPT = "the digit {word}"  # the data set's own wording ("the digit seven, drawn in ...")
+SHORT_CAPTIONS = ("the digit {d}", "number {d}", "handwritten {d}", "the number {d}", "digit {d}")
+"""Digit-only wordings that replace a fraction of training captions (``short_caption_fraction``): web captions
+often name the object and nothing else, and without them the towers learn that every caption names colours."""
 
 
 def load_config(path: str | os.PathLike = CONFIG, **overrides: Any) -> dict[str, Any]:
@@ -120,7 +123,20 @@ def caption_vocabulary_texts(captions: list[str]) -> list[str]:
     words = [*COLOURS, *DIGIT_WORDS, *map(str, range(10))]
     for table in (THICKNESS_WORDS, SLANT_ADJECTIVES, SLANT_PHRASES):
         words += [w for ws in table.values() for w in ws]
-    return sorted(set(captions)) + prompts()["photo"] + prompts()["own"] + sorted(set(words))
+    short = [t.format(d=d) for t in SHORT_CAPTIONS for d in DIGIT_WORDS]
+    return sorted(set(captions)) + prompts()["photo"] + prompts()["own"] + short + sorted(set(words))
+
+
+def short_captions(captions: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``captions`` with a ``fraction`` of them (fixed by ``seed``) replaced by a digit-only wording of
+    :data:`SHORT_CAPTIONS`, the digit as a word or a numeral with equal odds."""
+    rng = np.random.default_rng([seed, 11])
+    out = np.array([str(c) for c in captions], dtype=object)
+    for i in np.flatnonzero(rng.random(len(out)) < fraction):
+        k = int(labels[i])
+        digit = DIGIT_WORDS[k] if rng.random() < 0.5 else str(k)
+        out[i] = SHORT_CAPTIONS[rng.integers(len(SHORT_CAPTIONS))].format(d=digit)
+    return out.astype(str)
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> np.ndarray:
@@ -155,7 +171,8 @@ def train(cfg: dict[str, Any], data: dict[str, np.ndarray], tokenizer: Any, *, s
     optimizer = OptimizerConfig(total_steps=max(steps, opt["warmup_steps"] + 1), **opt)
     trainer, state = ContrastiveTrainer.create(model, ContrastiveObjective(), optimizer, sample_shape=(32, 32, 3),
                                                seed=cfg["seed"], ema_decay=0.0)
-    arrays = {"x": to_pixels(data["image"]), "input_ids": tokenize(tokenizer, data["caption"], cfg["max_length"])}
+    captions = short_captions(data["caption"], data["label"], cfg.get("short_caption_fraction", 0.0), cfg["seed"])
+    arrays = {"x": to_pixels(data["image"]), "input_ids": tokenize(tokenizer, list(captions), cfg["max_length"])}
     dataset = ArrayDataset(arrays, batch_size=min(cfg["batch_size"], len(arrays["x"])), seed=cfg["seed"])
     losses: list[float] = []
     start = time.perf_counter()
