@@ -212,7 +212,8 @@ def evaluate(model: CLIPModel, tokenizer: Any, held_out: dict[str, np.ndarray], 
     for name, texts in prompts().items():
         t, v = features(model, tokenizer, texts, held_out["image"], max_length)
         pred = (v @ t.T).argmax(1)
-        out[f"clip_zero_shot_digit_accuracy{'' if name == 'photo' else '_own_wording'}"] = float(np.mean(pred == labels))
+        key = "clip_zero_shot_digit_accuracy" + ("" if name == "photo" else "_own_wording")
+        out[key] = float(np.mean(pred == labels))
         if name == "photo":
             out["per_digit_accuracy"] = [round(float(np.mean(pred[labels == k] == k)), 3) if np.any(labels == k)
                                          else None for k in range(10)]
