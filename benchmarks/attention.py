@@ -39,7 +39,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's jaxdiff
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit, machine, parser  # noqa: E402
+from _common import emit, machine, parser, time_call  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT, BATCH, TOKENS = 128, 2, 77
@@ -130,12 +130,7 @@ def _mid_unet(dtype):
 def _median_ms(fn, args, repeats: int) -> float:
     import jax
 
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * time_call(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def _interleaved(fns: dict, args: dict, rounds: int, repeats: int) -> dict:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._transforms import Chain, Transform, apply, as_pytree_callable, chain, float_leaf
+from jaxdiff._util import expand_to
 
 Array = jax.Array
 Network = Callable[..., Array]
@@ -75,11 +76,6 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
-def _per_sample(scale: Any, like: Array) -> Array:
-    s = jnp.asarray(scale, like.dtype)
-    return s.reshape(s.shape + (1,) * (like.ndim - s.ndim)) if s.ndim else s
-
-
 @pytree_dataclass
 class Residuals:
     """What side networks hand the U-Net, NHWC, in the U-Net's order (``None``: nothing there).
@@ -104,7 +100,7 @@ class Residuals:
 
     def scaled(self, scale: Any) -> "Residuals":
         """Every residual times ``scale`` (a scalar, or (B,) per sample)."""
-        return jax.tree_util.tree_map(lambda r: r * _per_sample(scale, r), self)
+        return jax.tree_util.tree_map(lambda r: r * expand_to(scale, r), self)
 
 
 def add_residuals(cond: Mapping[str, Any], residuals: Residuals) -> dict:

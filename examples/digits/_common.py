@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from jaxdiff import builtin, losses as L  # noqa: E402
-from jaxdiff.convert.torch_layout import torch_name_map  # noqa: E402
+from jaxdiff.convert.export import torch_state_dict  # noqa: E402
 from jaxdiff.denoisers import DiscreteVPClassifier, DiscreteVPDenoiser  # noqa: E402
 from jaxdiff.models.classifier import DigitClassifier, DigitClassifierConfig  # noqa: E402
 from jaxdiff.models.unet2d import UNet2DConfig, UNet2DModel  # noqa: E402
@@ -81,17 +81,8 @@ def objective_for(cfg: dict) -> Any:
 
 
 def export_tensors(module: nnx.Module) -> dict[str, np.ndarray]:
-    """The module's parameters under PyTorch names and layouts (the inverse of ``load_torch_tensors``)."""
-    flat = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
-    out = {}
-    for key, (path, kind) in torch_name_map(nnx.state(module, nnx.Param)).items():
-        a = np.asarray(flat[path].get_value(), np.float32)
-        if kind == "kernel" and a.ndim == 2:
-            a = a.T
-        elif kind == "kernel" and a.ndim >= 3:
-            a = np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(a.ndim - 2)))
-        out[key] = np.ascontiguousarray(a)
-    return out
+    """The module's parameters under PyTorch names and layouts, float32 (the inverse of ``load_torch_tensors``)."""
+    return torch_state_dict(module, dtype=np.float32)
 
 
 def load_average() -> list[float]:

@@ -35,7 +35,7 @@ from jaxdiff.data import load_digits_text, parse_caption
 from jaxdiff.data.digits_text import COLOURS, DIGIT_WORDS, SLANT_ADJECTIVES, SLANT_PHRASES, THICKNESS_WORDS
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-from jaxdiff.models.tokenizers import BOS, EOS, bytes_to_unicode, clip_tokenizer_from_bpe, read_bpe_merges
+from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe, clip_vocab, read_bpe_merges
 from jaxdiff.train import ArrayDataset, OptimizerConfig, fit
 from jaxdiff.train.contrastive import ContrastiveObjective, ContrastiveTrainer
 
@@ -105,11 +105,9 @@ def restricted_tokenizer(texts: list[str], max_length: int) -> Any:
     tokens = {t for text in texts for t in full.tokenize(text)}
     needed = {m for t in tokens for m in merges_used(t, ranks)}
     kept = [m for m in merges if m in needed]
-    symbols = list(bytes_to_unicode().values())
-    vocab_list = [*symbols, *(s + "</w>" for s in symbols), *("".join(m) for m in kept), BOS, EOS]
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab_list)}, merges=kept, model_max_length=max_length)
+    tok = CLIPTokenizer(vocab=clip_vocab(kept), merges=kept, model_max_length=max_length)
     for text in texts:
         if tok.tokenize(text) != full.tokenize(text):
             raise RuntimeError(f"restricted tokenizer splits {text!r} as {tok.tokenize(text)}, "

@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff.models.clip import l2_normalize
@@ -31,10 +30,13 @@ def clip_logits(text_features: Array, image_features: Array, logit_scale: Array,
     The features need not be normalised. Clipping the scale (instead of the parameter after each step, as
     OpenAI's code does) leaves the loss unchanged below the bound and stops its gradient above it.
     """
+    return clipped_scale(logit_scale, max_scale) * (l2_normalize(text_features) @ l2_normalize(image_features).T)
+
+
+def clipped_scale(logit_scale: Array, max_scale: float | None = MAX_LOGIT_SCALE) -> Array:
+    """The temperature the logits are multiplied by: ``min(exp(logit_scale), max_scale)``."""
     scale = jnp.exp(logit_scale)
-    if max_scale is not None:
-        scale = jnp.minimum(scale, max_scale)
-    return scale * (l2_normalize(text_features) @ l2_normalize(image_features).T)
+    return scale if max_scale is None else jnp.minimum(scale, max_scale)
 
 
 def contrastive_loss(logits_per_text: Array) -> Array:
@@ -78,11 +80,8 @@ class ContrastiveObjective:
         out = net(batch["input_ids"], batch["x"], batch.get("attention_mask"))
         logits = clip_logits(out.text_embeds, out.image_embeds, out.logit_scale, self.max_logit_scale)
         t2i, i2t = matching_accuracy(logits)
-        scale = jnp.exp(out.logit_scale)
-        if self.max_logit_scale is not None:
-            scale = jnp.minimum(scale, self.max_logit_scale)
         return contrastive_loss(logits), {"text_to_image_accuracy": t2i, "image_to_text_accuracy": i2t,
-                                          "logit_scale": scale}
+                                          "logit_scale": clipped_scale(out.logit_scale, self.max_logit_scale)}
 
 
 class ContrastiveTrainer(Trainer):
@@ -101,25 +100,17 @@ class ContrastiveTrainer(Trainer):
         if not isinstance(batch, Mapping) or "x" not in batch or "input_ids" not in batch:
             keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
             raise ValueError(f"a contrastive batch needs keys 'x' (images) and 'input_ids' (tokens), got {keys}")
+        super().check_batch(batch)  # the images and the mesh
         x, ids = batch["x"], batch["input_ids"]
-        if tuple(x.shape[1:]) != self.sample_shape or not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"batch['x'] must be float images of shape (B, *{self.sample_shape}) (NHWC), "
-                             f"got {x.dtype} {tuple(x.shape)}")
         if ids.ndim != 2 or ids.shape[0] != x.shape[0] or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"batch['input_ids'] must be integers of shape ({x.shape[0]}, length), "
                              f"got {ids.dtype} {tuple(ids.shape)}")
         if "attention_mask" in batch and tuple(batch["attention_mask"].shape) != tuple(ids.shape):
             raise ValueError(f"batch['attention_mask'] must have the shape of input_ids {tuple(ids.shape)}")
-        if self.mesh is not None and x.shape[0] % self.mesh.shape[self.data_axis]:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by the {self.mesh.shape[self.data_axis]} "
-                             f"devices on mesh axis {self.data_axis!r}")
 
-    def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
-        """One optimiser update on a batch of pairs (the input state is donated: do not reuse it)."""
-        self.check_batch(batch)
-        put = (lambda a: jnp.asarray(a)) if self.mesh is None else (
-            lambda a: jax.device_put(np.asarray(a), self.batch_sharding))
-        return self.step_fn(state, {k: put(batch[k]) for k in BATCH_KEYS if k in batch}, self.objective)
+    def batch_keys(self, batch: Mapping[str, Any]) -> tuple[str, ...]:
+        """Images, tokens and the attention mask when the batch has one."""
+        return tuple(k for k in BATCH_KEYS if k in batch)
 
     def denoiser(self, state: TrainState, ema: bool = True) -> Any:
         raise TypeError("a contrastive run trains an encoder, not a denoiser: use trainer.model(state)")

@@ -173,13 +173,16 @@ class Trainer:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by the {self.mesh.shape[self.data_axis]} "
                              f"devices on mesh axis {self.data_axis!r}")
 
+    def batch_keys(self, batch: Mapping[str, Any]) -> tuple[str, ...]:
+        """The entries of a (checked) batch that :meth:`step` hands the objective."""
+        return ("x", "label") if getattr(self.objective, "needs_labels", False) else ("x",)
+
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
         """One optimiser update (the input state is donated: do not reuse it)."""
         self.check_batch(batch)
-        keys = ("x", "label") if getattr(self.objective, "needs_labels", False) else ("x",)
         batch = {k: jnp.asarray(batch[k]) if self.mesh is None else jax.device_put(np.asarray(batch[k]),
                                                                                    self.batch_sharding)
-                 for k in keys}
+                 for k in self.batch_keys(batch)}
         return self.step_fn(state, batch, self.objective)
 
     # ---- using the result -----------------------------------------------------------------
