@@ -154,3 +154,21 @@ def test_upsampling_is_keys_cubic():
     alpha = dt.alpha_maps(np.stack([0.5 * x, 0.25 * x]))  # below 1 after upsampling: no clipping
     np.testing.assert_allclose(alpha.max((1, 2)), 1.0)  # each digit's darkest pixel is pure ink
     np.testing.assert_allclose(alpha[0], alpha[1], atol=1e-6)
+
+
+def test_judge_input_recovers_the_judges_digits(sets):
+    """Back in the judge's 8x8 format, the held-out colour digits are the judge's own held-out digits (up to
+    the bicubic smoothing), and the judge classifies them as well as the originals."""
+    from jaxdiff import builtin
+
+    _, judge_held = load_digits_dataset()
+    held = sets["held_out"]
+    x = dt.judge_input(held["image"])
+    original = judge_held["x"][held["source"]]
+    assert x.shape == original.shape == (297, 8, 8, 1) and x.min() >= -1 and x.max() <= 1
+    assert np.abs(x - original).mean() < 0.15
+    judge = builtin.load_builtin("digits-eval")
+    acc = lambda a: float((np.argmax(np.asarray(judge(a)), -1) == held["label"]).mean())  # noqa: E731
+    assert acc(x) >= acc(original) - 0.02 and acc(x) > 0.9
+    with pytest.raises(ValueError, match="blocks"):
+        dt.judge_input(held["image"][:, :30, :30])

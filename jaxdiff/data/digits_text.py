@@ -308,6 +308,24 @@ def measure_attributes(images: np.ndarray, labels: np.ndarray) -> dict[str, np.n
             "shear": sh.astype(np.float32)}
 
 
+def judge_input(images: np.ndarray, size: int = 8) -> np.ndarray:
+    """RGB digits (N, H, W, 3) in [0, 1] in the ``digits-eval`` judge's format: (N, size, size, 1) in [-1, 1].
+
+    The colours are measured (:func:`measure_background`, :func:`measure_ink`), the ink coverage
+    (:func:`measure_alpha`) is averaged over ``H/size x W/size`` blocks (the area average that undoes the
+    upsampling of :func:`alpha_maps` up to its smoothing) and mapped from [0, 1] to [-1, 1] as the judge's
+    scikit-learn intensities 0..16 are.
+    """
+    x = _check_images(images)
+    n, h, w, _ = x.shape
+    if h % size or w % size:
+        raise ValueError(f"images of {h}x{w} do not split into {size}x{size} blocks; resize them to a multiple of {size}")
+    bg = measure_background(x)
+    alpha = measure_alpha(x, measure_ink(x, bg), bg)
+    pooled = alpha.reshape(n, size, h // size, size, w // size).mean((2, 4))
+    return (2.0 * pooled - 1.0).astype(np.float32)[..., None]
+
+
 # ------------------------------------------------------------------------------------------ data set
 
 def _render_set(alpha: np.ndarray, labels: np.ndarray, rows: list[tuple[int, int, int, str]]) -> dict[str, np.ndarray]:
