@@ -12,12 +12,19 @@ name                   what it is
 ``digits-classifier``  noisy digit classifier on the ``digits`` VP schedule, for classifier guidance
                        (Dhariwal & Nichol 2021)
 ``digits-eval``        clean-image digit classifier used to judge samples (accuracy, Frechet distance)
+``digits-sd``          a Stable Diffusion folder (diffusers layout) for 32x32 coloured digits from
+                       captions such as "a thick red seven on a white background"
+                       (:mod:`jaxdiff.data.digits_text`); its text encoder is ``digits-clip``'s
+``digits-clip``        CLIP text and image towers (transformers ``CLIPModel`` folder) trained on the
+                       same captioned digits; zero-shot digit classification and retrieval
 =====================  ==========================================================================
 
-Each lives in ``jaxdiff/assets/digits/<name>/``: ``config.json`` (network config, adapter, training
-record) and ``model.safetensors`` (PyTorch-style names and layouts, read by jaxdiff's own reader).
-The training scripts are in ``examples/digits/``. Images are NHWC in [-1, 1] inside the models;
-:func:`sample_builtin` returns them in [0, 1].
+The first four live in ``jaxdiff/assets/digits/<name>/``: ``config.json`` (network config, adapter,
+training record) and ``model.safetensors`` (PyTorch-style names and layouts, read by jaxdiff's own
+reader); their training scripts are in ``examples/digits/``. Images are NHWC in [-1, 1] inside the
+models; :func:`sample_builtin` returns them in [0, 1]. ``digits-sd`` and ``digits-clip`` are ordinary
+diffusers / transformers folders (:func:`builtin_folder`), loaded as any other
+(:func:`load_pipeline`, :func:`load_clip`); ``examples/digits_sd/train.py`` retrains them.
 """
 from __future__ import annotations
 
@@ -56,6 +63,17 @@ BUILTIN_CLASSIFIERS: dict[str, str] = {
     "digits-eval": "clean 8x8 digit classifier for evaluating samples (logits; `features` for Frechet distance)",
 }
 """Classifiers :func:`load_builtin` also loads: name -> description."""
+
+BUILTIN_PIPELINES: dict[str, str] = {
+    "digits-sd": "text-to-image Stable Diffusion on 32x32 coloured digits "
+                 "(\"a thick red seven on a white background\")",
+}
+"""Stable Diffusion folders :func:`load_pipeline` loads (and ``jaxdiff sample --model`` takes): name -> description."""
+
+BUILTIN_ENCODERS: dict[str, str] = {
+    "digits-clip": "CLIP text and image towers on the captioned colour digits (zero-shot digits, retrieval)",
+}
+"""CLIP models :func:`load_clip` loads: name -> description."""
 
 SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
 
@@ -120,6 +138,37 @@ def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
     valid = valid if valid is not None else {**BUILTIN_MODELS, **BUILTIN_CLASSIFIERS}
     if name not in valid:
         raise ValueError(f"unknown built-in model {name!r}; valid names: {', '.join(valid)}")
+
+
+def builtin_folder(name: str) -> Path:
+    """The shipped diffusers / transformers folder of ``digits-sd`` or ``digits-clip``."""
+    _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS})
+    path = ASSETS / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
+                                f"with examples/digits_sd/train.py")
+    return path
+
+
+def load_pipeline(name: str = "digits-sd", **kwargs: Any) -> Any:
+    """A built-in Stable Diffusion folder as :class:`~jaxdiff.pipelines.StableDiffusion` (``kwargs`` go to
+    its ``from_pretrained``)."""
+    from jaxdiff.pipelines import StableDiffusion
+
+    _check_name(name, BUILTIN_PIPELINES)
+    return StableDiffusion.from_pretrained(builtin_folder(name), **kwargs)
+
+
+def load_clip(name: str = "digits-clip") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a built-in CLIP: :class:`~jaxdiff.models.clip.CLIPModel` (``get_text_features``,
+    ``get_image_features``, ``text_tower()``) and its tokenizer (a transformers ``CLIPTokenizer``: token ids are
+    the model's own, not OpenAI's)."""
+    from jaxdiff.convert.folders import load_model_folder
+    from jaxdiff.models.tokenizers import load_tokenizer
+
+    _check_name(name, BUILTIN_ENCODERS)
+    folder = builtin_folder(name)
+    return load_model_folder(folder), load_tokenizer(folder)
 
 
 def builtin_config(name: str) -> dict:

@@ -1,8 +1,8 @@
 """The ``jaxdiff`` command line: ``sample``, ``info``, ``bench``.
 
-``jaxdiff sample`` dispatches on ``--model``: a diffusers Stable Diffusion folder (text-to-image,
-``--init-image`` image-to-image, ``--mask`` inpainting), ``mixture2d`` (a scatter plot of the built-in
-2-D Gaussian mixture) or a model of :mod:`jaxdiff.builtin` (a PNG grid). Every PNG carries the settings
+``jaxdiff sample`` dispatches on ``--model``: a diffusers Stable Diffusion folder or the built-in one,
+``digits-sd`` (text-to-image, ``--init-image`` image-to-image, ``--mask`` inpainting), ``mixture2d`` (a
+scatter plot of the built-in 2-D Gaussian mixture) or a pixel model of :mod:`jaxdiff.builtin` (a PNG grid). Every PNG carries the settings
 that made it in its text chunks; ``jaxdiff sample --from-png FILE`` makes the same image again.
 """
 from __future__ import annotations
@@ -60,21 +60,40 @@ def builtin_models() -> dict[str, str]:
     return {**models, **dict(builtin.BUILTIN_MODELS)}
 
 
+def builtin_pipelines() -> dict[str, str]:
+    """Built-in Stable Diffusion folders (``digits-sd``): name -> description; they sample as any SD folder."""
+    try:
+        from jaxdiff import builtin
+    except ImportError:
+        return {}
+    return dict(getattr(builtin, "BUILTIN_PIPELINES", {}))
+
+
+def model_path(model: str) -> Path:
+    """The folder or file of an SD ``--model``: a built-in pipeline's shipped folder, else the path given."""
+    if model in builtin_pipelines():
+        from jaxdiff import builtin
+
+        return builtin.builtin_folder(model)
+    return Path(model)
+
+
 def default_model() -> str:
     """``digits`` (the built-in class-conditional model) when :mod:`jaxdiff.builtin` imports, else ``mixture2d``."""
     return "digits" if "digits" in builtin_models() else MIXTURE
 
 
 def model_kind(model: str) -> str:
-    """``"mixture"``, ``"builtin"`` or ``"sd"`` (an existing path); a clear error for anything else."""
+    """``"mixture"``, ``"builtin"`` or ``"sd"`` (a built-in pipeline or an existing path); a clear error otherwise."""
     names = builtin_models()
     if model == MIXTURE:
         return "mixture"
     if model in names:
         return "builtin"
-    if Path(model).exists():
+    if model in builtin_pipelines() or Path(model).exists():
         return "sd"
-    raise CLIError(f"unknown model {model!r}: not a folder, and not a built-in model (built-in: {', '.join(names)})")
+    raise CLIError(f"unknown model {model!r}: not a folder, and not a built-in model "
+                   f"(built-in: {', '.join([*names, *builtin_pipelines()])})")
 
 
 def schedule_names(model: str) -> tuple[str, ...]:
@@ -98,7 +117,7 @@ def schedule_names_sd() -> tuple[str, ...]:
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    names = ", ".join(builtin_models())
+    names = ", ".join([*builtin_models(), *builtin_pipelines()])
     sd, mx, bi = SD_DEFAULTS, MIXTURE_DEFAULTS, BUILTIN_DEFAULTS
     p.add_argument("--model", default=None,
                    help=f"a diffusers Stable Diffusion folder, an original SD 1.x/2.x single .safetensors file, "
@@ -421,7 +440,7 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     n = len(prompts)
     inputs = _sd_inputs(args)
     config = dict(config=args.config) if getattr(args, "config", None) else {}
-    sd = StableDiffusion.from_pretrained(args.model, dtype=_dtype(args.dtype), clip_skip=args.clip_skip, **config)
+    sd = StableDiffusion.from_pretrained(model_path(args.model), dtype=_dtype(args.dtype), clip_skip=args.clip_skip, **config)
     seeds = [args.seed + i for i in range(n)]
     plan = sd.plan(args.steps, args.sampler, args.schedule)  # warns once when the folder's scheduler has no equivalent
     kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=plan.schedule_name,
@@ -439,7 +458,8 @@ def _sample_sd(args: argparse.Namespace) -> Path:
             files.update({flag: str(Path(path).resolve()), f"{flag}_sha256": sha256(path)})
         else:
             files[flag] = None
-    base = dict(model=str(Path(args.model).resolve()), negative=args.negative or "", sampler=plan.sampler_name,
+    name = args.model if args.model in builtin_pipelines() else str(Path(args.model).resolve())
+    base = dict(model=name, negative=args.negative or "", sampler=plan.sampler_name,
                 schedule=plan.schedule_name, steps=args.steps, guidance=args.guidance, rescale=args.rescale,
                 height=int(images.shape[1]), width=int(images.shape[2]), dtype=args.dtype,
                 clip_skip=args.clip_skip or 0, strength=inputs.get("strength"), jaxdiff_version=_version(),
@@ -528,7 +548,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _sample_mixture(args)
     elif args.model in names:
         _sample_builtin(args)
-    elif Path(args.model).exists():
+    elif kind == "sd":
         _sample_sd(args)
     else:
         raise CLIError(f"unknown model {args.model!r}: not a folder or .safetensors file, and not a built-in model "
@@ -583,15 +603,28 @@ def cmd_info(args: argparse.Namespace) -> int:
         "samplers": sorted(SAMPLERS),
         "schedules": {"stable_diffusion_folder": list(schedule_names_sd()),
                       **{name: list(schedule_names(name)) for name in builtin_models()}},
-        "models": list(builtin_models()),
+        "models": [*builtin_models(), *builtin_pipelines()],
+        "encoders": list(_builtin_encoders()),
     }
+    for name in builtin_pipelines():
+        info["schedules"][name] = list(schedule_names_sd())
     if args.model:
-        if not Path(args.model).exists():
-            raise CLIError(f"model {args.model} does not exist (a diffusers folder or an original .safetensors file)")
-        info["model"] = file_summary(args.model) if Path(args.model).is_file() else folder_summary(args.model)
+        path = model_path(args.model)
+        if not path.exists():
+            raise CLIError(f"model {args.model} does not exist (a diffusers folder, an original .safetensors file "
+                           f"or a built-in pipeline: {', '.join(builtin_pipelines())})")
+        info["model"] = file_summary(path) if path.is_file() else folder_summary(path)
         info["model"]["schedules"] = list(schedule_names_sd())
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _builtin_encoders() -> dict[str, str]:
+    try:
+        from jaxdiff import builtin
+    except ImportError:
+        return {}
+    return dict(getattr(builtin, "BUILTIN_ENCODERS", {}))
 
 
 def file_summary(path: str | Path) -> dict:
@@ -647,7 +680,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         compile_cache.enable(args.compile_cache)
     else:
         compile_cache.from_env()
-    result = throughput.run(args.size, args.model, batch=args.batch, steps=args.steps, guidance=args.guidance,
+    model = None if args.model is None else str(model_path(args.model))
+    result = throughput.run(args.size, model, batch=args.batch, steps=args.steps, guidance=args.guidance,
                             sampler=args.sampler, repeats=args.repeats)
     text = json.dumps(result, indent=2)
     if args.json:
@@ -671,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("info", help="devices, samplers, the schedules each model accepts, models; --model FOLDER "
                                     "summarises a folder")
-    p.add_argument("--model", default=None, help="a diffusers folder to summarise (default: none)")
+    p.add_argument("--model", default=None, help="a diffusers folder or built-in pipeline to summarise (default: none)")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="images/s of Stable Diffusion sampling (random SD-architecture weights)")
     try:
@@ -679,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     except CLIError:
         sizes = "see benchmarks/throughput.py in a source checkout"
     p.add_argument("--size", default="tiny", help=f"random model size: {sizes}; ignored with --model; default tiny")
-    p.add_argument("--model", default=None, help="a diffusers folder instead of random weights")
+    p.add_argument("--model", default=None, help="a diffusers folder (or digits-sd) instead of random weights")
     p.add_argument("--batch", type=int, default=1, help="images per call; default 1")
     p.add_argument("--steps", type=int, default=20, help="sampling steps; default 20")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; default 7.5")

@@ -66,12 +66,17 @@ def test_mixture_png_records_settings_and_reproduces(tmp_path):
 
 def test_info_lists_the_schedules_each_model_accepts(capsys):
     assert main(["info"]) == 0
-    names = json.loads(capsys.readouterr().out)["schedules"]
-    assert set(names) == {"stable_diffusion_folder", "mixture2d", "digits", "digits-ncsn"}
+    info = json.loads(capsys.readouterr().out)
+    names = info["schedules"]
+    assert set(names) == {"stable_diffusion_folder", "mixture2d", "digits", "digits-ncsn", "digits-sd"}
+    assert info["models"] == ["mixture2d", "digits", "digits-ncsn", "digits-sd"] and info["encoders"] == ["digits-clip"]
     assert "vp_discrete" in names["digits"] and "vp_discrete" not in names["digits-ncsn"]
     assert "default" in names["stable_diffusion_folder"] and "vp_discrete" not in names["mixture2d"]
-    for model in ("mixture2d", "digits", "digits-ncsn"):  # a name that does not apply lists the ones that do
-        assert main(["sample", "--model", model, "--schedule", "leading", NO]) == 2
+    assert names["digits-sd"] == names["stable_diffusion_folder"]
+    for model, other in (("mixture2d", "leading"), ("digits", "leading"), ("digits-ncsn", "leading"),
+                         ("digits-sd", "ncsn_geometric")):  # a name that does not apply lists the ones that do
+        assert other not in names[model]
+        assert main(["sample", "--model", model, "--schedule", other, NO]) == 2
         assert capsys.readouterr().err.strip().endswith("valid for it: " + ", ".join(names[model]))
 
 
