@@ -230,14 +230,17 @@ def build_down_blocks(cfg: UNet3DConditionConfig, mk: Maker) -> list[Stage3D]:
         if kind == "CrossAttnDownBlock3D":
             attns = [_spatial(cfg, cout, hds[i], mk) for _ in range(n)]
             tattns = [_temporal(cfg, cout, hds[i], mk) for _ in range(n)]
-        down = [Downsample2D(cout, mk, out_channels=cout, padding=cfg.downsample_padding)] if i < len(chans) - 1 else None
+        down = None
+        if i < len(chans) - 1:
+            down = [Downsample2D(cout, mk, out_channels=cout, padding=cfg.downsample_padding)]
         blocks.append(Stage3D(resnets, tconvs, attns, tattns, downsamplers=down))
         cin = cout
     return blocks
 
 
 def build_up_blocks(cfg: UNet3DConditionConfig, mk: Maker) -> list[Stage3D]:
-    rchans, rhds, n = tuple(reversed(cfg.block_out_channels)), tuple(reversed(cfg.head_dims())), cfg.layers_per_block + 1
+    rchans, rhds = tuple(reversed(cfg.block_out_channels)), tuple(reversed(cfg.head_dims()))
+    n = cfg.layers_per_block + 1
     blocks, prev = [], rchans[0]
     for i, kind in enumerate(cfg.up_block_types):
         cout, cskip_last = rchans[i], rchans[min(i + 1, len(rchans) - 1)]
@@ -305,6 +308,9 @@ class UNet3DConditionModel(nnx.Module):
         images through the spatial layers (the same result as each frame alone).
         """
         cfg = self.config
+        if not isinstance(temporal, bool):
+            raise TypeError(f"temporal must be a Python bool (it is static: it decides which layers run), got "
+                            f"{type(temporal).__name__}; under jax.jit close over it or mark it static")
         if sample.ndim == 4 and num_frames is not None:
             if sample.shape[0] % num_frames:
                 raise ValueError(f"a (B*F, H, W, C) sample of {sample.shape[0]} frames is not a whole number of "

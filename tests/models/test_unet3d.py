@@ -70,10 +70,11 @@ def to_bfhwc(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("name,frames,hw", [("cross", 2, (8, 8)), ("cross", 5, (6, 10)), ("plain", 3, (8, 8))])
+@pytest.mark.parametrize("name,frames,hw", [("cross", 2, (8, 8)), ("plain", 5, (6, 10))])
 def test_matches_diffusers_loaded_from_its_folder(tmp_path, name, frames, hw):
     """diffusers' ``save_pretrained`` folder loads through ``load_model_folder`` (the registry) and the output
-    matches diffusers' <= 1e-4 for two frame counts, cross-attention and plain stages, a size that does not halve."""
+    matches diffusers' <= 1e-4: two frame counts, stages with and without cross-attention to the text ("cross" has
+    one of each kind, "plain" only DownBlock3D / UpBlock3D), a size that does not halve."""
     model = torch_model(name)
     io = torch_io(model, frames, hw)
     model.save_pretrained(tmp_path, safe_serialization=True)

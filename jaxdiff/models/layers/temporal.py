@@ -45,8 +45,8 @@ class TemporalConvLayer(nnx.Module):
 
     def __init__(self, in_dim: int, mk: Maker, *, out_dim: int | None = None, norm_num_groups: int = 32):
         out_dim = out_dim or in_dim
-        silu = Identity()  # the activation / dropout slots of the torch Sequentials (no parameters)
-        self.conv1 = nnx.List([mk.group_norm(in_dim, norm_num_groups, 1e-5), silu,
+        # Identity() fills the SiLU / Dropout slots of the torch Sequentials (no parameters).
+        self.conv1 = nnx.List([mk.group_norm(in_dim, norm_num_groups, 1e-5), Identity(),
                                frame_conv(mk, in_dim, out_dim)])
         stages = []
         for i in range(3):
