@@ -85,6 +85,7 @@ REGISTRY: Mapping[str, NetworkSpec] = {
     "CLIPModel": NetworkSpec("jaxdiff.models.clip", "CLIPModel"),
     "T5EncoderModel": NetworkSpec("jaxdiff.models.t5", "T5EncoderModel"),
     "DiTTransformer2DModel": NetworkSpec("jaxdiff.models.dit", "DiTTransformer2DModel"),
+    "UNet3DConditionModel": NetworkSpec("jaxdiff.models.unet3d", "UNet3DConditionModel"),
 }
 
 FAMILIES: Mapping[str, str] = {
