@@ -135,7 +135,7 @@ def read_back(images: np.ndarray, labels: np.ndarray, judge: Judge) -> dict[str,
 
 # ---- one guidance scale ----------------------------------------------------------------------
 
-def evaluate_scale(sd: StableDiffusion, scale: float, sets: dict, judge: Judge, prompts: dict, floor: dict,
+def evaluate_scale(sd: StableDiffusion, scale: float, judge: Judge, prompts: dict, floor: dict,
                    *, steps: int, sampler: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     held, combos = prompts["held"], prompts["combos"]
     t0 = time.perf_counter()
@@ -193,7 +193,7 @@ def run(model: str = "digits-sd", clip: str = "digits-clip", *, scales: Sequence
         "fd_floor": floor_info["fd"], "sweep": []}
     images: dict[float, dict[str, np.ndarray]] = {}
     for scale in scales:
-        row, images[scale] = evaluate_scale(sd, float(scale), sets, judge, prompts, floor_info, steps=steps,
+        row, images[scale] = evaluate_scale(sd, float(scale), judge, prompts, floor_info, steps=steps,
                                              sampler=sampler)
         results["sweep"].append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), file=sys.stderr)

@@ -99,6 +99,7 @@ FAMILIES: Mapping[str, str] = {
     "clip": "CLIPModel",
     "t5": "T5EncoderModel",
     "dit": "DiTTransformer2DModel",
+    "unet3d": "UNet3DConditionModel",
 }
 
 

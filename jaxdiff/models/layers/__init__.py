@@ -9,6 +9,7 @@ Every block mirrors the attribute names of its diffusers counterpart (``ResnetBl
 - :mod:`.embeddings`: the sinusoidal timestep embedding and ``TimestepEmbedding``
 - :mod:`.resnet`: ``ResnetBlock2D``, ``Downsample2D``, ``Upsample2D``
 - :mod:`.transformer`: ``Attention``, ``FeedForward``, ``BasicTransformerBlock``, ``Transformer2DModel``
+- :mod:`.temporal`: ``TemporalConvLayer``, ``TransformerTemporalModel`` (video U-Nets), ``per_frame``
 - :mod:`.blocks`: the U-Net stages ``DownBlock``, ``UpBlock``, ``MidBlock``
 - :mod:`.config`: :func:`config_from_dict`, :func:`per_block`
 """
@@ -17,6 +18,7 @@ from jaxdiff.models.layers.config import config_from_dict, per_block
 from jaxdiff.models.layers.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
 from jaxdiff.models.layers.make import ACTIVATIONS, Identity, KeySource, Maker, activation, torch_default_init
 from jaxdiff.models.layers.norms import GroupNorm
+from jaxdiff.models.layers.temporal import TemporalConvLayer, TransformerTemporalModel, per_frame
 from jaxdiff.models.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D, upsample_nearest
 from jaxdiff.models.layers.transformer import (
     GEGLU,
@@ -30,7 +32,7 @@ from jaxdiff.models.layers.transformer import (
 
 __all__ = [
     "ACTIVATIONS", "GEGLU", "Attention", "BasicTransformerBlock", "DownBlock", "Downsample2D", "FeedForward",
-    "GELUProj", "GroupNorm", "Identity", "KeySource", "Maker", "MidBlock", "ResnetBlock2D", "TimestepEmbedding",
-    "Transformer2DModel", "UpBlock", "Upsample2D", "activation", "batch_timesteps", "config_from_dict",
-    "per_block", "spatial_attention", "timestep_embedding", "torch_default_init", "upsample_nearest",
+    "GELUProj", "GroupNorm", "Identity", "KeySource", "Maker", "MidBlock", "ResnetBlock2D", "TemporalConvLayer",
+    "TimestepEmbedding", "Transformer2DModel", "TransformerTemporalModel", "UpBlock", "Upsample2D", "activation",
+    "batch_timesteps", "config_from_dict", "per_block", "per_frame", "spatial_attention", "timestep_embedding", "torch_default_init", "upsample_nearest",
 ]
