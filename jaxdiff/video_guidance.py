@@ -88,7 +88,9 @@ class ReconstructionGuidance:
     or per-sample (B,). With ``replace=True`` (default) the known entries of the estimate are also
     replaced by ``known``, as :class:`Replacement` does, so the known frames come out exactly and
     ``weight = 0`` *is* the replacement method; ``replace=False`` applies eq. 7 alone (the known
-    entries keep ``D^a(x)``, and ``weight = 0`` is the inner denoiser).
+    entries keep ``D^a(x)``, and ``weight = 0`` is the inner denoiser). Put it after classifier-free guidance
+    (``apply(model, classifier_free(...), reconstruction_guidance(...))``) so the guided estimate is the
+    one reconstructed; the gradient then runs through both CFG branches.
     """
 
     inner: Denoiser

@@ -98,7 +98,8 @@ def test_motion_step_matches_the_velocity(train):
     step = M.motion_step(train["video"])
     speed = np.linalg.norm(train["velocity"], axis=1)
     assert np.all(step <= speed + 1e-3)
-    no_bounce = np.all(np.abs(np.diff(train["position"], axis=1)) > np.abs(train["velocity"])[:, None] - 1e-9, axis=(1, 2))
+    steps = np.abs(np.diff(train["position"], axis=1))
+    no_bounce = np.all(steps > np.abs(train["velocity"])[:, None] - 1e-9, axis=(1, 2))
     assert no_bounce.sum() > 5
     np.testing.assert_allclose(step[no_bounce], speed[no_bounce], atol=1e-3)
     still = np.repeat(train["video"][:3, :1], 4, axis=1)

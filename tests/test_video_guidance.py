@@ -91,7 +91,7 @@ def test_reconstruction_guidance_is_eq7_of_the_paper_in_vp_coordinates():
 
 @pytest.fixture(scope="module")
 def runs():
-    """Samples of the Euler ODE (40 Karras steps) from the same noise: replacement, guidance at w in {0, 2}, unguided."""
+    """Euler ODE samples (40 Karras steps) from one noise: replacement, guidance at w in {0, 1, 2}, unguided."""
     sig = schedules.karras(40, 0.002, 80.0)
     x = sampling.initial_noise(jax.random.key(0), (N, FRAMES, PIXELS), 80.0)
 
