@@ -21,6 +21,7 @@ from jaxdiff._pytree import pytree_dataclass as pytree_dataclass
 from jaxdiff._pytree import static_field as static_field
 from jaxdiff import sampling as sampling
 from jaxdiff import schedules as schedules
+from jaxdiff import video_guidance as video_guidance
 from jaxdiff.samplers import get_sampler as get_sampler
 from jaxdiff.sampling import sample as sample
 from jaxdiff.schedules import get_schedule as get_schedule

@@ -3,6 +3,8 @@
 :mod:`jaxdiff.data.digits_text`: scikit-learn's digits as 32x32 RGB images with an ink and a background
 colour, and captions from the label and measured attributes (thickness, slant), for the small
 text-to-image model; with the functions that measure those attributes back from pixels.
+:mod:`jaxdiff.data.moving_digits`: the same digits moving and bouncing inside a frame, as short videos,
+with the centre-of-mass motion measure.
 """
 from jaxdiff.data.digits_text import COLOUR_PAIRS as COLOUR_PAIRS
 from jaxdiff.data.digits_text import COLOURS as COLOURS
@@ -22,3 +24,6 @@ from jaxdiff.data.digits_text import measure_background as measure_background
 from jaxdiff.data.digits_text import measure_ink as measure_ink
 from jaxdiff.data.digits_text import parse_caption as parse_caption
 from jaxdiff.data.digits_text import shear as shear
+from jaxdiff.data.moving_digits import centre_of_mass as centre_of_mass
+from jaxdiff.data.moving_digits import load_moving_digits as load_moving_digits
+from jaxdiff.data.moving_digits import motion_step as motion_step
