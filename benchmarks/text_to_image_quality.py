@@ -70,8 +70,8 @@ def zero_shot_accuracy(clip_folder: Path, images: np.ndarray, labels: np.ndarray
     text = np.asarray(jax.jit(lambda m, i: m(i))(PureModel.of(model, "get_text_features"), jnp.asarray(ids)))
     image = np.asarray(jax.jit(lambda m, p: m(p))(PureModel.of(model, "get_image_features"),
                                                   jnp.asarray(images * 2 - 1, jnp.float32)))
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text = text / np.linalg.norm(text, axis=1, keepdims=True)
+    image = image / np.linalg.norm(image, axis=1, keepdims=True)
     pred = (image @ text.T).argmax(1)
     return float(np.mean(pred == labels)), pred
 
