@@ -308,6 +308,30 @@ def folder_megabytes(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 3)
 
 
+# ------------------------------------------------------------------------------------------ quick look
+
+def quick_look(folder: Path, split: dict[str, np.ndarray], *, n: int = 100, guidance: tuple[float, ...] = (3.0, 5.0),
+               steps: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Generate from the first ``n`` captions of ``split`` with jaxdiff (the folder's DPM-Solver++ 2M, ``steps``
+    steps) at each guidance scale; the judge's digit accuracy and the measured ink + background colour accuracy."""
+    from jaxdiff.data.digits_text import measure_attributes
+    from jaxdiff.pipelines import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(folder)
+    captions = [str(c) for c in split["caption"][:n]]
+    labels = np.asarray(split["label"][:n])
+    out: dict[str, Any] = {"prompts": len(captions), "steps": steps, "sampler": "folder default (DPM-Solver++ 2M)"}
+    for g in guidance:
+        start = time.perf_counter()
+        images = np.asarray(sd(captions, steps=steps, guidance=g, seed=list(range(seed, seed + len(captions)))))
+        attrs = measure_attributes(images, labels)
+        colour = (attrs["ink"] == np.asarray(split["ink"][:n])) & (attrs["background"] == np.asarray(split["background"][:n]))
+        out[f"guidance_{g:g}"] = {"prompt_digit_accuracy": judge_accuracy(images, labels),
+                                  "prompt_colour_accuracy": float(np.mean(colour)),
+                                  "seconds": round(time.perf_counter() - start, 1)}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 def parse_stages(text: str) -> tuple[str, ...]:
@@ -367,10 +391,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--clip", type=Path, default=None, help="an existing digits-clip folder (instead of DIR/digits-clip)")
     for s in STAGES:
         p.add_argument(f"--{s}-steps", type=int, default=None, help=f"{s} training steps (default: the recipe's)")
+    p.add_argument("--look", type=int, default=0, metavar="N",
+                   help="afterwards, generate from N held-out captions and record digit and colour accuracy")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     steps = {s: getattr(args, f"{s}_steps") for s in STAGES if getattr(args, f"{s}_steps") is not None}
     log = run(args.out, parse_stages(args.stages), clip=args.clip, steps=steps, progress=not args.no_progress)
+    if args.look and "digits-sd" in log:
+        log["quick_look"] = quick_look(args.out / "digits-sd", load_digits_text()["held_out"], n=args.look)
+        (args.out / "training.json").write_text(json.dumps(log, indent=1) + "\n")
     summary = {k: {m: v for m, v in rec.items() if not isinstance(v, (dict, list))} for k, rec in log.items()}
     print(json.dumps(summary, indent=1))
     return log
