@@ -63,7 +63,8 @@ def load_config(name: str, path: str | os.PathLike | None = None, **overrides: A
     cfg = json.loads(Path(path or CONFIGS / f"{name}.json").read_text())
     unknown = set(overrides) - set(cfg)
     if unknown:
-        raise ValueError(f"unknown {name} recipe keys {sorted(unknown)}; valid: {sorted(k for k in cfg if k[0] != '_')}")
+        raise ValueError(f"unknown {name} recipe keys {sorted(unknown)}; "
+                         f"valid: {sorted(k for k in cfg if k[0] != '_')}")
     return {**cfg, **overrides}
 
 
@@ -325,7 +326,8 @@ def quick_look(folder: Path, split: dict[str, np.ndarray], *, n: int = 100, guid
         start = time.perf_counter()
         images = np.asarray(sd(captions, steps=steps, guidance=g, seed=list(range(seed, seed + len(captions)))))
         attrs = measure_attributes(images, labels)
-        colour = (attrs["ink"] == np.asarray(split["ink"][:n])) & (attrs["background"] == np.asarray(split["background"][:n]))
+        colour = ((attrs["ink"] == np.asarray(split["ink"][:n]))
+                  & (attrs["background"] == np.asarray(split["background"][:n])))
         out[f"guidance_{g:g}"] = {"prompt_digit_accuracy": judge_accuracy(images, labels),
                                   "prompt_colour_accuracy": float(np.mean(colour)),
                                   "seconds": round(time.perf_counter() - start, 1)}
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (stages' outputs, digits-sd, training.json)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of clip,vae,unet")
-    p.add_argument("--clip", type=Path, default=None, help="an existing digits-clip folder (instead of DIR/digits-clip)")
+    p.add_argument("--clip", type=Path, default=None, help="an existing digits-clip folder (not DIR/digits-clip)")
     for s in STAGES:
         p.add_argument(f"--{s}-steps", type=int, default=None, help=f"{s} training steps (default: the recipe's)")
     p.add_argument("--look", type=int, default=0, metavar="N",

@@ -66,7 +66,8 @@ class AutoencoderObjective:
 
     def __post_init__(self) -> None:
         if self.reconstruction not in RECONSTRUCTIONS:
-            raise ValueError(f"unknown reconstruction loss {self.reconstruction!r}; valid: {', '.join(RECONSTRUCTIONS)}")
+            raise ValueError(f"unknown reconstruction loss {self.reconstruction!r}; "
+                             f"valid: {', '.join(RECONSTRUCTIONS)}")
         if isinstance(self.kl_weight, (int, float)) and self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
 
