@@ -7,6 +7,8 @@ Typical use::
     state = fit(trainer, state, ArrayDataset(train, batch_size=64), 10_000, workdir="runs/digits")
     denoiser = trainer.denoiser(state)  # EMA weights inside the same adapter: ready for a sampler
 """
+from jaxdiff.train.autoencoder import AutoencoderObjective as AutoencoderObjective
+from jaxdiff.train.autoencoder import gaussian_kl as gaussian_kl
 from jaxdiff.train.checkpoint import CheckpointError as CheckpointError
 from jaxdiff.train.checkpoint import CheckpointMismatchError as CheckpointMismatchError
 from jaxdiff.train.checkpoint import CheckpointStore as CheckpointStore
@@ -23,6 +25,8 @@ from jaxdiff.train.loop import fit as fit
 from jaxdiff.train.loop import read_metrics as read_metrics
 from jaxdiff.train.objectives import ClassifierObjective as ClassifierObjective
 from jaxdiff.train.objectives import DiffusionObjective as DiffusionObjective
+from jaxdiff.train.objectives import TextDiffusionObjective as TextDiffusionObjective
+from jaxdiff.train.objectives import drop_context as drop_context
 from jaxdiff.train.objectives import drop_labels as drop_labels
 from jaxdiff.train.optim import OptimizerConfig as OptimizerConfig
 from jaxdiff.train.optim import learning_rate_schedule as learning_rate_schedule

@@ -104,3 +104,57 @@ class ClassifierObjective:
 
     def __call__(self, net: Callable[..., Array], batch: dict, key: Array) -> tuple[Array, dict]:
         return self.loss(self.classifier_for(net), batch["x"], key, batch["label"]), {}
+
+
+def drop_context(context: Array, null_context: Array, key: Array, p: Array | float) -> Array:
+    """Classifier-free guidance training for sequence conditioning (Ho & Salimans 2022; Stable Diffusion drops
+    the caption for the empty prompt's encoding): each row of ``context`` (B, L, D) becomes ``null_context``
+    (L, D) with probability ``p``."""
+    drop = jax.random.bernoulli(key, jnp.asarray(p, jnp.float32), (context.shape[0],))
+    null = jnp.broadcast_to(jnp.asarray(null_context, context.dtype), context.shape)
+    return jnp.where(drop[:, None, None], null, context)
+
+
+@pytree_dataclass
+class TextDiffusionObjective:
+    """A denoising loss conditioned on text states, as Stable Diffusion trains its U-Net (Rombach et al. 2022,
+    eq. 3): ``loss(denoiser, batch["x"], key, cond=batch["context"])`` with ``x`` the scaled latents and
+    ``context`` (B, L, D) the frozen text encoder's hidden states of the captions.
+
+    ``denoiser`` is an adapter with ``net=None`` whose network reads ``net(x, t, context)`` (a
+    ``UNet2DConditionModel``'s ``(sample, timesteps, encoder_hidden_states)``), e.g.
+    ``DiscreteVPDenoiser(None, alphas_cumprod)`` with ``losses.ddpm_loss(alphas_cumprod)`` (Ho et al. 2020 eq. 14).
+    ``context_dropout`` (a traced leaf) replaces a caption's states by ``null_context`` (L, D), the empty
+    prompt's states, with that probability (classifier-free guidance training; SD used 0.1).
+    """
+
+    loss: DenoisingLoss
+    denoiser: Any
+    null_context: Array
+    context_dropout: float = 0.1
+
+    needs_labels = False
+    batch_keys = ("x", "context")
+
+    def __post_init__(self) -> None:
+        _check_template(self.denoiser, "denoiser")
+        p = self.context_dropout
+        if isinstance(p, (int, float)) and not 0 <= p < 1:
+            raise ValueError(f"context_dropout must be a probability in [0, 1), got {p}")
+        shape = getattr(self.null_context, "shape", None)
+        if shape is not None and len(shape) != 2:
+            raise ValueError(f"null_context must be the empty prompt's states (L, D), got shape {tuple(shape)}; "
+                             "drop the batch axis")
+
+    def denoiser_for(self, net: Callable[..., Array]) -> Any:
+        """The sampler's denoiser: the template adapter around ``net``."""
+        return _with_net(self.denoiser, net)
+
+    def __call__(self, net: Callable[..., Array], batch: dict, key: Array) -> tuple[Array, dict]:
+        context = batch["context"]
+        if context.ndim != 3 or context.shape[1:] != self.null_context.shape:
+            raise ValueError(f"batch['context'] must be (B, {', '.join(map(str, self.null_context.shape))}) text "
+                             f"states like null_context, got {tuple(context.shape)}")
+        k_loss, k_drop = jax.random.split(key)
+        context = drop_context(context, self.null_context, k_drop, self.context_dropout)
+        return self.loss(self.denoiser_for(net), batch["x"], k_loss, context), {}

@@ -169,12 +169,18 @@ class Trainer:
             if not jnp.issubdtype(y.dtype, jnp.integer) or tuple(y.shape) != (x.shape[0],):
                 raise ValueError(f"batch['label'] must be integers of shape ({x.shape[0]},), "
                                  f"got {y.dtype} {tuple(y.shape)}")
+        missing = [k for k in getattr(self.objective, "batch_keys", ()) if k not in batch]
+        if missing:
+            raise ValueError(f"the {type(self.objective).__name__} reads batch entries {missing}; add them to the batch")
         if self.mesh is not None and x.shape[0] % self.mesh.shape[self.data_axis]:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by the {self.mesh.shape[self.data_axis]} "
                              f"devices on mesh axis {self.data_axis!r}")
 
     def batch_keys(self, batch: Mapping[str, Any]) -> tuple[str, ...]:
         """The entries of a (checked) batch that :meth:`step` hands the objective."""
+        keys = getattr(self.objective, "batch_keys", None)  # an objective may name the entries it reads
+        if keys is not None:
+            return tuple(keys)
         return ("x", "label") if getattr(self.objective, "needs_labels", False) else ("x",)
 
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:

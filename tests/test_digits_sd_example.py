@@ -1,0 +1,95 @@
+"""examples/digits_sd/train.py at a microscopic size: the vae and unet stages run on a given digits-clip folder,
+training.json records them, and the digits-sd folder loads in diffusers (StableDiffusionPipeline, unchanged) and in
+jaxdiff with the same networks."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MICRO_VAE = {"model": {"block_out_channels": [8, 8, 8], "layers_per_block": 1, "latent_channels": 4,
+                       "norm_num_groups": 4, "down_block_types": ["DownEncoderBlock2D"] * 3,
+                       "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": 32},
+             "steps": 3, "batch_size": 16, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 1}}
+MICRO_UNET = {"model": {"sample_size": 8, "block_out_channels": [8, 16], "layers_per_block": 1,
+                        "norm_num_groups": 4, "attention_head_dim": 2,
+                        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
+              "steps": 3, "batch_size": 16, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 1}}
+
+
+def test_micro_run_writes_a_folder_diffusers_and_jaxdiff_load_alike(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "examples" / "digits_sd"))
+    ex = _load("digits_sd_train", ROOT / "examples" / "digits_sd" / "train.py")
+    clip_test = _load("digits_clip_example_test", ROOT / "tests" / "test_digits_clip_example.py")
+    data = {"train": clip_test._mini_split(48, 0), "held_out": clip_test._mini_split(16, 1)}
+    configs = {"vae": ex.load_config("vae", **MICRO_VAE), "unet": ex.load_config("unet", **MICRO_UNET)}
+    # A micro digits-clip folder (untrained: the clip stage itself is train_clip.run, tested with its script).
+    clip_cfg = {**ex.train_clip.load_config(), **clip_test.MICRO}
+    tok = ex.train_clip.restricted_tokenizer(ex.train_clip.caption_vocabulary_texts(list(data["train"]["caption"])),
+                                             clip_cfg["max_length"])
+    clip_model = ex.train_clip.CLIPModel(ex.train_clip.model_config(clip_cfg, len(tok.get_vocab()), tok.eos_token_id),
+                                         rngs=ex.nnx.Rngs(0))
+    clip_dir = ex.train_clip.save(clip_model, tok, tmp_path / "clip")
+
+    with pytest.raises(FileNotFoundError, match="vae"):  # a later stage alone needs the earlier outputs
+        ex.run(tmp_path / "empty", ("unet",), clip=clip_dir, configs=configs, progress=False, data=data)
+
+    log = ex.run(tmp_path, ("vae", "unet"), clip=clip_dir, configs=configs, progress=False, data=data)
+    assert json.loads((tmp_path / "training.json").read_text()) == json.loads(json.dumps(log))
+    for stage in ("vae", "unet"):
+        assert log[stage]["seconds"] > 0
+    assert {"vae_recon_psnr_db", "vae_recon_judge_accuracy", "scaling_factor"} <= set(log["vae"])
+    assert log["unet"]["training"]["steps"] == 3
+
+    folder = tmp_path / "digits-sd"
+    assert {p.name for p in folder.iterdir()} == {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
+                                                  "scheduler"}
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
+
+    from jaxdiff.pipelines import StableDiffusion
+
+    sd = StableDiffusion.from_pretrained(folder)
+    # scaling_factor is 1 / std of the training latents: the scaled latents have unit std.
+    mean, _ = ex.encode_latents(ex.load_model_folder(folder / "vae", class_name="AutoencoderKL"),
+                                data["train"]["image"])
+    np.testing.assert_allclose(np.std(mean * pipe.vae.config.scaling_factor), 1.0, rtol=1e-3)
+    assert sd.models.scaling_factor == pytest.approx(pipe.vae.config.scaling_factor)
+
+    # The same networks: text states, U-Net noise prediction and VAE decoding agree with diffusers' torch modules.
+    prompt = "a thick red 7 on a white background"
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    np.testing.assert_array_equal(ids.numpy(), sd.tokenize([prompt]))
+    with torch.no_grad():
+        ctx_t = pipe.text_encoder(ids)[0]
+    ctx = sd.models.encode_text(jnp.asarray(ids.numpy()))
+    np.testing.assert_allclose(np.asarray(ctx), ctx_t.numpy(), atol=1e-4)
+    z = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        eps_t = pipe.unet(torch.tensor(z.transpose(0, 3, 1, 2)), 500, ctx_t).sample.numpy().transpose(0, 2, 3, 1)
+        img_t = pipe.vae.decode(torch.tensor(z.transpose(0, 3, 1, 2))).sample.numpy().transpose(0, 2, 3, 1)
+    eps = sd.models.unet(jnp.asarray(z), jnp.asarray([500.0]), ctx)
+    np.testing.assert_allclose(np.asarray(eps), eps_t, atol=1e-4)
+    img = sd.models.vae.bind("decode")(jnp.asarray(z))
+    np.testing.assert_allclose(np.asarray(img), img_t, atol=1e-4)
