@@ -112,3 +112,46 @@ def test_micro_run_trains_evaluates_and_saves_a_folder_both_libraries_load(tmp_p
     np.testing.assert_allclose(t, np.asarray(model.get_text_features(jnp.asarray(ids))), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(v, np.asarray(model.get_image_features(jnp.asarray(ex.to_pixels(u8 / 255.0)))),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_caption_attributes_name_what_the_image_shows_and_nothing_more():
+    """Every training caption (full or digit-only) describes its own image; a digit-only caption names the digit
+    alone, so it also describes every other image of that digit (the multi-positive targets)."""
+    ex = _script()
+    split = _mini_split(60, 3)
+    captions = ex.short_captions(split["caption"], split["label"], 0.5, 0)
+    split["thickness"] = np.zeros(60, np.int32)  # _mini_split's captions draw these at random: read them back
+    split["slant"] = np.zeros(60, np.int32)
+    from jaxdiff.data import parse_caption
+
+    for i, c in enumerate(split["caption"]):
+        a = parse_caption(str(c))
+        split["thickness"][i] = THICKNESSES.index(a["thickness"]) if a["thickness"] else 0
+        split["slant"][i] = SLANTS.index(a["slant"]) if a["slant"] else 0
+    text, image = ex.caption_attributes(captions), ex.image_attributes(split)
+    assert text.shape == image.shape == (60, 5)
+    assert np.all((text < 0) | (text == image))  # each caption fits its image
+    short = captions != split["caption"]
+    assert short.any() and (~short).any()
+    np.testing.assert_array_equal(text[short, 0], split["label"][short])
+    assert (text[short, 1:] == -1).all() and (text[~short, 1:3] >= 0).all()  # full captions always name colours
+    assert ex.caption_attributes(np.array(["number 7", "the digit seven", "handwritten 0"]))[:, 0].tolist() == [7, 7, 0]
+
+
+def test_shifted_grouped_batches():
+    ex = _script()
+    img = np.zeros((2, 6, 6, 1), np.float32)
+    img[:, 2, 3] = 1.0
+    img[:, 0, :] = 0.5  # the top row is the edge replicated into the gap
+    out = ex.shift_images(img, np.array([[1, -2], [0, 0]]))
+    assert out[0, 3, 1, 0] == 1.0 and out[0].sum() == 1.0 + 0.5 * 6 * 2  # moved down 1, left 2; top row doubled
+    np.testing.assert_array_equal(out[1], img[1])
+    split = _mini_split(64, 4)
+    split["ink"], split["background"] = np.repeat([0, 1, 2, 3], 16), np.repeat([1, 0, 0, 0], 16)  # 4 pairs x 16
+    cfg = {**ex.load_config(), "batch_size": 16, "colour_pairs_per_batch": 2, "max_shift": 2}
+    arrays = {"x": ex.to_pixels(split["image"]), "pair": split["ink"] * 8 + split["background"]}
+    source = ex.batches(cfg, arrays, split)
+    b = source.batch(3)
+    assert len(np.unique(b["pair"])) == 2 and b["x"].shape == (16, 32, 32, 3)
+    np.testing.assert_array_equal(b["x"], source.batch(3)["x"])
+    assert source.identity()["max_shift"] == 2 and source.batch_size == 16

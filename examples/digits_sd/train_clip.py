@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,14 +205,12 @@ def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-@dataclass(frozen=True, eq=False)
 class ShiftedBatches:
     """A batch source whose images are shifted by up to ``max_shift`` pixels each way (uniform integers, drawn
     from ``(seed, step)``, so deterministic); everything else is ``inner``'s."""
 
-    inner: Any
-    max_shift: int
-    seed: int = 0
+    def __init__(self, inner: Any, max_shift: int, seed: int = 0) -> None:
+        self.inner, self.max_shift, self.seed = inner, int(max_shift), seed
 
     def __getattr__(self, name: str) -> Any:  # arrays, batch_size, position, identity, ...
         return getattr(self.inner, name)
