@@ -34,10 +34,12 @@ def _mini_split(n: int, seed: int) -> dict[str, np.ndarray]:
     idx = rng.choice(len(digits.target), n, replace=False)
     pairs = np.array([COLOUR_PAIRS[k] for k in rng.integers(len(COLOUR_PAIRS), size=n)])
     labels = digits.target[idx].astype(np.int32)
-    caps = [caption(int(y), COLOURS[i], COLOURS[b], THICKNESSES[rng.integers(3)], SLANTS[rng.integers(3)], rng)
-            for y, (i, b) in zip(labels, pairs)]
+    thickness, slant = rng.integers(3, size=n).astype(np.int32), rng.integers(3, size=n).astype(np.int32)
+    caps = [caption(int(y), COLOURS[i], COLOURS[b], THICKNESSES[t], SLANTS[s], rng)
+            for y, (i, b), t, s in zip(labels, pairs, thickness, slant)]
     return {"image": composite(alpha_maps(digits.images[idx] / 16.0), pairs[:, 0], pairs[:, 1]), "label": labels,
-            "ink": pairs[:, 0].astype(np.int32), "background": pairs[:, 1].astype(np.int32), "caption": np.array(caps)}
+            "ink": pairs[:, 0].astype(np.int32), "background": pairs[:, 1].astype(np.int32), "caption": np.array(caps),
+            "thickness": thickness, "slant": slant}
 
 
 MICRO = {"max_length": 24,
@@ -120,14 +122,6 @@ def test_caption_attributes_name_what_the_image_shows_and_nothing_more():
     ex = _script()
     split = _mini_split(60, 3)
     captions = ex.short_captions(split["caption"], split["label"], 0.5, 0)
-    split["thickness"] = np.zeros(60, np.int32)  # _mini_split's captions draw these at random: read them back
-    split["slant"] = np.zeros(60, np.int32)
-    from jaxdiff.data import parse_caption
-
-    for i, c in enumerate(split["caption"]):
-        a = parse_caption(str(c))
-        split["thickness"][i] = THICKNESSES.index(a["thickness"]) if a["thickness"] else 0
-        split["slant"][i] = SLANTS.index(a["slant"]) if a["slant"] else 0
     text, image = ex.caption_attributes(captions), ex.image_attributes(split)
     assert text.shape == image.shape == (60, 5)
     assert np.all((text < 0) | (text == image))  # each caption fits its image
