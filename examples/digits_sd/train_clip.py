@@ -2,7 +2,9 @@
 
     python examples/digits_sd/train_clip.py --out /tmp/digits-clip [--steps N] [--json PATH]
 
-The recipe is ``configs/clip.json``. Captions are tokenized with OpenAI CLIP's byte-level BPE (the merges
+The recipe is ``configs/clip.json``. Training uses multi-positive targets (a caption is the pair of every image
+in the batch it describes: "number 7" of every 7; UniCL, Yang et al. 2022) and images shifted by up to
+``max_shift`` pixels. Captions are tokenized with OpenAI CLIP's byte-level BPE (the merges
 file jaxdiff ships), restricted to the symbols these captions use: the 512 byte symbols, every merge the
 captions and the evaluation prompts need, BOS and EOS. On those texts the restricted tokenizer splits words
 exactly as the full one does (checked at run time), and any other text still tokenizes (into smaller
