@@ -34,10 +34,12 @@ def _mini_split(n: int, seed: int) -> dict[str, np.ndarray]:
     idx = rng.choice(len(digits.target), n, replace=False)
     pairs = np.array([COLOUR_PAIRS[k] for k in rng.integers(len(COLOUR_PAIRS), size=n)])
     labels = digits.target[idx].astype(np.int32)
-    caps = [caption(int(y), COLOURS[i], COLOURS[b], THICKNESSES[rng.integers(3)], SLANTS[rng.integers(3)], rng)
-            for y, (i, b) in zip(labels, pairs)]
+    thickness, slant = rng.integers(3, size=n).astype(np.int32), rng.integers(3, size=n).astype(np.int32)
+    caps = [caption(int(y), COLOURS[i], COLOURS[b], THICKNESSES[t], SLANTS[s], rng)
+            for y, (i, b), t, s in zip(labels, pairs, thickness, slant)]
     return {"image": composite(alpha_maps(digits.images[idx] / 16.0), pairs[:, 0], pairs[:, 1]), "label": labels,
-            "ink": pairs[:, 0].astype(np.int32), "background": pairs[:, 1].astype(np.int32), "caption": np.array(caps)}
+            "ink": pairs[:, 0].astype(np.int32), "background": pairs[:, 1].astype(np.int32), "caption": np.array(caps),
+            "thickness": thickness, "slant": slant}
 
 
 MICRO = {"max_length": 24,
@@ -112,3 +114,38 @@ def test_micro_run_trains_evaluates_and_saves_a_folder_both_libraries_load(tmp_p
     np.testing.assert_allclose(t, np.asarray(model.get_text_features(jnp.asarray(ids))), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(v, np.asarray(model.get_image_features(jnp.asarray(ex.to_pixels(u8 / 255.0)))),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_caption_attributes_name_what_the_image_shows_and_nothing_more():
+    """Every training caption (full or digit-only) describes its own image; a digit-only caption names the digit
+    alone, so it also describes every other image of that digit (the multi-positive targets)."""
+    ex = _script()
+    split = _mini_split(60, 3)
+    captions = ex.short_captions(split["caption"], split["label"], 0.5, 0)
+    text, image = ex.caption_attributes(captions), ex.image_attributes(split)
+    assert text.shape == image.shape == (60, 5)
+    assert np.all((text < 0) | (text == image))  # each caption fits its image
+    short = captions != split["caption"]
+    assert short.any() and (~short).any()
+    np.testing.assert_array_equal(text[short, 0], split["label"][short])
+    assert (text[short, 1:] == -1).all() and (text[~short, 1:3] >= 0).all()  # full captions always name colours
+    assert ex.caption_attributes(np.array(["number 7", "the digit seven", "handwritten 0"]))[:, 0].tolist() == [7, 7, 0]
+
+
+def test_shifted_grouped_batches():
+    ex = _script()
+    img = np.zeros((2, 6, 6, 1), np.float32)
+    img[:, 2, 3] = 1.0
+    img[:, 0, :] = 0.5  # the top row is the edge replicated into the gap
+    out = ex.shift_images(img, np.array([[1, -2], [0, 0]]))
+    assert out[0, 3, 1, 0] == 1.0 and out[0].sum() == 1.0 + 0.5 * 6 * 2  # moved down 1, left 2; top row doubled
+    np.testing.assert_array_equal(out[1], img[1])
+    split = _mini_split(64, 4)
+    split["ink"], split["background"] = np.repeat([0, 1, 2, 3], 16), np.repeat([1, 0, 0, 0], 16)  # 4 pairs x 16
+    cfg = {**ex.load_config(), "batch_size": 16, "colour_pairs_per_batch": 2, "max_shift": 2}
+    arrays = {"x": ex.to_pixels(split["image"]), "pair": split["ink"] * 8 + split["background"]}
+    source = ex.batches(cfg, arrays, split)
+    b = source.batch(3)
+    assert len(np.unique(b["pair"])) == 2 and b["x"].shape == (16, 32, 32, 3)
+    np.testing.assert_array_equal(b["x"], source.batch(3)["x"])
+    assert source.identity()["max_shift"] == 2 and source.batch_size == 16

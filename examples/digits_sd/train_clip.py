@@ -2,7 +2,9 @@
 
     python examples/digits_sd/train_clip.py --out /tmp/digits-clip [--steps N] [--json PATH]
 
-The recipe is ``configs/clip.json``. Captions are tokenized with OpenAI CLIP's byte-level BPE (the merges
+The recipe is ``configs/clip.json``. Training uses multi-positive targets (a caption is the pair of every image
+in the batch it describes: "number 7" of every 7; UniCL, Yang et al. 2022) and images shifted by up to
+``max_shift`` pixels. Captions are tokenized with OpenAI CLIP's byte-level BPE (the merges
 file jaxdiff ships), restricted to the symbols these captions use: the 512 byte symbols, every merge the
 captions and the evaluation prompts need, BOS and EOS. On those texts the restricted tokenizer splits words
 exactly as the full one does (checked at run time), and any other text still tokenizes (into smaller
@@ -32,12 +34,14 @@ from flax import nnx
 
 from jaxdiff.convert.export import save_pretrained
 from jaxdiff.data import load_digits_text, parse_caption
-from jaxdiff.data.digits_text import COLOURS, DIGIT_WORDS, SLANT_ADJECTIVES, SLANT_PHRASES, THICKNESS_WORDS
+from jaxdiff.data.digits_text import (COLOURS, DIGIT_WORDS, SLANT_ADJECTIVES, SLANT_PHRASES, SLANTS, THICKNESS_WORDS,
+                                     THICKNESSES)
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe, clip_vocab, read_bpe_merges
 from jaxdiff.train import ArrayDataset, OptimizerConfig, fit
 from jaxdiff.train.contrastive import ContrastiveObjective, ContrastiveTrainer
+from jaxdiff.train.data import GroupedBatches
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "clip.json"
 PHOTO_PROMPT = "a photo of the digit {k}"  # issue 11's zero-shot prompt, k = 0..9
@@ -137,6 +141,39 @@ def short_captions(captions: np.ndarray, labels: np.ndarray, fraction: float, se
     return out.astype(str)
 
 
+ATTRIBUTES = ("label", "ink", "background", "thickness", "slant")
+"""What a caption can name, in the column order of :func:`caption_attributes` and :func:`image_attributes`."""
+
+
+def caption_attributes(captions: np.ndarray) -> np.ndarray:
+    """(N, 5) int32 codes of what each caption names (:data:`ATTRIBUTES`; -1 where it names nothing, as the
+    digit-only wordings of :data:`SHORT_CAPTIONS` for everything but the digit)."""
+    tables = {"ink": COLOURS, "background": COLOURS, "thickness": THICKNESSES, "slant": SLANTS}
+    out = np.full((len(captions), len(ATTRIBUTES)), -1, np.int32)
+    for i, text in enumerate(map(str, captions)):
+        short = _short_caption_digit(text)
+        if short is not None:
+            out[i, 0] = short
+            continue
+        a = parse_caption(text)
+        out[i] = [a["label"]] + [-1 if a[k] is None else tables[k].index(a[k]) for k in ATTRIBUTES[1:]]
+    return out
+
+
+def _short_caption_digit(text: str) -> int | None:
+    """The digit a :data:`SHORT_CAPTIONS` wording names, or None if ``text`` is not one."""
+    for template in SHORT_CAPTIONS:
+        for k in range(10):
+            if text in (template.format(d=DIGIT_WORDS[k]), template.format(d=k)):
+                return k
+    return None
+
+
+def image_attributes(data: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, 5) int32 codes of each image's measured :data:`ATTRIBUTES` (a ``load_digits_text`` split)."""
+    return np.stack([np.asarray(data[k], np.int32) for k in ATTRIBUTES], axis=1)
+
+
 def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> np.ndarray:
     """(N, max_length) int32 ids: BOS, tokens, EOS, then EOS padding (as CLIP and Stable Diffusion pad)."""
     ids = tokenizer(list(texts), padding="max_length", max_length=max_length, truncation=True).input_ids
@@ -159,6 +196,52 @@ def to_pixels(images: np.ndarray) -> np.ndarray:
     return (np.asarray(images, np.float32) * 2 - 1).astype(np.float32)
 
 
+def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Each (H, W, C) image moved by its integer ``(dy, dx)`` in ``shifts`` (N, 2), edges replicated (the border
+    of these digits is background, so a shift never invents ink)."""
+    n, h, w = images.shape[:3]
+    m = int(np.abs(shifts).max(initial=0))
+    padded = np.pad(images, ((0, 0), (m, m), (m, m), (0, 0)), mode="edge")
+    rows = m - shifts[:, 0, None] + np.arange(h)[None, :]  # output row r reads input row r - dy
+    cols = m - shifts[:, 1, None] + np.arange(w)[None, :]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+class ShiftedBatches:
+    """A batch source whose images are shifted by up to ``max_shift`` pixels each way (uniform integers, drawn
+    from ``(seed, step)``, so deterministic); everything else is ``inner``'s."""
+
+    def __init__(self, inner: Any, max_shift: int, seed: int = 0) -> None:
+        self.inner, self.max_shift, self.seed = inner, int(max_shift), seed
+
+    def __getattr__(self, name: str) -> Any:  # arrays, batch_size, position, identity, ...
+        return getattr(self.inner, name)
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        out = dict(self.inner.batch(step))
+        rng = np.random.default_rng((self.seed, 7, step))
+        shifts = rng.integers(-self.max_shift, self.max_shift + 1, size=(len(out["x"]), 2))
+        out["x"] = shift_images(out["x"], shifts)
+        return out
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.inner.identity(), "max_shift": self.max_shift}
+
+
+def batches(cfg: dict[str, Any], arrays: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> Any:
+    """The recipe's batch source: random batches, or (``colour_pairs_per_batch`` > 0) batches drawn from that
+    many (ink, background) pairs, so colours cannot tell most pairs apart; images shifted by up to ``max_shift``."""
+    size = min(cfg["batch_size"], len(arrays["x"]))
+    per = cfg.get("colour_pairs_per_batch", 0)
+    if per:
+        pairs = np.asarray(data["ink"]) * len(COLOURS) + np.asarray(data["background"])
+        source: Any = GroupedBatches(arrays, pairs, size, per, seed=cfg["seed"])
+    else:
+        source = ArrayDataset(arrays, batch_size=size, seed=cfg["seed"])
+    shift = cfg.get("max_shift", 0)
+    return ShiftedBatches(source, shift, cfg["seed"]) if shift else source
+
+
 def train(cfg: dict[str, Any], data: dict[str, np.ndarray], tokenizer: Any, *, steps: int | None = None,
           progress: bool = True) -> tuple[CLIPModel, dict[str, Any]]:
     """Train a fresh model of the recipe on ``data`` (a ``load_digits_text`` split); returns it and a record."""
@@ -171,7 +254,10 @@ def train(cfg: dict[str, Any], data: dict[str, np.ndarray], tokenizer: Any, *, s
                                                seed=cfg["seed"], ema_decay=0.0)
     captions = short_captions(data["caption"], data["label"], cfg.get("short_caption_fraction", 0.0), cfg["seed"])
     arrays = {"x": to_pixels(data["image"]), "input_ids": tokenize(tokenizer, list(captions), cfg["max_length"])}
-    dataset = ArrayDataset(arrays, batch_size=min(cfg["batch_size"], len(arrays["x"])), seed=cfg["seed"])
+    if cfg.get("multi_positive", False):
+        arrays["text_attributes"] = caption_attributes(captions)
+        arrays["image_attributes"] = image_attributes(data)
+    dataset = batches(cfg, arrays, data)
     losses: list[float] = []
     start = time.perf_counter()
     state = fit(trainer, state, dataset, steps, progress=progress,

@@ -82,3 +82,72 @@ def load_digits_dataset(held_out: int = DIGITS_HELD_OUT, seed: int = 0) -> tuple
     perm = np.random.default_rng(seed).permutation(len(y))
     test, train = perm[:held_out], perm[held_out:]
     return {"x": x[train], "label": y[train]}, {"x": x[test], "label": y[test]}
+
+
+@dataclass(frozen=True, eq=False)
+class GroupedBatches:
+    """Batches drawn from a few groups at a time: ``groups_per_batch`` distinct groups (chosen with odds
+    proportional to their size), ``batch_size // groups_per_batch`` examples of each, without replacement.
+
+    For contrastive training this makes *hard negatives*: when every pair in a batch shares an attribute (e.g.
+    the colours of a captioned digit), only the other attributes can tell the pairs apart. The ``step``-th
+    batch is a pure function of ``(seed, step)`` (numpy's SeedSequence), so a resumed run sees the same
+    batches; the interface is :class:`ArrayDataset`'s (``batch``, ``position``, ``identity``).
+    """
+
+    arrays: Mapping[str, np.ndarray]
+    groups: np.ndarray
+    batch_size: int
+    groups_per_batch: int
+    seed: int = 0
+    _members: tuple = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        base = ArrayDataset(self.arrays, self.batch_size, self.seed)  # validates the arrays and batch size
+        groups = np.asarray(self.groups)
+        if groups.shape != (base.num_examples,):
+            raise ValueError(f"groups must hold one id per example, shape ({base.num_examples},), "
+                             f"got {groups.shape}")
+        if self.groups_per_batch < 1 or self.batch_size % self.groups_per_batch:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of groups_per_batch "
+                             f"({self.groups_per_batch})")
+        per = self.batch_size // self.groups_per_batch
+        members = tuple(np.flatnonzero(groups == g) for g in np.unique(groups))
+        members = tuple(m for m in members if len(m) >= per)
+        if len(members) < self.groups_per_batch:
+            raise ValueError(f"only {len(members)} groups have at least {per} examples; need "
+                             f"{self.groups_per_batch}: lower groups_per_batch or raise it with a smaller batch")
+        object.__setattr__(self, "arrays", base.arrays)
+        object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "_members", members)
+
+    @property
+    def num_examples(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.batch_size
+
+    def position(self, step: int) -> dict[str, int]:
+        """``{"epoch": e, "index": i}``: the epoch in example counts (batches are drawn independently)."""
+        return {"epoch": step // self.steps_per_epoch, "index": step % self.steps_per_epoch}
+
+    def indices(self, step: int) -> np.ndarray:
+        """The example indices of the ``step``-th batch, group by group."""
+        rng = np.random.default_rng((self.seed, step))
+        sizes = np.array([len(m) for m in self._members], np.float64)
+        chosen = rng.choice(len(self._members), self.groups_per_batch, replace=False, p=sizes / sizes.sum())
+        per = self.batch_size // self.groups_per_batch
+        return np.concatenate([rng.choice(self._members[g], per, replace=False) for g in chosen])
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The ``step``-th batch of the run (deterministic in (seed, step))."""
+        idx = self.indices(step)
+        return {k: a[idx] for k, a in self.arrays.items()}
+
+    def identity(self) -> dict[str, Any]:
+        """What must match for a resumed run to see the same data (stored in checkpoints)."""
+        spec = {k: [list(a.shape[1:]), str(a.dtype)] for k, a in self.arrays.items()}
+        return {"num_examples": self.num_examples, "batch_size": self.batch_size, "seed": self.seed, "arrays": spec,
+                "groups": int(len(np.unique(self.groups))), "groups_per_batch": self.groups_per_batch}
