@@ -2,6 +2,7 @@
 captioned colour digits, and write it as a diffusers ``StableDiffusionPipeline`` folder.
 
     python examples/digits_sd/train.py --out DIR [--stages clip,vae,unet] [--clip CLIP_DIR]
+    python examples/digits_sd/train.py --out DIR --install   # retrain and ship: jaxdiff/assets/digits/digits-{clip,sd}
 
 Stages run in order; each reuses the earlier stages' outputs found in ``DIR`` when it is not rerun:
 
@@ -54,6 +55,7 @@ from jaxdiff.train.objectives import TextDiffusionObjective  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 STAGES = ("clip", "vae", "unet")
+ASSETS = Path(__file__).resolve().parents[2] / "jaxdiff" / "assets" / "digits"  # where --install puts the folders
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 LATENTS = ("mean", "sample")
 
@@ -386,6 +388,22 @@ def run(out: str | os.PathLike, stages: tuple[str, ...] = STAGES, *, clip: str |
     return log
 
 
+def install(out: Path, assets: Path = ASSETS) -> list[Path]:
+    """Copy ``out/digits-clip`` and ``out/digits-sd`` over the package's built-in folders (with ``training.json``
+    beside digits-sd's components: diffusers reads only the folders ``model_index.json`` names)."""
+    targets = []
+    for name in ("digits-clip", "digits-sd"):
+        source, target = Path(out) / name, Path(assets) / name
+        if not source.is_dir():
+            raise FileNotFoundError(f"{source} is missing: run all stages before --install")
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+        targets.append(target)
+    shutil.copy2(Path(out) / "training.json", Path(assets) / "digits-sd" / "training.json")
+    return targets
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (stages' outputs, digits-sd, training.json)")
@@ -396,12 +414,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--look", type=int, default=0, metavar="N",
                    help="afterwards, generate from N held-out captions and record digit and colour accuracy")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--install", action="store_true",
+                   help="afterwards, replace the package's built-in digits-clip and digits-sd with DIR's")
     args = p.parse_args(argv)
     steps = {s: getattr(args, f"{s}_steps") for s in STAGES if getattr(args, f"{s}_steps") is not None}
+    if args.install and (steps or args.clip is not None or set(parse_stages(args.stages)) != set(STAGES)):
+        p.error("--install ships a full run of the recipes: drop --stages, --clip and the --*-steps options")
     log = run(args.out, parse_stages(args.stages), clip=args.clip, steps=steps, progress=not args.no_progress)
     if args.look and "digits-sd" in log:
         log["quick_look"] = quick_look(args.out / "digits-sd", load_digits_text()["held_out"], n=args.look)
         (args.out / "training.json").write_text(json.dumps(log, indent=1) + "\n")
+    if args.install:
+        log["installed"] = [str(p) for p in install(args.out)]
     summary = {k: {m: v for m, v in rec.items() if not isinstance(v, (dict, list))} for k, rec in log.items()}
     print(json.dumps(summary, indent=1))
     return log
