@@ -72,8 +72,10 @@ def test_digits_clip_loads_in_transformers_with_the_same_features_and_reads_digi
     assert ids == ref_tok(texts, padding="max_length", max_length=length).input_ids
     images = held_out["image"][:100]
     with torch.no_grad():
-        t_ref = ref.get_text_features(input_ids=torch.tensor(ids)).numpy()
-        v_ref = ref.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2) * 2 - 1)).numpy()
+        # transformers 5 returns the projected features as the output's pooler_output
+        t_ref = ref.get_text_features(input_ids=torch.tensor(ids)).pooler_output.numpy()
+        pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)) * 2 - 1)
+        v_ref = ref.get_image_features(pixel_values=pixels).pooler_output.numpy()
     t = np.asarray(model.get_text_features(jnp.asarray(ids)))
     v = np.asarray(model.get_image_features(jnp.asarray(images * 2 - 1)))
     np.testing.assert_allclose(t, t_ref, atol=1e-4, rtol=1e-4)

@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log["quick_look"] = quick_look(args.out / "digits-sd", load_digits_text()["held_out"], n=args.look)
         (args.out / "training.json").write_text(json.dumps(log, indent=1) + "\n")
     if args.install:
-        log["installed"] = [str(p) for p in install(args.out)]
+        log["installed"] = {p.name: str(p) for p in install(args.out)}
     summary = {k: {m: v for m, v in rec.items() if not isinstance(v, (dict, list))} for k, rec in log.items()}
     print(json.dumps(summary, indent=1))
     return log

@@ -116,7 +116,7 @@ class ContrastiveObjective:
         else:
             loss = contrastive_loss(logits)
         return loss, {"text_to_image_accuracy": t2i, "image_to_text_accuracy": i2t,
-                                          "logit_scale": clipped_scale(out.logit_scale, self.max_logit_scale)}
+                      "logit_scale": clipped_scale(out.logit_scale, self.max_logit_scale)}
 
 
 class ContrastiveTrainer(Trainer):
