@@ -47,7 +47,7 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _gray(image: Any, name: str = "image") -> tuple[Array, bool, float]:
-    """(B, H, W) float gray images, whether a batch axis was added, and the scale applied (1 / dtype max)."""
+    """(B, H, W) float gray images, whether a batch axis was added, and the divisor applied (the dtype's max, 1 for floats)."""
     x = image if isinstance(image, jax.Array) else np.asarray(image)
     if x.ndim not in (2, 3, 4):
         raise ValueError(f"{name} must be (H, W), (B, H, W) or (B, H, W, C), got shape {tuple(x.shape)}; "
@@ -57,12 +57,12 @@ def _gray(image: Any, name: str = "image") -> tuple[Array, bool, float]:
     if min(x.shape[-3:-1] if x.ndim == 4 else x.shape[-2:]) < 3:
         raise ValueError(f"{name} must be at least 3x3 pixels, got shape {tuple(x.shape)}")
     dtype = np.dtype(x.dtype)
-    scale = 1.0
+    dtype_max = 1.0
     if dtype == np.bool_:
         x = x.astype(jnp.float32)
     elif np.issubdtype(dtype, np.integer):
-        scale = 1.0 / float(np.iinfo(dtype).max)
-        x = x.astype(jnp.float32) * scale
+        dtype_max = float(np.iinfo(dtype).max)
+        x = x.astype(jnp.float32) / dtype_max
     elif not np.issubdtype(dtype, np.floating):
         raise ValueError(f"{name} must be a float, integer or bool array, got dtype {dtype}")
     elif _is_concrete(x) and not bool(np.isfinite(np.asarray(x)).all()):
@@ -74,14 +74,14 @@ def _gray(image: Any, name: str = "image") -> tuple[Array, bool, float]:
         c = x.shape[-1]
         x = x[..., 0] if c == 1 else jnp.tensordot(x[..., :3], jnp.asarray(RGB_TO_GRAY, x.dtype), axes=1)
     added = x.ndim == 2
-    return (x[None] if added else x), added, scale
+    return (x[None] if added else x), added, dtype_max
 
 
-def _threshold(value: Any, default: float, scale: float, batch: int, name: str) -> Array:
+def _threshold(value: Any, default: float, dtype_max: float, batch: int, name: str) -> Array:
     """A threshold as a float32 leaf, scalar or one per image (B,), broadcast to (B, 1, 1)."""
     t = jnp.asarray(default if value is None else value, jnp.float32)
-    if value is not None and scale != 1.0:
-        t = t * scale
+    if value is not None and dtype_max != 1.0:
+        t = t / dtype_max
     if t.ndim == 0:
         return jnp.broadcast_to(t, (batch,))[:, None, None]
     if t.shape != (batch,):
@@ -223,12 +223,12 @@ def canny(image: Any, sigma: float = 1.0, low_threshold: Any = None, high_thresh
     are traced leaves: new values reuse the compiled program; ``sigma`` is static (it sets the kernel size).
     jit- and vmap-able. Non-finite pixels and ``high < low`` are refused when the values are concrete.
     """
-    gray, added, scale = _gray(image)
+    gray, added, dtype_max = _gray(image)
     if not float(sigma) > 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     b = gray.shape[0]
-    low = _threshold(low_threshold, 0.1, scale, b, "low_threshold")
-    high = _threshold(high_threshold, 0.2, scale, b, "high_threshold")
+    low = _threshold(low_threshold, 0.1, dtype_max, b, "low_threshold")
+    high = _threshold(high_threshold, 0.2, dtype_max, b, "high_threshold")
     if _is_concrete(low) and _is_concrete(high) and bool(np.any(np.asarray(high) < np.asarray(low))):
         raise ValueError(f"high_threshold ({high_threshold}) must be >= low_threshold ({low_threshold})")
     edges = _canny_program(gray, low, high, sigma=float(sigma))
@@ -239,8 +239,8 @@ def threshold_map(image: Any, threshold: Any = 0.5, invert: bool = False) -> Arr
     """Float32 (H, W) / (B, H, W) map: 1.0 where the gray image is ``> threshold`` (``<`` with ``invert``), else 0.0.
 
     ``threshold`` (scalar or one per image, image units) is a traced leaf."""
-    gray, added, scale = _gray(image)
-    t = _threshold(threshold, 0.5, scale, gray.shape[0], "threshold").astype(gray.dtype)
+    gray, added, dtype_max = _gray(image)
+    t = _threshold(threshold, 0.5, dtype_max, gray.shape[0], "threshold").astype(gray.dtype)
     out = ((gray < t) if invert else (gray > t)).astype(jnp.float32)
     return out[0] if added else out
 
