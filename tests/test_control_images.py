@@ -52,10 +52,13 @@ def _within_one_pixel(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("sigma,low,high", [(1.0, None, None), (2.0, 0.05, 0.1)])
 def test_canny_agrees_with_skimage_on_sample_images(sigma, low, high):
     """>= 95% of edge pixels within 1 pixel (8-neighbourhood), both ways, on scikit-image's sample images
-    (128x128 block-mean downscales, float64 in [0, 1]; ours in float32, one batched call).
+    (128x128 block-mean downscales, float64 in [0, 1] for scikit-image; ours in float32, one batched call).
 
-    Measured with scikit-image 0.25 (precision / recall at 1 px, exact-pixel agreement):
-    see FIGURES below; every image is >= 0.99 both ways at 1 px.
+    Measured with scikit-image 0.26.0 on exactly these inputs (this loop, printing instead): precision and
+    recall at 1 px are 1.0000 on all 8 images at both settings; the maps are bit-identical except one pixel
+    of 16,384 on ``page`` at sigma 2 (edge pixels, sigma 1 / sigma 2: camera 1439 / 991, coins 2087 / 1487,
+    astronaut 2870 / 2097, moon 498 / 386, page 2320 / 1448, text 1573 / 1507, coffee 2372 / 1976,
+    chelsea 3243 / 2342). So the test also asks >= 99.5% of pixels identical.
     """
     from skimage import feature
 
@@ -66,6 +69,7 @@ def test_canny_agrees_with_skimage_on_sample_images(sigma, low, high):
         assert ref.sum() > 100, name  # a real edge map, not a trivial one
         precision, recall = _within_one_pixel(mine, ref), _within_one_pixel(ref, mine)
         assert precision >= 0.95 and recall >= 0.95, (name, precision, recall)
+        assert (mine == ref).mean() >= 0.995, name
 
 
 def test_hysteresis_keeps_the_connected_components_scipy_labels():
@@ -211,7 +215,9 @@ def test_control_image_is_what_diffusers_feeds_a_controlnet():
     np.testing.assert_array_equal(np.asarray(ci.control_image(edges[None, ..., None])), ours)
 
 
-def test_digit_edges_outline_the_ink_whatever_the_colours():
+def test_digit_edges_are_skimage_canny_of_the_ink_whatever_the_colours():
+    pytest.importorskip("skimage")
+    from skimage import feature
     from sklearn.datasets import load_digits
 
     from jaxdiff.data import digits_text as dt
@@ -222,8 +228,7 @@ def test_digit_edges_outline_the_ink_whatever_the_colours():
     b = np.asarray(ci.digit_edges(dt.composite(alpha, bg, ink)))  # colours swapped
     assert a.shape == (6, 32, 32) and a.dtype == bool
     np.testing.assert_array_equal(a, b)
-    # every edge lies on the outline of the ink (alpha = 0.5 level set), and the outline is covered
     for edges, al in zip(a, alpha):
-        ink_mask = al > 0.5
-        outline = ink_mask & ~ndi.binary_erosion(ink_mask, np.ones((3, 3), bool))
-        assert _within_one_pixel(edges, outline) >= 0.95 and _within_one_pixel(outline, edges) >= 0.9
+        ref = feature.canny(al.astype(np.float64), ci.DIGIT_SIGMA, ci.DIGIT_LOW, ci.DIGIT_HIGH)
+        assert ref.sum() > 40  # the outline of a digit, not a few specks
+        assert _within_one_pixel(edges, ref) >= 0.95 and _within_one_pixel(ref, edges) >= 0.95
