@@ -47,7 +47,7 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _gray(image: Any, name: str = "image") -> tuple[Array, bool, float]:
-    """(B, H, W) float gray images, whether a batch axis was added, and the divisor applied (the dtype's max, 1 for floats)."""
+    """(B, H, W) float gray images, whether a batch axis was added, and the divisor applied (dtype max; 1 for floats)."""
     x = image if isinstance(image, jax.Array) else np.asarray(image)
     if x.ndim not in (2, 3, 4):
         raise ValueError(f"{name} must be (H, W), (B, H, W) or (B, H, W, C), got shape {tuple(x.shape)}; "
@@ -72,7 +72,8 @@ def _gray(image: Any, name: str = "image") -> tuple[Array, bool, float]:
         x = x.astype(jnp.float32)
     if x.ndim == 4:
         c = x.shape[-1]
-        x = x[..., 0] if c == 1 else jnp.tensordot(x[..., :3], jnp.asarray(RGB_TO_GRAY, x.dtype), axes=1)
+        # elementwise, not a dot product: a GPU matmul could round the weights to TF32
+        x = x[..., 0] if c == 1 else sum(float(w) * x[..., k] for k, w in enumerate(RGB_TO_GRAY))
     added = x.ndim == 2
     return (x[None] if added else x), added, dtype_max
 
