@@ -47,7 +47,7 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _gray(image: Any, name: str = "image") -> tuple[Array, bool, float]:
-    """(B, H, W) float gray images, whether a batch axis was added, and the divisor applied (dtype max; 1 for floats)."""
+    """(B, H, W) float gray images, whether a batch axis was added, the divisor applied (dtype max; 1 for floats)."""
     x = image if isinstance(image, jax.Array) else np.asarray(image)
     if x.ndim not in (2, 3, 4):
         raise ValueError(f"{name} must be (H, W), (B, H, W) or (B, H, W, C), got shape {tuple(x.shape)}; "
