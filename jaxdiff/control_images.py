@@ -223,6 +223,8 @@ def canny(image: Any, sigma: float = 1.0, low_threshold: Any = None, high_thresh
     ``low_threshold`` / ``high_threshold`` (default 0.1 / 0.2, in image units; scalars or one per image)
     are traced leaves: new values reuse the compiled program; ``sigma`` is static (it sets the kernel size).
     jit- and vmap-able. Non-finite pixels and ``high < low`` are refused when the values are concrete.
+    Against scikit-image 0.26 on its sample images (8 images x 2 settings, 128x128): 1 pixel of 262,144
+    differs (``tests/test_control_images.py``); full-size ``camera`` is bit-identical.
     """
     gray, added, dtype_max = _gray(image)
     if not float(sigma) > 0:
