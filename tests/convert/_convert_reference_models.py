@@ -40,6 +40,11 @@ def build(class_name: str):
     if class_name == "DiTTransformer2DModel":
         return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
                                                num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    if class_name == "UNet3DConditionModel":
+        return diffusers.UNet3DConditionModel(in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                                              norm_num_groups=8, cross_attention_dim=8, attention_head_dim=8,
+                                              down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                                              up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
     if class_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
         return getattr(transformers, class_name)(transformers.CLIPTextConfig(**TINY_CLIP_TEXT))
     if class_name == "CLIPVisionModelWithProjection":
