@@ -196,7 +196,8 @@ class T2IAdapter(nnx.Module):
         cfg = self.config
         if len(shape) != 4 or shape[-1] != cfg.in_channels:
             raise ValueError(f"the T2I-Adapter reads NHWC control images with {cfg.in_channels} channel(s) "
-                             f"(in_channels), got shape {tuple(shape)}; convert the control image to {cfg.in_channels} channel(s)")
+                             f"(in_channels), got shape {tuple(shape)}; convert the control image to "
+                             f"{cfg.in_channels} channel(s)")
         f = cfg.downscale_factor
         if shape[1] % f or shape[2] % f:
             raise ValueError(f"the control image is {shape[1]}x{shape[2]} but the T2I-Adapter needs a height and width "
@@ -215,13 +216,11 @@ class MultiAdapter(nnx.Module):
         adapters = list(adapters)
         if len(adapters) < 2:
             raise ValueError("a MultiAdapter needs at least two adapters; use the T2IAdapter itself for one")
-        first = adapters[0].config
-        for i, a in enumerate(adapters[1:], 1):
-            c = a.config
-            if (c.downscale_factor, c.total_downscale_factor) != (first.downscale_factor, first.total_downscale_factor):
-                raise ValueError(f"adapter {i} downscales by {c.downscale_factor} (total {c.total_downscale_factor}) but "
-                                 f"adapter 0 by {first.downscale_factor} (total {first.total_downscale_factor}): "
-                                 "combine adapters built for the same U-Net")
+        scales = [(a.config.downscale_factor, a.config.total_downscale_factor) for a in adapters]
+        for i, s in enumerate(scales):
+            if s != scales[0]:
+                raise ValueError(f"adapter {i} downscales by {s[0]} (total {s[1]}) but adapter 0 by {scales[0][0]} "
+                                 f"(total {scales[0][1]}): combine adapters built for the same U-Net")
         self.adapters = nnx.List(adapters)
 
     def each(self, images: Sequence[Array]) -> list[tuple[Array, ...]]:
@@ -331,7 +330,7 @@ def _pure(adapter: Any) -> PureModel:
 
 
 def adapter_features(adapter: Any, image: Any) -> tuple[Array, ...]:
-    """One adapter's features of a control image (a ``T2IAdapter`` or its :class:`PureModel`), compiled once per shape."""
+    """One adapter's features of a control image (a ``T2IAdapter`` or its :class:`PureModel`); one compile per shape."""
     model = _pure(adapter)
     module = model.module()
     if not isinstance(module, T2IAdapter):
