@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff._pytree import pytree_dataclass, static_field
-from jaxdiff.conditioning import Residuals, Transform, side_network, tile_batch
+from jaxdiff.conditioning import CONDITIONAL, Residuals, Transform, side_network, tile_batch
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.layers import Maker, config_from_dict
@@ -30,8 +30,8 @@ Array = jax.Array
 IGNORED_TORCH_KEYS: tuple[str, ...] = ()
 ADAPTER_TYPES = ("full_adapter", "light_adapter")
 
-__all__ = ["AdapterFeatures", "MultiAdapter", "T2IAdapter", "T2IAdapterConfig", "adapter_features",
-           "control_image", "pixel_unshuffle", "t2i_adapter"]
+__all__ = ["AdapterFeatures", "MultiAdapter", "T2IAdapter", "T2IAdapterConfig", "adapter_features", "control_image",
+           "load_multi_adapter", "pixel_unshuffle", "t2i_adapter"]
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,20 @@ class MultiAdapter(nnx.Module):
         return _weighted_sum(_stack(self.each(images)), w)
 
 
+def load_multi_adapter(path: Any, *, dtype: Any = jnp.float32) -> MultiAdapter:
+    """A MultiAdapter as diffusers' ``MultiAdapter.save_pretrained`` writes it: folders ``path``, ``path_1``, ..."""
+    from pathlib import Path
+
+    from jaxdiff.convert.folders import load_model_folder
+
+    folders = [Path(path)]
+    while Path(f"{path}_{len(folders)}").is_dir():
+        folders.append(Path(f"{path}_{len(folders)}"))
+    if not folders[0].is_dir():
+        raise FileNotFoundError(f"no T2I-Adapter folder at {path} (a MultiAdapter is saved as {path}, {path}_1, ...)")
+    return MultiAdapter([load_model_folder(f, class_name="T2IAdapter", dtype=dtype) for f in folders])
+
+
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> T2IAdapter:
     """Build the adapter abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
@@ -294,6 +308,12 @@ class AdapterFeatures:
             size = (f" ({x.shape[1] * self.factor}x{x.shape[2] * self.factor} pixels)" if self.factor else "")
             raise ValueError(f"the T2I-Adapter features are {h}x{w} but the latents are {x.shape[1]}x{x.shape[2]}: "
                              f"give a control image of the generated image's size{size}")
+        images = self.features[0].shape[1]
+        guided = isinstance(cond, Mapping) and cond.get(CONDITIONAL) is not None
+        if images > 1 and guided and (x.shape[0] // 2) % images:
+            raise ValueError(f"{images} control images for {x.shape[0] // 2} image(s) per half of classifier-free "
+                             "guidance: StableDiffusion samples each image on its own, so give one control image "
+                             "(batch 1), shared by every prompt")
         summed = _weighted_sum(self.features, jnp.asarray(self.weights, jnp.float32))
         return Residuals(intra=tuple(tile_batch(f, x.shape[0]) for f in summed))
 

@@ -61,7 +61,9 @@ def test_multi_adapter_matches_diffusers(tmp_path):
     rng = np.random.default_rng(4)
     images = [rng.uniform(0, 1, (1, 32, 32, 3)).astype(np.float32) for _ in range(2)]
     ref = diffusers.MultiAdapter([ref_a, ref_b])
-    multi = T.MultiAdapter([a, b])
+    ref.save_pretrained(str(tmp_path / "multi"), safe_serialization=True)  # writes multi, multi_1
+    multi = T.load_multi_adapter(tmp_path / "multi")
+    assert len(multi.adapters) == 2
     for weights in ([0.7, 0.4], None):
         with torch.no_grad():
             expected = ref([torch.from_numpy(np.ascontiguousarray(nchw(im))) for im in images], weights)

@@ -133,3 +133,6 @@ def test_bad_control_image_is_one_clear_error(tiny_sd):
         T.t2i_adapter(adapter, np.zeros((1, 8, 8, 1), np.float32))
     with pytest.raises(ValueError, match="one control image per adapter"):
         T.t2i_adapter([adapter, adapter], [np.zeros((1, 8, 8, 3), np.float32)])
+    two = T.t2i_adapter(adapter, np.zeros((2, 8, 8, 3), np.float32))  # one each would be silently mixed up
+    with pytest.raises(ValueError, match=r"give one control image \(batch 1\), shared by every prompt"):
+        tiny_sd(["a b", "d"], network_transform=two, **KW)
