@@ -289,33 +289,30 @@ def _weighted_sum(stacked: Sequence[Array], weights: Array) -> tuple[Array, ...]
 
 @pytree_dataclass
 class AdapterFeatures:
-    """``side(x, t, cond) -> Residuals(intra=...)``: precomputed adapter features for :func:`side_network`.
+    """``side(x, t, cond) -> Residuals(intra=features)``: precomputed adapter features for :func:`side_network`.
 
-    ``features`` holds one (K, B, h, w, c) array per U-Net down block (K adapters, B control images),
-    ``weights`` (K,) the per-adapter conditioning scales, traced (a new scale reuses the compiled program).
-    The weighted sum is tiled over the network batch (classifier-free guidance doubles it), as diffusers'
-    ``StableDiffusionAdapterPipeline`` repeats the adapter state for both halves. ``factor`` (static, 0 if
-    unknown) is the control-image size / latent size, for the error message.
+    ``features`` holds one (B, h, w, c) map per U-Net down block (B control images), tiled over the network
+    batch (classifier-free guidance doubles it), as diffusers' ``StableDiffusionAdapterPipeline`` repeats the
+    adapter state for both halves. ``factor`` (static, 0 if unknown) is the control-image size / latent
+    size, for the error message.
     """
 
     features: tuple[Array, ...]
-    weights: Array
     factor: int = static_field(default=0)
 
     def __call__(self, x: Array, t: Array, cond: Any = None) -> Residuals:
-        h, w = self.features[0].shape[2:4]
+        h, w = self.features[0].shape[1:3]
         if (h, w) != tuple(x.shape[1:3]):
             size = (f" ({x.shape[1] * self.factor}x{x.shape[2] * self.factor} pixels)" if self.factor else "")
             raise ValueError(f"the T2I-Adapter features are {h}x{w} but the latents are {x.shape[1]}x{x.shape[2]}: "
                              f"give a control image of the generated image's size{size}")
-        images = self.features[0].shape[1]
+        images = self.features[0].shape[0]
         guided = isinstance(cond, Mapping) and cond.get(CONDITIONAL) is not None
         if images > 1 and guided and (x.shape[0] // 2) % images:
             raise ValueError(f"{images} control images for {x.shape[0] // 2} image(s) per half of classifier-free "
                              "guidance: StableDiffusion samples each image on its own, so give one control image "
                              "(batch 1), shared by every prompt")
-        summed = _weighted_sum(self.features, jnp.asarray(self.weights, jnp.float32))
-        return Residuals(intra=tuple(tile_batch(f, x.shape[0]) for f in summed))
+        return Residuals(intra=tuple(tile_batch(f, x.shape[0]) for f in self.features))
 
 
 def control_image(image: Any) -> np.ndarray:
@@ -372,8 +369,9 @@ def t2i_adapter(adapter_or_features: Any, image: Any = None, scale: Any = 1.0) -
     a :class:`MultiAdapter` or a list of adapters with ``image`` a list, one per adapter; or precomputed
     features (a tuple of NHWC maps, one per down block), or a list of such tuples (several adapters).
     The features are computed here, once per control image, never per sampling step.
-    ``scale``: ``adapter_conditioning_scale``: one number, or one per adapter (what diffusers' MultiAdapter
-    takes as ``adapter_weights``); a traced leaf, so a new scale compiles nothing.
+    ``scale``: ``adapter_conditioning_scale``: for one adapter a number, the side
+    network's traced scale; for several, one number or one per adapter (what diffusers' MultiAdapter takes
+    as ``adapter_weights``), summed in here. Either way a new scale or control image compiles nothing.
     A batch of 1 control image serves every image; a batch of B is tiled over the network batch.
     """
     factor = 0
@@ -398,6 +396,7 @@ def t2i_adapter(adapter_or_features: Any, image: Any = None, scale: Any = 1.0) -
             raise ValueError(f"give one control image per adapter: {len(adapters)} adapters, {len(images)} images")
         per_adapter = [adapter_features(a, im) for a, im in zip(adapters, images)]
         factor = _pure(adapters[0]).module().config.downscale_factor
-    stacked = _stack(per_adapter)
-    side = AdapterFeatures(stacked, _weights(scale, len(per_adapter)), factor)
-    return side_network(side, 1.0)
+    if len(per_adapter) == 1:
+        return side_network(AdapterFeatures(per_adapter[0], factor), scale)
+    summed = _weighted_sum(_stack(per_adapter), _weights(scale, len(per_adapter)))
+    return side_network(AdapterFeatures(summed, factor), 1.0)
