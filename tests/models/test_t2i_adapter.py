@@ -7,7 +7,7 @@ import pytest
 
 from jaxdiff.convert.folders import load_model_folder
 from jaxdiff.models import t2i_adapter as T
-from tests.models._convnet_cases import assert_close, nchw, nhwc
+from tests.models._convnet_cases import assert_close, nchw
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
