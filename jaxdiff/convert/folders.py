@@ -78,6 +78,7 @@ REGISTRY: Mapping[str, NetworkSpec] = {
     "UNet2DConditionModel": NetworkSpec("jaxdiff.models.unet", "UNet2DConditionModel"),
     "AutoencoderKL": NetworkSpec("jaxdiff.models.vae", "AutoencoderKL"),
     "ControlNetModel": NetworkSpec("jaxdiff.models.controlnet", "ControlNetModel"),
+    "T2IAdapter": NetworkSpec("jaxdiff.models.t2i_adapter", "T2IAdapter"),
     "UNet2DModel": NetworkSpec("jaxdiff.models.unet2d", "UNet2DModel"),
     "CLIPTextModel": NetworkSpec("jaxdiff.models.clip", "CLIPTextModel"),
     "CLIPTextModelWithProjection": NetworkSpec("jaxdiff.models.clip", "CLIPTextModelWithProjection"),

@@ -59,6 +59,8 @@ def build(class_name: str):
     if class_name == "T5EncoderModel":
         return transformers.T5EncoderModel(transformers.T5Config(
             vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, relative_attention_num_buckets=8))
+    if class_name == "T2IAdapter":
+        return diffusers.T2IAdapter(in_channels=3, channels=(8, 16), num_res_blocks=1, downscale_factor=2)
     raise KeyError(class_name)
 
 
