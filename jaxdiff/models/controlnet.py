@@ -7,6 +7,8 @@ skip connection and mid output pass through a zero-initialised 1x1 convolution. 
 :class:`jaxdiff.conditioning.Residuals` (``down``, ``mid``) for
 :class:`jaxdiff.models.unet.UNet2DConditionModel`. :class:`ControlNetSide` makes a ControlNet a side
 network of :func:`jaxdiff.conditioning.side_network`, a network transform inside guidance.
+:func:`controlnet` runs one or several ControlNets as diffusers' pipelines do (per-net scales and active
+intervals as traced values, guess mode); :mod:`jaxdiff.pipelines.controlnet` fits it to the SD recipe.
 """
 from __future__ import annotations
 
@@ -135,8 +137,8 @@ class ControlNetModel(nnx.Module):
         want = (sample.shape[1] * f, sample.shape[2] * f)
         if controlnet_cond.ndim != 4 or tuple(controlnet_cond.shape[1:3]) != want:
             raise ValueError(f"controlnet_cond must be NHWC of size {want} ({f}x the latents), "
-                             f"got shape {controlnet_cond.shape}; resize the control image to the generated image's size "
-                             "(jaxdiff.pipelines.controlnet.prepare_control_image does, as diffusers)")
+                             f"got shape {controlnet_cond.shape}; resize the control image to the generated "
+                             "image's size (jaxdiff.pipelines.controlnet.prepare_control_image does, as diffusers)")
         if controlnet_cond.shape[-1] != cfg.conditioning_channels:
             raise ValueError(f"controlnet_cond must have {cfg.conditioning_channels} channels (this ControlNet's "
                              f"conditioning_channels), got {controlnet_cond.shape[-1]}; convert the control image")
@@ -217,9 +219,6 @@ def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str
 
 
 # ---- several ControlNets with per-net scales and active intervals, as diffusers' pipelines run them ------------
-
-
-
 
 @pytree_dataclass
 class StepSpan:
@@ -360,11 +359,16 @@ def controlnet(models: Any, images: Any, scale: Any = 1.0, start: Any = 0.0, end
     scales, starts, ends = (_per_net(v, n, what) for v, what in ((scale, "conditioning scales"),
                                                                  (start, "control_guidance_start values"),
                                                                  (end, "control_guidance_end values")))
-    if all(isinstance(v, (int, float)) for v in starts + ends):
-        check_interval(starts, ends)
+    try:
+        bounds = [float(v) for v in starts], [float(v) for v in ends]
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        bounds = None  # traced bounds (a controlnet() built inside jit): nothing to check here
+    if bounds is not None:
+        check_interval(*bounds)
     guess = bool(guess_mode) or any(model_config(m).global_pool_conditions for m in models)
     params = dict(models=tuple(models), images=tuple(jnp.asarray(i, jnp.float32) for i in images),
-                  scales=jnp.asarray(scales, jnp.float32).reshape(n), starts=jnp.asarray(starts, jnp.float32).reshape(n),
+                  scales=jnp.asarray(scales, jnp.float32).reshape(n),
+                  starts=jnp.asarray(starts, jnp.float32).reshape(n),
                   ends=jnp.asarray(ends, jnp.float32).reshape(n), step=StepIndex(0),
                   span=StepSpan(first_step, steps))
     return Transform(ControlNets, params, (("guess_mode", guess),))

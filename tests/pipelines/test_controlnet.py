@@ -111,11 +111,11 @@ def test_bad_input_fails_with_the_fix(tiny_sd, nets):
     guess = controlnet(nets[0], _image(0)[None], guess_mode=True, steps=4)
     net = guess(lambda x, t, cond: x)
     with pytest.raises(ValueError, match='needs cond\\["conditional"\\]'):
-        net(np.zeros((2, 4, 4, 4), np.float32), np.zeros((2,), np.float32), {"context": np.zeros((2, 8, 8), np.float32)})
+        net(np.zeros((2, 4, 4, 4), np.float32), np.zeros((2,), np.float32), {"context": np.zeros((2, 8, 8))})
     # outside a recipe the interval needs the step count
     bare = controlnet(nets[0], _image(0)[None])(lambda x, t, cond: x)
     with pytest.raises(ValueError, match="needs the step count: pass steps="):
-        bare(np.zeros((1, 4, 4, 4), np.float32), np.zeros((1,), np.float32), {"context": np.zeros((1, 8, 8), np.float32)})
+        bare(np.zeros((1, 4, 4, 4), np.float32), np.zeros((1,), np.float32), {"context": np.zeros((1, 8, 8))})
 
 
 def test_prepare_control_image_resizes_as_diffusers():

@@ -56,7 +56,7 @@ def components(tmp_path_factory):
 
 
 def _reference(root, cls, scheduler, controlnet):
-    base = diffusers.StableDiffusionPipeline.from_pretrained(str(root))
+    base = diffusers.DiffusionPipeline.from_pretrained(str(root))
     parts = {k: v for k, v in base.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet")}
     config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     pipe = getattr(diffusers, cls)(**parts, controlnet=controlnet, scheduler=getattr(diffusers, scheduler).from_config(
@@ -74,12 +74,13 @@ def _posterior(enc, eps: np.ndarray):
 
 
 def _control_images():
-    """A 20x20 PIL image (Lanczos-resized to 16x16 by both) and an 8x8 float array (nearest-resized)."""
+    """A 20x20 PIL image (Lanczos-resized to 16x16 by both) and a (1, 8, 8, 3) float array (nearest-resized;
+    diffusers would read a 3-d array's first axis as the batch)."""
     from PIL import Image
 
     rng = np.random.default_rng(5)
     pil = Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
-    arr = rng.uniform(0.0, 1.0, (8, 8, 3)).astype(np.float32)
+    arr = rng.uniform(0.0, 1.0, (1, 8, 8, 3)).astype(np.float32)
     return pil, arr
 
 
@@ -144,9 +145,9 @@ def test_image_to_image_interval_counts_the_steps_that_run(components, monkeypat
                         lambda enc, generator=None, sample_mode="sample": _posterior(enc, eps))
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: _nchw(noise))
     ref = _reference(root, "StableDiffusionControlNetImg2ImgPipeline", "EulerDiscreteScheduler", nets[1][0])(
-        prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, control_image=pil, strength=strength,
-        num_inference_steps=steps, guidance_scale=5.0, controlnet_conditioning_scale=1.2, control_guidance_start=0.3,
-        control_guidance_end=1.0, output_type="np").images
+        prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, control_image=pil, strength=strength, height=16,
+        width=16, num_inference_steps=steps, guidance_scale=5.0, controlnet_conditioning_scale=1.2,
+        control_guidance_start=0.3, control_guidance_end=1.0, output_type="np").images
     _assert_matches(out, ref, plain)
 
 
