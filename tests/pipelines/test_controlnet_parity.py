@@ -85,9 +85,10 @@ def _control_images():
 
 
 def _assert_matches(out, ref, plain):
+    """``plain``: diffusers at conditioning scale 0 (the same pipeline without control)."""
     assert out.shape == ref.shape
     assert ref.std() > 0.02  # not a constant image
-    assert np.abs(out - plain).max() > 20 * TOL  # the control changes the image well beyond the tolerance
+    assert np.abs(ref - plain).max() > 20 * TOL  # the control changes the image well beyond the tolerance
     np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
 
 
@@ -98,12 +99,12 @@ def test_two_controlnets_with_their_own_scales_and_intervals_match_diffusers(com
     scale, start, end = [0.9, 0.6], [0.0, 0.4], [0.6, 1.0]  # net 0 on steps 0-2, net 1 on steps 2-4
     cn = controlnet_transform(sd, [p for _, p in nets], images, height=16, width=16, scale=scale, start=start, end=end)
     out = sd(PROMPTS, network_transform=cn, **kw)
-    plain = sd(PROMPTS, **kw)
     noise = sd.initial_noise(SEEDS, 2, 16, 16)
-    ref = _reference(root, "StableDiffusionControlNetPipeline", "DPMSolverMultistepScheduler", [n for n, _ in nets])(
-        prompt=PROMPTS, negative_prompt=NEGATIVE, image=images, num_inference_steps=5, guidance_scale=7.5, height=16,
-        width=16, latents=_nchw(noise), controlnet_conditioning_scale=scale, control_guidance_start=start,
-        control_guidance_end=end, output_type="np").images
+    pipe = _reference(root, "StableDiffusionControlNetPipeline", "DPMSolverMultistepScheduler", [n for n, _ in nets])
+    ref, plain = (pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=images, num_inference_steps=5,
+                       guidance_scale=7.5, height=16, width=16, latents=_nchw(noise), controlnet_conditioning_scale=s,
+                       control_guidance_start=start, control_guidance_end=end, output_type="np").images
+                  for s in (scale, [0.0, 0.0]))
     _assert_matches(out, ref, plain)
     # each interval matters: both nets always on is another image
     always = sd(PROMPTS, network_transform=controlnet_transform(sd, [p for _, p in nets], images, height=16, width=16,
@@ -117,14 +118,13 @@ def test_guess_mode_matches_diffusers(components):
     kw = dict(negative=NEGATIVE, steps=4, sampler="ddim", guidance=6.0, seed=SEEDS, height=16, width=16, mesh=None)
     cn = controlnet_transform(sd, nets[0][1], pil, height=16, width=16, scale=0.8, guess_mode=True)
     out = sd(PROMPTS, network_transform=cn, **kw)
-    plain = sd(PROMPTS, **kw)
     noise = sd.initial_noise(SEEDS, 2, 16, 16)
-    ref = _reference(root, "StableDiffusionControlNetPipeline", "DDIMScheduler", nets[0][0])(
-        prompt=PROMPTS, negative_prompt=NEGATIVE, image=pil, num_inference_steps=4, guidance_scale=6.0, height=16,
-        width=16, latents=_nchw(noise), controlnet_conditioning_scale=0.8, guess_mode=True, output_type="np").images
+    pipe = _reference(root, "StableDiffusionControlNetPipeline", "DDIMScheduler", nets[0][0])
+    ref, plain, normal = (pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=pil, num_inference_steps=4,
+                               guidance_scale=6.0, height=16, width=16, latents=_nchw(noise),
+                               controlnet_conditioning_scale=s, guess_mode=g, output_type="np").images
+                          for s, g in ((0.8, True), (0.0, True), (0.8, False)))
     _assert_matches(out, ref, plain)
-    normal = sd(PROMPTS, network_transform=controlnet_transform(sd, nets[0][1], pil, height=16, width=16, scale=0.8),
-                **kw)
     assert np.abs(normal - out).max() > 20 * TOL  # guess mode is not the plain control
 
 
@@ -137,18 +137,20 @@ def test_image_to_image_interval_counts_the_steps_that_run(components, monkeypat
               strength=strength, mesh=None)
     cn = controlnet_transform(sd, nets[1][1], pil, height=16, width=16, scale=1.2, start=0.3, end=1.0)
     out = sd(PROMPTS, network_transform=cn, **kw)
-    plain = sd(PROMPTS, **kw)
     noise = sd.initial_noise(SEEDS, 2, 16, 16)
     eps = sd.initial_noise(SEEDS, 2, 16, 16, stream=POSTERIOR_STREAM)
     module = diffusers.pipelines.controlnet.pipeline_controlnet_img2img
     monkeypatch.setattr(module, "retrieve_latents",
                         lambda enc, generator=None, sample_mode="sample": _posterior(enc, eps))
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: _nchw(noise))
-    ref = _reference(root, "StableDiffusionControlNetImg2ImgPipeline", "EulerDiscreteScheduler", nets[1][0])(
-        prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, control_image=pil, strength=strength, height=16,
-        width=16, num_inference_steps=steps, guidance_scale=5.0, controlnet_conditioning_scale=1.2,
-        control_guidance_start=0.3, control_guidance_end=1.0, output_type="np").images
+    pipe = _reference(root, "StableDiffusionControlNetImg2ImgPipeline", "EulerDiscreteScheduler", nets[1][0])
+    ref, plain, absolute = (pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, control_image=pil,
+                                 strength=strength, height=16, width=16, num_inference_steps=steps, guidance_scale=5.0,
+                                 controlnet_conditioning_scale=s, control_guidance_start=a,
+                                 control_guidance_end=1.0, output_type="np").images
+                            for s, a in ((1.2, 0.3), (0.0, 0.3), (1.2, 0.0)))
     _assert_matches(out, ref, plain)
+    assert np.abs(absolute - out).max() > 20 * TOL  # counting all 6 steps would keep the control on every step
 
 
 def test_inpainting_unet_with_controlnet_matches_diffusers(components, tmp_path_factory, monkeypatch):
@@ -166,15 +168,14 @@ def test_inpainting_unet_with_controlnet_matches_diffusers(components, tmp_path_
               mesh=None)
     cn = controlnet_transform(sd, nets[0][1], arr, height=16, width=16, scale=0.7, start=0.0, end=0.5)
     out = sd(PROMPTS, network_transform=cn, **kw)
-    plain = sd(PROMPTS, **kw)
     noise = sd.initial_noise(SEEDS, 2, 16, 16)
     eps = sd.initial_noise(SEEDS, 2, 16, 16, stream=MASKED_POSTERIOR_STREAM)
     module = diffusers.pipelines.controlnet.pipeline_controlnet_inpaint
     monkeypatch.setattr(module, "retrieve_latents",
                         lambda enc, generator=None, sample_mode="sample": _posterior(enc, eps))
-    ref = _reference(root, "StableDiffusionControlNetInpaintPipeline", "DDIMScheduler", nets[0][0])(
-        prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, mask_image=Image.fromarray(mask), control_image=arr,
-        strength=1.0, num_inference_steps=4, guidance_scale=6.0, height=16, width=16, latents=_nchw(noise),
-        controlnet_conditioning_scale=0.7, control_guidance_start=0.0, control_guidance_end=0.5,
-        output_type="np").images
+    pipe = _reference(root, "StableDiffusionControlNetInpaintPipeline", "DDIMScheduler", nets[0][0])
+    ref, plain = (pipe(prompt=PROMPTS, negative_prompt=NEGATIVE, image=image, mask_image=Image.fromarray(mask),
+                       control_image=arr, strength=1.0, num_inference_steps=4, guidance_scale=6.0, height=16, width=16,
+                       latents=_nchw(noise), controlnet_conditioning_scale=s, control_guidance_start=0.0,
+                       control_guidance_end=0.5, output_type="np").images for s in (0.7, 0.0))
     _assert_matches(out, ref, plain)
