@@ -7,10 +7,12 @@ skip connection and mid output pass through a zero-initialised 1x1 convolution. 
 :class:`jaxdiff.conditioning.Residuals` (``down``, ``mid``) for
 :class:`jaxdiff.models.unet.UNet2DConditionModel`. :class:`ControlNetSide` makes a ControlNet a side
 network of :func:`jaxdiff.conditioning.side_network`, a network transform inside guidance.
+:func:`controlnet` runs one or several ControlNets as diffusers' pipelines do (per-net scales and active
+intervals as traced values, guess mode); :mod:`jaxdiff.pipelines.controlnet` fits it to the SD recipe.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff._pytree import pytree_dataclass, static_field
-from jaxdiff.conditioning import Residuals, tile_batch
+from jaxdiff._transforms import Transform
+from jaxdiff.conditioning import Residuals, StepIndex, add_residuals, conditional_flag, tile_batch
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models import attention_control
 from jaxdiff.models._pure import PureModel
@@ -134,9 +137,11 @@ class ControlNetModel(nnx.Module):
         want = (sample.shape[1] * f, sample.shape[2] * f)
         if controlnet_cond.ndim != 4 or tuple(controlnet_cond.shape[1:3]) != want:
             raise ValueError(f"controlnet_cond must be NHWC of size {want} ({f}x the latents), "
-                             f"got shape {controlnet_cond.shape}")
+                             f"got shape {controlnet_cond.shape}; resize the control image to the generated "
+                             "image's size (jaxdiff.pipelines.controlnet.prepare_control_image does, as diffusers)")
         if controlnet_cond.shape[-1] != cfg.conditioning_channels:
-            raise ValueError(f"controlnet_cond must have {cfg.conditioning_channels} channels")
+            raise ValueError(f"controlnet_cond must have {cfg.conditioning_channels} channels (this ControlNet's "
+                             f"conditioning_channels), got {controlnet_cond.shape[-1]}; convert the control image")
         cond = controlnet_cond.astype(self.dtype)
         if cfg.controlnet_conditioning_channel_order == "bgr":
             cond = cond[..., ::-1]
@@ -211,3 +216,159 @@ def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str
     cfg = ControlNetConfig.from_dict(config_dict)
     model = abstract(lambda: ControlNetModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     return load_torch_tensors(model, tensors, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+
+
+# ---- several ControlNets with per-net scales and active intervals, as diffusers' pipelines run them ------------
+
+@pytree_dataclass
+class StepSpan:
+    """The sampling run's first step and step count (traced int32), which an active interval reads.
+
+    diffusers' ``controlnet_keep`` counts the steps that actually run (image-to-image runs the last
+    ``count - start`` of them); the SD recipe sets both with :func:`at_span`, so a new strength or step
+    count compiles nothing. ``count`` None: not set yet (outside a recipe, give ``steps=`` to :func:`controlnet`).
+    """
+
+    start: Any = 0
+    count: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start", jnp.asarray(self.start, jnp.int32))
+        if self.count is not None:
+            object.__setattr__(self, "count", jnp.asarray(self.count, jnp.int32))
+
+
+def _is_span(node: Any) -> bool:
+    return isinstance(node, StepSpan)
+
+
+def at_span(tree: Any, start: Any, count: Any) -> Any:
+    """``tree`` with every :class:`StepSpan` in it set to ``(start, count)`` (the identity on trees without one)."""
+    return jax.tree_util.tree_map(lambda n: StepSpan(start, count) if _is_span(n) else n, tree, is_leaf=_is_span)
+
+
+def interval_keep(step: Array, span: StepSpan, starts: Array, ends: Array) -> Array:
+    """diffusers' ``controlnet_keep``: 1 where step ``i`` (counted from the run's first step, of ``n``) has
+    ``i / n >= start`` and ``(i + 1) / n <= end``, else 0; one entry per ControlNet."""
+    if span.count is None:
+        raise ValueError("a ControlNet interval needs the step count: pass steps= (and first_step=) to controlnet(), "
+                         "or run it through the Stable Diffusion recipe, which sets them")
+    i = (jnp.asarray(step, jnp.int32) - span.start).astype(jnp.float32)
+    n = (span.count - span.start).astype(jnp.float32)
+    off = (i / n < starts) | ((i + 1.0) / n > ends)
+    return 1.0 - off.astype(jnp.float32)
+
+
+@pytree_dataclass
+class ControlNets:
+    """``inner(x, t, cond + sum_k scale_k * keep_k(step) * controlnet_k(x, t, cond, image_k))``.
+
+    One or several ControlNets (diffusers' ``MultiControlNetModel``: their residuals sum), each with its
+    own control image (B or 1, H, W, c) in [0, 1], tiled over the network batch (classifier-free guidance
+    doubles it), its conditioning scale and its active interval ``[start, end)`` as fractions of the run's
+    steps (:func:`interval_keep`), all traced: new scales, intervals, images, steps or strengths reuse the
+    compiled program. ``guess_mode`` (static; forced by any net's ``global_pool_conditions``, as diffusers
+    forces it by the first net's) scales each net's residuals by ``logspace(-1, 0, n)`` from the first skip
+    to the mid block and gives them to the conditional rows of classifier-free guidance only
+    (``cond["conditional"]``): diffusers runs the ControlNets on the conditional half and hands the
+    unconditional half zeros, which is the same thing for per-sample networks.
+    """
+
+    inner: Any
+    models: tuple
+    images: tuple
+    scales: Array
+    starts: Array
+    ends: Array
+    step: StepIndex
+    span: StepSpan
+    guess_mode: bool = static_field(default=False)
+
+    def __call__(self, x: Array, t: Array, cond: Mapping[str, Any]) -> Array:
+        batch = x.shape[0]
+        keep = interval_keep(self.step.value, self.span, self.starts, self.ends)
+        weights = jnp.asarray(self.scales, jnp.float32) * keep
+        flag = conditional_flag(cond, batch).astype(jnp.float32) if self.guess_mode else None
+        total = None
+        for k, (model, image) in enumerate(zip(self.models, self.images)):
+            image = tile_batch(jnp.asarray(image), batch)
+            res = model(x, t, cond["context"], image, 1.0, class_labels=cond.get("class_labels"),
+                        guess_mode=self.guess_mode)
+            scale = weights[k] if flag is None else weights[k] * flag
+            res = res.scaled(scale)
+            total = res if total is None else total + res
+        return self.inner(x, t, add_residuals(cond, total))
+
+
+def _per_net(value: Any, n: int, what: str) -> list:
+    items = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(items) != n:
+        raise ValueError(f"got {len(items)} {what} for {n} ControlNets; give one value, or one per ControlNet")
+    return items
+
+
+def check_interval(starts: Sequence[float], ends: Sequence[float]) -> None:
+    """diffusers' checks on ``control_guidance_start`` / ``control_guidance_end``, one clear line each."""
+    for k, (s, e) in enumerate(zip(starts, ends)):
+        if not 0.0 <= float(s) < float(e) <= 1.0:
+            raise ValueError(f"ControlNet {k}: the active interval needs 0 <= start < end <= 1, got start {float(s):g} "
+                             f"and end {float(e):g}; give control_guidance_start below control_guidance_end")
+
+
+def _as_pure(model: Any) -> PureModel:
+    if isinstance(model, PureModel):
+        return model
+    if isinstance(model, ControlNetModel):
+        return PureModel.of(model)
+    raise TypeError(f"expected a ControlNetModel (or PureModel.of one), got {type(model).__name__}")
+
+
+def model_config(model: Any) -> ControlNetConfig:
+    """The config of a ControlNetModel or of a PureModel holding one."""
+    module = model.module() if isinstance(model, PureModel) else model
+    if not isinstance(module, ControlNetModel):
+        raise TypeError(f"expected a ControlNetModel (or PureModel.of one), got {type(module).__name__}")
+    return module.config
+
+
+def controlnet(models: Any, images: Any, scale: Any = 1.0, start: Any = 0.0, end: Any = 1.0, *,
+               guess_mode: bool = False, steps: Any = None, first_step: Any = 0) -> Transform:
+    """Network transform running one or several ControlNets (see :class:`ControlNets`).
+
+    ``models``: a ControlNetModel (or ``PureModel``) or a list; ``images``: one prepared control image
+    (B or 1, H, W, c) in [0, 1] per net (:func:`jaxdiff.pipelines.controlnet.prepare_control_image` resizes
+    as diffusers); ``scale`` (``controlnet_conditioning_scale``), ``start`` / ``end``
+    (``control_guidance_start`` / ``_end``): one value for all nets or one per net. ``steps`` /
+    ``first_step``: the run's step count and first step, which the SD recipe sets itself.
+    """
+    many = isinstance(models, (list, tuple))
+    models = [_as_pure(m) for m in (models if many else [models])]
+    n = len(models)
+    if n == 0:
+        raise ValueError("give at least one ControlNet")
+    if many != isinstance(images, (list, tuple)) or (many and len(images) != n):
+        got = len(images) if isinstance(images, (list, tuple)) else "one image (not a list)"
+        raise ValueError(f"got {got} control images for {n} ControlNets; give a list with one image per ControlNet")
+    images = list(images) if many else [images]
+    for k, (m, image) in enumerate(zip(models, images)):
+        cfg = model_config(m)
+        shape = np.shape(image)
+        if len(shape) != 4 or shape[-1] != cfg.conditioning_channels:
+            raise ValueError(f"control image {k} must be (B, H, W, {cfg.conditioning_channels}) in [0, 1], got shape "
+                             f"{shape}; prepare it with jaxdiff.pipelines.controlnet.prepare_control_image")
+    scales, starts, ends = (_per_net(v, n, what) for v, what in ((scale, "conditioning scales"),
+                                                                 (start, "control_guidance_start values"),
+                                                                 (end, "control_guidance_end values")))
+    try:
+        bounds = [float(v) for v in starts], [float(v) for v in ends]
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        bounds = None  # traced bounds (a controlnet() built inside jit): nothing to check here
+    if bounds is not None:
+        check_interval(*bounds)
+    guess = bool(guess_mode) or any(model_config(m).global_pool_conditions for m in models)
+    params = dict(models=tuple(models), images=tuple(jnp.asarray(i, jnp.float32) for i in images),
+                  scales=jnp.asarray(scales, jnp.float32).reshape(n),
+                  starts=jnp.asarray(starts, jnp.float32).reshape(n),
+                  ends=jnp.asarray(ends, jnp.float32).reshape(n), step=StepIndex(0),
+                  span=StepSpan(first_step, steps))
+    return Transform(ControlNets, params, (("guess_mode", guess),))

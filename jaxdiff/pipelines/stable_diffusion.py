@@ -30,6 +30,7 @@ from jaxdiff import conditioning, guidance, sampling
 from jaxdiff import parallel as _parallel
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff.denoisers import DiscreteVPDenoiser
+from jaxdiff.models import controlnet as _controlnet
 from jaxdiff.models._pure import PureModel
 from jaxdiff.pipelines import inpaint as _inpaint
 from jaxdiff.pipelines import schedulers as _sched
@@ -219,6 +220,7 @@ def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any,
                quantize: bool, progress: bool, split: Any = None) -> Array:
     """Sample one image (batch of 1 inside ``vmap``) -> final latents (h, w, c) in VP scale."""
     x, known = start_latents(m, req, i)
+    network_transform = _controlnet.at_span(network_transform, req.start, req.sigmas.count)  # intervals read them
     cond, uncond = guided_pair(i)
     den = m.guided(uncond, i["scale"], req.rescale, quantize, split, network_transforms(m, i, network_transform))
     den = denoiser_transforms(m, i, known, transform)(den)
