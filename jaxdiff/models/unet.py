@@ -30,6 +30,7 @@ from jaxdiff.models.layers import (
     Upsample2D,
     activation,
     batch_timesteps,
+    check_block_types,
     config_from_dict,
     per_block,
     timestep_embedding,
@@ -104,19 +105,11 @@ class UNet2DConditionConfig:
     def validate(self) -> None:
         """Raise a ValueError naming any unsupported or inconsistent setting."""
         self.validate_encoder()
-        if len(self.up_block_types) != len(self.block_out_channels):
-            raise ValueError("up_block_types and block_out_channels must have the same length")
-        for t in self.up_block_types:
-            if t not in _UP_TYPES:
-                raise ValueError(f"unsupported up block {t!r}; jaxdiff supports {_UP_TYPES}")
+        check_block_types(self, "up_block_types", _UP_TYPES, "jaxdiff's UNet2DConditionModel")
 
     def validate_encoder(self) -> None:
         """The checks shared with ControlNet (everything but the up blocks)."""
-        if len(self.down_block_types) != len(self.block_out_channels):
-            raise ValueError("down_block_types and block_out_channels must have the same length")
-        for t in self.down_block_types:
-            if t not in _DOWN_TYPES:
-                raise ValueError(f"unsupported down block {t!r}; jaxdiff supports {_DOWN_TYPES}")
+        check_block_types(self, "down_block_types", _DOWN_TYPES, "jaxdiff's UNet2DConditionModel")
         if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", None):
             raise ValueError(f"unsupported mid_block_type {self.mid_block_type!r}; use 'UNetMidBlock2DCrossAttn'")
         if self.class_embed_type not in _CLASS_EMBED_TYPES:

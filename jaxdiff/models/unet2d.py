@@ -25,6 +25,7 @@ from jaxdiff.models.layers import (
     ResnetBlock2D,
     UpBlock,
     Upsample2D,
+    check_block_types,
     config_from_dict,
     spatial_attention,
     TimestepEmbedding,
@@ -90,15 +91,8 @@ class UNet2DConfig:
         return cfg
 
     def validate(self) -> None:
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
-        for t in self.down_block_types:
-            if t not in _DOWN_TYPES:
-                raise ValueError(f"unsupported down block {t!r}; jaxdiff supports {_DOWN_TYPES}")
-        for t in self.up_block_types:
-            if t not in _UP_TYPES:
-                raise ValueError(f"unsupported up block {t!r}; jaxdiff supports {_UP_TYPES}")
+        check_block_types(self, "down_block_types", _DOWN_TYPES, "UNet2DModel")
+        check_block_types(self, "up_block_types", _UP_TYPES, "UNet2DModel")
         if self.mid_block_type not in ("UNetMidBlock2D", None):
             raise ValueError(f"unsupported mid_block_type {self.mid_block_type!r}; use 'UNetMidBlock2D' or null")
         if self.time_embedding_type != "positional":

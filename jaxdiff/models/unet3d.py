@@ -32,6 +32,7 @@ from jaxdiff.models.layers import (
     Transformer2DModel,
     Upsample2D,
     activation,
+    check_block_types,
     config_from_dict,
     per_block,
     timestep_embedding,
@@ -83,15 +84,8 @@ class UNet3DConditionConfig:
 
     def validate(self) -> None:
         """Raise a ValueError naming any unsupported or inconsistent setting."""
-        n = len(self.block_out_channels)
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
-        for t in self.down_block_types:
-            if t not in _DOWN_TYPES:
-                raise ValueError(f"unsupported down block {t!r}; UNet3DConditionModel supports {_DOWN_TYPES}")
-        for t in self.up_block_types:
-            if t not in _UP_TYPES:
-                raise ValueError(f"unsupported up block {t!r}; UNet3DConditionModel supports {_UP_TYPES}")
+        check_block_types(self, "down_block_types", _DOWN_TYPES, "UNet3DConditionModel")
+        check_block_types(self, "up_block_types", _UP_TYPES, "UNet3DConditionModel")
         if self.num_attention_heads is not None:
             raise ValueError("num_attention_heads must be null for UNet3DConditionModel (diffusers refuses it too); "
                              "set the head width with attention_head_dim")

@@ -11,10 +11,10 @@ Every block mirrors the attribute names of its diffusers counterpart (``ResnetBl
 - :mod:`.transformer`: ``Attention``, ``FeedForward``, ``BasicTransformerBlock``, ``Transformer2DModel``
 - :mod:`.temporal`: ``TemporalConvLayer``, ``TransformerTemporalModel`` (video U-Nets), ``per_frame``
 - :mod:`.blocks`: the U-Net stages ``DownBlock``, ``UpBlock``, ``MidBlock``
-- :mod:`.config`: :func:`config_from_dict`, :func:`per_block`
+- :mod:`.config`: :func:`config_from_dict`, :func:`per_block`, :func:`check_block_types`
 """
 from jaxdiff.models.layers.blocks import DownBlock, MidBlock, UpBlock
-from jaxdiff.models.layers.config import config_from_dict, per_block
+from jaxdiff.models.layers.config import check_block_types, config_from_dict, per_block
 from jaxdiff.models.layers.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
 from jaxdiff.models.layers.make import ACTIVATIONS, Identity, KeySource, Maker, activation, torch_default_init
 from jaxdiff.models.layers.norms import GroupNorm
@@ -31,8 +31,9 @@ from jaxdiff.models.layers.transformer import (
 )
 
 __all__ = [
-    "ACTIVATIONS", "GEGLU", "Attention", "BasicTransformerBlock", "DownBlock", "Downsample2D", "FeedForward",
+    "ACTIVATIONS", "Attention", "BasicTransformerBlock", "DownBlock", "Downsample2D", "FeedForward", "GEGLU",
     "GELUProj", "GroupNorm", "Identity", "KeySource", "Maker", "MidBlock", "ResnetBlock2D", "TemporalConvLayer",
     "TimestepEmbedding", "Transformer2DModel", "TransformerTemporalModel", "UpBlock", "Upsample2D", "activation",
-    "batch_timesteps", "config_from_dict", "per_block", "per_frame", "spatial_attention", "timestep_embedding", "torch_default_init", "upsample_nearest",
+    "batch_timesteps", "check_block_types", "config_from_dict", "per_block", "per_frame", "spatial_attention",
+    "timestep_embedding", "torch_default_init", "upsample_nearest"
 ]

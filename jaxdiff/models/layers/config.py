@@ -29,3 +29,14 @@ def per_block(value: Any, n: int, name: str) -> tuple:
             raise ValueError(f"{name} has {len(value)} entries but the model has {n} blocks")
         return tuple(value)
     return (value,) * n
+
+
+def check_block_types(cfg: Any, field: str, supported: tuple[str, ...], model: str) -> None:
+    """Raise a ValueError unless ``cfg.<field>`` (``down_block_types`` / ``up_block_types``) names one supported
+    block per entry of ``cfg.block_out_channels``."""
+    types = getattr(cfg, field)
+    if len(types) != len(cfg.block_out_channels):
+        raise ValueError(f"{field} and block_out_channels must have the same length")
+    for t in types:
+        if t not in supported:
+            raise ValueError(f"unsupported {field.split('_')[0]} block {t!r}; {model} supports {supported}")
