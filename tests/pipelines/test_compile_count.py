@@ -1,8 +1,9 @@
 """Prompts, negative prompts, seeds, guidance scales, strengths and step counts never recompile the program."""
 from __future__ import annotations
 
-import numpy as np
+import os
 
+import numpy as np
 
 
 def test_one_compilation_across_runtime_values(tiny_sd):
@@ -26,22 +27,20 @@ def test_one_compilation_across_runtime_values(tiny_sd):
 
 
 def test_persistent_compilation_cache_is_opt_in(tmp_path, monkeypatch):
-    import jax
-    import jax.numpy as jnp
+    """Run in a fresh process: JAX decides once per process whether its persistent cache is in use, so turning
+    it on here would make every later test write its programs to disk (and one XLA:CPU program segfaults there)."""
+    import subprocess
+    import sys
 
     from jaxdiff import compile_cache
 
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
     monkeypatch.delenv(compile_cache.ENV, raising=False)
-    assert compile_cache.from_env() is None
-    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
-    try:
-        assert compile_cache.from_env() == tmp_path / "cache"
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
-        jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25)(jnp.arange(7.0)).block_until_ready()
-        assert any((tmp_path / "cache").iterdir())  # even a tiny, fast program is written
-    finally:
-        for k, v in old.items():
-            jax.config.update(k, v)
+    assert compile_cache.from_env() is None  # unset: nothing is enabled
+    code = ("import jax, jax.numpy as jnp; from jaxdiff import compile_cache as c; p = c.from_env(); "
+            "assert jax.config.jax_compilation_cache_dir == str(p), jax.config.jax_compilation_cache_dir; "
+            "jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25)(jnp.arange(7.0)).block_until_ready(); print(p)")
+    env = {**os.environ, compile_cache.ENV: str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(tmp_path / "cache")
+    assert any((tmp_path / "cache").iterdir())  # even a tiny, fast program is written
