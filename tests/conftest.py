@@ -7,3 +7,18 @@ os.environ.setdefault("JAXDIFF_CPU_DEVICES", "1")  # before jaxdiff is imported 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps each executable's code into memory, and
+    one process holding a whole suite's programs (about a thousand tests) ran out of memory mappings (Linux's
+    default vm.max_map_count is 65,530), which crashes LLVM inside a later compilation."""
+    yield
+    jax.clear_caches()
+    gc.collect()
