@@ -70,6 +70,12 @@ BUILTIN_PIPELINES: dict[str, str] = {
 }
 """Stable Diffusion folders :func:`load_pipeline` loads (and ``jaxdiff sample --model`` takes): name -> description."""
 
+PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits-sd": {"steps": 20, "guidance": 3.0},
+}
+"""``jaxdiff sample`` settings a built-in pipeline samples best with (``benchmarks/text_to_image_quality.py``: digit and
+colour accuracy peak at guidance 3; at SD's 7.5 colours fall to 0.93); options given on the command line win."""
+
 BUILTIN_ENCODERS: dict[str, str] = {
     "digits-clip": "CLIP text and image towers on the captioned colour digits (zero-shot digits, retrieval)",
 }

@@ -243,6 +243,10 @@ def _check_seeds(seed: int, n: int) -> None:
 
 def _fill_defaults(args: argparse.Namespace, kind: str) -> None:
     defaults = {"sd": SD_DEFAULTS, "mixture": MIXTURE_DEFAULTS, "builtin": BUILTIN_DEFAULTS}[kind]
+    if kind == "sd" and args.model in builtin_pipelines():
+        from jaxdiff import builtin
+
+        defaults = {**defaults, **builtin.PIPELINE_DEFAULTS.get(args.model, {})}
     if kind == "builtin" and args.sampler == "langevin":
         from jaxdiff import builtin
 

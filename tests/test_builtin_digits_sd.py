@@ -91,6 +91,13 @@ def test_cli_samples_digits_sd_by_name_and_reproduces_from_the_png(tmp_path, cap
     assert main(argv) == 0
     settings = read_settings(out)
     assert settings["model"] == "digits-sd" and settings["prompt"] == [PROMPTS[0]]  # the name: portable
+    assert (settings["steps"], settings["guidance"]) == (8, 4.0)
+    capsys.readouterr()
+    plain = tmp_path / "defaults.png"
+    assert main(["sample", "--model", "digits-sd", "--prompt", PROMPTS[0], "--out", str(plain), "--no-progress"]) == 0
+    d = read_settings(plain)  # the model's own defaults (builtin.PIPELINE_DEFAULTS), not SD's 30 steps at 7.5
+    assert (d["steps"], d["guidance"]) == (builtin.PIPELINE_DEFAULTS["digits-sd"]["steps"],
+                                           builtin.PIPELINE_DEFAULTS["digits-sd"]["guidance"]) == (20, 3.0)
     capsys.readouterr()
     again = tmp_path / "again.png"
     assert main(["sample", "--from-png", str(out), "--out", str(again), "--no-progress"]) == 0
