@@ -275,8 +275,7 @@ class ControlNets:
     """
 
     inner: Any
-    models: tuple
-    images: tuple
+    sides: tuple  # one ControlNetSide (net, control image, guess mode) per ControlNet
     scales: Array
     starts: Array
     ends: Array
@@ -290,12 +289,9 @@ class ControlNets:
         weights = jnp.asarray(self.scales, jnp.float32) * keep
         flag = conditional_flag(cond, batch).astype(jnp.float32) if self.guess_mode else None
         total = None
-        for k, (model, image) in enumerate(zip(self.models, self.images)):
-            image = tile_batch(jnp.asarray(image), batch)
-            res = model(x, t, cond["context"], image, 1.0, class_labels=cond.get("class_labels"),
-                        guess_mode=self.guess_mode)
+        for k, side in enumerate(self.sides):
             scale = weights[k] if flag is None else weights[k] * flag
-            res = res.scaled(scale)
+            res = side(x, t, cond).scaled(scale)
             total = res if total is None else total + res
         return self.inner(x, t, add_residuals(cond, total))
 
@@ -366,8 +362,8 @@ def controlnet(models: Any, images: Any, scale: Any = 1.0, start: Any = 0.0, end
     if bounds is not None:
         check_interval(*bounds)
     guess = bool(guess_mode) or any(model_config(m).global_pool_conditions for m in models)
-    params = dict(models=tuple(models), images=tuple(jnp.asarray(i, jnp.float32) for i in images),
-                  scales=jnp.asarray(scales, jnp.float32).reshape(n),
+    sides = tuple(ControlNetSide(m, jnp.asarray(i, jnp.float32), guess) for m, i in zip(models, images))
+    params = dict(sides=sides, scales=jnp.asarray(scales, jnp.float32).reshape(n),
                   starts=jnp.asarray(starts, jnp.float32).reshape(n),
                   ends=jnp.asarray(ends, jnp.float32).reshape(n), step=StepIndex(0),
                   span=StepSpan(first_step, steps))
