@@ -34,8 +34,9 @@ Array = jax.Array
 Network = Callable[..., Array]
 CONDITIONAL = "conditional"
 
-__all__ = ["CONDITIONAL", "Chain", "Concat", "Residuals", "SideNetwork", "StepIndex", "Transform", "add_residuals",
-           "apply", "at_step", "chain", "concat", "conditional_flag", "side_network", "tile_batch"]
+__all__ = ["CONDITIONAL", "Chain", "Concat", "PerImage", "Residuals", "SideNetwork", "StepIndex", "Transform",
+           "add_residuals", "apply", "at_step", "chain", "concat", "conditional_flag", "fill_per_image", "side_network",
+           "take_per_image", "tile_batch"]
 
 
 # ---- the step index ------------------------------------------------------------------------------
@@ -57,6 +58,55 @@ def _is_step(node: Any) -> bool:
 def at_step(tree: Any, step: Any) -> Any:
     """``tree`` with every :class:`StepIndex` in it set to ``step`` (the identity on trees without one)."""
     return jax.tree_util.tree_map(lambda n: StepIndex(step) if _is_step(n) else n, tree, is_leaf=_is_step)
+
+
+# ---- per-image values ----------------------------------------------------------------------------
+
+@pytree_dataclass
+class PerImage:
+    """An array inside a network transform with one entry per image of the call (axis 0), e.g. one control
+    image per prompt. A recipe that samples each image on its own (the SD recipe vmaps over images) takes
+    these out (:func:`take_per_image`), batches them with the request and puts image ``i``'s entry back
+    (:func:`fill_per_image`) with a batch axis of one: the transform then reads an ordinary (1, ...) array."""
+
+    value: Any
+
+
+def _is_per_image(node: Any) -> bool:
+    return isinstance(node, PerImage)
+
+
+def take_per_image(tree: Any) -> tuple[Any, tuple]:
+    """(``tree`` with every :class:`PerImage` emptied, their values in tree order)."""
+    values: list = []
+
+    def take(node: Any) -> Any:
+        if _is_per_image(node) and node.value is not None:
+            values.append(node.value)
+            return PerImage(None)
+        return node
+
+    return jax.tree_util.tree_map(take, tree, is_leaf=_is_per_image), tuple(values)
+
+
+def fill_per_image(tree: Any, values: tuple) -> Any:
+    """Put ``values`` (one image's entries, in the order :func:`take_per_image` gave) back into the empty slots."""
+    it = iter(values)
+    filled = jax.tree_util.tree_map(lambda n: PerImage(next(it)) if _is_per_image(n) else n, tree,
+                                    is_leaf=_is_per_image)
+    if next(it, None) is not None:
+        raise ValueError("more per-image values than PerImage slots in the network transform")
+    return filled
+
+
+def per_image_value(x: Any) -> Any:
+    """The array a field holds, whether given directly or as a filled :class:`PerImage`."""
+    if _is_per_image(x):
+        if x.value is None:
+            raise ValueError("a PerImage slot was not filled: run the transform through a recipe that samples each "
+                             "image on its own (StableDiffusion), or give one array shared by every image")
+        return x.value
+    return x
 
 
 # ---- residuals from side networks ------------------------------------------------------------------

@@ -24,7 +24,8 @@ from flax import nnx
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._transforms import Transform
-from jaxdiff.conditioning import Residuals, StepIndex, add_residuals, conditional_flag, tile_batch
+from jaxdiff.conditioning import (PerImage, Residuals, StepIndex, add_residuals, conditional_flag, per_image_value,
+                                  tile_batch)
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models import attention_control
 from jaxdiff.models._pure import PureModel
@@ -171,7 +172,8 @@ class ControlNetSide:
     """A ControlNet as a side network ``side(x, t, cond) -> Residuals`` for :func:`jaxdiff.conditioning.side_network`.
 
     Reads ``cond["context"]`` (and ``cond["class_labels"]`` when present); ``image`` (B, H, W, c), the
-    control image, is tiled over the network batch (classifier-free guidance doubles it). The
+    control image (or a :class:`jaxdiff.conditioning.PerImage` of one per prompt, which the SD recipe hands
+    each image), is tiled over the network batch (classifier-free guidance doubles it). The
     residuals come unscaled (``conditioning_scale`` 1): the side network's ``scale`` scales them.
     ``guess_mode`` gives diffusers' geometric per-skip scales; with
     ``side_network(..., conditional_only=True)`` it is diffusers' guess mode, in which the
@@ -179,11 +181,11 @@ class ControlNetSide:
     """
 
     model: PureModel
-    image: Array
+    image: Any
     guess_mode: bool = static_field(default=False)
 
     def __call__(self, x: Array, t: Array, cond: Mapping[str, Any]) -> Residuals:
-        image = tile_batch(jnp.asarray(self.image), x.shape[0])
+        image = tile_batch(jnp.asarray(per_image_value(self.image)), x.shape[0])
         return self.model(x, t, cond["context"], image, 1.0, class_labels=cond.get("class_labels"),
                           guess_mode=self.guess_mode)
 
@@ -328,14 +330,16 @@ def model_config(model: Any) -> ControlNetConfig:
 
 
 def controlnet(models: Any, images: Any, scale: Any = 1.0, start: Any = 0.0, end: Any = 1.0, *,
-               guess_mode: bool = False, steps: Any = None, first_step: Any = 0) -> Transform:
+               guess_mode: bool = False, steps: Any = None, first_step: Any = 0, per_image: bool = False) -> Transform:
     """Network transform running one or several ControlNets (see :class:`ControlNets`).
 
     ``models``: a ControlNetModel (or ``PureModel``) or a list; ``images``: one prepared control image
     (B or 1, H, W, c) in [0, 1] per net (:func:`jaxdiff.pipelines.controlnet.prepare_control_image` resizes
     as diffusers); ``scale`` (``controlnet_conditioning_scale``), ``start`` / ``end``
     (``control_guidance_start`` / ``_end``): one value for all nets or one per net. ``steps`` /
-    ``first_step``: the run's step count and first step, which the SD recipe sets itself.
+    ``first_step``: the run's step count and first step, which the SD recipe sets itself. ``per_image``: the
+    control images (B, H, W, c) are one per prompt of a Stable Diffusion call (:class:`PerImage`), not a batch
+    tiled over the network batch.
     """
     many = isinstance(models, (list, tuple))
     models = [_as_pure(m) for m in (models if many else [models])]
@@ -362,7 +366,8 @@ def controlnet(models: Any, images: Any, scale: Any = 1.0, start: Any = 0.0, end
     if bounds is not None:
         check_interval(*bounds)
     guess = bool(guess_mode) or any(model_config(m).global_pool_conditions for m in models)
-    sides = tuple(ControlNetSide(m, jnp.asarray(i, jnp.float32), guess) for m, i in zip(models, images))
+    wrap = PerImage if per_image else (lambda a: a)
+    sides = tuple(ControlNetSide(m, wrap(jnp.asarray(i, jnp.float32)), guess) for m, i in zip(models, images))
     params = dict(sides=sides, scales=jnp.asarray(scales, jnp.float32).reshape(n),
                   starts=jnp.asarray(starts, jnp.float32).reshape(n),
                   ends=jnp.asarray(ends, jnp.float32).reshape(n), step=StepIndex(0),

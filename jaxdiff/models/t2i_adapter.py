@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdiff._pytree import pytree_dataclass, static_field
-from jaxdiff.conditioning import CONDITIONAL, Residuals, Transform, side_network, tile_batch
+from jaxdiff.conditioning import CONDITIONAL, PerImage, Residuals, Transform, per_image_value, side_network, tile_batch
 from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.layers import Maker, config_from_dict
@@ -297,22 +297,23 @@ class AdapterFeatures:
     size, for the error message.
     """
 
-    features: tuple[Array, ...]
+    features: tuple[Any, ...]  # arrays, or PerImage-s of one entry per prompt (t2i_adapter(..., per_image=True))
     factor: int = static_field(default=0)
 
     def __call__(self, x: Array, t: Array, cond: Any = None) -> Residuals:
-        h, w = self.features[0].shape[1:3]
+        features = tuple(per_image_value(f) for f in self.features)
+        h, w = features[0].shape[1:3]
         if (h, w) != tuple(x.shape[1:3]):
             size = (f" ({x.shape[1] * self.factor}x{x.shape[2] * self.factor} pixels)" if self.factor else "")
             raise ValueError(f"the T2I-Adapter features are {h}x{w} but the latents are {x.shape[1]}x{x.shape[2]}: "
                              f"give a control image of the generated image's size{size}")
-        images = self.features[0].shape[0]
+        images = features[0].shape[0]
         guided = isinstance(cond, Mapping) and cond.get(CONDITIONAL) is not None
         if images > 1 and guided and (x.shape[0] // 2) % images:
             raise ValueError(f"{images} control images for {x.shape[0] // 2} image(s) per half of classifier-free "
-                             "guidance: StableDiffusion samples each image on its own, so give one control image "
-                             "(batch 1), shared by every prompt")
-        return Residuals(intra=tuple(tile_batch(f, x.shape[0]) for f in self.features))
+                             "guidance: StableDiffusion samples each image on its own; for one control image per "
+                             "prompt build the transform with t2i_adapter(..., per_image=True)")
+        return Residuals(intra=tuple(tile_batch(f, x.shape[0]) for f in features))
 
 
 def control_image(image: Any) -> np.ndarray:
@@ -361,7 +362,7 @@ def _is_features(x: Any) -> bool:
     return isinstance(x, (tuple, list)) and len(x) > 0 and all(hasattr(a, "shape") and hasattr(a, "ndim") for a in x)
 
 
-def t2i_adapter(adapter_or_features: Any, image: Any = None, scale: Any = 1.0) -> Transform:
+def t2i_adapter(adapter_or_features: Any, image: Any = None, scale: Any = 1.0, *, per_image: bool = False) -> Transform:
     """Network transform adding T2I-Adapter features inside the U-Net's down blocks (diffusers'
     ``StableDiffusionAdapterPipeline``: ``down_intrablock_additional_residuals``).
 
@@ -372,7 +373,8 @@ def t2i_adapter(adapter_or_features: Any, image: Any = None, scale: Any = 1.0) -
     ``scale``: ``adapter_conditioning_scale``: for one adapter a number, the side
     network's traced scale; for several, one number or one per adapter (what diffusers' MultiAdapter takes
     as ``adapter_weights``), summed in here. Either way a new scale or control image compiles nothing.
-    A batch of 1 control image serves every image; a batch of B is tiled over the network batch.
+    A batch of 1 control image serves every image; a batch of B is tiled over the network batch, or with
+    ``per_image`` gives prompt ``i`` of a Stable Diffusion call image ``i`` (:class:`PerImage`).
     """
     factor = 0
     if _is_features(adapter_or_features):
@@ -396,7 +398,8 @@ def t2i_adapter(adapter_or_features: Any, image: Any = None, scale: Any = 1.0) -
             raise ValueError(f"give one control image per adapter: {len(adapters)} adapters, {len(images)} images")
         per_adapter = [adapter_features(a, im) for a, im in zip(adapters, images)]
         factor = _pure(adapters[0]).module().config.downscale_factor
+    wrap = (lambda fs: tuple(PerImage(f) for f in fs)) if per_image else tuple
     if len(per_adapter) == 1:
-        return side_network(AdapterFeatures(per_adapter[0], factor), scale)
+        return side_network(AdapterFeatures(wrap(per_adapter[0]), factor), scale)
     summed = _weighted_sum(_stack(per_adapter), _weights(scale, len(per_adapter)))
-    return side_network(AdapterFeatures(summed, factor), 1.0)
+    return side_network(AdapterFeatures(wrap(summed), factor), 1.0)

@@ -115,23 +115,28 @@ def controlnet_transform(sd: Any, models: Any, images: Any, *, height: int | Non
     """The network transform for ``sd(..., network_transform=...)``: ControlNets (modules, ``PureModel``-s or
     folder paths; one or a list) with one control image each, ``scale`` (``controlnet_conditioning_scale``),
     ``start`` / ``end`` (``control_guidance_start`` / ``_end``, fractions of the steps that run) and
-    ``guess_mode``, as in diffusers; each control image applies to every prompt of the call."""
+    ``guess_mode``, as in diffusers. A control image applies to every prompt of the call; a batch of them
+    (a list of PIL images, or an array (B, H, W, c)) gives prompt ``i`` image ``i`` (B must be the prompt count)."""
     many = isinstance(models, (list, tuple))
     nets = [_load(m, sd.models.unet.module().dtype) for m in (models if many else [models])]
-    if many != isinstance(images, (list, tuple)) or (many and len(images) != len(nets)):
+    if not many:
+        images = [images]  # for one ControlNet a list is a batch of control images (diffusers)
+    elif not isinstance(images, (list, tuple)) or len(images) != len(nets):
         got = f"{len(images)} control images" if isinstance(images, (list, tuple)) else "one control image"
         raise ValueError(f"got {got} for {len(nets)} ControlNets; give a list with one control image per ControlNet")
     height = sd.default_size if height is None else int(height)
     width = sd.default_size if width is None else int(width)
     unet_config = sd.models.unet.module().config
     prepared = []
-    for k, (net, image) in enumerate(zip(nets, images if many else [images])):
+    for k, (net, image) in enumerate(zip(nets, images)):
         cfg = model_config(net)
         check_compatible(cfg, unet_config, sd.models.latent_channels, sd.models.vae_factor, k)
-        arr = prepare_control_image(image, height, width, cfg.conditioning_channels)
-        if arr.shape[0] != 1:
-            raise ValueError(f"control image {k} is a batch of {arr.shape[0]}; give one image per ControlNet (it "
-                             "applies to every prompt), and call once per control image for different ones")
-        prepared.append(arr)
+        prepared.append(prepare_control_image(image, height, width, cfg.conditioning_channels))
+    sizes = sorted({a.shape[0] for a in prepared})
+    if len(sizes) > 1 and (len(sizes) > 2 or sizes[0] != 1):
+        raise ValueError(f"the ControlNets' control images come in batches of {sizes}: give each ControlNet one "
+                         "image (shared by every prompt) or one per prompt, the same count for all")
+    if sizes[-1] > 1:  # one control image per prompt: the recipe hands image i its own (PerImage)
+        prepared = [np.repeat(a, sizes[-1] // a.shape[0], axis=0) for a in prepared]
     return controlnet(nets if many else nets[0], prepared if many else prepared[0], scale, start, end,
-                      guess_mode=guess_mode)
+                      guess_mode=guess_mode, per_image=sizes[-1] > 1)

@@ -138,6 +138,7 @@ class Request:
     image: Array | None = _batched(default=None)  # (B, H, W, 3) in [-1, 1]
     mask: Array | None = _batched(default=None)   # (B, H, W, 1) in {0, 1}, 1 = repaint
     noise: Array | None = _batched(default=None)  # (B, h, w, c) float32: the user's start noise (diffusers' latents=)
+    per_image: tuple | None = _batched(default=None)  # the network transform's PerImage values, (B, ...) each
 
 
 NOISE_STREAM, SAMPLER_STREAM, POSTERIOR_STREAM, MASKED_POSTERIOR_STREAM = 0, 1, 2, 3
@@ -160,6 +161,8 @@ def encode(m: SDModels, req: Request) -> dict:
     per = dict(seed=req.seeds, ctx=m.encode_text(req.ids), uctx=m.encode_text(req.neg_ids), scale=req.scale)
     if req.noise is not None:
         per["noise"] = req.noise.astype(jnp.float32)
+    if req.per_image:
+        per["per_image"] = req.per_image
     if req.image is not None:
         per["mean"], per["std"] = m.encode_image(req.image)
     if req.mask is not None:
@@ -221,6 +224,8 @@ def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any,
     """Sample one image (batch of 1 inside ``vmap``) -> final latents (h, w, c) in VP scale."""
     x, known = start_latents(m, req, i)
     network_transform = _controlnet.at_span(network_transform, req.start, req.sigmas.count)  # intervals read them
+    if "per_image" in i:  # this image's control images (or other per-image values) with a batch axis of one
+        network_transform = conditioning.fill_per_image(network_transform, tuple(v[None] for v in i["per_image"]))
     cond, uncond = guided_pair(i)
     den = m.guided(uncond, i["scale"], req.rescale, quantize, split, network_transforms(m, i, network_transform))
     den = denoiser_transforms(m, i, known, transform)(den)
@@ -228,6 +233,20 @@ def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any,
     out, _ = sampling.sample_jit(den, sampler, req.sigmas, x, key, cond, progress, req.start)
     final = req.sigmas.values[req.sigmas.count]
     return out[0] * jax.lax.rsqrt(1.0 + final * final)
+
+
+def with_per_image(network_transform: Any, req: Request) -> tuple[Any, Request]:
+    """Move the network transform's :class:`jaxdiff.conditioning.PerImage` values into the request, so they are
+    batched (and split over devices) with the prompts: image ``i`` of the call gets entry ``i`` of each."""
+    network_transform, values = conditioning.take_per_image(network_transform)
+    if not values:
+        return network_transform, req
+    n = int(req.seeds.shape[0])
+    for v in values:
+        if np.shape(v)[:1] != (n,):
+            raise ValueError(f"a per-image value of the network transform has {np.shape(v)[0] if np.ndim(v) else 0} "
+                             f"entries for {n} prompts: give one control image per prompt, or one shared by all")
+    return network_transform, dataclasses.replace(req, per_image=(req.per_image or ()) + values)
 
 
 def _cfg_split(mesh: Any) -> Any:
@@ -250,6 +269,7 @@ def generate_latents(m: SDModels, sampler: Any, req: Request, transform: Any = N
     """
     static = dict(latent_shape=(height // m.vae_factor, width // m.vae_factor, m.latent_channels))
     split = _cfg_split(mesh)
+    network_transform, req = with_per_image(network_transform, req)
 
     def run(i: dict) -> Array:
         return _one_image(m, sampler, req, {**i, **static}, transform, network_transform, quantize, progress, split)
@@ -560,6 +580,7 @@ class StableDiffusion:
             mesh = _parallel.sampling_mesh(n)
         fn = generate_latents_jit if latent else generate_jit
         transform = guidance.chain(plan.threshold, transform)
+        network_transform, req = with_per_image(network_transform, req)
         if mesh is None:
             return np.asarray(fn(self.models, plan.sampler, req, transform, network_transform, progress=progress,
                                  **static))

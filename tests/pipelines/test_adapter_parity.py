@@ -133,5 +133,19 @@ def test_bad_control_image_is_one_clear_error(tiny_sd):
     with pytest.raises(ValueError, match="one control image per adapter"):
         T.t2i_adapter([adapter, adapter], [np.zeros((1, 8, 8, 3), np.float32)])
     two = T.t2i_adapter(adapter, np.zeros((2, 8, 8, 3), np.float32))  # one each would be silently mixed up
-    with pytest.raises(ValueError, match=r"give one control image \(batch 1\), shared by every prompt"):
+    with pytest.raises(ValueError, match=r"one control image per prompt build the transform with .*per_image=True"):
         tiny_sd(["a b", "d"], network_transform=two, **KW)
+    three = T.t2i_adapter(adapter, np.zeros((3, 8, 8, 3), np.float32), per_image=True)
+    with pytest.raises(ValueError, match="has 3 entries for 2 prompts: give one control image per prompt"):
+        tiny_sd(["a b", "d"], network_transform=three, **KW)
+
+
+def test_per_image_control_images_give_prompt_i_image_i(tiny_sd):
+    """per_image=True: prompt i reads control image i, exactly as a call with image i shared by every prompt."""
+    adapter = _tiny_adapter()
+    images = np.random.default_rng(0).uniform(0, 1, (2, 8, 8, 3)).astype(np.float32)
+    per = tiny_sd(["a b", "d"], network_transform=T.t2i_adapter(adapter, images, 2.0, per_image=True), **KW)
+    for i in range(2):
+        shared = tiny_sd(["a b", "d"], network_transform=T.t2i_adapter(adapter, images[i:i + 1], 2.0), **KW)
+        np.testing.assert_allclose(per[i], shared[i], atol=1e-5)
+        assert np.abs(per[1 - i] - shared[1 - i]).max() > 1e-3
