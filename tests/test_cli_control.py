@@ -1,6 +1,6 @@
 """`jaxdiff sample` with ControlNets and T2I-Adapters: the CLI's image equals the Python API's with the same settings
-(text-to-image; two ControlNets, an adapter and Canny preprocessing with inpainting), --from-png reproduces it
-exactly, and bad control options fail with one clear line before (or, for an unfit ControlNet, while) loading."""
+(two ControlNets, an adapter and Canny preprocessing, inpainting), --from-png reproduces it exactly, and bad control
+options fail with one clear line before (or, for an unfit ControlNet, while) loading."""
 from __future__ import annotations
 
 import sys
@@ -94,30 +94,50 @@ def _png(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_controlnet_run_equals_the_api_and_reproduces(files, tmp_path, monkeypatch):
-    """One ControlNet, its image given by a relative path (recorded as given; --from-png also looks beside the PNG,
-    and refuses a control image whose bytes changed)."""
+def test_controlnets_and_an_adapter_equal_the_api_and_reproduce(files, tmp_path, monkeypatch):
+    """Two ControlNets (their own scales and ends, Canny edges of a photo for the second, guess mode) and
+    a T2I-Adapter, inpainting: the CLI's image is the API's; --from-png remakes it from another folder (a control
+    image given by a relative path, recorded as given, is found beside the PNG) and refuses a changed one.
+    One compiled program for the module: other settings are checked by the API's own parity tests."""
     import shutil
 
+    from jaxdiff.conditioning import chain
+    from jaxdiff.control_images import canny, control_image
+    from jaxdiff.convert.folders import load_model_folder
+    from jaxdiff.images import load_image
+    from jaxdiff.models.t2i_adapter import t2i_adapter
     from jaxdiff.pipelines.controlnet import controlnet_transform
 
     shutil.copy(files["edges"], tmp_path / "edges.png")
     monkeypatch.chdir(tmp_path)
-    out = tmp_path / "cn.png"
-    assert main([*_base(files, out), "--controlnet", str(files["cn"]), "--control", "edges.png", "--control-scale",
-                 "0.7", "--control-end", "0.5"]) == 0
+    out = tmp_path / "multi.png"
+    cn, ad = str(files["cn"]), str(files["adapter"])
+    assert main([*_base(files, out), "--init-image", str(files["init"]), "--mask", str(files["mask"]),
+                 "--controlnet", cn, "--controlnet", cn, "--adapter", ad, "--control", "edges.png",
+                 "--control", str(files["photo"]), "--control", str(files["pose"]), "--control-preprocess", "none",
+                 "--control-preprocess", "canny", "--control-preprocess", "none", "--control-scale", "2",
+                 "--control-scale", "1.5", "--control-end", "1", "--control-end", "0.5", "--adapter-scale", "0.8", "--guess-mode"]) == 0
     s = read_settings(out)
-    assert (s["controlnet"], s["control"], s["control_scale"], s["control_end"], s["control_start"]) == (
-        [str(files["cn"])], ["edges.png"], [0.7], [0.5], None)
-    edges = Image.open(files["edges"]).convert("RGB")
+    assert {k: s[k] for k in ("controlnet", "control", "control_scale", "control_start", "control_end", "adapter",
+                              "adapter_scale", "control_preprocess", "guess_mode")} == dict(
+        controlnet=[cn, cn], control=["edges.png", str(files["photo"]), str(files["pose"])], control_scale=[2.0, 1.5],
+        control_start=None, control_end=[1.0, 0.5], adapter=[ad], adapter_scale=[0.8],
+        control_preprocess=["none", "canny", "none"], guess_mode=True)
+    pil = lambda k: Image.open(files[k]).convert("RGB")  # noqa: E731
+    edges_of_photo = np.asarray(control_image(canny(np.asarray(pil("photo"))[None])))
+    adapter = load_model_folder(files["adapter"])
 
-    def transform(scale):
-        return lambda sd: controlnet_transform(sd, files["cn"], edges, height=SIZE, width=SIZE, scale=scale, end=0.5)
+    def transform(scales):
+        return lambda sd: chain(
+            controlnet_transform(sd, [cn, cn], [pil("edges"), edges_of_photo], height=SIZE, width=SIZE, scale=scales,
+                                 end=[1.0, 0.5], guess_mode=True),
+            t2i_adapter(adapter, pil("pose"), 0.8))
 
-    ref = _api(files, s, transform(0.7))
+    inpaint = dict(image=load_image(files["init"]), mask=load_image(files["mask"], grayscale=True), strength=1.0)
+    ref = _api(files, s, transform([2.0, 1.5]), **inpaint)
     np.testing.assert_array_equal(_png(out), to_uint8(ref[0]))
-    plain = _api(files, s, transform(0.0))
-    assert np.abs(to_uint8(plain[0]).astype(int) - _png(out)).max() > 10  # the ControlNet changes the image
+    plain = _api(files, s, transform([0.0, 0.0]), **inpaint)
+    assert np.abs(to_uint8(plain[0]).astype(int) - _png(out)).max() > 10  # the ControlNets change the image
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     again = tmp_path / "again.png"
@@ -126,40 +146,6 @@ def test_controlnet_run_equals_the_api_and_reproduces(files, tmp_path, monkeypat
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "edges.png")
     assert main(["sample", "--from-png", str(out), "--out", str(tmp_path / "third.png"), NO]) == 2
     assert not (tmp_path / "third.png").exists()
-
-
-def test_two_controlnets_an_adapter_and_canny_inpainting_equal_the_api_and_reproduce(files, tmp_path):
-    from jaxdiff.conditioning import chain
-    from jaxdiff.control_images import canny, control_image
-    from jaxdiff.images import load_image
-    from jaxdiff.convert.folders import load_model_folder
-    from jaxdiff.models.t2i_adapter import t2i_adapter
-    from jaxdiff.pipelines.controlnet import controlnet_transform
-
-    out = tmp_path / "multi.png"
-    cn, ad = str(files["cn"]), str(files["adapter"])
-    assert main([*_base(files, out), "--init-image", str(files["init"]), "--mask", str(files["mask"]),
-                 "--controlnet", cn, "--controlnet", cn, "--adapter", ad, "--control", str(files["edges"]),
-                 "--control", str(files["photo"]), "--control", str(files["pose"]), "--control-preprocess", "none",
-                 "--control-preprocess", "canny", "--control-preprocess", "none", "--control-scale", "0.5",
-                 "--control-scale", "1.5", "--control-start", "0.5", "--adapter-scale", "0.8", "--guess-mode"]) == 0
-    s = read_settings(out)
-    assert s["guess_mode"] is True and s["adapter_scale"] == [0.8] and s["control_preprocess"] == ["none", "canny", "none"]
-    pil = lambda k: Image.open(files[k]).convert("RGB")  # noqa: E731
-    edges_of_photo = np.asarray(control_image(canny(np.asarray(pil("photo"))[None])))
-    adapter = load_model_folder(files["adapter"])
-
-    def transform(sd):
-        return chain(controlnet_transform(sd, [cn, cn], [pil("edges"), edges_of_photo], height=SIZE, width=SIZE,
-                                          scale=[0.5, 1.5], start=[0.5, 0.5], end=[1.0, 1.0], guess_mode=True),
-                     t2i_adapter(adapter, pil("pose"), 0.8))
-
-    ref = _api(files, s, transform, image=load_image(files["init"]), mask=load_image(files["mask"], grayscale=True),
-               strength=1.0)
-    np.testing.assert_array_equal(_png(out), to_uint8(ref[0]))
-    again = tmp_path / "again.png"
-    assert main(["sample", "--from-png", str(out), "--out", str(again), NO]) == 0
-    np.testing.assert_array_equal(_png(again), _png(out))
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -130,10 +130,10 @@ def _assert_same_residuals(model, cn):
         np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["prefixed", "bare"])
-def test_single_file_controlnet_matches_diffusers(nets, variant):
+def test_single_file_controlnet_matches_diffusers(nets):
+    """Config inferred, ``control_model.`` prefix and a bundled SD tensor (the bare file: same parameters, below)."""
     cn, paths = nets
-    model = load_controlnet_checkpoint(paths[variant])
+    model = load_controlnet_checkpoint(paths["prefixed"])
     assert model.config.conditioning_embedding_out_channels == (16, 32, 96, 256)
     assert model.config.block_out_channels == (32, 64)
     _assert_same_residuals(model, cn)
@@ -154,18 +154,22 @@ def test_inferred_config_reads_the_shapes(nets):
 
 
 def test_given_config_sets_what_the_shapes_cannot(tmp_path):
-    """4 heads (not the SD 1.x 8 the shapes suggest) and a BGR channel order: only a config says so."""
+    """4 heads (not the SD 1.x 8 the shapes suggest) and a BGR channel order: only a config says so; given as the
+    diffusers folder, its config.json, or a dict, it is used whole (the weights load into it; the residuals of a
+    loaded module are checked above)."""
     from safetensors.torch import save_file
 
     cn = _torch_controlnet(2, attention_head_dim=4, controlnet_conditioning_channel_order="bgr")
     path = tmp_path / "control.safetensors"
     save_file(_original(cn, "control_model."), str(path))
     cn.save_config(str(tmp_path / "folder"))
-    model = load_controlnet_checkpoint(path, tmp_path / "folder")
-    assert model.config.attention_head_dim == 4
-    _assert_same_residuals(model, cn)
-    guessed = load_controlnet_checkpoint(path)  # inferred: 8 heads, RGB, so other numbers
-    assert np.abs(np.asarray(_run(guessed).mid) - np.asarray(_run(model).mid)).max() > 1e-2
+    for config in (tmp_path / "folder", tmp_path / "folder" / "config.json", dict(cn.config)):
+        cfg = load_controlnet_checkpoint(path, config).config
+        assert (cfg.attention_head_dim, cfg.controlnet_conditioning_channel_order) == (4, "bgr")
+    guessed = load_controlnet_checkpoint(path).config
+    assert (guessed.attention_head_dim, guessed.controlnet_conditioning_channel_order) == (8, "rgb")
+    with pytest.raises(ValueError, match="does not fit its config"):
+        load_controlnet_checkpoint(path, {**cn.config, "block_out_channels": (32, 32)})
 
 
 def test_load_controlnet_takes_a_file_and_refuses_pickles(nets, tmp_path):
