@@ -196,7 +196,8 @@ def _add_control_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control", action="append", default=None, metavar="IMAGE",
                    help="a control image (edges, depth, pose, ...); see the pairing rule above")
     g.add_argument("--controlnet", action="append", default=None, metavar="PATH",
-                   help="a ControlNet: a diffusers folder or an original single .safetensors file (control_*.safetensors)")
+                   help="a ControlNet: a diffusers folder or an original single .safetensors file "
+                        "(control_*.safetensors)")
     g.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
                    help="ControlNet conditioning scale; default 1")
     g.add_argument("--control-start", action="append", type=float, default=None, metavar="F",

@@ -27,7 +27,8 @@ def _controlnet(seed: int, folder: Path, channels: int = 8) -> Path:
     torch.manual_seed(seed)
     cn = diffusers.ControlNetModel(in_channels=4, block_out_channels=(channels,), layers_per_block=1,
                                    norm_num_groups=4, cross_attention_dim=32, attention_head_dim=4,
-                                   conditioning_embedding_out_channels=(4, 8), down_block_types=("CrossAttnDownBlock2D",))
+                                   conditioning_embedding_out_channels=(4, 8),
+                                   down_block_types=("CrossAttnDownBlock2D",))
     with torch.no_grad():
         for name, p in cn.named_parameters():
             if name.startswith(ZERO_INIT):
@@ -116,7 +117,8 @@ def test_controlnets_and_an_adapter_equal_the_api_and_reproduce(files, tmp_path,
                  "--controlnet", cn, "--controlnet", cn, "--adapter", ad, "--control", "edges.png",
                  "--control", str(files["photo"]), "--control", str(files["pose"]), "--control-preprocess", "none",
                  "--control-preprocess", "canny", "--control-preprocess", "none", "--control-scale", "2",
-                 "--control-scale", "1.5", "--control-end", "1", "--control-end", "0.5", "--adapter-scale", "0.8", "--guess-mode"]) == 0
+                 "--control-scale", "1.5", "--control-end", "1", "--control-end", "0.5", "--adapter-scale", "0.8",
+                 "--guess-mode"]) == 0
     s = read_settings(out)
     assert {k: s[k] for k in ("controlnet", "control", "control_scale", "control_start", "control_end", "adapter",
                               "adapter_scale", "control_preprocess", "guess_mode")} == dict(
