@@ -27,10 +27,13 @@ MIXTURE_SCHEDULES = ("karras", "exponential", "linear", "ncsn_geometric")
 SD_DEFAULTS = dict(steps=30, guidance=7.5, rescale=0.0, batch=1, dtype="float32")
 MIXTURE_DEFAULTS = dict(steps=30, guidance=1.0, schedule="karras", sampler="euler", num=2000)
 BUILTIN_DEFAULTS = dict(steps=20, guidance=3.0, classifier_scale=0.0, schedule="karras", sampler="dpmpp_2m", num=100)
+CONTROL_OPTIONS = ("control", "controlnet", "control_scale", "control_start", "control_end", "guess_mode", "adapter",
+                   "adapter_scale", "control_preprocess")  # SD: ControlNet / T2I-Adapter (recorded in the PNG)
+PREPROCESS = ("none", "canny")
 COMMON = ("model", "sampler", "schedule", "steps", "seed", "out", "from_png", "compile_cache", "no_progress")
 APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "sd": ("prompt", "prompts_file", "negative", "guidance", "rescale", "batch", "height", "width", "init_image",
-           "strength", "mask", "clip_skip", "dtype", "config", "cpu_devices"),
+           "strength", "mask", "clip_skip", "dtype", "config", "cpu_devices", *CONTROL_OPTIONS),
     "mixture": ("num", "label", "guidance"),
     "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
 }
@@ -159,6 +162,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="SD image-to-image strength in (0, 1]; default 0.8 (1.0 with --mask)")
     p.add_argument("--mask", default=None,
                    help="SD inpainting: mask image the size of --init-image (white = repaint), with --init-image")
+    _add_control_args(p)
     p.add_argument("--clip-skip", type=int, default=None,
                    help="SD: use the text encoder's hidden state k layers earlier; default 0")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -175,6 +179,43 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_cpu_devices_arg(p)
+
+
+CONTROL_HELP = (
+    "SD (text-to-image, --init-image, --mask): ControlNets (Zhang et al. 2023) and T2I-Adapters (Mou et al. 2023). "
+    "Each repeatable option pairs by position: the k-th --control-scale / --control-start / --control-end goes with "
+    "the k-th --controlnet, the k-th --adapter-scale with the k-th --adapter; a value given once applies to all. "
+    "Control images: one --control for every ControlNet and adapter, or one each, in order: first one per "
+    "--controlnet, then one per --adapter (e.g. --controlnet A --controlnet B --adapter C --control a.png "
+    "--control b.png --control c.png). ControlNets resize their image to the output size (Lanczos, as diffusers); "
+    "adapters read it resized likewise, in gray for a 1-channel adapter.")
+
+
+def _add_control_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ControlNet and T2I-Adapter", CONTROL_HELP)
+    g.add_argument("--control", action="append", default=None, metavar="IMAGE",
+                   help="a control image (edges, depth, pose, ...); see the pairing rule above")
+    g.add_argument("--controlnet", action="append", default=None, metavar="PATH",
+                   help="a ControlNet: a diffusers folder or an original single .safetensors file "
+                        "(control_*.safetensors)")
+    g.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
+                   help="ControlNet conditioning scale; default 1")
+    g.add_argument("--control-start", action="append", type=float, default=None, metavar="F",
+                   help="fraction of the steps at which the ControlNet starts acting, in [0, 1); default 0")
+    g.add_argument("--control-end", action="append", type=float, default=None, metavar="F",
+                   help="fraction of the steps at which it stops, in (0, 1], after --control-start; default 1")
+    g.add_argument("--guess-mode", action="store_true",
+                   help="ControlNet guess mode: control on the conditional half only, residuals scaled from 0.1 to 1")
+    g.add_argument("--adapter", action="append", default=None, metavar="PATH",
+                   help="a T2I-Adapter: a diffusers folder; several make a MultiAdapter (features summed with their "
+                        "scales)")
+    g.add_argument("--adapter-scale", action="append", type=float, default=None, metavar="S",
+                   help="T2I-Adapter conditioning scale; default 1")
+    g.add_argument("--control-preprocess", action="append", default=None, choices=PREPROCESS,
+                   help="turn a control image into a control map first: canny = Canny edges of the (resized) photo "
+                        "(jaxdiff.control_images.canny, thresholds 0.1/0.2); pairs with --control by position, once "
+                        "for all; default none")
+    # Depth-to-image (--depth-map IMAGE, jaxdiff.pipelines.depth2img) belongs here: the lead adds it.
 
 
 def _add_cpu_devices_arg(p: argparse.ArgumentParser) -> None:
@@ -433,6 +474,145 @@ def _sd_inputs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def _per_net(flag: str, values: list | None, n: int, what: str, default: Any) -> list:
+    """One value per network: a flag given once applies to all ``n``, else it must be given ``n`` times."""
+    if values is None:
+        return [default] * n
+    if len(values) not in (1, n):
+        raise CLIError(f"{flag} is given {len(values)} times for {n} {what}; give it once (for all) or once per "
+                       f"{what.rstrip('s')}, in the order of the {what}")
+    return list(values) * (n if len(values) == 1 else 1)
+
+
+def _control_spec(args: argparse.Namespace) -> dict | None:
+    """ControlNet / T2I-Adapter options checked, broadcast and their images read before any model loads."""
+    nets, adapters, images = list(args.controlnet or []), list(args.adapter or []), list(args.control or [])
+    for flag in ("control_scale", "control_start", "control_end", "guess_mode"):
+        if _given(args, flag) and not nets:
+            fix = "; for T2I-Adapters use --adapter-scale" if flag == "control_scale" and adapters else ""
+            raise CLIError(f"{_flag(flag)} needs --controlnet PATH (it sets a ControlNet){fix}")
+    if args.adapter_scale is not None and not adapters:
+        raise CLIError("--adapter-scale needs --adapter PATH (it sets a T2I-Adapter)")
+    if not nets and not adapters:
+        for flag in ("control", "control_preprocess"):
+            if _given(args, flag):
+                raise CLIError(f"{_flag(flag)} needs --controlnet PATH or --adapter PATH (the network that reads it)")
+        return None
+    if not images:
+        raise CLIError(f"{'--controlnet' if nets else '--adapter'} needs --control IMAGE (its control image)")
+    n = len(nets) + len(adapters)
+    if len(images) not in (1, n):
+        raise CLIError(f"{len(images)} --control images for {len(nets)} ControlNet(s) and {len(adapters)} adapter(s); "
+                       f"give one (for all) or {n}: first one per --controlnet, then one per --adapter")
+    preprocess = _per_net("--control-preprocess", args.control_preprocess, len(images), "--control images", "none")
+    if len(images) == 1:
+        images, preprocess = images * n, preprocess * n
+    spec = dict(nets=nets, adapters=adapters, images=images, preprocess=preprocess, guess_mode=bool(args.guess_mode))
+    for flag, what, default, k in (("control_scale", "ControlNets", 1.0, len(nets)),
+                                   ("control_start", "ControlNets", 0.0, len(nets)),
+                                   ("control_end", "ControlNets", 1.0, len(nets)),
+                                   ("adapter_scale", "adapters", 1.0, len(adapters))):
+        spec[flag] = values = _per_net(_flag(flag), getattr(args, flag), k, what, default)
+        if not all(math.isfinite(v) for v in values):
+            raise CLIError(f"{_flag(flag)} must be a finite number, got {values}")
+    for k, (a, b) in enumerate(zip(spec["control_start"], spec["control_end"])):
+        if not 0.0 <= a < b <= 1.0:
+            raise CLIError(f"ControlNet {k}: --control-start {a:g} and --control-end {b:g} must satisfy "
+                           "0 <= start < end <= 1 (fractions of the steps)")
+    from jaxdiff.convert.safetensors_io import refuse_pickle
+
+    for path in nets:
+        refuse_pickle(path)
+        if not Path(path).exists():
+            raise CLIError(f"--controlnet {path} does not exist (a diffusers ControlNet folder or a .safetensors file)")
+    for path in adapters:
+        if not Path(path).is_dir():
+            raise CLIError(f"--adapter {path} is not a folder (a diffusers T2I-Adapter folder: config.json + "
+                           "safetensors)")
+    spec["pictures"] = [_read_control(path) for path in images]
+    return spec
+
+
+def _read_control(path: str) -> Any:
+    """A control image file as an RGB PIL image (resized later, to the output size)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise CLIError(f"--control {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise CLIError(f"--control {path} is not an image file that PIL can read ({type(e).__name__})") from None
+
+
+def _control_picture(picture: Any, preprocess: str, height: int, width: int) -> Any:
+    """``none``: the PIL image as given (ControlNets resize it as diffusers does); ``canny``: the Canny edges of the
+    photo resized to the output size, as a float (1, H, W, 3) map in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    if preprocess == "none":
+        return picture
+    from jaxdiff.control_images import canny, control_image
+
+    if picture.size != (width, height):
+        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(control_image(canny(np.asarray(picture)[None])))
+
+
+def _adapter_picture(picture: Any, in_channels: int, height: int, width: int) -> Any:
+    """A T2I-Adapter's control image at the output size: PIL (Lanczos, gray for one channel) or the float map."""
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(picture, Image.Image):
+        if picture.size != (width, height):
+            picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+        return picture.convert("L") if in_channels == 1 else picture
+    return np.asarray(picture)[..., :1] if in_channels == 1 else picture
+
+
+def control_transform(sd: Any, spec: dict, height: int, width: int) -> Any:
+    """The network transform of checked control options (:func:`_control_spec`): ControlNets, then adapters."""
+    from jaxdiff.conditioning import chain
+
+    nets, adapters = spec["nets"], spec["adapters"]
+    pictures = [_control_picture(p, m, height, width) for p, m in zip(spec["pictures"], spec["preprocess"])]
+    parts = []
+    if nets:
+        from jaxdiff.pipelines.controlnet import controlnet_transform
+
+        one = len(nets) == 1
+        pick = (lambda v: v[0]) if one else (lambda v: v)  # noqa: E731 - one net: the single-net call
+        parts.append(controlnet_transform(sd, pick(nets), pick(pictures[:len(nets)]), height=height, width=width,
+                                          scale=pick(spec["control_scale"]), start=pick(spec["control_start"]),
+                                          end=pick(spec["control_end"]), guess_mode=spec["guess_mode"]))
+    if adapters:
+        from jaxdiff.convert.folders import load_model_folder
+        from jaxdiff.models.t2i_adapter import MultiAdapter, t2i_adapter
+
+        dtype = sd.models.unet.module().dtype
+        models = [load_model_folder(p, class_name="T2IAdapter", dtype=dtype) for p in adapters]
+        images = [_adapter_picture(p, m.config.in_channels, height, width)
+                  for p, m in zip(pictures[len(nets):], models)]
+        if len(models) == 1:
+            parts.append(t2i_adapter(models[0], images[0], spec["adapter_scale"][0]))
+        else:
+            parts.append(t2i_adapter(MultiAdapter(models), images, spec["adapter_scale"]))
+    return parts[0] if len(parts) == 1 else chain(*parts)
+
+
+def _control_settings(args: argparse.Namespace) -> dict:
+    """The control options as given (paths as given, control images with their sha256), for the PNG."""
+    if not (args.controlnet or args.adapter):
+        return {}
+    out = {k: getattr(args, k) for k in CONTROL_OPTIONS}
+    out["guess_mode"] = bool(args.guess_mode)
+    out["control_sha256"] = [sha256(p) for p in args.control]
+    return out
+
+
 def _sample_sd(args: argparse.Namespace) -> Path:
     import jax
 
@@ -443,12 +623,18 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     prompts = _prompts(args)
     n = len(prompts)
     inputs = _sd_inputs(args)
+    control = _control_spec(args)
     config = dict(config=args.config) if getattr(args, "config", None) else {}
     sd = StableDiffusion.from_pretrained(model_path(args.model), dtype=_dtype(args.dtype), clip_skip=args.clip_skip, **config)
     seeds = [args.seed + i for i in range(n)]
     plan = sd.plan(args.steps, args.sampler, args.schedule)  # warns once when the folder's scheduler has no equivalent
     kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=plan.schedule_name,
               guidance=args.guidance, rescale=args.rescale, seed=seeds, height=args.height, width=args.width, **inputs)
+    if control is not None:  # the output size: as given, else the init image's, else the model's
+        init = inputs.get("image")
+        height = args.height or (init.shape[0] if init is not None else sd.default_size)
+        width = args.width or (init.shape[1] if init is not None else sd.default_size)
+        kw["network_transform"] = control_transform(sd, control, height, width)
     t0 = time.perf_counter()
     if jax.process_count() > 1:  # jax.distributed: split over every host's devices
         images = parallel.generate(sd, prompts, **kw)
@@ -467,7 +653,7 @@ def _sample_sd(args: argparse.Namespace) -> Path:
                 schedule=plan.schedule_name, steps=args.steps, guidance=args.guidance, rescale=args.rescale,
                 height=int(images.shape[1]), width=int(images.shape[2]), dtype=args.dtype,
                 clip_skip=args.clip_skip or 0, strength=inputs.get("strength"), jaxdiff_version=_version(),
-                config=str(Path(args.config).resolve()) if args.config else None, **files)
+                config=str(Path(args.config).resolve()) if args.config else None, **files, **_control_settings(args))
     out = Path(args.out)
     paths = []
     for i, (p, s) in enumerate(zip(prompts, seeds)):
@@ -528,6 +714,33 @@ def _apply_png_settings(args: argparse.Namespace) -> None:
     args.mask = _recorded_file(s, "mask", args.from_png)
     args.negative = args.negative or None
     args.clip_skip = args.clip_skip or None
+    _apply_control_settings(args, s)
+
+
+def _recorded_path(path: str, png: str, flag: str, digest: str | None = None) -> str:
+    """A path a PNG recorded as given: relative ones from the cwd, else the PNG's folder; checked against ``digest``."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = Path(png).resolve().parent / p
+    if not p.exists():
+        raise CLIError(f"--from-png {png}: its {flag} {path} is missing; restore it to reproduce")
+    if digest is not None and sha256(p) != digest:
+        raise CLIError(f"--from-png {png}: {flag} {p} changed since the PNG was made (sha256 differs); "
+                       "restore the original file to reproduce the image")
+    return str(p) if p != Path(path) else path
+
+
+def _apply_control_settings(args: argparse.Namespace, s: dict) -> None:
+    """The ControlNet / T2I-Adapter options a PNG recorded (none: no control)."""
+    for k in CONTROL_OPTIONS:
+        setattr(args, k, s.get(k))
+    args.guess_mode = bool(args.guess_mode)
+    digests = s.get("control_sha256") or [None] * len(args.control or [])
+    args.control = None if args.control is None else [
+        _recorded_path(p, args.from_png, "--control", d) for p, d in zip(args.control, digests)]
+    for k in ("controlnet", "adapter"):
+        if getattr(args, k) is not None:
+            setattr(args, k, [_recorded_path(p, args.from_png, _flag(k)) for p in getattr(args, k)])
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

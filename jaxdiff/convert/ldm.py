@@ -222,15 +222,13 @@ def _unet_name(name: str, per: int) -> str | None:
     raise ValueError(f"unknown U-Net tensor {UNET_PREFIX}{name}")
 
 
-def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, linear_heads: int = SD2_HEAD_CHANNELS,
-                      conv_heads: int = SD1_HEADS, image_size: int = 512, vae_factor: int = 8) -> dict[str, Any]:
-    """A diffusers ``UNet2DConditionModel`` config read from the U-Net's tensor shapes (see the module doc)."""
-    s = {k[len(UNET_PREFIX):]: tuple(v) for k, v in shapes.items() if k.startswith(UNET_PREFIX)}
-    if not s:
-        raise ValueError(f"no U-Net in the checkpoint (no {UNET_PREFIX}* tensors)")
+def infer_encoder_config(s: Mapping[str, tuple[int, ...]], *, linear_heads: int = SD2_HEAD_CHANNELS,
+                         conv_heads: int = SD1_HEADS) -> dict[str, Any]:
+    """The config keys a U-Net and a ControlNet share (the encoder: ``input_blocks``, ``middle_block``,
+    ``time_embed``, ``label_emb``), read from prefix-free tensor shapes (see the module doc for the heads)."""
     lay = unet_layout(s)
     per = lay["layers"] + 1
-    channels, down_types, up_types, depth = [], [], [], []
+    channels, down_types, depth = [], [], []
     linear = False  # transformer depth per level: 1 where the level has no attention (diffusers ignores it)
     for b in range(lay["levels"]):
         first = 1 + b * per
@@ -243,20 +241,13 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, linear_heads: in
         else:
             down_types.append("DownBlock2D")
             depth.append(1)
-    for b in range(lay["levels"]):
-        attn = f"output_blocks.{b * per}.1.proj_in.weight"
-        up_types.append("CrossAttnUpBlock2D" if attn in s else "UpBlock2D")
     ctx = [v[1] for k, v in s.items() if k.endswith("attn2.to_k.weight")]
     if not ctx:
         raise ValueError("the U-Net has no cross-attention (attn2) layers: not a text-conditioned Stable Diffusion U-Net")
     heads = [max(c // linear_heads, 1) for c in channels] if linear else conv_heads
     config: dict[str, Any] = {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": image_size // vae_factor,
         "in_channels": s["input_blocks.0.0.weight"][1],
-        "out_channels": s["out.2.weight"][0],
         "down_block_types": down_types,
-        "up_block_types": up_types,
         "block_out_channels": channels,
         "layers_per_block": lay["layers"],
         "cross_attention_dim": ctx[0],
@@ -271,6 +262,20 @@ def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, linear_heads: in
         config["class_embed_type"] = "projection"
         config["projection_class_embeddings_input_dim"] = s["label_emb.0.0.weight"][1]
     return config
+
+
+def infer_unet_config(shapes: Mapping[str, tuple[int, ...]], *, linear_heads: int = SD2_HEAD_CHANNELS,
+                      conv_heads: int = SD1_HEADS, image_size: int = 512, vae_factor: int = 8) -> dict[str, Any]:
+    """A diffusers ``UNet2DConditionModel`` config read from the U-Net's tensor shapes (see the module doc)."""
+    s = {k[len(UNET_PREFIX):]: tuple(v) for k, v in shapes.items() if k.startswith(UNET_PREFIX)}
+    if not s:
+        raise ValueError(f"no U-Net in the checkpoint (no {UNET_PREFIX}* tensors)")
+    encoder = infer_encoder_config(s, linear_heads=linear_heads, conv_heads=conv_heads)
+    per = encoder["layers_per_block"] + 1
+    up_types = ["CrossAttnUpBlock2D" if f"output_blocks.{b * per}.1.proj_in.weight" in s else "UpBlock2D"
+                for b in range(len(encoder["block_out_channels"]))]
+    return {"_class_name": "UNet2DConditionModel", "sample_size": image_size // vae_factor, **encoder,
+            "out_channels": s["out.2.weight"][0], "up_block_types": up_types}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,10 +25,15 @@ from jaxdiff.models._pure import PureModel
 __all__ = ["check_compatible", "controlnet_transform", "load_controlnet", "prepare_control_image"]
 
 
-def load_controlnet(path: str | os.PathLike, *, dtype: Any = None) -> ControlNetModel:
-    """A diffusers ``ControlNetModel`` folder (``config.json`` + safetensors)."""
+def load_controlnet(path: str | os.PathLike, *, dtype: Any = None, config: Any = None) -> ControlNetModel:
+    """A diffusers ``ControlNetModel`` folder (``config.json`` + safetensors), or an original single file
+    (``control_*.safetensors``; ``config`` as :func:`jaxdiff.convert.controlnet_ldm.load_controlnet_checkpoint`)."""
     from jaxdiff.convert.folders import load_model_folder
 
+    if not os.path.isdir(path):  # a file: pickles are refused there, with the way to convert them
+        from jaxdiff.convert.controlnet_ldm import load_controlnet_checkpoint
+
+        return load_controlnet_checkpoint(path, config, dtype=dtype)
     kwargs = {} if dtype is None else dict(dtype=dtype)
     return load_model_folder(path, class_name="ControlNetModel", **kwargs)
 
