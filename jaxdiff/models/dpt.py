@@ -35,7 +35,8 @@ from jaxdiff.models.layers import Identity, KeySource, Maker, activation, config
 
 Array = jax.Array
 
-__all__ = ["BitConfig", "DPTConfig", "DPTForDepthEstimation", "interpolate", "resize_matrix"]
+__all__ = ["BitConfig", "DPTConfig", "DPTForDepthEstimation", "DPTProcessorConfig", "interpolate", "output_size", "preprocess",
+           "resize_matrix"]
 
 IGNORED_TORCH_KEYS = (r"(^|\.)num_batches_tracked$",)
 
@@ -656,3 +657,120 @@ class DPTForDepthEstimation(nnx.Module):
         maps, states = self.dpt(x, keep)
         grid = (x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size)
         return self.head(self.neck(maps + states, grid))
+
+
+# ---- image preprocessing (transformers' DPTImageProcessor) ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DPTProcessorConfig:
+    """``preprocessor_config.json`` of a ``DPTImageProcessor`` / ``DPTFeatureExtractor`` (defaults: transformers')."""
+
+    do_resize: bool = True
+    size: Any = dataclasses.field(default_factory=lambda: {"height": 384, "width": 384})
+    resample: int = 3  # PIL.Image.BICUBIC
+    keep_aspect_ratio: bool = False
+    ensure_multiple_of: int = 1
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    do_pad: bool = False
+    size_divisor: int | None = None
+    do_center_crop: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.do_center_crop:
+            raise ValueError("a DPT processor with do_center_crop=True is not supported; set it to false")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        s = self.size
+        if isinstance(s, Mapping):
+            if "height" not in s or "width" not in s:
+                raise ValueError(f"DPT processor size must give height and width, got {dict(s)}")
+            return int(s["height"]), int(s["width"])
+        return (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1]))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DPTProcessorConfig":
+        d = dict(d)
+        if isinstance(d.get("size"), Mapping):
+            d["size"] = dict(d["size"])
+        return config_from_dict(cls, d)
+
+
+def _constrain(value: float, multiple: int) -> int:
+    """transformers' ``constrain_to_multiple_of`` (no bounds): the nearest multiple (Python rounding)."""
+    return int(round(value / multiple) * multiple)
+
+
+def output_size(height: int, width: int, cfg: DPTProcessorConfig) -> tuple[int, int]:
+    """The resized (height, width): ``size``, or with ``keep_aspect_ratio`` the scale closest to 1 of the two
+    applied to both sides; each side then rounded to a multiple of ``ensure_multiple_of``."""
+    oh, ow = cfg.hw
+    sh, sw = oh / height, ow / width
+    if cfg.keep_aspect_ratio:
+        if abs(1 - sw) < abs(1 - sh):
+            sh = sw
+        else:
+            sw = sh
+    return _constrain(sh * height, cfg.ensure_multiple_of), _constrain(sw * width, cfg.ensure_multiple_of)
+
+
+def _as_hwc(image: Any) -> tuple[np.ndarray, bool]:
+    """(H, W, 3) array and whether it is 8-bit (PIL / uint8: values 0..255) rather than floats in [0, 1]."""
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB")), True
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] != 3:
+        raise ValueError(f"a depth-estimator image must be RGB (H, W, 3), got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr, True
+    arr = arr.astype(np.float32)
+    if arr.size and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
+        raise ValueError(f"float images are in [0, 1], got values in [{arr.min():.3g}, {arr.max():.3g}]")
+    return arr, False
+
+
+def _resize_pil(arr: np.ndarray, eight_bit: bool, hw: tuple[int, int], resample: int) -> np.ndarray:
+    from PIL import Image
+
+    if eight_bit:
+        return np.asarray(Image.fromarray(arr).resize((hw[1], hw[0]), resample=resample), np.float32)
+    chans = [np.asarray(Image.fromarray(arr[..., c], mode="F").resize((hw[1], hw[0]), resample=resample))
+             for c in range(arr.shape[-1])]
+    return np.stack(chans, axis=-1).astype(np.float32)
+
+
+def preprocess(images: Any, config: Mapping[str, Any] | DPTProcessorConfig | None = None) -> np.ndarray:
+    """Pixel values (B, H, W, 3) float32 for :class:`DPTForDepthEstimation`, as ``DPTImageProcessor`` makes them.
+
+    ``images``: a PIL image, an (H, W, 3) array, or a list of them (all one size). 8-bit images (PIL, uint8) are
+    resized with PIL's filter ``resample`` (transformers' PIL backend; its torchvision backend agrees to about one
+    grey level), then multiplied by ``rescale_factor``; float arrays are taken in [0, 1] (already rescaled),
+    resized in float. Then ``(x - image_mean) / image_std`` and, with ``do_pad``, centred zero padding to a
+    multiple of ``size_divisor``.
+    """
+    cfg = config if isinstance(config, DPTProcessorConfig) else DPTProcessorConfig.from_dict(config or {})
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise ValueError("give at least one image to the depth estimator")
+    out = []
+    for image in items:
+        arr, eight_bit = _as_hwc(image)
+        hw = output_size(arr.shape[0], arr.shape[1], cfg) if cfg.do_resize else arr.shape[:2]
+        x = _resize_pil(arr, eight_bit, hw, cfg.resample) if tuple(hw) != arr.shape[:2] else arr.astype(np.float32)
+        if eight_bit and cfg.do_rescale:
+            x = x * np.float32(cfg.rescale_factor)
+        if cfg.do_normalize:
+            x = (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+        if cfg.do_pad and cfg.size_divisor:
+            ph = -x.shape[0] % cfg.size_divisor
+            pw = -x.shape[1] % cfg.size_divisor
+            x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+        out.append(x.astype(np.float32))
+    if len({o.shape for o in out}) != 1:
+        raise ValueError(f"the depth estimator's images come out in different sizes {sorted({o.shape for o in out})}; "
+                         "give images of one size")
+    return np.stack(out)
