@@ -87,6 +87,11 @@ def generate(m: _sd.SDModels, dpt: Any, sampler: Any, req: _sd.Request, depth: D
     return lat if latent else m.decode(lat)
 
 
+@jax.jit
+def _estimate_jit(dpt: Any, pixels: Array) -> Array:
+    return dpt(pixels)
+
+
 generate_jit = jax.jit(generate, static_argnames=("height", "width", "quantize", "progress", "latent"))
 
 
@@ -197,7 +202,7 @@ class StableDiffusionDepth:
     def estimate_depth(self, image: Any) -> np.ndarray:
         """The DPT's raw predicted depth (B, H', W') of ``image`` (PIL image(s) or arrays in [0, 1])."""
         d = self.depth_input(image, None, 1)
-        return np.asarray(jax.jit(lambda m, p: m(p))(self.depth_estimator, d.pixels))
+        return np.asarray(_estimate_jit(self.depth_estimator, d.pixels))
 
     def __call__(self, prompt: str | Sequence[str], *, image: Any = None, depth_map: Any = None,
                  strength: float = 0.8, steps: int = 50, guidance: Any = 7.5, seed: int | Sequence[int] | None = 0,
