@@ -678,26 +678,38 @@ class DPTProcessorConfig:
     do_pad: bool = False
     size_divisor: int | None = None
     do_center_crop: bool | None = None
+    crop_size: Any = None
 
     def __post_init__(self) -> None:
+        _hw(self.size, "size")
         if self.do_center_crop:
-            raise ValueError("a DPT processor with do_center_crop=True is not supported; set it to false")
+            raise ValueError("a DPT processor with do_center_crop=True is not supported (transformers' own backends "
+                             "disagree: the PIL one ignores it); set it to false")
 
     @property
     def hw(self) -> tuple[int, int]:
-        s = self.size
-        if isinstance(s, Mapping):
-            if "height" not in s or "width" not in s:
-                raise ValueError(f"DPT processor size must give height and width, got {dict(s)}")
-            return int(s["height"]), int(s["width"])
-        return (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1]))
+        return _hw(self.size, "size")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DPTProcessorConfig":
         d = dict(d)
-        if isinstance(d.get("size"), Mapping):
-            d["size"] = dict(d["size"])
+        for k in ("size", "crop_size"):
+            if isinstance(d.get(k), Mapping):
+                d[k] = dict(d[k])
         return config_from_dict(cls, d)
+
+
+def _hw(s: Any, name: str) -> tuple[int, int]:
+    """A processor size (``{"height", "width"}``, one int for a square, or a pair) as (height, width)."""
+    if isinstance(s, Mapping):
+        if "height" not in s or "width" not in s:
+            raise ValueError(f"the DPT processor's {name} must give height and width, got {dict(s)}")
+        return int(s["height"]), int(s["width"])
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        return int(s), int(s)
+    if isinstance(s, (list, tuple)) and len(s) == 2:
+        return int(s[0]), int(s[1])
+    raise ValueError(f"the DPT processor's {name} must be {{'height': h, 'width': w}} or an int, got {s!r}")
 
 
 def _constrain(value: float, multiple: int) -> int:

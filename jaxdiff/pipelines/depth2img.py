@@ -36,7 +36,7 @@ from jaxdiff.pipelines import stable_diffusion as _sd
 Array = jax.Array
 
 __all__ = ["DepthInput", "StableDiffusionDepth", "depth_latents", "depth_map_array", "generate", "generate_jit",
-           "load", "load_depth_map"]
+           "is_depth_folder", "load", "load_depth_map"]
 
 
 @pytree_dataclass
@@ -250,6 +250,18 @@ def _stack_images(image: Any) -> Any:
 def guidance_chain(plan: Any, transform: Any) -> Any:
     """The plan's threshold, then the user's denoiser transforms (as :meth:`StableDiffusion.run`)."""
     return guidance.chain(plan.threshold, transform)
+
+
+def is_depth_folder(path: str | Path) -> bool:
+    """Whether a diffusers folder is a depth-to-image model: its U-Net reads the VAE's latent channels + 1 (SD 2
+    depth; ``model_index.json`` then usually names ``StableDiffusionDepth2ImgPipeline``)."""
+    from jaxdiff.convert import read_component_config
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        return False
+    unet, vae = read_component_config(path, "unet"), read_component_config(path, "vae")
+    return int(unet.get("in_channels", 4)) == int(vae.get("latent_channels", 4)) + 1
 
 
 def load(path: str | Path, **kwargs: Any) -> StableDiffusionDepth:

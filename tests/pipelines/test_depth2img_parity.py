@@ -124,8 +124,14 @@ def test_new_images_depths_strengths_and_steps_compile_nothing(depth_folder):
         assert np.abs(r - first).max() > 1e-3
 
 
-def test_bad_inputs_are_refused_with_the_fix(depth_folder):
-    _, _, pipe = depth_folder
+def test_bad_inputs_are_refused_with_the_fix(depth_folder, tmp_path):
+    root, _, pipe = depth_folder
+    assert depth2img.is_depth_folder(root) and not depth2img.is_depth_folder(tmp_path)
+    (tmp_path / "model_index.json").write_text("{}")
+    for name, config in (("unet", {"in_channels": 4}), ("vae", {"latent_channels": 4})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert not depth2img.is_depth_folder(tmp_path)  # a text-to-image folder
     image = np.full((16, 16, 3), 0.5, np.float32)
     ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     with pytest.raises(ValueError, match="needs an init image"):
