@@ -35,8 +35,8 @@ from jaxdiff.models.layers import Identity, KeySource, Maker, activation, config
 
 Array = jax.Array
 
-__all__ = ["BitConfig", "DPTConfig", "DPTForDepthEstimation", "DPTProcessorConfig", "interpolate", "output_size", "preprocess",
-           "resize_matrix"]
+__all__ = ["BitConfig", "DPTConfig", "DPTForDepthEstimation", "DPTProcessorConfig", "interpolate", "output_size",
+           "preprocess", "resize_matrix"]
 
 IGNORED_TORCH_KEYS = (r"(^|\.)num_batches_tracked$",)
 
@@ -183,8 +183,9 @@ class DPTConfig:
         activation(self.hidden_act)
         used = set(self.backbone_out_indices[2:] if self.is_hybrid else self.backbone_out_indices)
         if len(used) != (2 if self.is_hybrid else 4) or max(used) >= self.num_hidden_layers or min(used) < 0:
-            raise ValueError(f"backbone_out_indices {self.backbone_out_indices} must name {'2 (after the 2 BiT maps)' if self.is_hybrid else '4'} "
-                             f"distinct ViT layers below num_hidden_layers={self.num_hidden_layers}")
+            want = "2 (after the 2 BiT maps)" if self.is_hybrid else "4"
+            raise ValueError(f"backbone_out_indices {self.backbone_out_indices} must name {want} distinct ViT layers "
+                             f"below num_hidden_layers={self.num_hidden_layers}")
         if self.is_hybrid:
             if self.backbone_config is None:
                 object.__setattr__(self, "backbone_config", BitConfig(

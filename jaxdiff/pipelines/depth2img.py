@@ -116,8 +116,9 @@ def depth_map_array(depth_map: Any, batch: int) -> np.ndarray:
         arr = _to_numpy(depth_map)
         arr = arr[None] if arr.ndim == 2 else arr
     if arr.ndim != 3:
-        raise ValueError(f"depth_map must be (batch, height, width) (one channel) or one (height, width) map, got shape "
-                         f"{arr.shape}; convert an RGB depth image to gray (PIL .convert('L')) or take one channel")
+        raise ValueError(f"depth_map must be (batch, height, width) (one channel) or one (height, width) map, got "
+                         f"shape {arr.shape}; convert an RGB depth image to gray (PIL .convert('L')) or take one "
+                         "channel")
     b = arr.shape[0]
     if b > batch or batch % b:
         raise ValueError(f"got {b} depth maps for {batch} images; give one, or one per image (or a divisor of "
@@ -126,8 +127,8 @@ def depth_map_array(depth_map: Any, batch: int) -> np.ndarray:
         raise ValueError("depth_map contains NaN or Inf")
     flat = arr.reshape(b, -1)
     if np.any(flat.max(axis=1) <= flat.min(axis=1)):
-        raise ValueError("a depth map is constant, so it cannot be normalised to [-1, 1] (diffusers would produce NaN); "
-                         "give a map with depth variation, or leave depth_map=None to estimate it")
+        raise ValueError("a depth map is constant, so it cannot be normalised to [-1, 1] (diffusers would produce "
+                         "NaN); give a map with depth variation, or leave depth_map=None to estimate it")
     return np.tile(arr, (batch // b, 1, 1)).astype(np.float32)
 
 
@@ -176,8 +177,9 @@ class StableDiffusionDepth:
         ``PureModel``) and its preprocessor config."""
         m = sd.models
         if m.unet_in_channels != m.latent_channels + 1:
-            raise ValueError(f"depth-to-image needs a U-Net reading {m.latent_channels + 1} channels (latents + depth), "
-                             f"this one reads {m.unet_in_channels}; load a depth model (stabilityai/stable-diffusion-2-depth)")
+            raise ValueError(f"depth-to-image needs a U-Net reading {m.latent_channels + 1} channels (latents + "
+                             f"depth), this one reads {m.unet_in_channels}; load a depth model "
+                             "(stabilityai/stable-diffusion-2-depth)")
         if depth_estimator is not None and not isinstance(depth_estimator, PureModel):
             depth_estimator = PureModel.of(depth_estimator)
         if processor is not None and not isinstance(processor, DPTProcessorConfig):

@@ -580,7 +580,8 @@ class StableDiffusion:
         if output not in ("np", "pil", "latent"):
             raise ValueError(f"output must be 'np', 'pil' or 'latent', got {output!r}")
         if self.models.unet_in_channels == self.models.latent_channels + 1:
-            raise ValueError("this U-Net reads a depth channel (SD 2 depth): use jaxdiff.pipelines.depth2img.load(folder)")
+            raise ValueError("this U-Net reads a depth channel (SD 2 depth): generate with "
+                             "jaxdiff.pipelines.depth2img.load(folder)")
         req, plan, static = self.request(prompt, **kwargs)
         out = self.run(req, plan, static, transform, network_transform, progress=progress, latent=output == "latent",
                        mesh=mesh)

@@ -17,12 +17,12 @@ from jaxdiff.models._pure import PureModel  # noqa: E402
 pytestmark = pytest.mark.parity
 TOL = 1e-4
 
-BIT = dict(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], out_features=["stage1", "stage2", "stage3"],
-           embedding_dynamic_padding=True, hidden_sizes=[8, 16, 32], num_groups=2, embedding_size=8)
+BIT = dict(global_padding="same", layer_type="bottleneck", depths=[1, 1, 1], embedding_dynamic_padding=True,
+           out_features=["stage1", "stage2", "stage3"], hidden_sizes=[8, 16, 32], num_groups=2, embedding_size=8)
 HYBRID = dict(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=4, backbone_out_indices=(0, 1, 2, 3),
               num_attention_heads=2, intermediate_size=20, is_hybrid=True, backbone_config=BIT,
-              backbone_featmap_shape=[1, 32, 2, 2], neck_hidden_sizes=[8, 16, 16, 16], reassemble_factors=[1, 1, 1, 0.5],
-              fusion_hidden_size=16)
+              backbone_featmap_shape=[1, 32, 2, 2], neck_hidden_sizes=[8, 16, 16, 16],
+              reassemble_factors=[1, 1, 1, 0.5], fusion_hidden_size=16)
 VIT = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=4, backbone_out_indices=(0, 1, 2, 3),
            num_attention_heads=2, intermediate_size=20, neck_hidden_sizes=[8, 8, 16, 16],
            reassemble_factors=[4, 2, 1, 0.5], fusion_hidden_size=16)
@@ -82,7 +82,8 @@ def test_resize_matrix_equals_torch_interpolate(mode, align, n_in, n_out):
 
 
 @pytest.mark.parametrize("kwargs", [dict(size={"height": 32, "width": 32}),
-                                    dict(size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=8),
+                                    dict(size={"height": 32, "width": 32}, keep_aspect_ratio=True,
+                                         ensure_multiple_of=8),
                                     dict(size={"height": 24, "width": 40}, resample=2, do_pad=True, size_divisor=16,
                                          image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4])])
 def test_preprocess_matches_dpt_image_processor(kwargs):

@@ -51,8 +51,8 @@ def depth_folder(tmp_path_factory):
     base = folders.build_pipeline(in_channels=5)
     proc = transformers.DPTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     pipe = diffusers.StableDiffusionDepth2ImgPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, scheduler=base.scheduler,
-        depth_estimator=_tiny_dpt(), feature_extractor=proc)
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        scheduler=base.scheduler, depth_estimator=_tiny_dpt(), feature_extractor=proc)
     root = folders.save(pipe, tmp_path_factory.mktemp("depth") / "sd2-depth")
     config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
