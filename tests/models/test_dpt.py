@@ -55,19 +55,32 @@ def _compare(model, ours, size: int) -> None:
 
 
 def test_hybrid_dpt_folder_matches_transformers(tmp_path):
+    """Images -> DPTImageProcessor -> DPT-Hybrid, against jaxdiff's preprocessing and network (through the
+    depth-to-image pipeline's ``estimate_depth``, the way SD 2 depth uses them)."""
+    from PIL import Image
+
+    from jaxdiff.pipelines.depth2img import StableDiffusionDepth
+
     model, ours = _saved(tmp_path, **HYBRID)
     assert isinstance(ours, dpt.DPTForDepthEstimation) and ours.config.is_hybrid
-    _compare(model, ours, 32)
+    proc = transformers.DPTImageProcessor(size={"height": 32, "width": 32})
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(2)]
+    with torch.no_grad():
+        ref = model(proc(images=images, return_tensors="pt").pixel_values).predicted_depth.numpy()
+    out = StableDiffusionDepth(None, PureModel.of(ours), dpt.DPTProcessorConfig.from_dict(proc.to_dict()))
+    out = out.estimate_depth(images)
+    assert out.shape == ref.shape == (2, 32, 32) and ref.std() > 1e-3
+    np.testing.assert_allclose(out, ref, atol=TOL * max(1.0, np.abs(ref).max()), rtol=0)
     with pytest.raises(ValueError, match="reads 32x32 images"):
         jax.eval_shape(_run, PureModel.of(ours), np.zeros((1, 48, 48, 3), np.float32))
 
 
-def test_vit_dpt_matches_transformers_at_two_sizes(tmp_path):
-    """Plain ViT DPT (dpt-large's layout, readout "project"); 48 px resizes the position embeddings. (The "add" and
-    "ignore" readouts share this code but for one line each; left out to keep the suite fast.)"""
+def test_vit_dpt_matches_transformers_at_another_size(tmp_path):
+    """Plain ViT DPT (dpt-large's layout, readout "project") at 48 px, which resizes the 32 px position embeddings.
+    (The "add" and "ignore" readouts differ by one line each; left out to keep the suite fast.)"""
     model, ours = _saved(tmp_path, **VIT)
     assert not ours.config.is_hybrid
-    _compare(model, ours, 32)
     _compare(model, ours, 48)
 
 

@@ -95,8 +95,6 @@ def test_estimated_depth_generation_matches_diffusers(depth_folder, monkeypatch)
     assert ref.std() > 0.02
     assert np.abs(flipped - ref).max() > 20 * TOL  # the depth channel matters well beyond the tolerance
     np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
-    raw = estimated.predicted_depth.detach().numpy()  # the folder's preprocessing config and DPT, end to end
-    np.testing.assert_allclose(pipe.estimate_depth(images), raw, atol=1e-4 * np.abs(raw).max(), rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(2, 20, 12), (1, 5, 7)])
