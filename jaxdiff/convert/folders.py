@@ -87,6 +87,7 @@ REGISTRY: Mapping[str, NetworkSpec] = {
     "T5EncoderModel": NetworkSpec("jaxdiff.models.t5", "T5EncoderModel"),
     "DiTTransformer2DModel": NetworkSpec("jaxdiff.models.dit", "DiTTransformer2DModel"),
     "UNet3DConditionModel": NetworkSpec("jaxdiff.models.unet3d", "UNet3DConditionModel"),
+    "DPTForDepthEstimation": NetworkSpec("jaxdiff.models.dpt", "DPTForDepthEstimation"),
 }
 
 FAMILIES: Mapping[str, str] = {
@@ -101,6 +102,7 @@ FAMILIES: Mapping[str, str] = {
     "t5": "T5EncoderModel",
     "dit": "DiTTransformer2DModel",
     "unet3d": "UNet3DConditionModel",
+    "dpt": "DPTForDepthEstimation",
 }
 
 

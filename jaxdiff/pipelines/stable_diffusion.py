@@ -449,10 +449,11 @@ class StableDiffusion:
             train.prediction, float(vcfg.scaling_factor), vcfg.shift_factor,
             -1 - (clip_skip or 0), int(vcfg.latent_channels), int(unet.config.in_channels),
             2 ** (len(vcfg.block_out_channels) - 1))
-        expected = (models.latent_channels, 2 * models.latent_channels + 1)
+        expected = (models.latent_channels, 2 * models.latent_channels + 1, models.latent_channels + 1)
         if models.unet_in_channels not in expected:
             raise ValueError(f"the U-Net reads {models.unet_in_channels} channels; Stable Diffusion pipelines take "
-                             f"{expected[0]} (text-to-image) or {expected[1]} (inpainting)")
+                             f"{expected[0]} (text-to-image), {expected[1]} (inpainting) or {expected[2]} "
+                             "(depth-to-image: jaxdiff.pipelines.depth2img)")
         limit = int(getattr(text_encoder.config, "max_position_embeddings", 77))
         max_length = min(int(getattr(tokenizer, "model_max_length", limit) or limit), limit)
         ss = unet.config.sample_size or 64
@@ -461,7 +462,7 @@ class StableDiffusion:
 
     @property
     def is_inpainting_model(self) -> bool:
-        return self.models.unet_in_channels > self.models.latent_channels
+        return self.models.unet_in_channels == 2 * self.models.latent_channels + 1
 
     # -- pieces --
 
@@ -599,6 +600,9 @@ class StableDiffusion:
         over all CPU cores)."""
         if output not in ("np", "pil", "latent"):
             raise ValueError(f"output must be 'np', 'pil' or 'latent', got {output!r}")
+        if self.models.unet_in_channels == self.models.latent_channels + 1:
+            raise ValueError("this U-Net reads a depth channel (SD 2 depth): generate with "
+                             "jaxdiff.pipelines.depth2img.load(folder)")
         req, plan, static = self.request(prompt, **kwargs)
         out = self.run(req, plan, static, transform, network_transform, progress=progress, latent=output == "latent",
                        mesh=mesh)

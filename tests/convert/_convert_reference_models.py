@@ -61,6 +61,13 @@ def build(class_name: str):
             vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, relative_attention_num_buckets=8))
     if class_name == "T2IAdapter":
         return diffusers.T2IAdapter(in_channels=3, channels=(8, 16), num_res_blocks=1, downscale_factor=2)
+    if class_name == "DPTForDepthEstimation":  # DPT-Hybrid (BiT + ViT), as SD 2 depth ships
+        bit = dict(layer_type="bottleneck", global_padding="same", depths=[1, 1, 1], hidden_sizes=[8, 16, 32],
+                   out_features=["stage1", "stage2", "stage3"], num_groups=2, embedding_size=8)
+        return transformers.DPTForDepthEstimation(transformers.DPTConfig(
+            image_size=32, patch_size=16, hidden_size=8, num_hidden_layers=2, backbone_out_indices=(0, 0, 0, 1),
+            num_attention_heads=2, intermediate_size=16, is_hybrid=True, backbone_config=bit,
+            backbone_featmap_shape=[1, 32, 2, 2], neck_hidden_sizes=[8, 16, 8, 8], fusion_hidden_size=8))
     raise KeyError(class_name)
 
 
