@@ -81,6 +81,14 @@ BUILTIN_ENCODERS: dict[str, str] = {
 }
 """CLIP models :func:`load_clip` loads: name -> description."""
 
+BUILTIN_CONTROLS: dict[str, str] = {
+    "digits-controlnet": "ControlNet for digits-sd: follows a digit's Canny edge map (32x32 white-on-black RGB)",
+    "digits-adapter": "T2I-Adapter (full) for digits-sd: follows a digit's Canny edge map (32x32 white-on-black RGB)",
+}
+"""Side networks for ``digits-sd`` (diffusers ``ControlNetModel`` / ``T2IAdapter`` folders; trained by
+``examples/digits_sd/train_control.py``): name -> description. :func:`builtin_folder` gives their folders, which
+``jaxdiff sample --controlnet`` / ``--adapter`` also take by name."""
+
 SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
 
 
@@ -147,12 +155,13 @@ def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
 
 
 def builtin_folder(name: str) -> Path:
-    """The shipped diffusers / transformers folder of ``digits-sd`` or ``digits-clip``."""
-    _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS})
+    """The shipped diffusers / transformers folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet`` or
+    ``digits-adapter``."""
+    _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS})
     path = ASSETS / name
     if not path.is_dir():
         raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
-                                f"with examples/digits_sd/train.py")
+                                f"with examples/digits_sd/train.py (train_control.py for the side networks)")
     return path
 
 

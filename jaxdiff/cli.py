@@ -196,8 +196,8 @@ def _add_control_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control", action="append", default=None, metavar="IMAGE",
                    help="a control image (edges, depth, pose, ...); see the pairing rule above")
     g.add_argument("--controlnet", action="append", default=None, metavar="PATH",
-                   help="a ControlNet: a diffusers folder or an original single .safetensors file "
-                        "(control_*.safetensors)")
+                   help="a ControlNet: a diffusers folder, an original single .safetensors file "
+                        "(control_*.safetensors) or a built-in (digits-controlnet, for digits-sd)")
     g.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
                    help="ControlNet conditioning scale; default 1")
     g.add_argument("--control-start", action="append", type=float, default=None, metavar="F",
@@ -207,7 +207,8 @@ def _add_control_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guess-mode", action="store_true",
                    help="ControlNet guess mode: control on the conditional half only, residuals scaled from 0.1 to 1")
     g.add_argument("--adapter", action="append", default=None, metavar="PATH",
-                   help="a T2I-Adapter: a diffusers folder; several make a MultiAdapter (features summed with their "
+                   help="a T2I-Adapter: a diffusers folder or a built-in (digits-adapter, for digits-sd); several "
+                        "make a MultiAdapter (features summed with their "
                         "scales)")
     g.add_argument("--adapter-scale", action="append", type=float, default=None, metavar="S",
                    help="T2I-Adapter conditioning scale; default 1")
@@ -521,14 +522,17 @@ def _control_spec(args: argparse.Namespace) -> dict | None:
                            "0 <= start < end <= 1 (fractions of the steps)")
     from jaxdiff.convert.safetensors_io import refuse_pickle
 
+    spec["nets"] = nets = [str(control_path(p)) for p in nets]
+    spec["adapters"] = adapters = [str(control_path(p)) for p in adapters]
     for path in nets:
         refuse_pickle(path)
         if not Path(path).exists():
-            raise CLIError(f"--controlnet {path} does not exist (a diffusers ControlNet folder or a .safetensors file)")
+            raise CLIError(f"--controlnet {path} does not exist (a diffusers ControlNet folder, a .safetensors file "
+                           f"or a built-in: {', '.join(_builtin_controls())})")
     for path in adapters:
         if not Path(path).is_dir():
             raise CLIError(f"--adapter {path} is not a folder (a diffusers T2I-Adapter folder: config.json + "
-                           "safetensors)")
+                           f"safetensors, or a built-in: {', '.join(_builtin_controls())})")
     spec["pictures"] = [_read_control(path) for path in images]
     return spec
 
@@ -740,7 +744,8 @@ def _apply_control_settings(args: argparse.Namespace, s: dict) -> None:
         _recorded_path(p, args.from_png, "--control", d) for p, d in zip(args.control, digests)]
     for k in ("controlnet", "adapter"):
         if getattr(args, k) is not None:
-            setattr(args, k, [_recorded_path(p, args.from_png, _flag(k)) for p in getattr(args, k)])
+            setattr(args, k, [p if p in _builtin_controls() else _recorded_path(p, args.from_png, _flag(k))
+                              for p in getattr(args, k)])
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -822,6 +827,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                       **{name: list(schedule_names(name)) for name in builtin_models()}},
         "models": [*builtin_models(), *builtin_pipelines()],
         "encoders": list(_builtin_encoders()),
+        "controls": list(_builtin_controls()),
     }
     for name in builtin_pipelines():
         info["schedules"][name] = list(schedule_names_sd())
@@ -834,6 +840,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["model"]["schedules"] = list(schedule_names_sd())
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _builtin_controls() -> dict[str, str]:
+    try:
+        from jaxdiff import builtin
+    except ImportError:
+        return {}
+    return dict(getattr(builtin, "BUILTIN_CONTROLS", {}))
+
+
+def control_path(path: str) -> Path:
+    """A ``--controlnet`` / ``--adapter``: a built-in side network's shipped folder (``digits-controlnet``), else the
+    path given."""
+    if path in _builtin_controls():
+        from jaxdiff import builtin
+
+        return builtin.builtin_folder(path)
+    return Path(path)
 
 
 def _builtin_encoders() -> dict[str, str]:

@@ -75,6 +75,17 @@ class DiscreteVPLevels:
 
 
 @pytree_dataclass
+class CubicVPLevels(DiscreteVPLevels):
+    """t = floor((1 - u^3) T), u ~ U(0, 1): the T2I-Adapter's non-uniform sampling (Mou et al. 2023, Sec. 3.4),
+    which favours the early, noisy steps where the layout of the image is decided."""
+
+    def sample_t(self, key: Array, n: int) -> Array:
+        steps = self.sigmas.shape[0]
+        u = jax.random.uniform(key, (n,), jnp.float32)
+        return jnp.clip(jnp.floor((1.0 - u ** 3) * steps).astype(jnp.int32), 0, steps - 1)
+
+
+@pytree_dataclass
 class LogNormalLevels:
     """``ln sigma ~ N(p_mean, p_std^2)`` (Karras et al. 2022, Table 1: P_mean = -1.2, P_std = 1.2)."""
 
@@ -202,6 +213,11 @@ class DenoisingLoss:
 def ddpm_loss(alphas_cumprod: Any, reduce: str = "mean") -> DenoisingLoss:
     """Ho et al. 2020 eq. 14 (L_simple): epsilon regression, t uniform on the training steps."""
     return DenoisingLoss(DiscreteVPLevels(jnp.asarray(alphas_cumprod, jnp.float32)), "epsilon", reduce=reduce)
+
+
+def cubic_ddpm_loss(alphas_cumprod: Any, reduce: str = "mean") -> DenoisingLoss:
+    """Epsilon regression with t drawn by :class:`CubicVPLevels` (the T2I-Adapter's training, Mou et al. 2023)."""
+    return DenoisingLoss(CubicVPLevels(jnp.asarray(alphas_cumprod, jnp.float32)), "epsilon", reduce=reduce)
 
 
 def v_loss(alphas_cumprod: Any, reduce: str = "mean") -> DenoisingLoss:

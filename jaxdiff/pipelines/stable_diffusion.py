@@ -347,7 +347,7 @@ def _latents_array(latents: Any, n: int, shape: tuple[int, int, int], factor: in
 def _image_array(image: Any, batch: int) -> np.ndarray:
     """PIL image(s) or arrays (H, W, 3) / (B, H, W, 3) in [0, 1] -> (B, H, W, 3) float32 in [-1, 1]."""
     if isinstance(image, (list, tuple)):
-        arr = np.stack([_image_array(im, 1)[0] for im in image])
+        arr = np.stack([(_image_array(im, 1)[0] + 1.0) / 2.0 for im in image])  # each back in [0, 1]
     elif hasattr(image, "convert"):  # PIL
         arr = np.asarray(image.convert("RGB"), np.float32)[None] / 255.0
     else:

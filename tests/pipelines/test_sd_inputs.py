@@ -88,6 +88,18 @@ def test_bad_image_and_names(tiny_sd):
         tiny_sd.request(["a", "b"], seed=[1, 2, 3], **KW)
 
 
+def test_a_list_of_init_images_is_read_like_one_array(tiny_sd):
+    """One init image per prompt as a list of PIL images or arrays: the same [-1, 1] pixels as the stacked array."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    stacked, _, _ = tiny_sd.request(["a", "b"], image=pixels.astype(np.float32) / 255.0, **KW)
+    for images in ([Image.fromarray(p) for p in pixels], list(pixels.astype(np.float32) / 255.0)):
+        req, _, _ = tiny_sd.request(["a", "b"], image=images, **KW)
+        np.testing.assert_allclose(np.asarray(req.image), np.asarray(stacked.image), atol=1e-6)
+    assert float(np.asarray(stacked.image).min()) < -0.9
+
+
 def test_scheduler_config_mapping(monkeypatch):
     cfg = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
            "steps_offset": 1, "prediction_type": "v_prediction"}
