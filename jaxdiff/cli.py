@@ -33,7 +33,7 @@ PREPROCESS = ("none", "canny")
 COMMON = ("model", "sampler", "schedule", "steps", "seed", "out", "from_png", "compile_cache", "no_progress")
 APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "sd": ("prompt", "prompts_file", "negative", "guidance", "rescale", "batch", "height", "width", "init_image",
-           "strength", "mask", "clip_skip", "dtype", "config", "cpu_devices", *CONTROL_OPTIONS),
+           "strength", "mask", "depth_map", "clip_skip", "dtype", "config", "cpu_devices", *CONTROL_OPTIONS),
     "mixture": ("num", "label", "guidance"),
     "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
 }
@@ -162,6 +162,9 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="SD image-to-image strength in (0, 1]; default 0.8 (1.0 with --mask)")
     p.add_argument("--mask", default=None,
                    help="SD inpainting: mask image the size of --init-image (white = repaint), with --init-image")
+    p.add_argument("--depth-map", default=None, metavar="IMAGE",
+                   help="SD 2 depth models (depth-to-image, with --init-image): a depth image (gray or RGB, 8 or 16 "
+                        "bit; larger = nearer); default: the model's DPT estimates it from the init image")
     _add_control_args(p)
     p.add_argument("--clip-skip", type=int, default=None,
                    help="SD: use the text encoder's hidden state k layers earlier; default 0")
@@ -216,7 +219,6 @@ def _add_control_args(p: argparse.ArgumentParser) -> None:
                    help="turn a control image into a control map first: canny = Canny edges of the (resized) photo "
                         "(jaxdiff.control_images.canny, thresholds 0.1/0.2); pairs with --control by position, once "
                         "for all; default none")
-    # Depth-to-image (--depth-map IMAGE, jaxdiff.pipelines.depth2img) belongs here: the lead adds it.
 
 
 def _add_cpu_devices_arg(p: argparse.ArgumentParser) -> None:
@@ -475,6 +477,31 @@ def _sd_inputs(args: argparse.Namespace) -> dict:
     return kw
 
 
+def _depth_pipeline(args: argparse.Namespace, inputs: dict) -> Any:
+    """The depth-to-image pipeline when ``--model`` is an SD 2 depth folder (None otherwise), its inputs checked;
+    ``--depth-map`` is read into ``inputs["depth_map"]``."""
+    from jaxdiff.pipelines import depth2img
+
+    path = model_path(args.model)
+    if not (path.is_dir() and depth2img.is_depth_folder(path)):
+        if args.depth_map:
+            raise CLIError(f"--depth-map needs a depth-to-image model (SD 2 depth: a U-Net reading the latents and a "
+                           f"depth channel); {args.model} is not one")
+        return None
+    if not args.init_image:
+        raise CLIError(f"{args.model} is a depth-to-image model: give --init-image (the start picture and, without "
+                       "--depth-map, the picture whose depth its DPT estimates)")
+    if args.mask:
+        raise CLIError("--mask does not apply to a depth-to-image model; use an inpainting model")
+    if args.clip_skip or args.config:
+        raise CLIError("--clip-skip and --config do not apply to a depth-to-image folder")
+    if args.depth_map:
+        if not Path(args.depth_map).is_file():
+            raise CLIError(f"--depth-map {args.depth_map} does not exist")
+        inputs["depth_map"] = depth2img.load_depth_map(args.depth_map)
+    return depth2img.load(path, dtype=_dtype(args.dtype))
+
+
 def _per_net(flag: str, values: list | None, n: int, what: str, default: Any) -> list:
     """One value per network: a flag given once applies to all ``n``, else it must be given ``n`` times."""
     if values is None:
@@ -629,7 +656,9 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     inputs = _sd_inputs(args)
     control = _control_spec(args)
     config = dict(config=args.config) if getattr(args, "config", None) else {}
-    sd = StableDiffusion.from_pretrained(model_path(args.model), dtype=_dtype(args.dtype), clip_skip=args.clip_skip, **config)
+    depth = _depth_pipeline(args, inputs)
+    sd = depth.sd if depth is not None else StableDiffusion.from_pretrained(
+        model_path(args.model), dtype=_dtype(args.dtype), clip_skip=args.clip_skip, **config)
     seeds = [args.seed + i for i in range(n)]
     plan = sd.plan(args.steps, args.sampler, args.schedule)  # warns once when the folder's scheduler has no equivalent
     kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=plan.schedule_name,
@@ -640,13 +669,17 @@ def _sample_sd(args: argparse.Namespace) -> Path:
         width = args.width or (init.shape[1] if init is not None else sd.default_size)
         kw["network_transform"] = control_transform(sd, control, height, width)
     t0 = time.perf_counter()
-    if jax.process_count() > 1:  # jax.distributed: split over every host's devices
+    if depth is not None:  # depth-to-image: one device, the depth map the user's or the DPT's
+        for k in ("height", "width"):
+            kw.pop(k)
+        images = depth(prompts, progress=not args.no_progress, **kw)
+    elif jax.process_count() > 1:  # jax.distributed: split over every host's devices
         images = parallel.generate(sd, prompts, **kw)
     else:  # on CPU split over the cores (jaxdiff.cpu_devices), else one device
         images = sd(prompts, progress=not args.no_progress, **kw)
     dt = time.perf_counter() - t0
     files = {}
-    for flag in ("init_image", "mask"):
+    for flag in ("init_image", "mask", "depth_map"):
         path = getattr(args, flag)
         if path:  # absolute, with the bytes' hash: --from-png works from any folder and notices a changed file
             files.update({flag: str(Path(path).resolve()), f"{flag}_sha256": sha256(path)})
@@ -716,6 +749,7 @@ def _apply_png_settings(args: argparse.Namespace) -> None:
         setattr(args, k, s.get(k))
     args.init_image = _recorded_file(s, "init_image", args.from_png)
     args.mask = _recorded_file(s, "mask", args.from_png)
+    args.depth_map = _recorded_file(s, "depth_map", args.from_png)
     args.negative = args.negative or None
     args.clip_skip = args.clip_skip or None
     _apply_control_settings(args, s)

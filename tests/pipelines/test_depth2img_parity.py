@@ -165,3 +165,33 @@ def test_depth_image_files_load_as_one_map(tmp_path):
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     d = depth2img.load_depth_map(tmp_path / "rgb.png")
     assert d.shape == (1, 6, 4) and d[0, 0, 0] == 0 and d[0, 0, 3] == 200
+
+
+def test_cli_depth_map_equals_the_api_and_reproduces_from_the_png(depth_folder, tmp_path):
+    """``jaxdiff sample --model DEPTH --init-image --depth-map``: the image of the API call with that depth file,
+    recorded in the PNG, ``--from-png`` reproduces it; a depth map for a plain model is refused."""
+    from PIL import Image
+
+    from jaxdiff.cli import main
+    from jaxdiff.images import read_settings
+
+    root, _, pipe = depth_folder
+    init, depth_file = tmp_path / "init.png", tmp_path / "depth.png"
+    _images(4)[0].save(init)
+    ramp = (np.linspace(0, 65535, 16 * 16).reshape(16, 16)).astype(np.uint16)
+    Image.fromarray(ramp).save(depth_file)
+    out = tmp_path / "out.png"
+    args = ["sample", "--model", str(root), "--prompt", PROMPTS[0], "--init-image", str(init), "--depth-map",
+            str(depth_file), "--strength", "0.7", "--steps", "3", "--sampler", "ddim", "--guidance", "6",
+            "--seed", "3", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    api = pipe(PROMPTS[0], image=Image.open(init), depth_map=depth2img.load_depth_map(depth_file), strength=0.7,
+               steps=3, sampler="ddim", guidance=6.0, seed=3, output="pil")[0]
+    got = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    assert np.abs(got - np.asarray(api, np.int16)).max() <= 1
+    assert read_settings(out)["depth_map"] == str(depth_file.resolve())
+    again = tmp_path / "again.png"
+    assert main(["sample", "--from-png", str(out), "--out", str(again), "--no-progress"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    plain = folders.save(folders.build_pipeline(), tmp_path / "plain")
+    assert main([*args[:2], str(plain), *args[3:]]) == 2  # --depth-map needs a depth-to-image model
