@@ -43,21 +43,29 @@ __all__ = ["CONDITIONAL", "Chain", "Concat", "PerImage", "Residuals", "SideNetwo
 
 @pytree_dataclass
 class StepIndex:
-    """The index of the sampling step being run, a traced int32 set by the runner (:func:`at_step`)."""
+    """The sampling step being run (``value``), the run's first step (``first``: image-to-image starts late) and
+    its step count (``count``), traced int32s the runner sets before every step (:func:`at_step`); ``count`` is
+    None until then. A control acting on a fraction of the run (ControlNet's interval) reads all three."""
 
     value: Any = 0
+    first: Any = 0
+    count: Any = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "value", jnp.asarray(self.value, jnp.int32))
+        for name in ("value", "first", "count"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, jnp.asarray(getattr(self, name), jnp.int32))
 
 
 def _is_step(node: Any) -> bool:
     return isinstance(node, StepIndex)
 
 
-def at_step(tree: Any, step: Any) -> Any:
-    """``tree`` with every :class:`StepIndex` in it set to ``step`` (the identity on trees without one)."""
-    return jax.tree_util.tree_map(lambda n: StepIndex(step) if _is_step(n) else n, tree, is_leaf=_is_step)
+def at_step(tree: Any, step: Any, first: Any = 0, count: Any = None) -> Any:
+    """``tree`` with every :class:`StepIndex` in it set to ``(step, first, count)`` (the identity on trees without
+    one)."""
+    return jax.tree_util.tree_map(lambda n: StepIndex(step, first, count) if _is_step(n) else n, tree,
+                                  is_leaf=_is_step)
 
 
 # ---- per-image values ----------------------------------------------------------------------------

@@ -154,10 +154,10 @@ def _raise_on_nonfinite(bad: Array, sigmas: Sigmas) -> None:
                                  "check the denoiser's output at that noise level, the dtype, or lower the guidance scale")
 
 
-def _step_fn(denoiser: Any, sampler: Any, sigmas: Sigmas, key: Array, cond: Any) -> Callable:
+def _step_fn(denoiser: Any, sampler: Any, sigmas: Sigmas, key: Array, cond: Any, start: Any = 0) -> Callable:
     """One step ``(x, state, i) -> (x, state)`` with x kept in its starting dtype."""
     def step(x: Array, state: Any, i: Array) -> tuple[Array, Any]:
-        den, c = at_step((denoiser, cond), i)  # controls that act on chosen steps read the index
+        den, c = at_step((denoiser, cond), i, start, sigmas.count)  # controls that act on chosen steps read them
         denoise = lambda x_, s_: den(x_, s_, c)  # noqa: E731
         x_new, state_new = sampler.step(denoise, state, x, sigmas.values[i], sigmas.values[i + 1],
                                         jax.random.fold_in(key, i))
@@ -172,7 +172,7 @@ def _fori(denoiser: Any, sampler: Any, sigmas: Sigmas, x: Array, key: Array, con
           progress: bool) -> tuple[Array, SampleInfo]:
     count = sigmas.count
     sampler = _prepare(sampler, sigmas)
-    step = _step_fn(denoiser, sampler, sigmas, key, cond)
+    step = _step_fn(denoiser, sampler, sigmas, key, cond, start)
 
     def body(i: Array, carry: tuple[Array, Any, Array]) -> tuple[Array, Any, Array]:
         x, state, bad = carry
@@ -203,7 +203,7 @@ def _scan(denoiser: Any, sampler: Any, sigmas: Sigmas, x: Array, key: Array, con
           progress: bool, start: Array | int = 0) -> tuple[Array, SampleInfo]:
     dtype, count, start = x.dtype, sigmas.count, jnp.asarray(start, jnp.int32)
     sampler = _prepare(sampler, sigmas)
-    step = jax.checkpoint(_step_fn(denoiser, sampler, sigmas, key, cond))
+    step = jax.checkpoint(_step_fn(denoiser, sampler, sigmas, key, cond, start))
 
     def body(carry: tuple[Array, Any, Array], i: Array) -> tuple[tuple[Array, Any, Array], None]:
         x, state, bad = carry
@@ -326,7 +326,7 @@ def _invert_loop(denoiser: Any, x0: Array, sigmas: Sigmas, cond: Any, start: Arr
     count, v = sigmas.count, sigmas.values
 
     def body(j: Array, x: Array) -> Array:
-        den, c = at_step((denoiser, cond), count - j - 1)  # the index of the downward step this move mirrors
+        den, c = at_step((denoiser, cond), count - j - 1, start, count)  # the downward step this move mirrors
         return _invert_step(lambda x_, s_: den(x_, s_, c), x, v[count - j], v[count - j - 1], evaluate_at)
 
     return jax.lax.fori_loop(0, count - start, body, x0)

@@ -44,9 +44,17 @@ def test_the_step_index_reaches_a_control_inside_the_conditioning_and_inside_the
         def __call__(self, x, sigma, cond):
             return jnp.zeros_like(x) + cond["step"].value.astype(x.dtype)
 
+    @pytree_dataclass
+    class Span:
+        def __call__(self, x, sigma, cond):
+            step = cond["step"]
+            return jnp.stack([step.first, step.count]).astype(x.dtype)[None]
+
     sig = schedules.karras(5, 0.1, 10.0, capacity=8)
     out = sampling.sample(FromCond(), TakeDenoised(), sig, jnp.ones((1, 2)), cond={"step": C.StepIndex()}, start=1)
     assert float(out[0, 0]) == 4.0  # the last step run is index count - 1
+    span = sampling.sample(Span(), TakeDenoised(), sig, jnp.ones((1, 2)), cond={"step": C.StepIndex()}, start=1)
+    np.testing.assert_array_equal(np.asarray(span[0]), [1.0, 5.0])  # the run's first step and step count
 
 
 def test_at_step_is_the_identity_without_a_step_index():

@@ -222,41 +222,15 @@ def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str
 
 # ---- several ControlNets with per-net scales and active intervals, as diffusers' pipelines run them ------------
 
-@pytree_dataclass
-class StepSpan:
-    """The sampling run's first step and step count (traced int32), which an active interval reads.
-
-    diffusers' ``controlnet_keep`` counts the steps that actually run (image-to-image runs the last
-    ``count - start`` of them); the SD recipe sets both with :func:`at_span`, so a new strength or step
-    count compiles nothing. ``count`` None: not set yet (outside a recipe, give ``steps=`` to :func:`controlnet`).
-    """
-
-    start: Any = 0
-    count: Any = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "start", jnp.asarray(self.start, jnp.int32))
-        if self.count is not None:
-            object.__setattr__(self, "count", jnp.asarray(self.count, jnp.int32))
-
-
-def _is_span(node: Any) -> bool:
-    return isinstance(node, StepSpan)
-
-
-def at_span(tree: Any, start: Any, count: Any) -> Any:
-    """``tree`` with every :class:`StepSpan` in it set to ``(start, count)`` (the identity on trees without one)."""
-    return jax.tree_util.tree_map(lambda n: StepSpan(start, count) if _is_span(n) else n, tree, is_leaf=_is_span)
-
-
-def interval_keep(step: Array, span: StepSpan, starts: Array, ends: Array) -> Array:
-    """diffusers' ``controlnet_keep``: 1 where step ``i`` (counted from the run's first step, of ``n``) has
-    ``i / n >= start`` and ``(i + 1) / n <= end``, else 0; one entry per ControlNet."""
-    if span.count is None:
-        raise ValueError("a ControlNet interval needs the step count: pass steps= (and first_step=) to controlnet(), "
-                         "or run it through the Stable Diffusion recipe, which sets them")
-    i = (jnp.asarray(step, jnp.int32) - span.start).astype(jnp.float32)
-    n = (span.count - span.start).astype(jnp.float32)
+def interval_keep(step: StepIndex, starts: Array, ends: Array) -> Array:
+    """diffusers' ``controlnet_keep``: 1 where step ``i`` (counted from the run's first step: ``n`` steps run) has
+    ``i / n >= start`` and ``(i + 1) / n <= end``, else 0; one entry per ControlNet. diffusers counts the steps
+    that actually run (image-to-image runs the last ``count - first``); the sampling runner sets all three."""
+    if step.count is None:
+        raise ValueError("a ControlNet interval needs the step count: run the network inside jaxdiff's sampling "
+                         "loop (which sets it), or pass steps= (and first_step=) to controlnet()")
+    i = (step.value - step.first).astype(jnp.float32)
+    n = (step.count - step.first).astype(jnp.float32)
     off = (i / n < starts) | ((i + 1.0) / n > ends)
     return 1.0 - off.astype(jnp.float32)
 
@@ -282,12 +256,11 @@ class ControlNets:
     starts: Array
     ends: Array
     step: StepIndex
-    span: StepSpan
     guess_mode: bool = static_field(default=False)
 
     def __call__(self, x: Array, t: Array, cond: Mapping[str, Any]) -> Array:
         batch = x.shape[0]
-        keep = interval_keep(self.step.value, self.span, self.starts, self.ends)
+        keep = interval_keep(self.step, self.starts, self.ends)
         weights = jnp.asarray(self.scales, jnp.float32) * keep
         flag = conditional_flag(cond, batch).astype(jnp.float32) if self.guess_mode else None
         total = None
@@ -337,7 +310,8 @@ def controlnet(models: Any, images: Any, scale: Any = 1.0, start: Any = 0.0, end
     (B or 1, H, W, c) in [0, 1] per net (:func:`jaxdiff.pipelines.controlnet.prepare_control_image` resizes
     as diffusers); ``scale`` (``controlnet_conditioning_scale``), ``start`` / ``end``
     (``control_guidance_start`` / ``_end``): one value for all nets or one per net. ``steps`` /
-    ``first_step``: the run's step count and first step, which the SD recipe sets itself. ``per_image``: the
+    ``first_step``: the run's step count and first step, for calling the network outside jaxdiff's sampling
+    loop (which sets them at every step). ``per_image``: the
     control images (B, H, W, c) are one per prompt of a Stable Diffusion call (:class:`PerImage`), not a batch
     tiled over the network batch.
     """
@@ -370,6 +344,5 @@ def controlnet(models: Any, images: Any, scale: Any = 1.0, start: Any = 0.0, end
     sides = tuple(ControlNetSide(m, wrap(jnp.asarray(i, jnp.float32)), guess) for m, i in zip(models, images))
     params = dict(sides=sides, scales=jnp.asarray(scales, jnp.float32).reshape(n),
                   starts=jnp.asarray(starts, jnp.float32).reshape(n),
-                  ends=jnp.asarray(ends, jnp.float32).reshape(n), step=StepIndex(0),
-                  span=StepSpan(first_step, steps))
+                  ends=jnp.asarray(ends, jnp.float32).reshape(n), step=StepIndex(first_step, first_step, steps))
     return Transform(ControlNets, params, (("guess_mode", guess),))

@@ -9,8 +9,9 @@ text-to-image, image-to-image or inpainting::
                               start=[0.0, 0.2], end=[0.8, 1.0], height=512, width=512)
     images = sd("a house", network_transform=cn, height=512, width=512)
 
-The recipe tells the transform the run's first step and step count (:func:`jaxdiff.models.controlnet.at_span`),
-so scales, intervals, control images, step counts and strengths are runtime values of one compiled program.
+The sampling loop tells the transform the step, the run's first step and its step count
+(:class:`jaxdiff.conditioning.StepIndex`), so scales, intervals, control images, step counts and strengths are
+runtime values of one compiled program.
 """
 from __future__ import annotations
 

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import conditioning, guidance, sampling
+from jaxdiff import guidance
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff.models.controlnet import at_span
 from jaxdiff.models.dpt import DPTProcessorConfig, interpolate, preprocess
 from jaxdiff.models._pure import PureModel
 from jaxdiff.pipelines import stable_diffusion as _sd
@@ -59,31 +58,17 @@ def depth_latents(dpt: Any, d: DepthInput, height: int, width: int) -> Array:
     return 2.0 * (x - lo) / (hi - lo) - 1.0
 
 
-def _one_image(m: _sd.SDModels, sampler: Any, req: _sd.Request, i: dict, transform: Any, network_transform: Any,
-               quantize: bool, progress: bool) -> Array:
-    """Image-to-image for one image with the depth channel appended to the U-Net input (latents in VP scale)."""
-    x, known = _sd.start_latents(m, req, i)
-    user = at_span(network_transform, req.start, req.sigmas.count)
-    cond, uncond = _sd.guided_pair(i)
-    nets = conditioning.chain(conditioning.concat(i["depth"][None]), user)
-    den = m.guided(uncond, i["scale"], req.rescale, quantize, None, nets)
-    den = _sd.denoiser_transforms(m, i, known, transform)(den)
-    key = jax.random.fold_in(jax.random.key(i["seed"]), _sd.SAMPLER_STREAM)
-    out, _ = sampling.sample_jit(den, sampler, req.sigmas, x, key, cond, progress, req.start)
-    final = req.sigmas.values[req.sigmas.count]
-    return out[0] * jax.lax.rsqrt(1.0 + final * final)
-
-
 def generate(m: _sd.SDModels, dpt: Any, sampler: Any, req: _sd.Request, depth: DepthInput, transform: Any = None,
              network_transform: Any = None, *, height: int, width: int, quantize: bool = False, progress: bool = False,
              latent: bool = False) -> Array:
     """The pure program: images (B, H, W, 3) in [0, 1] (or with ``latent`` the final latents)."""
     f = m.vae_factor
+    network_transform, req = _sd.with_per_image(network_transform, req)
     per = _sd.encode(m, req)
-    per["depth"] = depth_latents(dpt, depth, height // f, width // f).astype(per["ctx"].dtype)
+    per["depth"] = depth_latents(dpt, depth, height // f, width // f).astype(per["ctx"].dtype)  # the recipe concats it
     static = dict(latent_shape=(height // f, width // f, m.latent_channels))
-    lat = jax.vmap(lambda i: _one_image(m, sampler, req, {**i, **static}, transform, network_transform, quantize,
-                                        progress))(per)
+    lat = jax.vmap(lambda i: _sd._one_image(m, sampler, req, {**i, **static}, transform, network_transform, quantize,
+                                            progress))(per)
     return lat if latent else m.decode(lat)
 
 

@@ -30,7 +30,6 @@ from jaxdiff import conditioning, guidance, sampling
 from jaxdiff import parallel as _parallel
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff.denoisers import DiscreteVPDenoiser
-from jaxdiff.models import controlnet as _controlnet
 from jaxdiff.models._pure import PureModel
 from jaxdiff.pipelines import inpaint as _inpaint
 from jaxdiff.pipelines import schedulers as _sched
@@ -194,8 +193,11 @@ def start_latents(m: SDModels, req: Request, i: dict) -> tuple[Array, Array | No
 
 
 def network_transforms(m: SDModels, i: dict, user: Any = None) -> conditioning.Chain:
-    """Stage 3, one image: the network transforms: the inpainting U-Net's [mask, masked-image latents] channels
-    (:func:`jaxdiff.conditioning.concat`, as diffusers concatenates them), then the user's."""
+    """Stage 3, one image: the network transforms: the extra input channels of the inpainting U-Net ([mask,
+    masked-image latents]) or of the depth U-Net (``i["depth"]``, :mod:`jaxdiff.pipelines.depth2img`), through
+    :func:`jaxdiff.conditioning.concat` as diffusers concatenates them, then the user's."""
+    if "depth" in i:
+        return conditioning.chain(conditioning.concat(i["depth"][None]), user)
     if "masked_mean" not in i:
         return conditioning.chain(user)
     zm = i["masked_mean"] + i["masked_std"] * noise_for_seed(i["seed"], i["mean"].shape, MASKED_POSTERIOR_STREAM)
@@ -223,7 +225,6 @@ def _one_image(m: SDModels, sampler: Any, req: Request, i: dict, transform: Any,
                quantize: bool, progress: bool, split: Any = None) -> Array:
     """Sample one image (batch of 1 inside ``vmap``) -> final latents (h, w, c) in VP scale."""
     x, known = start_latents(m, req, i)
-    network_transform = _controlnet.at_span(network_transform, req.start, req.sigmas.count)  # intervals read them
     if "per_image" in i:  # this image's control images (or other per-image values) with a batch axis of one
         network_transform = conditioning.fill_per_image(network_transform, tuple(v[None] for v in i["per_image"]))
     cond, uncond = guided_pair(i)

@@ -8,8 +8,9 @@ from flax import nnx
 
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.controlnet import (
-    ControlNetConfig, ControlNetModel, StepSpan, controlnet, controlnet_from_unet, interval_keep,
+    ControlNetConfig, ControlNetModel, controlnet, controlnet_from_unet, interval_keep,
 )
+from jaxdiff.conditioning import StepIndex
 from jaxdiff.pipelines import stable_diffusion as S
 from jaxdiff.pipelines.controlnet import controlnet_transform, prepare_control_image
 
@@ -44,7 +45,7 @@ def test_interval_keep_is_diffusers_controlnet_keep():
         for step in range(first, count):
             i = step - first
             want = [1.0 - float(i / n < s or (i + 1) / n > e) for s, e in ((0.0, 0.6), (0.3, 1.0), (0.25, 0.75))]
-            got = interval_keep(np.int32(step), StepSpan(first, count), starts, ends)
+            got = interval_keep(StepIndex(step, first, count), starts, ends)
             np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"step {step} of [{first}, {count})")
 
 
@@ -114,7 +115,7 @@ def test_bad_input_fails_with_the_fix(tiny_sd, nets):
         net(np.zeros((2, 4, 4, 4), np.float32), np.zeros((2,), np.float32), {"context": np.zeros((2, 8, 8))})
     # outside a recipe the interval needs the step count
     bare = controlnet(nets[0], _image(0)[None])(lambda x, t, cond: x)
-    with pytest.raises(ValueError, match="needs the step count: pass steps="):
+    with pytest.raises(ValueError, match="needs the step count: run the network inside jaxdiff.s sampling loop"):
         bare(np.zeros((1, 4, 4, 4), np.float32), np.zeros((1,), np.float32), {"context": np.zeros((1, 8, 8))})
 
 
