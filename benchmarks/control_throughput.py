@@ -157,7 +157,7 @@ def measure(pair: Pair, rounds: int) -> dict[str, Any]:
         torch_runs.append(t)
         print(f"round {r + 1}: jaxdiff {jax_runs[-1]:.3f} s, diffusers {torch_runs[-1]:.3f} s", flush=True)
     diffs.append(float(np.abs(jax_img - torch_img).max()))
-    _, plain = pair.jaxdiff(noise, scale=0.0)  # the same call without control (scale is traced: no recompile)
+    plain_s, plain = pair.jaxdiff(noise, scale=0.0)  # the same call without control (scale is traced: no recompile)
     batch = len(pair.prompts)
     js, ts = spread(jax_runs), spread(torch_runs)
     mesh = parallel.sampling_mesh(batch)
@@ -171,6 +171,7 @@ def measure(pair: Pair, rounds: int) -> dict[str, Any]:
             mesh.shape),
         "max_abs_diff": max(diffs), "max_abs_diff_per_check": diffs, "images_agree": max(diffs) <= TOLERANCE,
         "image_std": float(torch_img.std()), "control_effect_max_abs": float(np.abs(jax_img - plain).max()),
+        "jaxdiff_scale0_call_s": plain_s,
         "raw_s": {"jaxdiff": jax_runs, "diffusers": torch_runs},
     }
 

@@ -35,4 +35,6 @@ def test_tiny_run_writes_the_keys_and_the_frameworks_agree(tmp_path):
     assert res["image_std"] > 0.02
     assert res["control_effect_max_abs"] > 20 * TOLERANCE
     assert np.isfinite(res["jaxdiff_compile_s"]) and res["jaxdiff_compile_s"] >= 0
+    # the scale-0 call reused the compiled program (a recompile costs about the first call)
+    assert res["jaxdiff_scale0_call_s"] < 0.5 * res["jaxdiff_first_call_s"]
     assert "controlnet_throughput_ratio" in md.read_text()
