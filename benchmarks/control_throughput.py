@@ -167,8 +167,8 @@ def measure(pair: Pair, rounds: int) -> dict[str, Any]:
         "jaxdiff_seconds_per_batch": js, "diffusers_seconds_per_batch": ts,
         "jaxdiff_first_call_s": jax_first, "jaxdiff_compile_s": max(jax_first - js["median"], 0.0),
         "diffusers_first_call_s": torch_first,
-        "jaxdiff_devices": 1 if mesh is None else int(mesh.size), "jaxdiff_mesh": None if mesh is None else dict(
-            mesh.shape),
+        "jaxdiff_devices": 1 if mesh is None else int(mesh.size),
+        "jaxdiff_mesh": None if mesh is None else dict(mesh.shape),
         "max_abs_diff": max(diffs), "max_abs_diff_per_check": diffs, "images_agree": max(diffs) <= TOLERANCE,
         "image_std": float(torch_img.std()), "control_effect_max_abs": float(np.abs(jax_img - plain).max()),
         "jaxdiff_scale0_call_s": plain_s,
