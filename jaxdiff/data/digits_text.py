@@ -308,13 +308,14 @@ def measure_attributes(images: np.ndarray, labels: np.ndarray) -> dict[str, np.n
             "shear": sh.astype(np.float32)}
 
 
-def judge_input(images: np.ndarray, size: int = 8) -> np.ndarray:
+def judge_input(images: np.ndarray, size: int = 8, normalise: bool = False) -> np.ndarray:
     """RGB digits (N, H, W, 3) in [0, 1] in the ``digits-eval`` judge's format: (N, size, size, 1) in [-1, 1].
 
     The colours are measured (:func:`measure_background`, :func:`measure_ink`), the ink coverage
     (:func:`measure_alpha`) is averaged over ``H/size x W/size`` blocks (the area average that undoes the
     upsampling of :func:`alpha_maps` up to its smoothing) and mapped from [0, 1] to [-1, 1] as the judge's
-    scikit-learn intensities 0..16 are.
+    scikit-learn intensities 0..16 are. ``normalise`` divides each image's blocks by their maximum first, so
+    digits drawn with thinned ink (the ``striped`` style of :mod:`jaxdiff.data.digit_styles`) read as solid ones.
     """
     x = _check_images(images)
     n, h, w, _ = x.shape
@@ -323,6 +324,8 @@ def judge_input(images: np.ndarray, size: int = 8) -> np.ndarray:
     bg = measure_background(x)
     alpha = measure_alpha(x, measure_ink(x, bg), bg)
     pooled = alpha.reshape(n, size, h // size, size, w // size).mean((2, 4))
+    if normalise:
+        pooled = pooled / np.maximum(pooled.max(axis=(1, 2), keepdims=True), 1e-6)
     return (2.0 * pooled - 1.0).astype(np.float32)[..., None]
 
 
