@@ -1,0 +1,264 @@
+"""LoRA in the SD recipe against diffusers 0.42 + peft on a tiny random folder: two adapters in two formats
+(diffusers' training-script files with metadata; kohya, renamed here), U-Net and text encoder, with
+``set_adapters`` weights including a negative one, ``fuse_lora``; files jaxdiff saves, read by diffusers'
+``load_lora_weights``; run-time scales (0: off) and per-image scales without recompiling; clear errors."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdiff import lora
+from jaxdiff.convert.lora_export import lora_tensors, save_lora
+from jaxdiff.models import patches
+from jaxdiff.pipelines import StableDiffusion
+from jaxdiff.pipelines import stable_diffusion as S
+
+PROMPTS = ["a photo of a cat", "a red car on a hill"]
+NEGATIVE = ["blurry", ""]
+SEEDS = [3, 11]
+WEIGHTS = [0.8, -0.5]
+TOL = 1e-3
+KW = dict(negative=NEGATIVE, steps=3, sampler="ddim", guidance=7.5, seed=SEEDS, height=16, width=16)
+# adapter -> (unet LoraConfig kwargs, text-encoder LoraConfig kwargs)
+ADAPTERS = {
+    "a": (dict(r=2, lora_alpha=3.0, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"],
+               rank_pattern={"conv1": 3}, alpha_pattern={"proj_in": 5.0}),
+          dict(r=2, lora_alpha=4.0, target_modules=["q_proj", "v_proj", "fc1"])),
+    "b": (dict(r=3, lora_alpha=1.5, target_modules=["to_k", "to_v", "ff.net.2", "conv2"]),
+          dict(r=2, lora_alpha=1.0, target_modules=["k_proj", "out_proj", "fc2"])),
+}
+
+
+def _nchw(a):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
+
+
+def _pipe(root):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(root))
+    config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _peft_lora(root, name, seed):
+    """Random peft adapters on a fresh copy of the folder's U-Net and text encoder: their peft state dicts."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = _pipe(root)
+    torch.manual_seed(seed)
+    out = {}
+    for net, kwargs in zip(("unet", "text_encoder"), ADAPTERS[name]):
+        model = getattr(pipe, net)
+        config = LoraConfig(init_lora_weights=False, **kwargs)
+        model.add_adapter(config)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * (0.3 if "lora_A" in n else 0.2))
+        out[net] = ({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}, config)
+    return out
+
+
+def _diffusers_file(root, folder, seed):
+    """Adapter "a" as diffusers' training scripts save it: convert_state_dict_to_diffusers names, LoraConfig
+    metadata (its alpha and alpha_pattern matter: alpha != r)."""
+    import diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    sd = _peft_lora(root, "a", seed)
+    meta = {f"{net}_lora_adapter_metadata": {k: (sorted(v) if isinstance(v, set) else v)
+                                             for k, v in config.to_dict().items()} for net, (_, config) in sd.items()}
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(sd["unet"][0]),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(sd["text_encoder"][0]), **meta)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def _kohya_file(root, path, seed):
+    """Adapter "b" renamed by hand to kohya's layout: lora_unet_/lora_te_ + underscored module, lora_down/up, alpha."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for net, (state, config) in _peft_lora(root, "b", seed).items():
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[net]
+        for key, value in state.items():
+            module, role = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            kohya = prefix + module.replace(".", "_")
+            tensors[f"{kohya}.{'lora_down' if role == 'lora_A' else 'lora_up'}.weight"] = value.contiguous()
+            tensors[f"{kohya}.alpha"] = torch.tensor(float(config.lora_alpha))
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    import _sd_folders as folders
+
+    tmp = tmp_path_factory.mktemp("lora")
+    root = folders.save(folders.build_pipeline(blocks=(8, 16), seed=5), tmp / "sd")
+    files = {"a": _diffusers_file(root, tmp / "a", 1), "b": _kohya_file(root, tmp / "b.safetensors", 2)}
+    sd = StableDiffusion.from_pretrained(root)
+    noise = _nchw(sd.initial_noise(SEEDS, 2, 16, 16))
+    ref = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=7.5, height=16,
+               width=16, latents=noise, output_type="np")
+    pipe = _pipe(root)
+    plain = pipe(**ref).images
+    for name, f in files.items():
+        pipe.load_lora_weights(str(f), adapter_name=name)
+    pipe.set_adapters(["a", "b"], adapter_weights=WEIGHTS)
+    with_lora = pipe(**ref).images
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=["a", "b"])
+    pipe.unload_lora_weights()
+    fused = pipe(**ref).images
+    adapters = [lora.load_lora(files[n], sd) for n in ("a", "b")]
+    return dict(root=root, sd=sd, files=files, ref=ref, plain=plain, with_lora=with_lora, fused=fused,
+                adapters=adapters, tmp=tmp)
+
+
+@pytest.mark.parity
+def test_two_adapters_with_weights_equal_diffusers_set_adapters(case):
+    """peft/diffusers file (with metadata) + kohya file, U-Net and text encoder, weights 0.8 and -0.5; new scales
+    (0 = off) reuse the program; one scale per prompt gives prompt i the image of a call at scale i."""
+    sd, adapters = case["sd"], case["adapters"]
+    a, b = adapters
+    assert a.unet is not None and a.text_encoder is not None and b.unet is not None and b.text_encoder is not None
+    assert any(v.down.ndim == 4 for v in a.unet.low_rank.values())  # LoRA-conv (resnet conv1)
+    assert np.abs(case["with_lora"] - case["plain"]).max() > 0.02  # the adapters visibly change the image
+    sd_l, net = lora.apply(sd, adapters, WEIGHTS)
+    out = sd_l(PROMPTS, network_transform=net, **KW)
+    np.testing.assert_allclose(out, case["with_lora"], atol=TOL, rtol=0)
+
+    size = S.generate_jit._cache_size()
+    sd_0, net_0 = lora.apply(sd, adapters, [0.0, 0.0])
+    off = sd_0(PROMPTS, network_transform=net_0, **KW)
+    assert S.generate_jit._cache_size() == size  # a new scale, an adapter off: the same program
+    np.testing.assert_allclose(off, case["plain"], atol=TOL, rtol=0)
+
+    per = [np.array([WEIGHTS[0], 0.0], np.float32), np.array([WEIGHTS[1], 0.0], np.float32)]
+    sd_p, net_p = lora.apply(sd, adapters, per)
+    mixed = sd_p(PROMPTS, network_transform=net_p, **KW)
+    np.testing.assert_allclose(mixed[0], out[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], off[1], atol=1e-5)
+
+
+@pytest.mark.parity
+def test_fuse_equals_diffusers_fuse_lora_and_unfuse_is_exact(case):
+    sd, adapters = case["sd"], case["adapters"]
+    fused_sd, undo = lora.fuse(sd, adapters, WEIGHTS)
+    np.testing.assert_allclose(fused_sd(PROMPTS, **KW), case["fused"], atol=TOL, rtol=0)
+    back = lora.unfuse(fused_sd, undo)
+    for net in ("unet", "text_encoder"):
+        before, after = getattr(sd.models, net).state, getattr(back.models, net).state
+        changed = getattr(fused_sd.models, net).state
+        assert jax.tree_util.tree_structure(before) == jax.tree_util.tree_structure(after)
+        for x, y, z in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after),
+                           jax.tree_util.tree_leaves(changed)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-exact
+        assert sum(not np.array_equal(np.asarray(x), np.asarray(z)) for x, z in
+                   zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(changed))) >= 5
+
+
+@pytest.mark.parity
+def test_files_jaxdiff_saves_load_in_diffusers_to_the_same_images(case):
+    """Adapter a saved in kohya's format and b in diffusers' (PEFT names + metadata): diffusers' load_lora_weights
+    with the same weights gives jaxdiff's images; jaxdiff reads both back to the same patches."""
+    sd, (a, b) = case["sd"], case["adapters"]
+    paths = {"a": save_lora(case["tmp"] / "a_kohya.safetensors", a, "kohya"),
+             "b": save_lora(case["tmp"] / "b_saved", b, "diffusers", metadata={"note": "jaxdiff"})}
+    tensors, meta = lora_tensors(a, "kohya")
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors) and meta["ss_network_module"]
+    for name, adapter in (("a", a), ("b", b)):
+        again = lora.load_lora(paths[name], sd)
+        for net in ("unet", "text_encoder"):
+            want, got = getattr(adapter, net).deltas(), getattr(again, net).deltas()
+            assert sorted(want) == sorted(got)
+            for k in want:
+                np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, atol=1e-7)
+    pipe = _pipe(case["root"])
+    for name, path in paths.items():
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    pipe.set_adapters(["a", "b"], adapter_weights=WEIGHTS)
+    np.testing.assert_allclose(pipe(**case["ref"]).images, case["with_lora"], atol=TOL, rtol=0)
+
+
+# ---- bad input (the tiny JAX-only model) --------------------------------------------------------------------
+
+Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+def _pair(r, din, dout, rng):
+    return rng.standard_normal((r, din)).astype(np.float32), rng.standard_normal((dout, r)).astype(np.float32)
+
+
+def test_every_bad_key_of_either_network_is_listed_in_one_error(tiny_sd):
+    rng = np.random.default_rng(0)
+    d, u = _pair(2, 8, 8, rng)
+    tensors = {
+        f"unet.{Q}.lora_A.weight": d, f"unet.{Q}.lora_B.weight": u,  # fine
+        f"unet.{K}.lora_A.weight": np.ones((2, 7), np.float32),  # wrong width
+        f"unet.{K}.lora_B.weight": np.ones((8, 2), np.float32),
+        "unet.down_blocks.7.attentions.0.proj_in.lora_A.weight": d,  # no such layer
+        "unet.down_blocks.7.attentions.0.proj_in.lora_B.weight": u,
+        f"unet.{Q}.lora_magnitude_vector": np.ones(8, np.float32),  # DoRA
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": d,  # fine (kohya)
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": u,
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": d,  # half a pair
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": d,  # SDXL's second encoder
+    }
+    with pytest.raises(patches.PatchMismatchError) as err:
+        lora.load_lora(tensors, tiny_sd)
+    msg = str(err.value)
+    for what in ("lora_te2_", "attn2.to_k.weight: patch (7, 8), model (8, 8)", "down_blocks.7.attentions.0.proj_in: no "
+                 "such layer", "lora_magnitude_vector: DoRA", "mlp_fc1: has only the down matrix"):
+        assert what in msg, (what, msg)
+    assert "5 problem(s)" in msg and "self_attn_q_proj:" not in msg and f"{Q}:" not in msg
+    with pytest.raises(patches.PatchMismatchError, match="no such layer"):  # a LoRA for another model altogether
+        lora.load_lora({"unet.foo.bar.lora_A.weight": d, "unet.foo.bar.lora_B.weight": u}, tiny_sd)
+    with pytest.raises(ValueError, match="2 adapters but 1 scales"):
+        good = lora.load_lora({k: v for k, v in tensors.items() if Q in k and "magnitude" not in k}, tiny_sd)
+        lora.apply(tiny_sd, [good, good], [1.0])
+
+
+def test_legacy_names_unprefixed_files_and_lycoris_load_onto_the_same_layers(tiny_sd):
+    """Older diffusers names (processor.to_q_lora, lora_linear_layer), an unprefixed U-Net file
+    (``save_attn_procs``) and a kohya-named LoHa all find their layers."""
+    rng = np.random.default_rng(1)
+    d, u = _pair(2, 8, 8, rng)
+    te = "text_model.encoder.layers.0"
+    new = {f"unet.{Q}.lora_A.weight": d, f"unet.{Q}.lora_B.weight": u,
+           f"text_encoder.{te}.self_attn.k_proj.lora_A.weight": d, f"text_encoder.{te}.self_attn.k_proj.lora_B.weight": u,
+           f"text_encoder.{te}.mlp.fc2.lora_A.weight": _pair(2, 16, 8, rng)[0],
+           f"text_encoder.{te}.mlp.fc2.lora_B.weight": u}
+    q_old = Q.replace("attn1.to_q", "attn1.processor.to_q_lora")
+    old = {f"unet.{q_old}.down.weight": d, f"unet.{q_old}.up.weight": u,
+           f"text_encoder.{te}.self_attn.to_k_lora.down.weight": d, f"text_encoder.{te}.self_attn.to_k_lora.up.weight": u,
+           f"text_encoder.{te}.mlp.fc2.lora_linear_layer.down.weight": new[f"text_encoder.{te}.mlp.fc2.lora_A.weight"],
+           f"text_encoder.{te}.mlp.fc2.lora_linear_layer.up.weight": u}
+    a, b = lora.load_lora(new, tiny_sd), lora.load_lora(old, tiny_sd)
+    bare = lora.load_lora({k[len("unet."):]: v for k, v in new.items() if k.startswith("unet.")}, tiny_sd)
+    for x in (b, bare):
+        for net in ("unet", "text_encoder") if x is b else ("unet",):
+            want, got = getattr(a, net).deltas(), getattr(x, net).deltas()
+            assert sorted(want) == sorted(got)
+            for k in want:
+                np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+    assert bare.text_encoder is None
+    loha = {f"lora_unet_{Q.replace('.', '_')}.{n}": rng.standard_normal(s).astype(np.float32)
+            for n, s in (("hada_w1_a", (8, 2)), ("hada_w1_b", (2, 8)), ("hada_w2_a", (8, 2)), ("hada_w2_b", (2, 8)))}
+    h = lora.load_lora(loha, tiny_sd)
+    assert list(h.unet.full) == [Q + ".kernel"] and h.text_encoder is None
