@@ -146,7 +146,9 @@ def _target(module: str, names: Mapping[str, Any], underscored: Mapping[str, str
         key = rename(key) or key
     if key in names:
         return key
-    return underscored.get(module)
+    if module in underscored:
+        return underscored[module]
+    return underscored.get(key[: -len(".weight")].replace(".", "_"))  # kohya names of renamed checkpoints
 
 
 def lora(tensors: Mapping[str, Any], like: Any, *, prefix: str = "",

@@ -66,22 +66,24 @@ def _check(layers, file: dict, style: str) -> None:
         assert np.abs(want).max() > 0.1
 
 
-def test_loha_deltas_equal_peft_loha_layers():
-    """LoHa: (w1a w1b) * (w2a w2b) * alpha / r on a Linear, and the Tucker form peft uses on a 3x3 Conv."""
+@pytest.mark.parametrize("effective_conv", [False, True])
+def test_loha_deltas_equal_peft_loha_layers(effective_conv):
+    """LoHa: (w1a w1b) * (w2a w2b) * alpha / r on a Linear and a 3x3 Conv, plain or in Tucker form."""
     from peft import LoHaConfig
 
-    layers = _torch_layers(LoHaConfig(r=2, alpha=3.0, target_modules=["lin", "conv"]))
+    layers = _torch_layers(LoHaConfig(r=2, alpha=3.0, target_modules=["lin", "conv"],
+                                      use_effective_conv2d=effective_conv))
     file = _file(layers, ("hada_",), 3.0)
-    assert {"conv.hada_t1", "lin.hada_w2_b"} <= set(file) and "lin.hada_t1" not in file
+    assert "lin.hada_w2_b" in file and "lin.hada_t1" not in file and ("conv.hada_t1" in file) == effective_conv
     _check(layers, file, "loha")
 
 
 @pytest.mark.parametrize("effective_conv", [False, True])
 def test_lokr_deltas_equal_peft_lokr_layers(effective_conv):
-    """LoKr: kron(w1, w2) * alpha / r with both factors low-rank; the conv's w2 plain or in Tucker form."""
+    """LoKr: kron(w1, w2) * alpha / r with factored factors (r = 1 is what peft factors at these sizes); the conv's w2 plain or in Tucker form."""
     from peft import LoKrConfig
 
-    layers = _torch_layers(LoKrConfig(r=2, alpha=5.0, target_modules=["lin", "conv"], decompose_both=True,
+    layers = _torch_layers(LoKrConfig(r=1, alpha=5.0, target_modules=["lin", "conv"], decompose_both=True,
                                       use_effective_conv2d=effective_conv))
     file = _file(layers, ("lokr_",), 5.0)
     assert "lin.lokr_w1_a" in file and ("conv.lokr_t2" in file) == effective_conv
