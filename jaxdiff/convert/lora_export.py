@@ -4,8 +4,8 @@ The inverse of :func:`jaxdiff.lora.load_lora` for low-rank patches: each ``LowRa
 or (kh, kw, in, r), ``up`` (r, out), ``alpha``) goes back to PyTorch names and layouts, ``down`` (r, in[, kh,
 kw]) and ``up`` (out, r[, 1, 1]), in one safetensors file (never pickle):
 
-- ``"diffusers"``: PEFT names ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.`` for the
-  text encoder) and diffusers' ``lora_adapter_metadata`` (each network's ``LoraConfig``: ``r``,
+- ``"diffusers"``: PEFT names ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.<module>`` for
+  the text encoder, named as transformers 5 names ``CLIPTextModel``'s modules, without ``text_model.``) and diffusers' ``lora_adapter_metadata`` (each network's ``LoraConfig``: ``r``,
   ``lora_alpha``, ``rank_pattern`` / ``alpha_pattern`` naming every module), which
   ``StableDiffusionPipeline.load_lora_weights`` reads as its own;
 - ``"kohya"``: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-d float32)
@@ -47,6 +47,11 @@ def _modules(patch: Any) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
     return out
 
 
+def _peft_module(net: str, module: str) -> str:
+    """The module name PEFT sees: transformers 5 names ``CLIPTextModel``'s modules without ``text_model.``."""
+    return module[len("text_model."):] if net == "text_encoder" and module.startswith("text_model.") else module
+
+
 def _most_common(values: list) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
@@ -66,7 +71,7 @@ def lora_tensors(lora: Any, format: str = "diffusers") -> tuple[dict[str, np.nda
             ranks.append(down.shape[0])
             alphas.append(alpha)
             if format == "diffusers":
-                key = f"{F.PEFT_PREFIXES[net]}{module}"
+                key = f"{F.PEFT_PREFIXES[net]}{_peft_module(net, module)}"
                 tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
             else:
                 key = F.KOHYA_PREFIXES[net] + module.replace(".", "_")
@@ -75,9 +80,10 @@ def lora_tensors(lora: Any, format: str = "diffusers") -> tuple[dict[str, np.nda
         if format == "diffusers":
             r = _most_common([d.shape[0] for _, d, _, _ in entries])
             a = _most_common([al for _, _, _, al in entries])
-            configs[net] = {"r": int(r), "lora_alpha": a, "target_modules": sorted(m for m, *_ in entries),
-                            "rank_pattern": {m: int(d.shape[0]) for m, d, _, _ in entries if d.shape[0] != r},
-                            "alpha_pattern": {m: al for m, _, _, al in entries if al != a},
+            pm = {m: _peft_module(net, m) for m, *_ in entries}
+            configs[net] = {"r": int(r), "lora_alpha": a, "target_modules": sorted(pm.values()),
+                            "rank_pattern": {pm[m]: int(d.shape[0]) for m, d, _, _ in entries if d.shape[0] != r},
+                            "alpha_pattern": {pm[m]: al for m, _, _, al in entries if al != a},
                             "use_dora": False, "use_rslora": False, "lora_bias": False}
     if not tensors:
         raise ValueError("the LoRA has no low-rank entries to save")

@@ -61,8 +61,14 @@ _LEGACY_ATTN = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "
 _CLIP_ATTN = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out.0": "out_proj"}
 
 
+_PROCESSOR = re.compile(r"^(.*\.to_(?:q|k|v|out)_lora)\.(down|up)\.weight$")
+
+
 def split_role(key: str) -> tuple[str, str] | None:
     """``"a.b.lora_A.weight"`` -> ``("a.b", "down")``; None for a key of no known layout."""
+    legacy = _PROCESSOR.match(key)  # diffusers' attention processors: attn1.processor.to_q_lora.down.weight
+    if legacy:
+        return legacy.group(1), legacy.group(2)
     for suffix, role in ROLES:
         if key.endswith("." + suffix):
             return key[: -len(suffix) - 1], role

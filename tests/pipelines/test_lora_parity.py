@@ -21,14 +21,15 @@ NEGATIVE = ["blurry", ""]
 SEEDS = [3, 11]
 WEIGHTS = [0.8, -0.5]
 TOL = 1e-3
-KW = dict(negative=NEGATIVE, steps=3, sampler="ddim", guidance=7.5, seed=SEEDS, height=16, width=16)
-# adapter -> (unet LoraConfig kwargs, text-encoder LoraConfig kwargs)
+# the settings of test_sd_parity's DDIM case on a folder of the same shapes: the fused (plain) program is shared
+KW = dict(negative=NEGATIVE, steps=4, sampler="ddim", guidance=7.5, seed=SEEDS, height=16, width=16)
+# adapter -> {network: (rank, alpha, target module suffixes, {suffix: (rank, alpha)} exceptions)}
 ADAPTERS = {
-    "a": (dict(r=2, lora_alpha=3.0, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"],
-               rank_pattern={"conv1": 3}, alpha_pattern={"proj_in": 5.0}),
-          dict(r=2, lora_alpha=4.0, target_modules=["q_proj", "v_proj", "fc1"])),
-    "b": (dict(r=3, lora_alpha=1.5, target_modules=["to_k", "to_v", "ff.net.2", "conv2"]),
-          dict(r=2, lora_alpha=1.0, target_modules=["k_proj", "out_proj", "fc2"])),
+    "a": {"unet": (2, 3.0, ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"), {"conv1": (3, 3.0),
+                                                                                      "proj_in": (2, 5.0)}),
+          "text_encoder": (2, 4.0, ("q_proj", "v_proj", "fc1"), {})},
+    "b": {"unet": (3, 1.5, ("to_k", "to_v", "ff.net.2", "conv2"), {}),
+          "text_encoder": (2, 1.0, ("k_proj", "out_proj", "fc2"), {})},
 }
 
 
@@ -48,55 +49,62 @@ def _pipe(root):
     return pipe
 
 
-def _peft_lora(root, name, seed):
-    """Random peft adapters on a fresh copy of the folder's U-Net and text encoder: their peft state dicts."""
+def _factors(pipe, name, seed):
+    """{network: {module: (down, up, alpha)}}: random LoRA factors (PyTorch layouts) for the adapter's targets."""
     import torch
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
-    pipe = _pipe(root)
-    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     out = {}
-    for net, kwargs in zip(("unet", "text_encoder"), ADAPTERS[name]):
-        model = getattr(pipe, net)
-        config = LoraConfig(init_lora_weights=False, **kwargs)
-        model.add_adapter(config)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n:
-                    p.copy_(torch.randn_like(p) * (0.3 if "lora_A" in n else 0.2))
-        out[net] = ({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}, config)
+    for net, (rank, alpha, targets, special) in ADAPTERS[name].items():
+        out[net] = {}
+        for module, layer in getattr(pipe, net).named_modules():
+            hit = next((t for t in targets if module.endswith("." + t)), None)
+            if hit is None or not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            r, a = special.get(hit, (rank, alpha))
+            w = layer.weight
+            down = rng.standard_normal((r, *w.shape[1:])) * 0.3
+            up = rng.standard_normal((w.shape[0], r) + (1, 1) * (w.ndim == 4)) * 0.2
+            out[net][module] = (down.astype(np.float32), up.astype(np.float32), a)
     return out
 
 
-def _diffusers_file(root, folder, seed):
-    """Adapter "a" as diffusers' training scripts save it: convert_state_dict_to_diffusers names, LoraConfig
-    metadata (its alpha and alpha_pattern matter: alpha != r)."""
+def _diffusers_file(pipe, folder, seed):
+    """Adapter "a" as diffusers saves it (save_lora_weights): PEFT names and each network's LoraConfig as
+    metadata, whose alphas matter (alpha != r, an alpha_pattern and a rank_pattern)."""
     import diffusers
-    from diffusers.utils import convert_state_dict_to_diffusers
+    import torch
 
-    sd = _peft_lora(root, "a", seed)
-    meta = {f"{net}_lora_adapter_metadata": {k: (sorted(v) if isinstance(v, set) else v)
-                                             for k, v in config.to_dict().items()} for net, (_, config) in sd.items()}
+    layers, meta = {}, {}
+    for net, modules in _factors(pipe, "a", seed).items():
+        rank, alpha, targets, special = ADAPTERS["a"][net]
+        layers[net] = {}
+        for module, (down, up, _) in modules.items():
+            layers[net][f"{module}.lora_A.weight"] = torch.from_numpy(down)
+            layers[net][f"{module}.lora_B.weight"] = torch.from_numpy(up)
+        meta[net] = dict(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                         rank_pattern={k: v[0] for k, v in special.items()},
+                         alpha_pattern={k: v[1] for k, v in special.items()})
     diffusers.StableDiffusionPipeline.save_lora_weights(
-        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(sd["unet"][0]),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(sd["text_encoder"][0]), **meta)
+        str(folder), unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        unet_lora_adapter_metadata=meta["unet"], text_encoder_lora_adapter_metadata=meta["text_encoder"])
     return folder / "pytorch_lora_weights.safetensors"
 
 
-def _kohya_file(root, path, seed):
-    """Adapter "b" renamed by hand to kohya's layout: lora_unet_/lora_te_ + underscored module, lora_down/up, alpha."""
-    import torch
-    from safetensors.torch import save_file
+def _kohya_file(pipe, path, seed):
+    """Adapter "b" in kohya's layout: lora_unet_ / lora_te_text_model_ + underscored module, lora_down / lora_up,
+    alpha (transformers 5 names CLIP's modules without text_model., kohya files have it)."""
+    from safetensors.numpy import save_file
 
     tensors = {}
-    for net, (state, config) in _peft_lora(root, "b", seed).items():
-        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[net]
-        for key, value in state.items():
-            module, role = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+    for net, modules in _factors(pipe, "b", seed).items():
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_text_model_"}[net]
+        for module, (down, up, alpha) in modules.items():
+            if net == "text_encoder" and module.startswith("text_model."):
+                module = module[len("text_model."):]
             kohya = prefix + module.replace(".", "_")
-            tensors[f"{kohya}.{'lora_down' if role == 'lora_A' else 'lora_up'}.weight"] = value.contiguous()
-            tensors[f"{kohya}.alpha"] = torch.tensor(float(config.lora_alpha))
+            tensors[f"{kohya}.lora_down.weight"], tensors[f"{kohya}.lora_up.weight"] = down, up
+            tensors[f"{kohya}.alpha"] = np.asarray(alpha, np.float32)
     save_file(tensors, str(path))
     return path
 
@@ -109,11 +117,12 @@ def case(tmp_path_factory):
     import _sd_folders as folders
 
     tmp = tmp_path_factory.mktemp("lora")
-    root = folders.save(folders.build_pipeline(blocks=(8, 16), seed=5), tmp / "sd")
-    files = {"a": _diffusers_file(root, tmp / "a", 1), "b": _kohya_file(root, tmp / "b.safetensors", 2)}
+    built = folders.build_pipeline(seed=5)
+    root = folders.save(built, tmp / "sd")
+    files = {"a": _diffusers_file(built, tmp / "a", 1), "b": _kohya_file(built, tmp / "b.safetensors", 2)}
     sd = StableDiffusion.from_pretrained(root)
     noise = _nchw(sd.initial_noise(SEEDS, 2, 16, 16))
-    ref = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=7.5, height=16,
+    ref = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5, height=16,
                width=16, latents=noise, output_type="np")
     pipe = _pipe(root)
     plain = pipe(**ref).images
@@ -125,34 +134,30 @@ def case(tmp_path_factory):
     pipe.unload_lora_weights()
     fused = pipe(**ref).images
     adapters = [lora.load_lora(files[n], sd) for n in ("a", "b")]
-    return dict(root=root, sd=sd, files=files, ref=ref, plain=plain, with_lora=with_lora, fused=fused,
-                adapters=adapters, tmp=tmp)
+    return dict(root=root, sd=sd, ref=ref, plain=plain, with_lora=with_lora, fused=fused, adapters=adapters, tmp=tmp)
 
 
 @pytest.mark.parity
 def test_two_adapters_with_weights_equal_diffusers_set_adapters(case):
-    """peft/diffusers file (with metadata) + kohya file, U-Net and text encoder, weights 0.8 and -0.5; new scales
-    (0 = off) reuse the program; one scale per prompt gives prompt i the image of a call at scale i."""
+    """A diffusers file (PEFT names, metadata) and a kohya file, U-Net and text encoder, weights 0.8 and -0.5:
+    diffusers' images; per-prompt scales (prompt 1 with both adapters off) reuse the program and give prompt i
+    diffusers' image at its scales."""
     sd, adapters = case["sd"], case["adapters"]
     a, b = adapters
     assert a.unet is not None and a.text_encoder is not None and b.unet is not None and b.text_encoder is not None
     assert any(v.down.ndim == 4 for v in a.unet.low_rank.values())  # LoRA-conv (resnet conv1)
     assert np.abs(case["with_lora"] - case["plain"]).max() > 0.02  # the adapters visibly change the image
-    sd_l, net = lora.apply(sd, adapters, WEIGHTS)
-    out = sd_l(PROMPTS, network_transform=net, **KW)
-    np.testing.assert_allclose(out, case["with_lora"], atol=TOL, rtol=0)
+    both = [np.full(2, w, np.float32) for w in WEIGHTS]  # one scale per prompt, the same for both
+    sd_l, net = lora.apply(sd, adapters, both)
+    np.testing.assert_allclose(sd_l(PROMPTS, network_transform=net, **KW), case["with_lora"], atol=TOL, rtol=0)
 
     size = S.generate_jit._cache_size()
-    sd_0, net_0 = lora.apply(sd, adapters, [0.0, 0.0])
-    off = sd_0(PROMPTS, network_transform=net_0, **KW)
-    assert S.generate_jit._cache_size() == size  # a new scale, an adapter off: the same program
-    np.testing.assert_allclose(off, case["plain"], atol=TOL, rtol=0)
-
-    per = [np.array([WEIGHTS[0], 0.0], np.float32), np.array([WEIGHTS[1], 0.0], np.float32)]
-    sd_p, net_p = lora.apply(sd, adapters, per)
-    mixed = sd_p(PROMPTS, network_transform=net_p, **KW)
-    np.testing.assert_allclose(mixed[0], out[0], atol=1e-5)
-    np.testing.assert_allclose(mixed[1], off[1], atol=1e-5)
+    mixed = [np.array([w, 0.0], np.float32) for w in WEIGHTS]  # prompt 0 with the adapters, prompt 1 without
+    sd_m, net_m = lora.apply(sd, adapters, mixed)
+    out = sd_m(PROMPTS, network_transform=net_m, **KW)
+    assert S.generate_jit._cache_size() == size  # new scales, adapters off: the same program
+    np.testing.assert_allclose(out[0], case["with_lora"][0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(out[1], case["plain"][1], atol=TOL, rtol=0)
 
 
 @pytest.mark.parity
@@ -174,12 +179,13 @@ def test_fuse_equals_diffusers_fuse_lora_and_unfuse_is_exact(case):
 
 @pytest.mark.parity
 def test_files_jaxdiff_saves_load_in_diffusers_to_the_same_images(case):
-    """Adapter a saved in kohya's format and b in diffusers' (PEFT names + metadata): diffusers' load_lora_weights
-    with the same weights gives jaxdiff's images; jaxdiff reads both back to the same patches."""
+    """Adapter a saved in diffusers' format (PEFT names + metadata) and b in kohya's: diffusers' load_lora_weights
+    with the same weights gives the images above; jaxdiff reads both back to the same patches. (b goes to kohya:
+    diffusers 0.42 reads kohya text-encoder q_proj / v_proj LoRA only when the file also patches out_proj.)"""
     sd, (a, b) = case["sd"], case["adapters"]
-    paths = {"a": save_lora(case["tmp"] / "a_kohya.safetensors", a, "kohya"),
-             "b": save_lora(case["tmp"] / "b_saved", b, "diffusers", metadata={"note": "jaxdiff"})}
-    tensors, meta = lora_tensors(a, "kohya")
+    paths = {"a": save_lora(case["tmp"] / "a_saved", a, "diffusers", metadata={"note": "jaxdiff"}),
+             "b": save_lora(case["tmp"] / "b_kohya.safetensors", b, "kohya")}
+    tensors, meta = lora_tensors(b, "kohya")
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in tensors) and meta["ss_network_module"]
     for name, adapter in (("a", a), ("b", b)):
         again = lora.load_lora(paths[name], sd)
