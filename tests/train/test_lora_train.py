@@ -1,5 +1,6 @@
 """Training a LoRA with the Trainer: only the factors train (the frozen U-Net stays bit-exact), the loss falls,
-the trained adapter applies in the SD recipe and survives a save / load in both formats."""
+and the trained adapter survives a save / load in both formats (the SD recipe runs adapters in
+tests/pipelines/test_lora_parity.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,10 @@ from jaxdiff.train.lora import lora_trainer, trained_lora
 from tests.pipelines import _tiny_sd
 
 
+STEPS = 12
+TARGETS = r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|ff\.net\.2|conv_in|conv_out)$"
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     return _tiny_sd.build(tmp_path_factory.mktemp("tiny_lora_tok"))
@@ -28,27 +33,28 @@ def test_a_few_steps_lower_the_loss_and_change_only_the_lora(sd, tmp_path):
     target = np.tile(rng.standard_normal((1, 4, 4, 4)).astype(np.float32), (8, 1, 1, 1))
     context = np.tile(np.asarray(sd.encode_prompt(["a b"])), (8, 1, 1))
     base = [np.array(x) for x in jax.tree_util.tree_leaves(sd.models.unet.state)]
-    trainer, state = lora_trainer(sd, rank=2, sample_shape=(4, 4, 4), context_dropout=0.0,
-                                  optimizer=OptimizerConfig(3e-2, warmup_steps=0))
+    trainer, state = lora_trainer(sd, rank=2, sample_shape=(4, 4, 4), context_dropout=0.0, targets=TARGETS,
+                                  optimizer=OptimizerConfig(1e-1, schedule="constant"))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     targets = trainer.model(state)().names()
-    assert all(checkpoint_name(n).split(".")[-2] in ("to_q", "to_k", "to_v", "0") for n in targets)
+    assert {checkpoint_name(n).split(".")[-2] for n in targets} >= {"to_q", "to_k", "to_v", "0", "conv_in", "proj_in"}
     shapes = [tuple(k.shape) for k in _kernels(sd, targets)]
-    assert targets and all(len(s) == 2 for s in shapes)
-    assert n_params == sum(2 * (a + b) for a, b in shapes)  # rank 2: down (in, 2) and up (2, out) only
+    assert any(len(s) == 4 for s in shapes) and any(len(s) == 2 for s in shapes)  # Linear and conv (LoRA-conv)
+    assert n_params == sum(2 * (np.prod(s[:-1]) + s[-1]) for s in shapes)  # rank 2: down (.., in, 2), up (2, out)
     batch = {"x": target, "context": context}
+
+    keys = jax.random.split(jax.random.PRNGKey(100), 8)
 
     @jax.jit
     def held_out(params):  # the loss at 8 fixed noise draws
         net = trainer.model(dataclasses.replace(state, params=params), ema=False)
-        return jnp.mean(jnp.stack([jnp.mean(trainer.objective(net, batch, jax.random.PRNGKey(100 + k))[0])
-                                   for k in range(8)]))
+        return jnp.mean(jax.vmap(lambda k: jnp.mean(trainer.objective(net, batch, k)[0]))(keys))
 
     before = float(held_out(state.params))
-    for _ in range(15):
+    for _ in range(STEPS):
         state, _ = trainer.step(state, batch)
     after = float(held_out(state.params))
-    assert after < 0.7 * before, (before, after)
+    assert after < 0.85 * before, (before, after)
     for x, y in zip(base, jax.tree_util.tree_leaves(sd.models.unet.state)):
         np.testing.assert_array_equal(x, np.asarray(y))  # the base U-Net is untouched, bit for bit
 
@@ -58,9 +64,6 @@ def test_a_few_steps_lower_the_loss_and_change_only_the_lora(sd, tmp_path):
         again = lora.load_lora(save_lora(tmp_path / f"{fmt}.safetensors", adapter, fmt), sd)
         for k, v in adapter.unet.deltas().items():
             np.testing.assert_allclose(np.asarray(again.unet.deltas()[k]), np.asarray(v), rtol=1e-6, atol=1e-8)
-    sd_l, net = lora.apply(sd, [adapter], 1.0)
-    kw = dict(steps=2, seed=[1], guidance=1.0, height=8, width=8, output="latent", mesh=None)
-    assert np.abs(sd_l(["a b"], network_transform=net, **kw) - sd(["a b"], **kw)).max() > 1e-3
 
 
 def _kernels(sd, names):
