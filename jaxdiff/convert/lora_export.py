@@ -5,8 +5,9 @@ or (kh, kw, in, r), ``up`` (r, out), ``alpha``) goes back to PyTorch names and l
 kw]) and ``up`` (out, r[, 1, 1]), in one safetensors file (never pickle):
 
 - ``"diffusers"``: PEFT names ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.<module>`` for
-  the text encoder, named as transformers 5 names ``CLIPTextModel``'s modules, without ``text_model.``) and diffusers' ``lora_adapter_metadata`` (each network's ``LoraConfig``: ``r``,
-  ``lora_alpha``, ``rank_pattern`` / ``alpha_pattern`` naming every module), which
+  the text encoder, named as transformers 5 names ``CLIPTextModel``'s modules, without ``text_model.``) and
+  diffusers' ``lora_adapter_metadata`` (each network's ``LoraConfig``: ``r``, ``lora_alpha``, and
+  ``rank_pattern`` / ``alpha_pattern`` for the modules that differ), which
   ``StableDiffusionPipeline.load_lora_weights`` reads as its own;
 - ``"kohya"``: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-d float32)
   and ``lora_te_...``, with sd-scripts' ``ss_network_*`` metadata.
@@ -100,8 +101,9 @@ def lora_tensors(lora: Any, format: str = "diffusers") -> tuple[dict[str, np.nda
 
 def save_lora(path: str | os.PathLike, lora: Any, format: str = "diffusers",
               metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``lora`` to ``path`` (a ``.safetensors`` file; a folder gets diffusers' ``pytorch_lora_weights.safetensors``)
-    in ``format`` (``"diffusers"`` or ``"kohya"``); ``metadata`` adds string entries to the file's metadata."""
+    """Write ``lora`` to ``path`` (a ``.safetensors`` file; a folder gets diffusers'
+    ``pytorch_lora_weights.safetensors``) in ``format`` (``"diffusers"`` or ``"kohya"``); ``metadata`` adds string
+    entries to the file's metadata."""
     tensors, meta = lora_tensors(lora, format)
     path = Path(path)
     if path.suffix != ".safetensors":

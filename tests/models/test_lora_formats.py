@@ -62,7 +62,8 @@ def _check(layers, file: dict, style: str) -> None:
     for module, layer in layers.items():
         want = layer.get_delta_weight("default").detach().numpy()
         got = np.asarray(patch.full[f"{module}.kernel"])
-        np.testing.assert_allclose(got, to_jax_layout(want, "kernel"), rtol=1e-5, atol=1e-6, err_msg=f"{style} {module}")
+        np.testing.assert_allclose(got, to_jax_layout(want, "kernel"), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{style} {module}")
         assert np.abs(want).max() > 0.1
 
 
@@ -80,7 +81,8 @@ def test_loha_deltas_equal_peft_loha_layers(effective_conv):
 
 @pytest.mark.parametrize("effective_conv", [False, True])
 def test_lokr_deltas_equal_peft_lokr_layers(effective_conv):
-    """LoKr: kron(w1, w2) * alpha / r with factored factors (r = 1 is what peft factors at these sizes); the conv's w2 plain or in Tucker form."""
+    """LoKr: kron(w1, w2) * alpha / r with factored factors (at these sizes peft factors at r = 1); the conv's w2
+    plain or in Tucker form."""
     from peft import LoKrConfig
 
     layers = _torch_layers(LoKrConfig(r=1, alpha=5.0, target_modules=["lin", "conv"], decompose_both=True,

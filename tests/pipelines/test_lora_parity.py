@@ -247,12 +247,14 @@ def test_legacy_names_unprefixed_files_and_lycoris_load_onto_the_same_layers(tin
     d, u = _pair(2, 8, 8, rng)
     te = "text_model.encoder.layers.0"
     new = {f"unet.{Q}.lora_A.weight": d, f"unet.{Q}.lora_B.weight": u,
-           f"text_encoder.{te}.self_attn.k_proj.lora_A.weight": d, f"text_encoder.{te}.self_attn.k_proj.lora_B.weight": u,
+           f"text_encoder.{te}.self_attn.k_proj.lora_A.weight": d,
+           f"text_encoder.{te}.self_attn.k_proj.lora_B.weight": u,
            f"text_encoder.{te}.mlp.fc2.lora_A.weight": _pair(2, 16, 8, rng)[0],
            f"text_encoder.{te}.mlp.fc2.lora_B.weight": u}
     q_old = Q.replace("attn1.to_q", "attn1.processor.to_q_lora")
     old = {f"unet.{q_old}.down.weight": d, f"unet.{q_old}.up.weight": u,
-           f"text_encoder.{te}.self_attn.to_k_lora.down.weight": d, f"text_encoder.{te}.self_attn.to_k_lora.up.weight": u,
+           f"text_encoder.{te}.self_attn.to_k_lora.down.weight": d,
+           f"text_encoder.{te}.self_attn.to_k_lora.up.weight": u,
            f"text_encoder.{te}.mlp.fc2.lora_linear_layer.down.weight": new[f"text_encoder.{te}.mlp.fc2.lora_A.weight"],
            f"text_encoder.{te}.mlp.fc2.lora_linear_layer.up.weight": u}
     a, b = lora.load_lora(new, tiny_sd), lora.load_lora(old, tiny_sd)
@@ -268,3 +270,8 @@ def test_legacy_names_unprefixed_files_and_lycoris_load_onto_the_same_layers(tin
             for n, s in (("hada_w1_a", (8, 2)), ("hada_w1_b", (2, 8)), ("hada_w2_a", (8, 2)), ("hada_w2_b", (2, 8)))}
     h = lora.load_lora(loha, tiny_sd)
     assert list(h.unet.full) == [Q + ".kernel"] and h.text_encoder is None
+    k = f"lora_te_{te.replace('.', '_')}_self_attn_k_proj"  # SDXL-style lora_te1_ is the (only) text encoder
+    te1 = {f"{k}.lora_down.weight": d, f"{k}.lora_up.weight": u}
+    one, first = lora.load_lora(te1, tiny_sd), lora.load_lora({"lora_te1_" + n[8:]: v for n, v in te1.items()}, tiny_sd)
+    assert sorted(one.text_encoder.names()) == sorted(first.text_encoder.names()) == [
+        te + ".self_attn.k_proj.kernel"]
