@@ -4,9 +4,11 @@
 ``load_lora_weights``; run-time scales (0: off) and per-image scales without recompiling; clear errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -124,7 +126,12 @@ def case(tmp_path_factory):
     noise = _nchw(sd.initial_noise(SEEDS, 2, 16, 16))
     ref = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5, height=16,
                width=16, latents=noise, output_type="np")
-    pipe = _pipe(root)
+    import diffusers
+
+    pipe = built  # the folder's own pipeline, with the DDIM scheduler jaxdiff's "ddim" reproduces
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(json.loads((root / "scheduler" / "scheduler_config.json")
+                                                                    .read_text()))
+    pipe.set_progress_bar_config(disable=True)
     plain = pipe(**ref).images
     for name, f in files.items():
         pipe.load_lora_weights(str(f), adapter_name=name)
@@ -275,3 +282,27 @@ def test_legacy_names_unprefixed_files_and_lycoris_load_onto_the_same_layers(tin
     one, first = lora.load_lora(te1, tiny_sd), lora.load_lora({"lora_te1_" + n[8:]: v for n, v in te1.items()}, tiny_sd)
     assert sorted(one.text_encoder.names()) == sorted(first.text_encoder.names()) == [
         te + ".self_attn.k_proj.kernel"]
+
+
+def test_text_encoder_patch_at_one_scale_and_per_prompt(tiny_sd):
+    """The recipe's text encoder after apply: at a number it encodes as the merged weights do; with one scale per
+    prompt, row i encodes as the whole batch at scale i (0: the base encoder)."""
+    rng = np.random.default_rng(2)
+    te = "text_encoder.text_model.encoder.layers.0"
+    tensors = {f"{te}.self_attn.q_proj.lora_A.weight": rng.standard_normal((2, 8)).astype(np.float32),
+               f"{te}.self_attn.q_proj.lora_B.weight": rng.standard_normal((8, 2)).astype(np.float32),
+               f"{te}.mlp.fc1.lora_A.weight": rng.standard_normal((2, 8)).astype(np.float32),
+               f"{te}.mlp.fc1.lora_B.weight": rng.standard_normal((16, 2)).astype(np.float32)}
+    adapter = lora.load_lora(tensors, tiny_sd)
+    ids = jnp.asarray(tiny_sd.tokenize(["a b", "c d e"]))
+    encode = jax.jit(lambda m, ids: m.encode_text(ids))
+    base = np.asarray(encode(tiny_sd.models, ids))
+    merged = dataclasses.replace(tiny_sd.models, text_encoder=patches.merge(tiny_sd.models.text_encoder,
+                                                                            adapter.text_encoder, 0.7))
+    at = {s: np.asarray(encode(lora.apply(tiny_sd, [adapter], s)[0].models, ids)) for s in (0.0, 0.7)}
+    np.testing.assert_allclose(at[0.7], np.asarray(encode(merged, ids)), atol=1e-5)
+    np.testing.assert_array_equal(at[0.0], base)
+    assert np.abs(at[0.7] - base).max() > 1e-2
+    per = np.asarray(encode(lora.apply(tiny_sd, [adapter], [np.array([0.7, 0.0])])[0].models, ids))
+    np.testing.assert_allclose(per[0], at[0.7][0], atol=1e-5)
+    np.testing.assert_allclose(per[1], base[1], atol=1e-6)
