@@ -117,7 +117,10 @@ def case(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     import _sd_folders as folders
+    import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these tiny torch models run several times faster on one thread on a busy machine
     tmp = tmp_path_factory.mktemp("lora")
     built = folders.build_pipeline(seed=5)
     root = folders.save(built, tmp / "sd")
@@ -141,7 +144,8 @@ def case(tmp_path_factory):
     pipe.unload_lora_weights()
     fused = pipe(**ref).images
     adapters = [lora.load_lora(files[n], sd) for n in ("a", "b")]
-    return dict(root=root, sd=sd, ref=ref, plain=plain, with_lora=with_lora, fused=fused, adapters=adapters, tmp=tmp)
+    yield dict(root=root, sd=sd, ref=ref, plain=plain, with_lora=with_lora, fused=fused, adapters=adapters, tmp=tmp)
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parity
