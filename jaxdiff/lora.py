@@ -197,7 +197,8 @@ def fuse(sd: Any, adapters: Sequence[LoRA], scales: Any = None) -> tuple[Any, Fu
     """(the recipe with ``W + sum_i scale_i * delta_i`` folded into its weights, what :func:`unfuse` needs).
 
     diffusers' ``fuse_lora``: the fused recipe runs the plain program (no per-call patching). Scales are
-    numbers here (a per-prompt scale needs :func:`apply`)."""
+    numbers here (a per-prompt scale needs :func:`apply`). Fuses into the base networks: adapters given to
+    :func:`apply` before are not part of the result."""
     adapters = list(adapters)
     scales = _scales(adapters, scales)
     if any(s.ndim for s in scales):
