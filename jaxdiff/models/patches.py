@@ -32,14 +32,11 @@ from flax import nnx
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._transforms import Transform
-from jaxdiff.convert.torch_layout import checkpoint_name, state_name, to_jax_layout, torch_name_map
+from jaxdiff.conditioning import per_image_value
+from jaxdiff.convert.torch_layout import checkpoint_name, state_name, to_jax_layout, to_torch_layout, torch_name_map
 from jaxdiff.models._pure import PureModel
 
 Array = jax.Array
-
-# (down, up) suffixes of the LoRA file layouts: peft / diffusers, kohya (dotted), diffusers' legacy processors
-LORA_SUFFIXES = (("lora_A.weight", "lora_B.weight"), ("lora_down.weight", "lora_up.weight"),
-                 ("lora.down.weight", "lora.up.weight"))
 
 
 class PatchMismatchError(ValueError):
@@ -149,64 +146,94 @@ def _target(module: str, names: Mapping[str, Any], underscored: Mapping[str, str
         key = rename(key) or key
     if key in names:
         return key
-    return underscored.get(module)
+    if module in underscored:
+        return underscored[module]
+    return underscored.get(key[: -len(".weight")].replace(".", "_"))  # kohya names of renamed checkpoints
 
 
-def lora(tensors: Mapping[str, Any], like: Any, *, prefix: str = "", alpha: float | None = None,
+def lora(tensors: Mapping[str, Any], like: Any, *, prefix: str = "",
+         alpha: float | Callable[[str, int], float] | None = None,
          rename: Callable[[str], str | None] | None = None) -> Patch:
-    """A low-rank :class:`Patch` from a LoRA file's tensors (PyTorch names and layouts), converted once.
+    """A :class:`Patch` from a LoRA file's tensors (PyTorch names and layouts), converted once.
 
-    Recognised per target ``T`` (a module name such as ``down_blocks.0.attentions.0.proj_in``):
-    ``T.lora_A.weight`` / ``T.lora_B.weight`` (peft, diffusers), ``T.lora_down.weight`` /
-    ``T.lora_up.weight`` and ``T.lora.down.weight`` / ``T.lora.up.weight``, with an optional scalar
-    ``T.alpha`` (default ``alpha``, else the rank: scale ``alpha / r = 1`` as peft's default). Kohya's
-    underscored targets (``lora_unet_down_blocks_0_..._to_q`` with ``prefix="lora_unet_"``) are matched to
-    the model's dotted names. ``like`` is the model (a ``PureModel``, module or state; abstract is fine),
-    ``prefix`` selects and strips one network's keys (``"unet."``, ``"text_encoder."``), ``rename`` maps a
-    checkpoint name to the model's (as the loaders' ``rename_torch_key``). Raises
-    :class:`PatchMismatchError` listing every key that does not fit.
+    Recognised per target ``T`` (a module name such as ``down_blocks.0.attentions.0.proj_in``): the low-rank
+    pairs ``T.lora_A.weight`` / ``T.lora_B.weight`` (peft, diffusers), ``T.lora_down.weight`` /
+    ``T.lora_up.weight`` (kohya), ``T.lora.down.weight`` / ``T.lora.up.weight`` and the older diffusers names
+    (``T.lora_linear_layer.down.weight``, ``attn.processor.to_q_lora.down.weight``), with an optional scalar
+    ``T.alpha``; LyCORIS LoHa (``T.hada_w1_a``...) and LoKr (``T.lokr_w1``...) become full deltas
+    (:mod:`jaxdiff.models.lora_formats`). Without ``T.alpha`` the scale is ``alpha / r``: ``alpha`` a number, or
+    ``alpha(T, r)`` (PEFT's metadata, :func:`jaxdiff.models.lora_formats.alpha_rule`), default ``r`` (scale 1, as
+    peft). Kohya's underscored targets (``lora_unet_down_blocks_0_..._to_q`` with ``prefix="lora_unet_"``) are
+    matched to the model's dotted names. ``like`` is the model (a ``PureModel``, module or state; abstract is
+    fine), ``prefix`` selects and strips one network's keys (``"unet."``, ``"text_encoder."``), ``rename`` maps a
+    checkpoint name to the model's (as the loaders' ``rename_torch_key``). Raises :class:`PatchMismatchError`
+    listing every key that does not fit; nothing is converted half-way.
     """
+    patch, problems = lora_problems(tensors, like, prefix=prefix, alpha=alpha, rename=rename)
+    _fail(problems, "LoRA")
+    return patch
+
+
+def lora_problems(tensors: Mapping[str, Any], like: Any, *, prefix: str = "",
+                  alpha: float | Callable[[str, int], float] | None = None,
+                  rename: Callable[[str], str | None] | None = None) -> tuple[Patch, list[str]]:
+    """:func:`lora` without raising: (the patch of the keys that fit, the problems of the others)."""
+    from jaxdiff.models import lora_formats as F
+
     state = _model_state(like)
     names = torch_name_map(state)
     underscored = {k[: -len(".weight")].replace(".", "_"): k for k in names if k.endswith(".weight")}
     params = _params(state)
-    selected = _select(tensors, prefix)
-    pairs: dict[str, dict[str, Any]] = {}
-    problems, used = [], set()
-    for key, value in selected.items():
-        for down_s, up_s in LORA_SUFFIXES:
-            for role, suffix in (("down", down_s), ("up", up_s)):
-                if key.endswith("." + suffix):
-                    pairs.setdefault(key[: -len(suffix) - 1], {})[role] = np.asarray(value)
-                    used.add(key)
-    for module in pairs:
-        if module + ".alpha" in selected:
-            pairs[module]["alpha"] = float(np.asarray(selected[module + ".alpha"]))
-            used.add(module + ".alpha")
-    problems += [f"{prefix}{k}: not a LoRA tensor of a known layout" for k in sorted(set(selected) - used)]
-    low_rank = {}
-    for module, parts in sorted(pairs.items()):
-        if "down" not in parts or "up" not in parts:
-            problems.append(f"{prefix}{module}: has only the {'down' if 'down' in parts else 'up'} matrix")
-            continue
+    modules, problems = F.group(_select(tensors, prefix))
+    problems = [prefix + p for p in problems]
+    low_rank, full = {}, {}
+    for module, parts in sorted(modules.items()):
         target = _target(module, names, underscored, rename)
         if target is None:
             problems.append(f"{prefix}{module}: no such layer in the model")
             continue
         path, kind = names[target]
-        down, up = parts["down"], parts["up"]
-        rank = down.shape[0]
-        if kind != "kernel" or up.ndim != down.ndim or up.shape[1] != rank or (up.ndim == 4 and up.shape[2:] != (1, 1)):
-            problems.append(f"{prefix}{module}: down {down.shape} and up {up.shape} are not a LoRA pair for "
-                            f"{target} {tuple(params[state_name(path)].shape)}")
-            continue
-        entry = LowRank(jnp.asarray(to_jax_layout(down, "kernel")), jnp.asarray(up.reshape(up.shape[:2]).T),
-                        jnp.asarray(parts.get("alpha", alpha if alpha is not None else rank), jnp.float32))
-        low_rank[state_name(path)] = entry
-    patch = Patch(low_rank, {})
-    problems += _check_against(patch, params)
-    _fail(problems, "LoRA")
-    return patch
+        shape = tuple(params[state_name(path)].shape)
+        style = F.kind(parts)
+        if kind != "kernel":
+            problems.append(f"{prefix}{module}: targets {target}, not a Linear or Conv kernel")
+        elif style != "lora":
+            try:
+                torch_shape = tuple(np.shape(to_torch_layout(np.zeros(shape, np.float32), kind)))
+                maths = F.loha_delta if style == "loha" else F.lokr_delta
+                full[state_name(path)] = jnp.asarray(to_jax_layout(maths(parts, torch_shape), kind))
+            except ValueError as e:
+                problems.append(f"{prefix}{module}: {e}")
+        elif "down" not in parts or "up" not in parts:
+            have = [r for r in ("down", "up") if r in parts]
+            problems.append(f"{prefix}{module}: has only the {have[0]} matrix" if have else
+                            f"{prefix}{module}: has an alpha but no down / up matrices")
+        else:
+            entry = _low_rank(parts, module, target, shape, alpha)
+            if isinstance(entry, str):
+                problems.append(f"{prefix}{entry}")
+            else:
+                low_rank[state_name(path)] = entry
+    patch = Patch(low_rank, full)
+    problems += [prefix + p for p in _check_against(patch, params)]
+    return patch, problems
+
+
+def _low_rank(parts: Mapping[str, Any], module: str, target: str, shape: tuple[int, ...],
+              alpha: float | Callable[[str, int], float] | None) -> LowRank | str:
+    """The :class:`LowRank` of one (down, up[, alpha]) pair, or the problem with it."""
+    down, up = parts["down"], parts["up"]
+    rank = down.shape[0]
+    if up.ndim != down.ndim or up.ndim < 2 or up.shape[1] != rank or (up.ndim == 4 and up.shape[2:] != (1, 1)):
+        return f"{module}: down {down.shape} and up {up.shape} are not a LoRA pair for {target} {shape}"
+    if "alpha" in parts:
+        a = float(np.asarray(parts["alpha"]))
+    elif callable(alpha):
+        a = float(alpha(module, rank))
+    else:
+        a = float(alpha) if alpha is not None else float(rank)
+    return LowRank(jnp.asarray(to_jax_layout(down, "kernel")), jnp.asarray(up.reshape(up.shape[:2]).T),
+                   jnp.asarray(a, jnp.float32))
 
 
 def full_delta(tensors: Mapping[str, Any], like: Any, *, prefix: str = "",
@@ -291,6 +318,7 @@ class PatchWeights:
         params = [_params(m.state) for m in models]
         plan: dict[int, list[tuple[dict, Any]]] = {}
         for patch, scale in zip(self.patches, self.scales):
+            scale = per_image_value(scale)  # image i's scale (1,) when the recipe fills a PerImage slot
             fits = [i for i, p in enumerate(params) if not _check_against(patch, p)]
             if not fits:
                 best = min(range(len(models)), key=lambda i: len(_check_against(patch, params[i])))
@@ -323,6 +351,89 @@ def patch_weights(patch: Patch, scale: Any = 1.0, *, model: type | None = None) 
     or 0 to turn the patch off, reuses the compiled program). Chain several for several patches."""
     return Transform(PatchWeights, {"patches": (patch,), "scales": (jnp.asarray(scale, jnp.float32),)},
                      (("model", model),))
+
+
+def fuse(state: Any, patch: Patch, scale: Any = 1.0) -> tuple[Any, dict[str, Array]]:
+    """(``merge(state, patch, scale)``, the original arrays of the parameters it changed): :func:`unfuse` with
+    them restores ``state`` bit for bit (the originals are kept, not recomputed by subtraction)."""
+    if isinstance(state, PureModel):
+        fused, originals = fuse(state.state, patch, scale)
+        return PureModel(fused, state.graphdef, state.method), originals
+    params = _params(state)
+    _fail(_check_against(patch, params), "patch")
+    return _apply_deltas(state, patch.deltas(), scale), {name: params[name] for name in patch.names()}
+
+
+def unfuse(state: Any, originals: Mapping[str, Array]) -> Any:
+    """``state`` with the parameters :func:`fuse` changed set back to ``originals`` (exact)."""
+    if isinstance(state, PureModel):
+        return PureModel(unfuse(state.state, originals), state.graphdef, state.method)
+    missing = sorted(set(originals) - set(_params(state)))
+    if missing:
+        raise PatchMismatchError(f"cannot unfuse: the model has no parameter(s) {', '.join(missing[:5])}; "
+                                 "unfuse the model the patch was fused into")
+
+    def one(path: tuple, var: Any) -> Any:
+        if not _is_var(var) or _path_name(path) not in originals:
+            return var
+        return var.replace(originals[_path_name(path)])
+
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_var)
+
+
+@pytree_dataclass
+class PatchedModel:
+    """A :class:`PureModel` whose weights are patched at every call, ``W + sum_i scales[i] * delta_i``.
+
+    Stands in for the model wherever a ``PureModel`` is called (``model(...)``, ``model.bind("method")(...)``):
+    the scales are traced leaves, so new scales (0: off) reuse a compiled program. A scale of shape (B,) is
+    per row: row ``b`` of the first argument (batch axis 0) runs with ``scales[i][b]`` (rows beyond ``B``, as
+    padding adds, take the last entry)."""
+
+    base: PureModel
+    patches: tuple
+    scales: tuple
+
+    def __post_init__(self) -> None:
+        if len(self.patches) != len(self.scales):
+            raise ValueError(f"{len(self.patches)} patches but {len(self.scales)} scales: give one scale per patch")
+
+    @property
+    def graphdef(self) -> Any:
+        return self.base.graphdef
+
+    @property
+    def method(self) -> str:
+        return self.base.method
+
+    def bind(self, method: str) -> "PatchedModel":
+        return PatchedModel(self.base.bind(method), self.patches, self.scales)
+
+    def _at(self, scales: tuple) -> PureModel:
+        state = self.base.state
+        for patch, scale in zip(self.patches, scales):
+            state = _apply_deltas(state, patch.deltas(), scale)
+        return PureModel(state, self.base.graphdef, self.base.method)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        for patch in self.patches:
+            _fail(_check_against(patch, _params(self.base.state)), "patch")
+        scales = tuple(jnp.asarray(s, jnp.float32) for s in self.scales)
+        if all(s.ndim == 0 for s in scales):
+            return self._at(scales)(*args, **kwargs)
+        rows = args[0].shape[0]
+
+        def per_row(s: Array) -> Array:
+            s = jnp.broadcast_to(s, (1,)) if s.ndim == 0 else s
+            if s.ndim != 1:
+                raise ValueError(f"a patch scale must be a number or one per row (B,), got shape {s.shape}")
+            return s[jnp.minimum(jnp.arange(rows), s.shape[0] - 1)] if s.shape[0] > 1 else jnp.broadcast_to(s, (rows,))
+
+        def one(row_scales: tuple, first: Array) -> Any:
+            out = self._at(row_scales)(first[None], *args[1:], **kwargs)
+            return jax.tree_util.tree_map(lambda a: a[0], out)
+
+        return jax.vmap(one)(tuple(per_row(s) for s in scales), args[0])
 
 
 # ---- growable embedding tables ----------------------------------------------------------------------------
