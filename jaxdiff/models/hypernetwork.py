@@ -188,7 +188,8 @@ def _mlp_from_state(state: Mapping[str, Any], width: int, options: Mapping[str, 
             scale, bias = entries[norm].get("weight"), entries[norm].get("bias")
             if bias is None or scale.shape != (w.shape[0],) or bias.shape != scale.shape:
                 raise HypernetworkFormatError(f"{where}: layer norm linear.{norm} does not fit linear.{i}")
-        act_first = not norms or norm - i >= 2  # a parameter-free module (the activation) sits between them
+        # a parameter-free module between the linear and its norm: the activation comes first
+        act_first = not norms or norm - i >= 2 if activate else True
         layers.append(HyperLayer(jnp.asarray(w.T), jnp.asarray(b), None if scale is None else jnp.asarray(scale),
                                  None if bias is None else jnp.asarray(bias), activate, act_first, i, norm))
         width_in = w.shape[0]

@@ -99,7 +99,7 @@ def test_code_in_the_pickle_is_refused_and_never_runs(tmp_path, name, zip_format
     path = tmp_path / "evil.pt"
     torch.save({"string_to_param": {"*": torch.ones(2)}, "hook": _Exploit(fn, arg)}, path,
                _use_new_zipfile_serialization=zip_format)
-    with pytest.raises(UnsafePickleError, match=name.replace(".", r"\.") if name != "os.system" else r"(posix|os)\.system"):
+    with pytest.raises(UnsafePickleError, match=r"(__builtin__|builtins|posix|os)\." + name.split(".")[1]):
         read_pt(path)
     assert not marker.exists()
     if name == "builtins.exec" and zip_format:  # the payload is real: an unrestricted load runs it
@@ -113,7 +113,7 @@ def test_a_bare_pickle_and_other_globals_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "raw.pkl"
     path.write_bytes(pickle.dumps(_Exploit(builtins.exec, f"open({str(marker)!r}, 'w').close()")))
-    with pytest.raises(UnsafePickleError, match="builtins.exec"):
+    with pytest.raises(UnsafePickleError, match=r"builtins\.exec"):
         read_pt(path)
     assert not marker.exists()
     path = tmp_path / "np.pt"

@@ -40,11 +40,12 @@ def _torch_mlp(width, structure, act, norm, activate_output, dropout, g):
 
 
 def _file(path, case: str, widths, seed=0):
-    """torch.save of the format's dict; returns the torch MLPs {width: (keys, values)}."""
+    """torch.save of the format's dict (each module's Sequential is its ``linear`` attribute); returns the torch
+    MLPs {width: (keys, values)}."""
     structure, name, act, norm, out, dropout = CASES[case]
     g = torch.Generator().manual_seed(seed)
     mlps = {w: tuple(_torch_mlp(w, structure, act, norm, out, dropout, g) for _ in range(2)) for w in widths}
-    data = {w: [m.state_dict() for m in pair] for w, pair in mlps.items()}
+    data = {w: [{f"linear.{k}": v for k, v in m.state_dict().items()} for m in pair] for w, pair in mlps.items()}
     data.update(layer_structure=structure, activation_func=name, is_layer_norm=norm, activate_output=out,
                 use_dropout=dropout is not None, dropout_structure=dropout, last_layer_dropout=False,
                 weight_initialization="Normal", name=case, step=7, sd_checkpoint=None, sd_checkpoint_name=None)
@@ -99,81 +100,78 @@ def _hyper_processors(model, mlps, strength):
             module.set_processor(Hyper())
 
 
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[8, 16], layers_per_block=1,
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
+"""Self-attention 8 wide (outer blocks) and 16 wide (mid block), text 12 wide."""
+
+
 @pytest.mark.parity
-def test_unet_with_hypernetwork_equals_diffusers_with_the_torch_transform(tmp_path):
-    """SD 1 style tiny U-Net (self-attention widths 8 and 16, text width 12): modules for 12 and 16 act on
-    the cross-attention and on the 16-wide self-attention layers, not on the 8-wide ones."""
+def test_unet_with_hypernetwork_equals_diffusers_strength_zero_is_plain_and_compiles_once(tmp_path):
+    """Modules for widths 12 and 16 act on every cross-attention layer and on the mid block's 16-wide
+    self-attention, not on the 8-wide ones, as diffusers with the transform done in torch; strength 0 is the
+    plain U-Net bit for bit, and new strengths reuse the compiled program."""
     pytest.importorskip("diffusers")
     from jaxdiff.models import unet
     from tests.models.fixtures import make_unet
 
-    cfg = make_unet.UNET_SD1
-    ref = make_unet.build("unet", cfg, 3)
+    ref = make_unet.build("unet", UNET, 3)
     mlps = _file(tmp_path / "h.pt", "relu_norm_dropout", [12, 16], seed=1)
     hn = hnet.load_hypernetwork(tmp_path / "h.pt")
     g = torch.Generator().manual_seed(0)
     x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), torch.tensor([3.0, 700.0])
     with torch.no_grad():
-        plain = ref(x, t, ctx).sample.numpy()
+        plain_ref = ref(x, t, ctx).sample.numpy()
         _hyper_processors(ref, mlps, 0.8)
         want = ref(x, t, ctx).sample.numpy()
-    assert np.abs(want - plain).max() > 1e-2  # the transform matters
-    model = unet.from_pretrained_tensors(dict(ref.config), {k: v.numpy() for k, v in ref.state_dict().items()})
+    assert np.abs(want - plain_ref).max() > 1e-2  # the transform matters
+    model = PureModel.of(unet.from_pretrained_tensors(dict(ref.config), {k: v.numpy() for k, v in ref.state_dict().items()}))
     call = jax.jit(lambda m, c, *args: m(*args, control=c))
     args = (jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
-    got = call(PureModel.of(model), hnet.hypernetwork_control(hn, 0.8), *args)
+    got = call(model, hnet.hypernetwork_control(hn, 0.8), *args)
     np.testing.assert_allclose(np.transpose(got, (0, 3, 1, 2)), want, atol=1e-4)
+    compiled = call._cache_size()
+    zero = call(model, hnet.hypernetwork_control(hn, 0.0), *args)
+    other = call(model, hnet.hypernetwork_control(hn, 0.3), *args)
+    assert call._cache_size() == compiled  # new strengths: the same program
+    plain = jax.jit(lambda m, *args: m(*args))(model, *args)
+    np.testing.assert_array_equal(np.asarray(zero), np.asarray(plain))
+    assert np.abs(np.asarray(other) - np.asarray(plain)).max() > 1e-3
 
 
-# ---- on the Stable Diffusion recipe (the tiny JAX model) ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    from tests.pipelines import _tiny_sd
-
-    return _tiny_sd.build(tmp_path_factory.mktemp("hn_tok"))
-
-
-def _images(sd, transform=None):
-    return sd(["a b", "c"], steps=2, sampler="ddim", guidance=3.0, seed=[1, 2], network_transform=transform,
-              mesh=None)
-
-
-def test_strength_zero_is_the_plain_model_and_strength_compiles_nothing(sd):
-    from jaxdiff.pipelines.stable_diffusion import generate_jit
-
+def test_several_hypernetworks_chain_in_order():
+    """The second hypernetwork transforms the first one's keys and values (at every matching site)."""
     hn = hnet.init_hypernetwork([8], activation="relu", layer_norm=True, std=0.5, seed=1)
-    plain = _images(sd)
-    zero = _images(sd, hnet.hypernetworks((hn, 0.0)))
-    np.testing.assert_array_equal(zero, plain)
-    before = generate_jit._cache_size()
-    one = _images(sd, hnet.hypernetworks((hn, 1.0)))
-    assert generate_jit._cache_size() == before  # a new strength: the same program
-    assert np.abs(one - plain).max() > 1e-3
-    # chained: the second hypernetwork transforms the first one's keys and values
     hn2 = hnet.init_hypernetwork([8], std=0.5, seed=2)
     c = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 8)), jnp.float32)
-    ctl = ac.ControlRun(ac.compose(hnet.hypernetwork_control(hn, 0.5), hnet.hypernetwork_control(hn2, 0.7)))
-    site = ac.Site("x", "cross", 1)
+    transform = hnet.hypernetworks((hn, 0.5), (hn2, 0.7))
+    run = ac.ControlRun(transform.params["control"])  # the composed attention control
     k1, v1 = hnet.hypernetwork_control(hn, 0.5).context(c, c)
     k2, v2 = hnet.hypernetwork_control(hn2, 0.7).context(k1, v1)
-    for got, want in zip(ctl.context(site, None, c), (k2, v2)):
-        np.testing.assert_array_equal(got, want)
+    for site in (ac.Site("mid_block.attentions.0.transformer_blocks.0.attn1", "self", 1), ac.Site("y", "cross", 1)):
+        for got, want in zip(run.context(site, None, c), (k2, v2)):
+            np.testing.assert_array_equal(got, want)
+    assert np.abs(np.asarray(k2) - np.asarray(c)).max() > 1e-3
 
 
-def test_train_save_reload_same_images(sd, tmp_path):
-    rng = np.random.default_rng(3)
-    images = rng.uniform(0, 1, (4, 8, 8, 3)).astype(np.float32)
-    start = hnet.init_hypernetwork([8], layer_structure=(1, 2, 1), activation="relu", seed=4)
-    hn, losses = hnet.train_hypernetwork(sd, images, ["a", "b", "c", "a b"], hypernetwork=start, steps=3,
-                                         learning_rate=1e-2, batch_size=2)
-    assert losses.shape == (3,) and np.all(np.isfinite(losses))
+# ---- training on the Stable Diffusion recipe (the tiny JAX model) ------------------------------------------
+
+
+def test_train_on_a_frozen_model_save_reload(tmp_path):
+    from tests.pipelines import _tiny_sd
+
+    sd = _tiny_sd.build(tmp_path / "tok")
+    latents = np.random.default_rng(3).standard_normal((4, 4, 4, 4)).astype(np.float32)
+    start = hnet.init_hypernetwork([8], layer_structure=(1, 2, 1), activation="relu", layer_norm=True, seed=4)
+    hn, losses = hnet.train_hypernetwork(sd, None, ["a", "b", "c", "a b"], hypernetwork=start, steps=2,
+                                         learning_rate=1e-2, batch_size=2, latents=latents)
+    assert losses.shape == (2,) and np.all(np.isfinite(losses))
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in
              zip(jax.tree_util.tree_leaves(hn), jax.tree_util.tree_leaves(start))]
-    assert min(moved) > 0  # every weight of the MLPs was trained
-    assert hn.num_params() == 2 * (8 * 16 + 16 + 16 * 8 + 8)
+    assert min(moved) > 0  # every weight, bias and norm of the MLPs was trained
+    assert hn.num_params() == 2 * (8 * 16 + 16 + 2 * 16 + 16 * 8 + 8 + 2 * 8)
     path = hnet.save_hypernetwork(tmp_path / "trained.safetensors", hn)
-    again = hnet.load_hypernetwork(path)
-    np.testing.assert_array_equal(_images(sd, hnet.hypernetworks((again, 1.0))),
-                                  _images(sd, hnet.hypernetworks((hn, 1.0))))
+    again = hnet.load_hypernetwork(path)  # the same pytree, bit for bit: the same images
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(hn)
+    for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(hn)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
