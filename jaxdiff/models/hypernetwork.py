@@ -176,7 +176,7 @@ def _mlp_from_state(state: Mapping[str, Any], width: int, options: Mapping[str, 
         w, b = entries[i].get("weight"), entries[i].get("bias")
         if b is None or w.shape[1] != width_in or b.shape != (w.shape[0],):
             raise HypernetworkFormatError(f"{where}: linear.{i} has weight {w.shape} and bias "
-                                          f"{None if b is None else b.shape}; expected ({'out'}, {width_in}) and (out,)")
+                                          f"{None if b is None else b.shape}; expected (out, {width_in}) and (out,)")
         stop = linears[j + 1] if j + 1 < len(linears) else max(entries) + 1
         norms = [k for k in sorted(entries) if i < k < stop]
         if len(norms) > 1 or any(entries[k].get("weight", np.zeros((0, 0))).ndim != 1 for k in norms):

@@ -37,7 +37,8 @@ def _payload():
         "param": torch.nn.Parameter(torch.randn(2, 3, generator=g)),
         "state": lin.state_dict(),
         768: [{"linear.0.weight": torch.ones(2, 2)}, {"linear.0.weight": torch.zeros(2, 2)}],
-        "meta": {"name": "x", "step": 12, "lr": 1e-3, "flag": True, "none": None, "tuple": (1, "a"), "size": base.shape},
+        "meta": {"name": "x", "step": 12, "lr": 1e-3, "flag": True, "none": None, "tuple": (1, "a"),
+                 "size": base.shape},
     }
 
 

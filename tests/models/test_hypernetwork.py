@@ -101,7 +101,8 @@ def _hyper_processors(model, mlps, strength):
 
 
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[8, 16], layers_per_block=1,
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
             cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
 """Self-attention 8 wide (outer blocks) and 16 wide (mid block), text 12 wide."""
 
@@ -125,7 +126,8 @@ def test_unet_with_hypernetwork_equals_diffusers_strength_zero_is_plain_and_comp
         _hyper_processors(ref, mlps, 0.8)
         want = ref(x, t, ctx).sample.numpy()
     assert np.abs(want - plain_ref).max() > 1e-2  # the transform matters
-    model = PureModel.of(unet.from_pretrained_tensors(dict(ref.config), {k: v.numpy() for k, v in ref.state_dict().items()}))
+    weights = {k: v.numpy() for k, v in ref.state_dict().items()}
+    model = PureModel.of(unet.from_pretrained_tensors(dict(ref.config), weights))
     call = jax.jit(lambda m, c, *args: m(*args, control=c))
     args = (jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
     got = call(model, hnet.hypernetwork_control(hn, 0.8), *args)
@@ -175,3 +177,27 @@ def test_train_on_a_frozen_model_save_reload(tmp_path):
     assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(hn)
     for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(hn)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_novelai_layout_and_bad_files(tmp_path):
+    """The original NovelAI modules (``linear1`` / ``linear2``: a [1, 2, 1] linear MLP) load; a module that does
+    not return to its width, an unknown activation or a stray entry are clear errors."""
+    g = torch.Generator().manual_seed(5)
+    lin1, lin2 = torch.nn.Linear(12, 24), torch.nn.Linear(24, 12)
+    state = {f"linear{i}.{k}": v for i, m in ((1, lin1), (2, lin2)) for k, v in m.state_dict().items()}
+    torch.save({12: [state, state]}, tmp_path / "nai.pt")
+    hn = hnet.load_hypernetwork(tmp_path / "nai.pt")
+    x = torch.randn(1, 3, 12, generator=g)
+    with torch.no_grad():
+        want = (x + lin2(lin1(x))).numpy()
+    np.testing.assert_allclose(hnet.hypernetwork_control(hn).context(x.numpy(), x.numpy())[0], want, atol=1e-5)
+    bad = {12: [{"linear.0.weight": torch.zeros(24, 12), "linear.0.bias": torch.zeros(24)}] * 2}
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(hnet.HypernetworkFormatError, match="ends at width 24"):
+        hnet.load_hypernetwork(tmp_path / "bad.pt")
+    torch.save({12: [state, state], "activation_func": "prelu"}, tmp_path / "act.pt")
+    with pytest.raises(hnet.HypernetworkFormatError, match="activation 'prelu' is not supported"):
+        hnet.load_hypernetwork(tmp_path / "act.pt")
+    torch.save({12: [{**state, "scale": torch.ones(1)}, state]}, tmp_path / "stray.pt")
+    with pytest.raises(hnet.HypernetworkFormatError, match="unexpected entry 'scale'"):
+        hnet.load_hypernetwork(tmp_path / "stray.pt")
