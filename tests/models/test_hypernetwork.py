@@ -1,5 +1,5 @@
-"""AUTOMATIC1111-style hypernetworks: hand-built torch files, the MLPs against torch, a U-Net against diffusers
-with the same context transform done in torch, strength 0, no recompiles, several chained, training and saving."""
+"""AUTOMATIC1111-style hypernetworks: hand-built torch files, the MLPs against torch, strength 0, several chained,
+training and saving (the Stable Diffusion images against diffusers: tests/pipelines/test_textual_inversion_parity.py)."""
 from __future__ import annotations
 
 import jax
@@ -9,53 +9,13 @@ import pytest
 
 from jaxdiff.models import attention_control as ac
 from jaxdiff.models import hypernetwork as hnet
-from jaxdiff.models._pure import PureModel
 
 torch = pytest.importorskip("torch")
-
-CASES = {  # layer_structure, activation (torch module), layer norm, activate_output, dropout_structure
-    "relu_norm_dropout": ([1, 2, 1], "relu", torch.nn.ReLU, True, False, [0, 0.3, 0]),
-    "swish_output_odd": ([1, 1.5, 1], "swish", torch.nn.Hardswish, False, True, None),
-}
-
-
-def _torch_mlp(width, structure, act, norm, activate_output, dropout, g):
-    """A torch Sequential laid out as the format describes: Linear, activation (not after the last Linear unless
-    activate_output), LayerNorm, Dropout; random weights and norms."""
-    mods = []
-    for i in range(len(structure) - 1):
-        d_in, d_out = int(width * structure[i]), int(width * structure[i + 1])
-        mods.append(torch.nn.Linear(d_in, d_out))
-        if i < len(structure) - 2 or activate_output:
-            mods.append(act())
-        if norm:
-            mods.append(torch.nn.LayerNorm(d_out))
-        if dropout and dropout[i + 1] > 0:
-            mods.append(torch.nn.Dropout(dropout[i + 1]))
-    seq = torch.nn.Sequential(*mods)
-    with torch.no_grad():
-        for p in seq.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g) + (1.0 if p.ndim == 1 and norm else 0.0))
-    return seq.eval()
-
-
-def _file(path, case: str, widths, seed=0):
-    """torch.save of the format's dict (each module's Sequential is its ``linear`` attribute); returns the torch
-    MLPs {width: (keys, values)}."""
-    structure, name, act, norm, out, dropout = CASES[case]
-    g = torch.Generator().manual_seed(seed)
-    mlps = {w: tuple(_torch_mlp(w, structure, act, norm, out, dropout, g) for _ in range(2)) for w in widths}
-    data = {w: [{f"linear.{k}": v for k, v in m.state_dict().items()} for m in pair] for w, pair in mlps.items()}
-    data.update(layer_structure=structure, activation_func=name, is_layer_norm=norm, activate_output=out,
-                use_dropout=dropout is not None, dropout_structure=dropout, last_layer_dropout=False,
-                weight_initialization="Normal", name=case, step=7, sd_checkpoint=None, sd_checkpoint_name=None)
-    torch.save(data, path)
-    return mlps
-
+from tests.models._hypernetwork_files import CASES, write_file  # noqa: E402
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_hand_built_file_equals_torch_mlps_and_round_trips_safetensors(tmp_path, case):
-    mlps = _file(tmp_path / "h.pt", case, [12, 16])
+    mlps = write_file(tmp_path / "h.pt", case, [12, 16])
     hn = hnet.load_hypernetwork(tmp_path / "h.pt")
     assert hn.widths == [12, 16] and hn.config["activation_func"] == CASES[case][1]
     x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
@@ -66,6 +26,8 @@ def test_hand_built_file_equals_torch_mlps_and_round_trips_safetensors(tmp_path,
             want = [torch.from_numpy(x) + strength * m(torch.from_numpy(x)) for m in mlps[16]]
         np.testing.assert_allclose(ck, want[0].numpy(), atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(cv, want[1].numpy(), atol=1e-5, rtol=1e-5)
+    for got in hnet.hypernetwork_control(hn, 0.0).context(jnp.asarray(x), jnp.asarray(x)):
+        np.testing.assert_array_equal(got, x)  # strength 0: the context itself, bit for bit
     other = np.ones((1, 3, 8), np.float32)  # no module of width 8: unchanged
     np.testing.assert_array_equal(hnet.hypernetwork_control(hn).context(other, other)[0], other)
     path = hnet.save_hypernetwork(tmp_path / "h.safetensors", hn)
@@ -74,71 +36,6 @@ def test_hand_built_file_equals_torch_mlps_and_round_trips_safetensors(tmp_path,
     for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(hn)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(hn)
-
-
-def _hyper_processors(model, mlps, strength):
-    """diffusers attention with the context transform done in torch: keys read ``c + s * f_k(c)`` and values
-    ``c + s * f_v(c)`` when ``c``'s width has MLPs (``c`` the text, or the hidden states in self-attention)."""
-    from diffusers.models.attention_processor import Attention
-
-    class Hyper:
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
-            assert hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None
-            assert not attn.residual_connection and attn.rescale_output_factor == 1.0 and attention_mask is None
-            ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-            ck = cv = ctx
-            if ctx.shape[-1] in mlps:
-                fk, fv = mlps[ctx.shape[-1]]
-                ck, cv = ctx + strength * fk(ctx), ctx + strength * fv(ctx)
-            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-            key, value = attn.head_to_batch_dim(attn.to_k(ck)), attn.head_to_batch_dim(attn.to_v(cv))
-            out = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, key, None), value))
-            return attn.to_out[1](attn.to_out[0](out))
-
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.set_processor(Hyper())
-
-
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[8, 16], layers_per_block=1,
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
-"""Self-attention 8 wide (outer blocks) and 16 wide (mid block), text 12 wide."""
-
-
-@pytest.mark.parity
-def test_unet_with_hypernetwork_equals_diffusers_strength_zero_is_plain_and_compiles_once(tmp_path):
-    """Modules for widths 12 and 16 act on every cross-attention layer and on the mid block's 16-wide
-    self-attention, not on the 8-wide ones, as diffusers with the transform done in torch; strength 0 is the
-    plain U-Net bit for bit, and new strengths reuse the compiled program."""
-    pytest.importorskip("diffusers")
-    from jaxdiff.models import unet
-    from tests.models.fixtures import make_unet
-
-    ref = make_unet.build("unet", UNET, 3)
-    mlps = _file(tmp_path / "h.pt", "relu_norm_dropout", [12, 16], seed=1)
-    hn = hnet.load_hypernetwork(tmp_path / "h.pt")
-    g = torch.Generator().manual_seed(0)
-    x, ctx, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g), torch.tensor([3.0, 700.0])
-    with torch.no_grad():
-        plain_ref = ref(x, t, ctx).sample.numpy()
-        _hyper_processors(ref, mlps, 0.8)
-        want = ref(x, t, ctx).sample.numpy()
-    assert np.abs(want - plain_ref).max() > 1e-2  # the transform matters
-    weights = {k: v.numpy() for k, v in ref.state_dict().items()}
-    model = PureModel.of(unet.from_pretrained_tensors(dict(ref.config), weights))
-    call = jax.jit(lambda m, c, *args: m(*args, control=c))
-    args = (jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), jnp.asarray(t.numpy()), jnp.asarray(ctx.numpy()))
-    got = call(model, hnet.hypernetwork_control(hn, 0.8), *args)
-    np.testing.assert_allclose(np.transpose(got, (0, 3, 1, 2)), want, atol=1e-4)
-    compiled = call._cache_size()
-    zero = call(model, hnet.hypernetwork_control(hn, 0.0), *args)
-    other = call(model, hnet.hypernetwork_control(hn, 0.3), *args)
-    assert call._cache_size() == compiled  # new strengths: the same program
-    plain = jax.jit(lambda m, *args: m(*args))(model, *args)
-    np.testing.assert_array_equal(np.asarray(zero), np.asarray(plain))
-    assert np.abs(np.asarray(other) - np.asarray(plain)).max() > 1e-3
 
 
 def test_several_hypernetworks_chain_in_order():

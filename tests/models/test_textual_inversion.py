@@ -104,6 +104,13 @@ def test_tokens_expand_rows_land_and_shapes_stay(sd, tmp_path):
     assert two.tokenize(["<f> a"])[0][1] == base + 3
     np.testing.assert_array_equal(ti.get_embedding(two, "<f>").vectors, VECTORS[:1] * 2)
     np.testing.assert_array_equal(ti.get_embedding(two, "<e>").vectors, VECTORS)
+    reserved = ti.reserve_tokens(sd, 100)  # padded up front: even the first embedding changes no shape
+    assert ti.table_shape(reserved.models.text_encoder)[0] == base + 100
+    first = ti.load_textual_inversion(reserved, emb)
+    assert [a.shape for a in _text_leaves(first.models.text_encoder)] == \
+        [a.shape for a in _text_leaves(reserved.models.text_encoder)]
+    np.testing.assert_array_equal(np.asarray(first.encode_prompt(["a <e> b"])),
+                                  np.asarray(one.encode_prompt(["a <e> b"])))  # the capacity changes nothing
 
 
 def test_training_changes_only_the_new_rows(sd, tmp_path):
