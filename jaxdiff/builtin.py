@@ -89,6 +89,14 @@ BUILTIN_CONTROLS: dict[str, str] = {
 ``examples/digits_sd/train_control.py``): name -> description. :func:`builtin_folder` gives their folders, which
 ``jaxdiff sample --controlnet`` / ``--adapter`` also take by name."""
 
+BUILTIN_PERSONAL: dict[str, str] = {
+    "digits-outline": "a LoRA, a textual-inversion token (<outline>) and a hypernetwork teaching digits-sd outlined "
+                      "(hollow) strokes",
+}
+"""Personalisation files for ``digits-sd`` (``outline_lora.safetensors`` in kohya's format,
+``outline_embedding.safetensors``, ``outline_hypernetwork.safetensors``; trained by
+``examples/digits_sd/train_personal.py``): name -> description, folders from :func:`builtin_folder`."""
+
 SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
 
 
@@ -155,9 +163,9 @@ def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
 
 
 def builtin_folder(name: str) -> Path:
-    """The shipped diffusers / transformers folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet`` or
-    ``digits-adapter``."""
-    _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS})
+    """The shipped folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet``, ``digits-adapter`` or
+    ``digits-outline``."""
+    _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS, **BUILTIN_PERSONAL})
     path = ASSETS / name
     if not path.is_dir():
         raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "

@@ -2,8 +2,10 @@
 that personalisation methods (LoRA, textual inversion, hypernetworks) are taught and measured on (issue 14).
 
 - ``outline``: hollow strokes: the ink keeps only a band along the stroke boundary, ``alpha - erode(alpha)``
-  (a grey-level erosion by a (2w + 1) square, w = ``width``), rescaled so the band's darkest pixel is pure ink;
-- ``striped``: the ink masked by horizontal stripes ``period`` pixels apart (half on, half off).
+  (a grey-level erosion by a (2w + 1) square, w = ``width``, 3 by default: narrower bands do not survive
+  digits-sd's autoencoder, whose 8x8 latents blur them), rescaled so the band's darkest pixel is pure ink;
+- ``striped``: the ink masked by horizontal stripes ``period`` pixels apart (half on, half off; at period 4 finer
+  than digits-sd's autoencoder reproduces).
 
 Both keep each digit's ink and background colours (:func:`restyle` re-composites them from the measured alpha), so
 :func:`jaxdiff.data.digits_text.measure_attributes` still reads the colours, and the ``digits-eval`` judge still reads
@@ -32,7 +34,7 @@ def erode(alpha: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def outline_alpha(alpha: np.ndarray, width: int = 1) -> np.ndarray:
+def outline_alpha(alpha: np.ndarray, width: int = 3) -> np.ndarray:
     """Hollow strokes: ``alpha - erode(alpha, width)``, each map rescaled to a maximum of 1."""
     band = np.clip(np.asarray(alpha, np.float32) - erode(alpha, width), 0.0, 1.0)
     return band / np.maximum(band.max(axis=(1, 2), keepdims=True), 1e-6)
