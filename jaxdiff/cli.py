@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,11 +30,13 @@ MIXTURE_DEFAULTS = dict(steps=30, guidance=1.0, schedule="karras", sampler="eule
 BUILTIN_DEFAULTS = dict(steps=20, guidance=3.0, classifier_scale=0.0, schedule="karras", sampler="dpmpp_2m", num=100)
 CONTROL_OPTIONS = ("control", "controlnet", "control_scale", "control_start", "control_end", "guess_mode", "adapter",
                    "adapter_scale", "control_preprocess")  # SD: ControlNet / T2I-Adapter (recorded in the PNG)
+PERSONAL_OPTIONS = ("lora", "embedding", "hypernetwork")  # SD: LoRA, textual inversion, hypernetworks (recorded)
 PREPROCESS = ("none", "canny")
 COMMON = ("model", "sampler", "schedule", "steps", "seed", "out", "from_png", "compile_cache", "no_progress")
 APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "sd": ("prompt", "prompts_file", "negative", "guidance", "rescale", "batch", "height", "width", "init_image",
-           "strength", "mask", "depth_map", "clip_skip", "dtype", "config", "cpu_devices", *CONTROL_OPTIONS),
+           "strength", "mask", "depth_map", "clip_skip", "dtype", "config", "cpu_devices", *CONTROL_OPTIONS,
+           *PERSONAL_OPTIONS),
     "mixture": ("num", "label", "guidance"),
     "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
 }
@@ -166,6 +169,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="SD 2 depth models (depth-to-image, with --init-image): a depth image (gray or RGB, 8 or 16 "
                         "bit; larger = nearer); default: the model's DPT estimates it from the init image")
     _add_control_args(p)
+    _add_personal_args(p)
     p.add_argument("--clip-skip", type=int, default=None,
                    help="SD: use the text encoder's hidden state k layers earlier; default 0")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -219,6 +223,29 @@ def _add_control_args(p: argparse.ArgumentParser) -> None:
                    help="turn a control image into a control map first: canny = Canny edges of the (resized) photo "
                         "(jaxdiff.control_images.canny, thresholds 0.1/0.2); pairs with --control by position, once "
                         "for all; default none")
+
+
+PERSONAL_HELP = (
+    "SD (text-to-image, --init-image, --mask, depth models, with ControlNets and adapters): LoRA adapters (Hu et al. "
+    "2021; kohya, diffusers/PEFT, LyCORIS LoHa and LoKr files), textual-inversion embeddings (Gal et al. 2022) and "
+    "AUTOMATIC1111 hypernetworks; each option repeats, and they combine. The suffix after the last ':' is the scale, "
+    "token or strength; a path containing ':' is taken whole when it exists as given. The PNG records each file "
+    "with its sha256: --from-png refuses a changed one.")
+
+
+def _add_personal_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA, textual inversion and hypernetworks", PERSONAL_HELP)
+    g.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="a LoRA .safetensors file (or a diffusers LoRA folder) patching the U-Net and the text encoder "
+                        "at SCALE (default 1; 0 = off, negative subtracts); pickle files (.ckpt, .pt, .bin) are "
+                        "refused")
+    g.add_argument("--embedding", action="append", default=None, metavar="PATH[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors; .pt / .bin read without running pickled code; an "
+                        "AUTOMATIC1111 .png; a diffusers folder) triggered by TOKEN in the prompt; default token: the "
+                        "file's own (diffusers: its key; AUTOMATIC1111: the file name without extension)")
+    g.add_argument("--hypernetwork", action="append", default=None, metavar="PATH[:STRENGTH]",
+                   help="an AUTOMATIC1111 hypernetwork (.pt read without running pickled code, or .safetensors) at "
+                        "STRENGTH (default 1; 0 = off); several chain in the order given")
 
 
 def _add_cpu_devices_arg(p: argparse.ArgumentParser) -> None:
@@ -441,8 +468,15 @@ def _dtype(name: str) -> Any:
 
 
 def sha256(path: str | Path) -> str:
-    """The hex sha256 of a file's bytes (recorded for init images and masks)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """The hex sha256 of a file's bytes (recorded for init images, masks, LoRAs ...); of a folder, the sha256 of
+    its files' relative names and hashes, in sorted order."""
+    path = Path(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(x for x in path.rglob("*") if x.is_file()):
+            h.update(f"{f.relative_to(path).as_posix()}\0{sha256(f)}\n".encode())
+        return h.hexdigest()
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_image(flag: str, path: str, size: tuple[int, int] | None = None, grayscale: bool = False) -> Any:
@@ -644,6 +678,161 @@ def _control_settings(args: argparse.Namespace) -> dict:
     return out
 
 
+def _split_number(flag: str, item: Any, what: str) -> tuple[str, float]:
+    """``PATH[:NUMBER]`` as (path, number): the whole text when it names an existing path (or has no ':'), else
+    split at the last ':'. Entries a PNG recorded (``--from-png``) arrive split already."""
+    if isinstance(item, (tuple, list)):
+        return str(item[0]), float(item[1])
+    if ":" not in item or Path(item).exists():
+        return item, 1.0
+    path, tail = item.rsplit(":", 1)
+    try:
+        value = float(tail)
+    except ValueError:
+        raise CLIError(f"{flag} {item}: {tail!r} is not a {what} and no file {item} exists; give PATH or "
+                       f"PATH:{what.upper()} (e.g. {path}:0.8)") from None
+    if not math.isfinite(value):
+        raise CLIError(f"{flag} {item}: the {what} must be a finite number, got {tail}")
+    return path, value
+
+
+def _split_token(item: Any) -> tuple[str, str | None]:
+    """``--embedding PATH[:TOKEN]`` as (path, token or None): the whole text when it names an existing path."""
+    if isinstance(item, (tuple, list)):
+        return str(item[0]), item[1]
+    if ":" not in item or Path(item).exists():
+        return item, None
+    path, token = item.rsplit(":", 1)
+    if not Path(path).exists():
+        raise CLIError(f"--embedding {item}: neither {item} nor {path} exists (an embedding file or folder)")
+    if not token or any(c.isspace() for c in token):
+        raise CLIError(f"--embedding {item}: the token after ':' must be one word without spaces, got {token!r}")
+    return path, token
+
+
+def _refuse_pickle(flag: str, path: str, what: str) -> None:
+    from jaxdiff.convert.safetensors_io import is_pickle_path
+
+    if is_pickle_path(path):
+        raise CLIError(f"{flag} {path} is a pickle file, which can run code when opened: jaxdiff reads {what} from "
+                       ".safetensors only; convert it once in a trusted PyTorch environment (torch.load(path, "
+                       "weights_only=True), then safetensors.torch.save_file)")
+
+
+def _personal_spec(args: argparse.Namespace) -> dict | None:
+    """--lora / --embedding / --hypernetwork parsed and their files read and checked before any model loads."""
+    from jaxdiff import lora
+    from jaxdiff import textual_inversion as ti
+    from jaxdiff.models import hypernetwork as hnet
+
+    if not any(getattr(args, k) for k in PERSONAL_OPTIONS):
+        return None
+    spec: dict[str, list] = {"loras": [], "embeddings": [], "hypernetworks": []}
+    for item in args.lora or []:
+        path, scale = _split_number("--lora", item, "scale")
+        _refuse_pickle("--lora", path, "LoRAs")
+        if not Path(path).exists():
+            raise CLIError(f"--lora {path} does not exist (a LoRA .safetensors file or a diffusers LoRA folder)")
+        try:
+            tensors, meta = lora.read_lora_file(path)
+        except (ValueError, OSError) as e:
+            raise CLIError(f"--lora {path}: {e}") from None
+        spec["loras"].append(dict(path=path, scale=scale, tensors=tensors, metadata=meta))
+    for item in args.embedding or []:
+        path, token = _split_token(item)
+        if not Path(path).exists():
+            raise CLIError(f"--embedding {path} does not exist (an embedding file or a diffusers folder)")
+        try:
+            emb = ti.read_embedding(path, token)
+        except (ValueError, OSError) as e:
+            raise CLIError(f"--embedding {path}: {e}") from None
+        spec["embeddings"].append(dict(path=path, token=emb.token, embedding=emb))
+    for item in args.hypernetwork or []:
+        path, strength = _split_number("--hypernetwork", item, "strength")
+        if not Path(path).is_file():
+            raise CLIError(f"--hypernetwork {path} does not exist (a hypernetwork .pt or .safetensors file)")
+        try:
+            hn = hnet.load_hypernetwork(path)
+        except (ValueError, OSError) as e:
+            raise CLIError(f"--hypernetwork {path}: {e}") from None
+        spec["hypernetworks"].append(dict(path=path, strength=strength, hypernetwork=hn))
+    return spec
+
+
+def _attention_widths(sd: Any) -> set[int]:
+    """The context widths the U-Net's attention layers see: its block widths (self-attention) and text width."""
+    unet = sd.models.unet
+    cfg = getattr(unet, "base", unet).module().config
+    cross = cfg.cross_attention_dim
+    cross = cross if isinstance(cross, (tuple, list)) else (cross,)
+    return {int(w) for w in (*cfg.block_out_channels, *cross)}
+
+
+def personal_models(sd: Any, spec: dict | None, prompts: Sequence[str] = ()) -> tuple[Any, list]:
+    """(``sd`` with the embeddings and the LoRAs' text-encoder patches, [LoRA U-Net transform, hypernetworks]), the
+    transforms that apply (None entries dropped). The Python API calls of the same settings: embeddings
+    (``textual_inversion.add_embeddings``), then ``lora.apply``, then ``hypernetwork.hypernetworks``."""
+    if spec is None:
+        return sd, []
+    from jaxdiff import lora
+    from jaxdiff import textual_inversion as ti
+    from jaxdiff.models import hypernetwork as hnet
+    from jaxdiff.models.patches import PatchMismatchError
+
+    base = sd
+    if spec["embeddings"]:
+        vocab, seen = sd.tokenizer.get_vocab(), set()
+        for e in spec["embeddings"]:
+            for name in e["embedding"].tokens:
+                if name in vocab or name in seen:
+                    raise CLIError(f"--embedding {e['path']}: its token {name!r} is already in the model's vocabulary "
+                                   f"or another embedding's; give another: --embedding {e['path']}:NEWTOKEN")
+                seen.add(name)
+        try:
+            sd = ti.add_embeddings(sd, [e["embedding"] for e in spec["embeddings"]])
+        except ValueError as err:
+            raise CLIError(f"--embedding: {err}") from None
+        for e in spec["embeddings"]:
+            if not any(e["token"] in p for p in prompts):
+                warnings.warn(f"--embedding {e['path']}: its token {e['token']!r} is in no prompt, so it does nothing")
+    nets = []
+    if spec["loras"]:
+        adapters = []
+        for item in spec["loras"]:
+            try:
+                adapters.append(lora.load_lora(item["tensors"], base, name=Path(item["path"]).stem,
+                                               metadata=item["metadata"]))
+            except PatchMismatchError as err:
+                raise CLIError(f"--lora {item['path']}: {err}") from None
+        sd, net = lora.apply(sd, adapters, [item["scale"] for item in spec["loras"]])
+        nets.append(net)
+    if spec["hypernetworks"]:
+        widths = _attention_widths(base)
+        for item in spec["hypernetworks"]:
+            own = sorted(item["hypernetwork"].modules)
+            if not widths & set(own):
+                raise CLIError(f"--hypernetwork {item['path']} has modules for context widths {own}, but no attention "
+                               f"layer of this U-Net has those widths ({', '.join(map(str, sorted(widths)))}): it was "
+                               "made for another model")
+        nets.append(hnet.hypernetworks(*[(item["hypernetwork"], item["strength"]) for item in spec["hypernetworks"]]))
+    return sd, [n for n in nets if n is not None]
+
+
+def _personal_settings(spec: dict | None) -> dict:
+    """The options for the PNG: paths as given, scales / tokens / strengths, each file's sha256."""
+    if spec is None:
+        return {}
+    out: dict[str, Any] = {}
+    for flag, group, value in (("lora", "loras", "scale"), ("embedding", "embeddings", "token"),
+                               ("hypernetwork", "hypernetworks", "strength")):
+        items = spec[group]
+        if items:
+            out[flag] = [item["path"] for item in items]
+            out[f"{flag}_{value}"] = [item[value] for item in items]
+            out[f"{flag}_sha256"] = [sha256(item["path"]) for item in items]
+    return out
+
+
 def _sample_sd(args: argparse.Namespace) -> Path:
     import jax
 
@@ -655,10 +844,14 @@ def _sample_sd(args: argparse.Namespace) -> Path:
     n = len(prompts)
     inputs = _sd_inputs(args)
     control = _control_spec(args)
+    personal = _personal_spec(args)
     config = dict(config=args.config) if getattr(args, "config", None) else {}
     depth = _depth_pipeline(args, inputs)
     sd = depth.sd if depth is not None else StableDiffusion.from_pretrained(
         model_path(args.model), dtype=_dtype(args.dtype), clip_skip=args.clip_skip, **config)
+    sd, personal_nets = personal_models(sd, personal, prompts)
+    if depth is not None:
+        depth = dataclasses.replace(depth, sd=sd)
     seeds = [args.seed + i for i in range(n)]
     plan = sd.plan(args.steps, args.sampler, args.schedule)  # warns once when the folder's scheduler has no equivalent
     kw = dict(negative=args.negative, steps=args.steps, sampler=plan.sampler_name, schedule=plan.schedule_name,
@@ -668,6 +861,10 @@ def _sample_sd(args: argparse.Namespace) -> Path:
         height = args.height or (init.shape[0] if init is not None else sd.default_size)
         width = args.width or (init.shape[1] if init is not None else sd.default_size)
         kw["network_transform"] = control_transform(sd, control, height, width)
+    if personal_nets:  # ControlNets / adapters innermost, then the LoRA's U-Net patches, then hypernetworks
+        from jaxdiff.conditioning import chain
+
+        kw["network_transform"] = chain(kw.get("network_transform"), *personal_nets)
     t0 = time.perf_counter()
     if depth is not None:  # depth-to-image: one device, the depth map the user's or the DPT's
         for k in ("height", "width"):
@@ -690,7 +887,8 @@ def _sample_sd(args: argparse.Namespace) -> Path:
                 schedule=plan.schedule_name, steps=args.steps, guidance=args.guidance, rescale=args.rescale,
                 height=int(images.shape[1]), width=int(images.shape[2]), dtype=args.dtype,
                 clip_skip=args.clip_skip or 0, strength=inputs.get("strength"), jaxdiff_version=_version(),
-                config=str(Path(args.config).resolve()) if args.config else None, **files, **_control_settings(args))
+                config=str(Path(args.config).resolve()) if args.config else None, **files, **_control_settings(args),
+                **_personal_settings(personal))
     out = Path(args.out)
     paths = []
     for i, (p, s) in enumerate(zip(prompts, seeds)):
@@ -753,6 +951,21 @@ def _apply_png_settings(args: argparse.Namespace) -> None:
     args.negative = args.negative or None
     args.clip_skip = args.clip_skip or None
     _apply_control_settings(args, s)
+    _apply_personal_settings(args, s)
+
+
+def _apply_personal_settings(args: argparse.Namespace, s: dict) -> None:
+    """The LoRAs, embeddings and hypernetworks a PNG recorded, each file found (cwd, then the PNG's folder) and
+    checked against its sha256; passed on split, as (path, scale / token / strength)."""
+    for flag, value in (("lora", "scale"), ("embedding", "token"), ("hypernetwork", "strength")):
+        paths = s.get(flag)
+        if not paths:
+            setattr(args, flag, None)
+            continue
+        digests = s.get(f"{flag}_sha256") or [None] * len(paths)
+        values = s.get(f"{flag}_{value}") or [None if flag == "embedding" else 1.0] * len(paths)
+        setattr(args, flag, [(_recorded_path(p, args.from_png, _flag(flag), d), v)
+                             for p, d, v in zip(paths, digests, values)])
 
 
 def _recorded_path(path: str, png: str, flag: str, digest: str | None = None) -> str:
