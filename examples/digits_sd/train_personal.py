@@ -39,12 +39,15 @@ from jaxdiff.train.lora import lora_trainer, trained_lora  # noqa: E402
 
 METHODS = ("lora", "textual_inversion", "hypernetwork")
 ASSETS = Path(__file__).resolve().parents[2] / "jaxdiff" / "assets" / "digits" / "digits-outline"
+LORA_TARGETS = r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|resnets\.\d+\.conv[12]|proj_in|proj_out)$"
+"""Attention projections, the transformers' 1x1 projections and the resnets' 3x3 convolutions (LoRA-conv): a style of
+stroke is drawn by the convolutions, which attention-only LoRAs (diffusers' default) barely reach."""
 RECIPES: dict[str, dict[str, Any]] = {
-    "lora": {"rank": 4, "steps": 800, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 50,
-             "context_dropout": 0.1, "targets": "attention (to_q, to_k, to_v, to_out.0 of every attention layer)"},
-    "textual_inversion": {"num_vectors": 1, "init_word": None, "steps": 800, "batch_size": 32, "learning_rate": 5e-3},
-    "hypernetwork": {"layer_structure": [1, 2, 1], "activation": "relu", "steps": 800, "batch_size": 32,
-                     "learning_rate": 1e-3},
+    "lora": {"rank": 8, "targets": LORA_TARGETS, "steps": 1500, "batch_size": 32, "learning_rate": 2e-3,
+             "warmup_steps": 50, "context_dropout": 0.1},
+    "textual_inversion": {"num_vectors": 2, "init_word": None, "steps": 1500, "batch_size": 32, "learning_rate": 2e-2},
+    "hypernetwork": {"layer_structure": [1, 2, 1], "activation": "relu", "steps": 1500, "batch_size": 32,
+                     "learning_rate": 3e-3},
 }
 
 
@@ -54,7 +57,7 @@ def _megabytes(path: Path) -> float:
 
 def train_lora(sd: Any, concept: dict, latents: np.ndarray, out: Path, r: dict) -> dict[str, Any]:
     context = ti_states(sd, concept["caption"])
-    trainer, state = lora_trainer(sd, rank=r["rank"], sample_shape=latents.shape[1:],
+    trainer, state = lora_trainer(sd, rank=r["rank"], sample_shape=latents.shape[1:], targets=r["targets"],
                                   optimizer=OptimizerConfig(r["learning_rate"], warmup_steps=min(r["warmup_steps"], r["steps"] // 10),
                                                             total_steps=r["steps"], schedule="cosine"),
                                   context_dropout=r["context_dropout"])
