@@ -143,5 +143,21 @@ def emit(results: dict[str, Any], rows: list[dict[str, Any]], json_path: str | N
         Path(json_path).write_text(text + "\n")
 
 
+def markdown_path(json_path: str | None, md: str | None) -> Path | None:
+    """The Markdown report's path: ``--md``, else the JSON path with ``.md``, else none."""
+    return Path(md) if md else (Path(json_path).with_suffix(".md") if json_path else None)
+
+
+def write_report(results: dict[str, Any], started: float, json_path: str | None, md_path: Path | None,
+                 markdown: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Add the machine and the wall time since ``started``, print the JSON, write it and the Markdown report."""
+    results["machine"] = machine()
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    emit(results, [], json_path)
+    if md_path:
+        md_path.write_text(markdown(results) + "\n")
+    return results
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine, parser  # noqa: E402
+from benchmarks._common import markdown_path, parser, write_report  # noqa: E402
 from benchmarks.sample_quality import Judge  # noqa: E402
 from jaxdiff import builtin  # noqa: E402
 from jaxdiff.control_images import control_image, digit_edges, edge_agreement  # noqa: E402
@@ -250,20 +250,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scales = [float(s) for s in args.scales.split(",")]
     if 1.0 not in scales:
         p.error("--scales must include 1 (the headline figures)")
-    md = Path(args.md) if args.md else (Path(args.json).with_suffix(".md") if args.json else None)
+    md = markdown_path(args.json, args.md)
     t0 = time.perf_counter()
     results = run(args.model, {"controlnet": args.controlnet, "adapter": args.adapter}, num=args.num, scales=scales,
                   guidance=args.guidance, steps=args.steps, png_dir=md.parent if md else None)
-    results["machine"] = machine()
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    if md:
-        md.write_text(markdown(results) + "\n")
-    return results
+    return write_report(results, t0, args.json, md, markdown)
 
 
 if __name__ == "__main__":

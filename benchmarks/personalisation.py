@@ -18,7 +18,9 @@ Each method trains with optax beside the frozen digits-sd; then, on the 297 held
 """
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +111,6 @@ def folder_of(name: str) -> Path:
 
 def run(files: str = "digits-outline", *, num: int | None = None, guidance: float = 3.0, steps: int = 20,
         png_dir: Path | None = None) -> dict[str, Any]:
-    import json
-
     from jaxdiff import builtin, lora
     from jaxdiff import textual_inversion as ti
     from jaxdiff.models import hypernetwork as hnet
@@ -204,10 +204,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import json
-    import time
-
-    from benchmarks._common import machine, parser
+    from benchmarks._common import markdown_path, parser, write_report
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--md", default=None, help="Markdown report (default: the JSON path with .md)")
@@ -215,19 +212,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--num", type=int, default=None, help="held-out prompts (default all 297)")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args(argv)
-    md = Path(args.md) if args.md else (Path(args.json).with_suffix(".md") if args.json else None)
+    md = markdown_path(args.json, args.md)
     t0 = time.perf_counter()
     results = run(args.files, num=args.num, steps=args.steps, png_dir=md.parent if md else None)
-    results["machine"] = machine()
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    if md:
-        md.write_text(markdown(results) + "\n")
-    return results
+    return write_report(results, t0, args.json, md, markdown)
 
 
 if __name__ == "__main__":

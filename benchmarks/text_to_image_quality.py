@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import machine, parser  # noqa: E402
+from benchmarks._common import markdown_path, parser, write_report  # noqa: E402
 from benchmarks.sample_quality import Judge, frechet_distance  # noqa: E402
 from jaxdiff import builtin  # noqa: E402
 from jaxdiff.data import digits_text as dt  # noqa: E402
@@ -302,20 +302,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m")
     args = p.parse_args(argv)
-    md = Path(args.md) if args.md else (Path(args.json).with_suffix(".md") if args.json else None)
+    md = markdown_path(args.json, args.md)
     t0 = time.perf_counter()
     results = run(args.model, args.clip, scales=[float(s) for s in args.scales.split(",")], num=args.num,
                   pairs=args.pairs, steps=args.steps, sampler=args.sampler, png_dir=md.parent if md else None)
-    results["machine"] = machine()
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    if md:
-        md.write_text(markdown(results) + "\n")
-    return results
+    return write_report(results, t0, args.json, md, markdown)
 
 
 if __name__ == "__main__":
