@@ -9,7 +9,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 
 def machine() -> dict[str, Any]:
@@ -103,6 +103,46 @@ class LoadMonitor:
         return {"load_before": list(self.before), "load_after": list(self.after), "load_max_1min": peak,
                 "load_samples": len(self.samples), "cores": cores, "max_load": limit, "quiet": peak <= limit,
                 "others_runnable_mean": statistics.mean(others), "others_runnable_max": max(others)}
+
+
+def load_refusal(load: dict[str, Any], what: str = "ratio") -> str:
+    """Why a ratio measured under ``load`` (a :meth:`LoadMonitor.summary`) is not reported: the machine was busy."""
+    return (f"the 1-minute load average reached {load['load_max_1min']:.2f} > {load['max_load']:g} "
+            f"({load['cores']} cores; other processes' runnable threads: mean {load['others_runnable_mean']:.1f}, "
+            f"max {load['others_runnable_max']}): the frameworks competed for the cores, the {what} would not be "
+            "comparable; rerun on a quiet machine")
+
+
+def check_targets(results: dict[str, Any], targets: dict[str, tuple[str, float]]) -> dict[str, dict[str, Any]]:
+    """Each target ``name: (">=" or "<=", bound)`` whose figure ``results`` holds: its text, value and whether met."""
+    return {k: {"target": f"{op} {v:g}", "value": results[k],
+                "met": bool(results[k] >= v if op == ">=" else results[k] <= v)}
+            for k, (op, v) in targets.items() if k in results}
+
+
+def targets_table(checked: dict[str, dict[str, Any]]) -> list[str]:
+    """The Markdown table of :func:`check_targets`' result."""
+    return ["| metric | target | value | met |", "|---|---|---|---|",
+            *(f"| `{k}` | {t['target']} | {t['value']:.3f} | {'yes' if t['met'] else '**no**'} |"
+              for k, t in checked.items())]
+
+
+def generate_chunked(sd: Any, prompts: Sequence[str], seeds: Sequence[int], *, chunk: int = 64,
+                     network_transform: Any = None, transform_for: Callable[[Any], Any] | None = None,
+                     **kwargs: Any) -> Any:
+    """One image per prompt from a Stable Diffusion recipe, prompt i with seed ``seeds[i]``, in batches of ``chunk``
+    (the last padded with the last prompt) so one compiled program serves every batch. ``transform_for(indices)``
+    builds a batch's network transform from its prompts' indices (e.g. their control images), else
+    ``network_transform`` serves all; ``kwargs`` go to the recipe (steps, sampler, guidance, ...)."""
+    import numpy as np
+
+    out, n = [], len(prompts)
+    for i in range(0, n, chunk):
+        idx = np.minimum(np.arange(i, i + chunk), n - 1)
+        nt = network_transform if transform_for is None else transform_for(idx)
+        images = sd([prompts[j] for j in idx], network_transform=nt, seed=[int(seeds[j]) for j in idx], **kwargs)
+        out.append(np.asarray(images)[: min(chunk, n - i)])
+    return np.concatenate(out)
 
 
 def spread(xs: list[float]) -> dict[str, float]:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import throughput  # noqa: E402
-from benchmarks._common import LoadMonitor, machine, parser, spread  # noqa: E402
+from benchmarks._common import LoadMonitor, load_refusal, machine, parser, spread  # noqa: E402
 from benchmarks.sampler_throughput import build_folder  # noqa: E402
 
 PROMPTS = ("a photograph of an astronaut riding a horse", "a red car on a hill at sunset",
@@ -244,11 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **measured, "load": load.summary(),
     }
     if not res["load"]["quiet"]:
-        ld = res["load"]
-        res["refused"] = (f"the 1-minute load average reached {ld['load_max_1min']:.2f} > {ld['max_load']:g} "
-                          f"({ld['cores']} cores; other processes' runnable threads: mean "
-                          f"{ld['others_runnable_mean']:.1f}, max {ld['others_runnable_max']}): the frameworks "
-                          "competed for the cores, the ratio would not be comparable; rerun on a quiet machine")
+        res["refused"] = load_refusal(res["load"], "ratio")
         print("ratio not reported: " + res["refused"], file=sys.stderr)
         res["ratio_measured_under_load"], res["controlnet_throughput_ratio"] = res["controlnet_throughput_ratio"], None
     text = json.dumps(res, indent=2)

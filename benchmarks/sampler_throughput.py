@@ -191,7 +191,7 @@ def main() -> None:
         return _worker(a)
     if a.rounds < 3:
         p.error("--rounds must be at least 3 (medians and spreads need them)")
-    from _common import LoadMonitor
+    from _common import LoadMonitor, load_refusal
 
     results: dict = {"steps": a.steps, "guidance": a.guidance, "sampler": "dpmpp_2m", "rounds": a.rounds,
                      "machine": _machine(), "sizes": {}}
@@ -205,11 +205,7 @@ def main() -> None:
     mid4 = [e for e in results["sizes"].get("mid", []) if e["batch"] == 4]
     results["throughput_ratio"] = mid4[0]["ratio"] if mid4 else None
     if not results["load"]["quiet"]:
-        ld = results["load"]
-        results["refused"] = (f"the 1-minute load average reached {ld['load_max_1min']:.2f} > {ld['max_load']:g} "
-                              f"({ld['cores']} cores; other processes' runnable threads: mean "
-                              f"{ld['others_runnable_mean']:.1f}, max {ld['others_runnable_max']}): the frameworks "
-                              "competed for the cores, the ratios would not be comparable; rerun on a quiet machine")
+        results["refused"] = load_refusal(results["load"], "ratios")
         print("ratios not reported: " + results["refused"], file=sys.stderr)
         results["throughput_ratio"] = None
         for entries in results["sizes"].values():
