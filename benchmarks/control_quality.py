@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import markdown_path, parser, write_report  # noqa: E402
+from benchmarks._common import (check_targets, generate_chunked, markdown_path, parser, targets_table,  # noqa: E402
+                                write_report)
 from benchmarks.sample_quality import Judge  # noqa: E402
 from jaxdiff import builtin  # noqa: E402
 from jaxdiff.control_images import control_image, digit_edges, edge_agreement  # noqa: E402
@@ -81,21 +82,15 @@ def side_transform(side: str, model: Any, controls: np.ndarray, scale: float = 1
 def generate(sd: StableDiffusion, pairs: dict[str, Any], transform: Callable[[np.ndarray], Any] | None, *,
              guidance: float, steps: int, sampler: str = "dpmpp_2m", chunk: int = 64) -> np.ndarray:
     """Images (N, 32, 32, 3) for the pairs' prompts, seed i for pair i; ``transform(controls)`` builds the network
-    transform of a chunk (None: no control). Chunks are padded so one program serves all."""
-    out = []
-    n = len(pairs["prompts"])
-    for i in range(0, n, chunk):
-        idx = np.minimum(np.arange(i, i + chunk), n - 1)
-        nt = None if transform is None else transform(pairs["control"][idx])
-        images = sd([pairs["prompts"][j] for j in idx], network_transform=nt, steps=steps, sampler=sampler,
-                    guidance=guidance, seed=[int(j) for j in idx])
-        out.append(np.asarray(images)[: min(chunk, n - i)])
-    return np.concatenate(out)
+    transform of a chunk (None: no control)."""
+    build = None if transform is None else (lambda idx: transform(pairs["control"][idx]))
+    return generate_chunked(sd, pairs["prompts"], range(len(pairs["prompts"])), chunk=chunk, transform_for=build,
+                            steps=steps, sampler=sampler, guidance=guidance)
 
 
-def edge_f1(images: np.ndarray, target_edges: np.ndarray, tolerance: int = 1) -> np.ndarray:
-    """Per image: F1 (``tolerance`` pixels) of the generated digit's edges against ``target_edges``."""
-    return np.asarray(edge_agreement(np.asarray(digit_edges(images)), target_edges, tolerance=tolerance)["f1"])
+def edge_f1(edges: np.ndarray, target_edges: np.ndarray, tolerance: int = 1) -> np.ndarray:
+    """Per image: F1 (``tolerance`` pixels) of edge maps (``digit_edges`` of the images) against ``target_edges``."""
+    return np.asarray(edge_agreement(edges, target_edges, tolerance=tolerance)["f1"])
 
 
 def read_back(images: np.ndarray, pairs: dict[str, Any], judge: Judge) -> dict[str, float]:
@@ -103,9 +98,10 @@ def read_back(images: np.ndarray, pairs: dict[str, Any], judge: Judge) -> dict[s
     attrs = dt.measure_attributes(images, pairs["label"])
     digit = judge.predict(dt.judge_input(images)) == pairs["label"]
     colours = (attrs["ink"] == pairs["ink"]) & (attrs["background"] == pairs["background"])
-    return {"edge_f1": float(edge_f1(images, pairs["edges"]).mean()),
-            "edge_f1_exact": float(edge_f1(images, pairs["edges"], 0).mean()),
-            "edge_f1_vs_prompt_digit": float(edge_f1(images, pairs["prompt_edges"]).mean()),
+    edges = np.asarray(digit_edges(images))
+    return {"edge_f1": float(edge_f1(edges, pairs["edges"]).mean()),
+            "edge_f1_exact": float(edge_f1(edges, pairs["edges"], 0).mean()),
+            "edge_f1_vs_prompt_digit": float(edge_f1(edges, pairs["prompt_edges"]).mean()),
             "prompt_accuracy": float(digit.mean()), "colour_accuracy": float(colours.mean()),
             "prompt_and_colour_accuracy": float((digit & colours).mean())}
 
@@ -133,8 +129,8 @@ def run(model: str = "digits-sd", sides: dict[str, str] | None = None, *, num: i
     real = sets["held_out"]["image"][pairs["prompt_index"]]
     results: dict[str, Any] = {
         "model": model, "sides": sides, "pairs": len(pairs["prompts"]), "sampler": sampler, "steps": steps,
-        "guidance": guidance, "real_pair_edge_f1": float(edge_f1(real, pairs["edges"]).mean()),
-        "real_pair_edge_f1_exact": float(edge_f1(real, pairs["edges"], 0).mean())}
+        "guidance": guidance, "real_pair_edge_f1": float(edge_f1(pairs["prompt_edges"], pairs["edges"]).mean()),
+        "real_pair_edge_f1_exact": float(edge_f1(pairs["prompt_edges"], pairs["edges"], 0).mean())}
     look = dict(guidance=guidance, steps=steps, sampler=sampler)
     images = {"none": generate(sd, pairs, None, **look)}
     results["none"] = read_back(images["none"], pairs, judge)
@@ -158,9 +154,7 @@ def run(model: str = "digits-sd", sides: dict[str, str] | None = None, *, num: i
         results[f"{side}_training_curve"] = record.get("curve", [])
         results[f"{side}_training"] = {k: record[k] for k in ("steps", "batch_size", "train_seconds", "parameters")
                                        if k in record}
-    results["targets"] = {k: {"target": f"{op} {v:g}", "value": results[k],
-                              "met": bool(results[k] >= v if op == ">=" else results[k] <= v)}
-                          for k, (op, v) in TARGETS.items() if k in results}
+    results["targets"] = check_targets(results, TARGETS)
     if png_dir is not None:
         results["pictures"] = pictures(png_dir, pairs, real, images, results)
     return results
@@ -208,9 +202,7 @@ def markdown(results: dict) -> str:
              f"digit of the same class); {results['sampler']}, {results['steps']} steps, guidance "
              f"{results['guidance']:g}, seed i for pair i. Two *real* digits of a pair agree at edge F1 "
              f"{results['real_pair_edge_f1']:.3f} within 1 px ({results['real_pair_edge_f1_exact']:.3f} exactly).", "",
-             "| metric | target | value | met |", "|---|---|---|---|"]
-    for k, t in results["targets"].items():
-        lines.append(f"| `{k}` | {t['target']} | {t['value']:.3f} | {'yes' if t['met'] else '**no**'} |")
+             *targets_table(results["targets"])]
     lines += ["", "| control | scale | edge F1 (1 px) | edge F1 (exact) | F1 vs prompt's digit | digit | colours | "
               "digit+colours |", "|---|---|---|---|---|---|---|---|",
               f"| none | - | {n['edge_f1']:.3f} | {n['edge_f1_exact']:.3f} | {n['edge_f1_vs_prompt_digit']:.3f} | "

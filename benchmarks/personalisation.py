@@ -28,6 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import (check_targets, generate_chunked, markdown_path, parser, targets_table,  # noqa: E402
+                                write_report)
 from jaxdiff.data import digit_styles as ds  # noqa: E402
 from jaxdiff.data import digits_text as dt  # noqa: E402
 
@@ -82,14 +84,9 @@ class ConceptClassifier:
 
 def generate(sd: Any, prompts: list[str], network_transform: Any = None, *, guidance: float = 3.0, steps: int = 20,
              chunk: int = 64) -> np.ndarray:
-    """One image per prompt (seed i for prompt i), in padded chunks so one program serves all."""
-    out = []
-    for i in range(0, len(prompts), chunk):
-        idx = np.minimum(np.arange(i, i + chunk), len(prompts) - 1)
-        images = sd([prompts[j] for j in idx], network_transform=network_transform, steps=steps, guidance=guidance,
-                    seed=[int(j) for j in idx])
-        out.append(np.asarray(images)[: min(chunk, len(prompts) - i)])
-    return np.concatenate(out)
+    """One image per prompt, seed i for prompt i."""
+    return generate_chunked(sd, prompts, range(len(prompts)), chunk=chunk, network_transform=network_transform,
+                            steps=steps, guidance=guidance)
 
 
 def read_back(images: np.ndarray, held: dict[str, np.ndarray], judge: Any, classifier: ConceptClassifier) -> dict:
@@ -157,8 +154,7 @@ def run(files: str = "digits-outline", *, num: int | None = None, guidance: floa
     hn = hnet.load_hypernetwork(folder / FILES["hypernetwork"])
     runs = {s: generate(sd, prompts, hnet.hypernetworks((hn, s)), **look) for s in (0.0, 1.0)}
     method("hypernetwork", runs[1.0], runs[0.0], runs[1.0])
-    results["targets"] = {k: {"target": f"{op} {v:g}", "value": results[k], "met": bool(results[k] >= v)}
-                          for k, (op, v) in TARGETS.items()}
+    results["targets"] = check_targets(results, TARGETS)
     if png_dir is not None:
         png_dir.mkdir(parents=True, exist_ok=True)
         k = min(10, len(prompts))
@@ -178,9 +174,7 @@ def markdown(results: dict) -> str:
              f"{results['guidance']:g}. Concept classifier (outlined vs plain, held-out digits): "
              f"{results['concept_classifier_held_out_accuracy']:.3f}. Base model: outlined {b['concept_score']:.3f}, "
              f"digit {b['digit_accuracy']:.3f}, colours {b['colour_accuracy']:.3f}.", "",
-             "| metric | target | value | met |", "|---|---|---|---|"]
-    for k, t in results["targets"].items():
-        lines.append(f"| `{k}` | {t['target']} | {t['value']:.3f} | {'yes' if t['met'] else '**no**'} |")
+             *targets_table(results["targets"])]
     lines += ["", "| method | concept score | digit (concept prompts) | colours | prior @0: digit / colours / max diff vs "
               "base | prior @1: digit / colours | train s | parameters | MB |", "|---|---|---|---|---|---|---|---|---|"]
     for m in ("lora", "textual_inversion", "hypernetwork"):
@@ -204,8 +198,6 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from benchmarks._common import markdown_path, parser, write_report
-
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--md", default=None, help="Markdown report (default: the JSON path with .md)")
     p.add_argument("--files", default="digits-outline", help="digits-outline or a folder from train_personal.py")

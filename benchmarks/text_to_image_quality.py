@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import markdown_path, parser, write_report  # noqa: E402
+from benchmarks._common import (check_targets, generate_chunked, markdown_path, parser, targets_table,  # noqa: E402
+                                write_report)
 from benchmarks.sample_quality import Judge, frechet_distance  # noqa: E402
 from jaxdiff import builtin  # noqa: E402
 from jaxdiff.data import digits_text as dt  # noqa: E402
@@ -91,14 +92,8 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def generate(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], guidance: float, *, steps: int,
              sampler: str, chunk: int = 64) -> np.ndarray:
-    """One image per prompt (B, 32, 32, 3) in [0, 1]; batches of ``chunk`` (the last padded) so one program serves all."""
-    out = []
-    for i in range(0, len(prompts), chunk):
-        p, s = list(prompts[i:i + chunk]), list(seeds[i:i + chunk])
-        n = len(p)
-        p, s = p + [p[-1]] * (chunk - n), s + [s[-1]] * (chunk - n)
-        out.append(sd(p, steps=steps, sampler=sampler, guidance=guidance, seed=s)[:n])
-    return np.concatenate(out)
+    """One image per prompt (B, 32, 32, 3) in [0, 1], in batches of ``chunk`` (:func:`generate_chunked`)."""
+    return generate_chunked(sd, prompts, seeds, chunk=chunk, steps=steps, sampler=sampler, guidance=guidance)
 
 
 def thickness_prompts(held: dict, num: int, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
@@ -203,9 +198,7 @@ def run(model: str = "digits-sd", clip: str = "digits-clip", *, scales: Sequence
     for key in ("prompt_digit_accuracy", "prompt_colour_accuracy", "thickness_order_accuracy",
                 "heldout_combination_accuracy", "fd_vs_floor"):
         results[key] = best[key]
-    results["targets"] = {k: {"target": f"{op} {v:g}", "value": results[k],
-                              "met": bool(results[k] >= v if op == ">=" else results[k] <= v)}
-                          for k, (op, v) in TARGETS.items()}
+    results["targets"] = check_targets(results, TARGETS)
     if png_dir is not None:
         results["pictures"] = pictures(png_dir, held, prompts, images, best["guidance"], recon, results["sweep"])
     return results
@@ -265,9 +258,7 @@ def markdown(results: dict) -> str:
              f"{results['sampler']}, {results['steps']} steps, seed i for prompt i. Judge accuracy on the real "
              f"held-out digits (read back through `judge_input`): {results['judge_accuracy_on_held_out']:.3f}; "
              f"FD floor {results['fd_floor']:.3f}. Headline figures at the best guidance scale >= 2: "
-             f"{results['best_guidance']:g}.", "", "| metric | target | value | met |", "|---|---|---|---|"]
-    for k, t in results["targets"].items():
-        lines.append(f"| `{k}` | {t['target']} | {t['value']:.3f} | {'yes' if t['met'] else '**no**'} |")
+             f"{results['best_guidance']:g}.", "", *targets_table(results["targets"])]
     lines += ["", "Guidance sweep:", "",
               "| scale | digit | colours | digit+colours | thin<thick | held-out combos | combos digit+ink | FD | FD/floor | seconds |",
               "|---|---|---|---|---|---|---|---|---|---|"]

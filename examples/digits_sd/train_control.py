@@ -40,6 +40,7 @@ import train as sd_train  # noqa: E402  (recipe loading, the fit wrapper, the ju
 from benchmarks.control_quality import edge_controls, edge_f1, eval_pairs, generate, side_transform  # noqa: E402
 
 from jaxdiff import builtin  # noqa: E402
+from jaxdiff.control_images import digit_edges  # noqa: E402
 from jaxdiff.convert.export import save_pretrained  # noqa: E402
 from jaxdiff.data import load_digits_text  # noqa: E402
 from jaxdiff.denoisers import DiscreteVPDenoiser  # noqa: E402
@@ -131,9 +132,9 @@ def run_side(side: str, cfg: dict[str, Any], sd: StableDiffusion, data: dict[str
 
     def measure(step: int, st: Any) -> None:
         net = trainer.model(st, ema=False)
-        images = generate(sd, pairs, lambda c: side_transform(side, net, c), **look)
-        curve.append({"step": step, "edge_f1": round(float(edge_f1(images, pairs["edges"]).mean()), 4),
-                      "edge_f1_exact": round(float(edge_f1(images, pairs["edges"], 0).mean()), 4)})
+        edges = np.asarray(digit_edges(generate(sd, pairs, lambda c: side_transform(side, net, c), **look)))
+        curve.append({"step": step, "edge_f1": round(float(edge_f1(edges, pairs["edges"]).mean()), 4),
+                      "edge_f1_exact": round(float(edge_f1(edges, pairs["edges"], 0).mean()), 4)})
         print(f"[{side}] step {step}: {curve[-1]}", file=sys.stderr, flush=True)
 
     measure(0, state)
