@@ -51,7 +51,7 @@ class ShiftedCrossEntropy:
     def __init__(self, max_shift: int):
         self.max_shift = max_shift
 
-    def __call__(self, classifier: Any, x0: jax.Array, labels: jax.Array, key: jax.Array) -> jax.Array:
+    def __call__(self, classifier: Any, x0: jax.Array, key: jax.Array, labels: jax.Array) -> jax.Array:
         m, (b, h, w, _) = self.max_shift, x0.shape
         padded = jnp.pad(x0, ((0, 0), (m, m), (m, m), (0, 0)), constant_values=-1.0)  # -1 is the background
         offsets = jax.random.randint(key, (b, 2), 0, 2 * m + 1)
