@@ -1,0 +1,80 @@
+"""Editing and guidance by meaning on digits-sd, measured: Prompt-to-Prompt, null-text inversion, Palette and Semantic
+Diffusion Guidance (issue 13), each from its own module, on held-out prompts and digits.
+
+    python benchmarks/editing_quality.py --json benchmarks/results/editing_quality.json
+    python benchmarks/editing_quality.py --parts p2p,sdg --num 40      # a subset, smaller
+
+Parts (``benchmarks/_editing_<part>.py``, each ``run(num, seeds) -> dict``, its ``TARGETS`` and ``markdown``):
+
+- ``p2p``: word swap of the digit (``p2p_target_accuracy``, ``p2p_structure_gain``), colour swap with local blending
+  (``blend_outside_psnr_db``, ``blend_colour_accuracy``), re-weighting a thickness word (the ink-mass curve);
+- ``nulltext``: reconstruction of held-out real digits at guidance 7.5 after null-text inversion and after plain DDIM
+  inversion (``null_text_psnr_db``, ``ddim_inversion_psnr_db``);
+- ``palette``: inpainting, uncropping and restoration by the shipped ``digits-palette`` against an L2 regressor of the
+  same network, and L1 against L2 diffusion losses (the ``palette`` section);
+- ``sdg``: an unconditional digits-sd guided by digits-clip toward a reference image or text
+  (``sdg_image_class_match``, ``sdg_text_accuracy``, the guidance-scale sweeps).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import check_targets, markdown_path, parser, targets_table, write_report  # noqa: E402
+
+PARTS = ("p2p", "nulltext", "palette", "sdg")
+
+
+def part(name: str) -> Any:
+    """The module that measures one part."""
+    return importlib.import_module(f"benchmarks._editing_{name}")
+
+
+def run(parts: tuple[str, ...] = PARTS, *, num: int | None = None, seeds: int | None = None) -> dict[str, Any]:
+    """Every part's figures in one dictionary, their targets checked together."""
+    results: dict[str, Any] = {"parts": list(parts)}
+    targets: dict[str, tuple[str, float]] = {}
+    for name in parts:
+        module = part(name)
+        t0 = time.perf_counter()
+        results.update(module.run(num=num, seeds=seeds))
+        results.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        targets.update(module.TARGETS)
+    results["targets"] = check_targets(results, targets)
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# Editing and guidance by meaning on digits-sd", "", *targets_table(results["targets"]), ""]
+    for name in results["parts"]:
+        lines += [*part(name).markdown(results), f"({results['part_seconds'][name]} s)", ""]
+    m = results.get("machine", {})
+    if m:
+        lines += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}; "
+                  f"{results.get('seconds', '-')} s in all.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--md", default=None, help="Markdown report (default: the JSON path with .md)")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    p.add_argument("--num", type=int, default=None, help="held-out prompts / digits per part (default: each part's own)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: each part's own)")
+    args = p.parse_args(argv)
+    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        p.error(f"unknown parts {bad}; valid: {', '.join(PARTS)}")
+    md = markdown_path(args.json, args.md)
+    t0 = time.perf_counter()
+    return write_report(run(parts, num=args.num, seeds=args.seeds), t0, args.json, md, markdown)
+
+
+if __name__ == "__main__":
+    main()

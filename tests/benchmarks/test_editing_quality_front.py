@@ -1,0 +1,29 @@
+"""benchmarks/editing_quality.py: the parts' figures land in one report, every part's targets are checked, and an
+unknown part is refused by name."""
+import types
+
+import pytest
+
+from benchmarks import editing_quality as E  # noqa: E402
+
+
+def fake_part(key: str, value: float, bound: float):
+    return types.SimpleNamespace(run=lambda num=None, seeds=None: {key: value, f"{key}_num": num},
+                                 TARGETS={key: (">=", bound)},
+                                 markdown=lambda r: [f"## {key}", f"{key} = {r[key]}"])
+
+
+def test_parts_merge_and_targets_are_checked(monkeypatch, tmp_path):
+    parts = {"p2p": fake_part("a_score", 0.95, 0.9), "sdg": fake_part("b_score", 0.5, 0.8)}
+    monkeypatch.setattr(E, "part", parts.__getitem__)
+    results = E.main(["--parts", "p2p,sdg", "--num", "7", "--json", str(tmp_path / "r.json")])
+    assert results["a_score_num"] == results["b_score_num"] == 7
+    assert results["targets"]["a_score"]["met"] and not results["targets"]["b_score"]["met"]
+    md = (tmp_path / "r.md").read_text()
+    assert "a_score = 0.95" in md and "b_score = 0.5" in md and md.index("## a_score") < md.index("## b_score")
+
+
+def test_unknown_parts_are_named(capsys):
+    with pytest.raises(SystemExit):
+        E.main(["--parts", "p2p,dreambooth"])
+    assert "dreambooth" in capsys.readouterr().err
