@@ -53,8 +53,9 @@ from jaxdiff.schedules import Sigmas
 Array = jax.Array
 EVALUATE_AT = sampling.EVALUATE_AT
 
-__all__ = ["NullTextContext", "NullTextInversion", "NullTextOptions", "ddim_invert", "ddim_plan", "invert",
-           "invert_pivot", "null_text_inversion", "null_text_inversion_jit", "null_text_uncond", "reconstruct"]
+__all__ = ["NullTextContext", "NullTextInversion", "NullTextOptions", "ddim_invert", "ddim_plan", "image_latents",
+           "invert", "invert_pivot", "null_text_inversion", "null_text_inversion_jit", "null_text_uncond",
+           "reconstruct"]
 
 
 # ---- settings and results --------------------------------------------------------------------------
@@ -110,7 +111,7 @@ class NullTextContext:
     ``embeddings`` is (S, L, D), shared by every image of the call, or (B, S, L, D) one set per image (a
     :class:`jaxdiff.conditioning.PerImage` inside the SD recipe, which hands each image its own). ``step`` is
     set by the runner (:func:`jaxdiff.conditioning.at_step`). With every entry equal to the empty prompt's
-    embedding this is plain classifier-free guidance, value for value.
+    embedding this is plain classifier-free guidance (to float rounding: XLA may fuse the program differently).
     """
 
     inner: Any
@@ -181,8 +182,10 @@ def _one_image(m: Any, sigmas: Sigmas, z0: Array, ctx: Array, uctx: Array, scale
         x0_c = den(x, s, {"context": ctx[None]})  # frozen within the step (the reference computes it once)
 
         def loss(p: Array) -> Array:
-            # DDIM (eta 0) evaluates its denoiser once, at (x, s): the place x0_c was computed.
-            guided = lambda x_, s_: (lambda u: u + scale * (x0_c - u))(den(x_, s_, {"context": p[None]}))  # noqa: E731
+            def guided(x_: Array, s_: Array) -> Array:  # DDIM (eta 0) calls it once, at (x, s): where x0_c was taken
+                x0_u = den(x_, s_, {"context": p[None]})
+                return x0_u + scale * (x0_c - x0_u)
+
             x_next, _ = sampler.step(guided, (), x, s, s_next, key)
             return jnp.mean(((x_next - target) * vp) ** 2)
 
@@ -220,6 +223,11 @@ def null_text_inversion(m: Any, sigmas: Sigmas, z0: Array, ctx: Array, uctx: Arr
     ``ctx`` (B, L, D) the prompts' embeddings; ``uctx`` (B, L, D) the embeddings each run starts from (the empty
     prompt's); ``scale`` (B,) the guidance scale ``w``.
     """
+    _check_evaluate_at(evaluate_at)
+    if not isinstance(sigmas.count, jax.core.Tracer) and int(sigmas.count) != steps:
+        raise ValueError(f"the schedule has {int(sigmas.count)} steps but steps={steps}; build it with "
+                         f"ddim_plan(sd, {steps}).sigmas")
+
     def one(z: Array, c: Array, u: Array, w: Array) -> tuple:
         return _one_image(m, sigmas, z, c, u, w, options, steps, quantize, evaluate_at)
 
@@ -237,14 +245,21 @@ def ddim_plan(sd: Any, steps: int) -> Any:
     return dataclasses.replace(sd.plan(steps, "ddim"), sampler=DDIM(), threshold=None)
 
 
-def _image_latents(sd: Any, image: Any, n: int) -> Array:
-    """Images (PIL, or arrays in [0, 1]) -> VP latents (n, h, w, c): the VAE posterior mean, scaled."""
+@jax.jit
+def _encode(m: Any, images: Array, ids: Array, neg_ids: Array) -> tuple[Array, Array, Array]:
+    """(VP image latents (the VAE posterior mean, scaled), prompt embeddings, negative embeddings) in one program."""
+    return m.to_latent(m.encode_image(images)[0]), m.encode_text(ids), m.encode_text(neg_ids)
+
+
+def _inputs(sd: Any, image: Any, prompt: str | list[str], negative: str = "") -> tuple[Array, Array, Array]:
+    """Images (PIL, or arrays in [0, 1]) and captions -> (z*_0 (n, h, w, c) VP, C (n, L, D), psi(negative))."""
     from jaxdiff.pipelines.stable_diffusion import _check_size, _image_array
 
+    n = 1 if getattr(image, "ndim", 4) == 3 or hasattr(image, "convert") else len(image)
     img = _image_array(image, n)
     _check_size(img.shape[1], img.shape[2], sd.models.vae_factor)
-    mean, _ = sd.models.encode_image(jnp.asarray(img))
-    return sd.models.to_latent(mean)
+    return _encode(sd.models, jnp.asarray(img), jnp.asarray(sd.tokenize(_prompts(prompt, n))),
+                   jnp.asarray(sd.tokenize([negative] * n)))
 
 
 def _prompts(prompt: Any, n: int | None = None) -> list[str]:
@@ -272,15 +287,16 @@ def invert(sd: Any, image: Any, prompt: str | list[str], *, steps: int = 50, gui
     ``latents`` with :func:`null_text_uncond` among the network transforms.
     """
     _check_evaluate_at(evaluate_at)
-    n = 1 if getattr(image, "ndim", 4) == 3 or hasattr(image, "convert") else len(image)
-    z0 = _image_latents(sd, image, n)
-    prompts = _prompts(prompt, n)
+    z0, ctx, uctx = _inputs(sd, image, prompt, negative)
     plan = ddim_plan(sd, steps)
-    ctx = sd.encode_prompt(prompts)
-    uctx = jnp.broadcast_to(sd.encode_prompt([negative]), ctx.shape)
-    scale = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (n,))
+    scale = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (z0.shape[0],))
     return null_text_inversion_jit(sd.models, plan.sigmas, z0, ctx, uctx, scale, options or NullTextOptions(),
                                    steps=int(steps), quantize=plan.quantize, evaluate_at=evaluate_at)
+
+
+def image_latents(sd: Any, image: Any) -> Array:
+    """``z*_0``: images (PIL, or arrays (H, W, 3) / (B, H, W, 3) in [0, 1]) -> VP latents (the posterior mean)."""
+    return _inputs(sd, image, "")[0]
 
 
 def ddim_invert(sd: Any, image: Any, prompt: str | list[str], *, steps: int = 50,
@@ -288,11 +304,9 @@ def ddim_invert(sd: Any, image: Any, prompt: str | list[str], *, steps: int = 50
     """Plain DDIM inversion at guidance 1 (:func:`jaxdiff.sampling.invert` on the prompt-conditional U-Net):
     ``z*_T`` (B, h, w, c) in VP scale, the start for :func:`reconstruct` without embeddings."""
     _check_evaluate_at(evaluate_at)
-    n = 1 if getattr(image, "ndim", 4) == 3 or hasattr(image, "convert") else len(image)
-    z0 = _image_latents(sd, image, n)
+    z0, ctx, _ = _inputs(sd, image, prompt)
     plan = ddim_plan(sd, steps)
     v = np.asarray(plan.sigmas.values)
-    ctx = sd.encode_prompt(_prompts(prompt, n))
     x = sampling.invert(sd.models.denoiser(plan.quantize), z0 * np.sqrt(1.0 + v[steps] ** 2), plan.sigmas,
                         {"context": ctx}, evaluate_at=evaluate_at)
     return x / np.sqrt(1.0 + v[0] ** 2)
