@@ -103,7 +103,8 @@ def markdown(results: dict) -> list[str]:
              f"{r['images']} held-out digits with their own captions, digits-sd, DDIM {r['steps']} steps: pivot by "
              "DDIM inversion at guidance 1, then DDIM at the CFG scale from z*_T with the empty prompt (DDIM "
              "inversion) or the per-step optimised null-text embeddings (up to 10 Adam steps per step, lr "
-             "1e-2 (1 - i/100), early stop 1e-5 + 2e-5 i). PSNR of the decoded image against the real one, [0, 1] RGB.", "",
+             "1e-2 (1 - i/100), early stop 1e-5 + 2e-5 i). PSNR of the decoded image against the real one, "
+             "[0, 1] RGB.", "",
              "| reconstruction | PSNR dB (mean) | min |", "|---|---|---|",
              f"| null-text inversion, CFG {r['guidance']:g} | {r['null_text_psnr_db']:.2f} | "
              f"{r['null_text_psnr_db_min']:.2f} |",
