@@ -1,5 +1,6 @@
-"""Null-text inversion (Mokady et al. 2023) on a tiny random Stable Diffusion: the per-step unconditional sampler,
-DDIM inversion round trips, the optimisation's effect, what it may change, and one compiled program."""
+"""Null-text inversion (Mokady et al. 2023): the per-step unconditional sampler, the pivot, the optimisation's effect,
+what it may change, one compiled program (the tiny random SD's tokenizer, text encoder and VAE with a closed-form
+Gaussian noise prediction in the U-Net's place), and DDIM inversion's round trip on digits-sd (a trained U-Net)."""
 from __future__ import annotations
 
 import dataclasses
@@ -56,9 +57,8 @@ def inverted(sd):
 
 
 def _image_latents(sd, inv):
-    """z*_0 in VP scale (the last pivot entry, VE at the schedule's final level)."""
-    final = float(nt.ddim_plan(sd, STEPS).sigmas.values[STEPS])
-    return np.asarray(inv.pivot[:, -1]) / np.sqrt(1.0 + final**2)
+    """z*_0 in VP scale: the VAE posterior mean, scaled (the pivot's last entry, checked below)."""
+    return np.asarray(nt.image_latents(sd, IMAGES))
 
 
 def _mse(a, b):
@@ -101,10 +101,12 @@ class Echo:
         return cond["context"]
 
 
-def test_pivot_starts_where_sampling_invert_ends(sd, inverted):
-    """The pivot's z*_T is jaxdiff.sampling.invert's (w = 1, the prompt's embedding) result."""
+def test_pivot_runs_from_the_image_latent_to_sampling_invert(sd, inverted):
+    """The pivot runs from the image latent z*_0 to jaxdiff.sampling.invert's result (w = 1, the prompt's embedding)."""
     x_t = nt.ddim_invert(sd, IMAGES, PROMPTS, steps=STEPS)
     np.testing.assert_allclose(x_t, inverted.latents, rtol=1e-5, atol=1e-5)
+    final = float(nt.ddim_plan(sd, STEPS).sigmas.values[STEPS])  # the pivot is in VE coordinates
+    np.testing.assert_allclose(inverted.pivot[:, -1] / np.sqrt(1 + final**2), _image_latents(sd, inverted), atol=1e-6)
 
 
 def test_ddim_inversion_round_trips_at_guidance_one_on_digits_sd():
