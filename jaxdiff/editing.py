@@ -68,8 +68,10 @@ def word_positions(tokenizer: Any, prompt: str, word: str, max_length: int | Non
     positions, at = [], 1
     for piece in prompt.split():
         n = len(_ids(tokenizer, piece))
-        if _bare(piece) == _bare(word):
-            positions.extend(range(at, at + n))
+        bare = piece.strip(string.punctuation)
+        if bare and bare.lower() == _bare(word):  # the word's own tokens, not its punctuation's
+            lead = len(_ids(tokenizer, piece[: len(piece) - len(piece.lstrip(string.punctuation))]))
+            positions.extend(range(at + lead, at + lead + len(_ids(tokenizer, bare))))
         at += n
     return [p for p in positions if max_length is None or p < max_length - 1]
 
