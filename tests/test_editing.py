@@ -32,6 +32,12 @@ def tiny(tmp_path_factory):
     return root, pipe, StableDiffusion.from_pretrained(root)
 
 
+@pytest.fixture(scope="module")
+def plain(tiny):
+    """Plain generation of the source and the target prompt with the edit's seed (one program for both)."""
+    return tiny[2]([SRC, TGT], seed=[3, 3], steps=2, sampler="ddim", guidance=7.5, height=16, width=16)
+
+
 def _diffusers_maps(root, pipe, prompts, noise, steps, words_at):
     """diffusers' (DDIM, same noise) probabilities of the conditional rows at the 8x8 cross-attention layers, kept
     by a storing processor, averaged over heads, layers and steps, summed over each word's tokens."""
@@ -79,19 +85,17 @@ def test_recorded_maps_equal_diffusers_stored_probabilities(tiny):
     assert want["cat"][0].max() > 0 and np.all(out.maps["dog"][0] == 0)  # "dog" is not in the source prompt
 
 
-def test_target_equal_to_source_reproduces_the_source_exactly(tiny):
+def test_target_equal_to_source_reproduces_the_source_exactly(tiny, plain):
     _, _, sd = tiny
     out = editing.edit(sd, SRC, SRC, cross_steps=1.0, self_steps=1.0, reweight={"cat": 1.0}, **KW)
     assert out.images[0].std() > 0.01
     np.testing.assert_array_equal(out.images[1], out.images[0])
-    plain = sd(SRC, seed=3, steps=2, sampler="ddim", guidance=7.5, height=16, width=16)[0]
-    np.testing.assert_allclose(out.images[0], plain, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.images[0], plain[0], atol=1e-5, rtol=0)
 
 
-def test_zero_injection_word_swap_is_plain_generation_with_the_target(tiny):
+def test_zero_injection_word_swap_is_plain_generation_with_the_target(tiny, plain):
     _, _, sd = tiny
     out = editing.edit(sd, SRC, TGT, cross_steps=0.0, self_steps=0.0, **KW)
-    plain = sd([SRC, TGT], seed=[3, 3], steps=2, sampler="ddim", guidance=7.5, height=16, width=16)
     np.testing.assert_allclose(out.images, plain, atol=1e-5, rtol=0)
     injected = editing.edit(sd, SRC, TGT, cross_steps=1.0, self_steps=1.0, **KW)
     np.testing.assert_array_equal(injected.images[0], out.images[0])  # the source row is never edited
@@ -181,13 +185,16 @@ def test_refine_mapper_and_word_positions_on_the_clip_tokenizer(tiny):
 
 
 def test_per_step_unconditional_embeddings_hook(tiny):
+    """Step i reads embedding i for every row (checked on the program's own function, without compiling a second
+    edit program); shapes other than (steps, L, D) are refused."""
     _, _, sd = tiny
-    base = editing.edit(sd, SRC, TGT, **KW)
-    empty = np.asarray(sd.encode_prompt(""))  # (1, L, D): the negative prompt's embedding at every step
-    hooked = editing.edit(sd, SRC, TGT, uncond_embeddings=np.repeat(empty, 2, 0), **KW)
-    np.testing.assert_allclose(hooked.images, base.images, atol=1e-6, rtol=0)
+    emb = jnp.arange(3 * 2 * 4, dtype=jnp.float32).reshape(3, 2, 4)
+    s = editing.EditSettings(*(None,) * 9)
+    s = editing.dataclasses.replace(s, uncond=emb)
+    got = editing._per_step_uncond(None, s, jnp.asarray(1), 2)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(emb)[[1, 1]])
     with pytest.raises(ValueError, match="one per step"):
-        editing.edit(sd, SRC, TGT, uncond_embeddings=empty, **KW)
+        editing.edit(sd, SRC, TGT, uncond_embeddings=np.zeros((1, 77, 32), np.float32), **KW)
 
 
 def test_self_injection_sites_follow_the_papers_token_limit(tiny):
