@@ -453,3 +453,20 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
         raise FloatingPointError("editing produced NaN/Inf; try a lower guidance scale")
     maps = np.asarray(maps)
     return EditResult(images, {w: maps[:, k] for k, w in enumerate(record_words)}, np.asarray(mask), mode)
+
+
+def maps_grid(result: EditResult, size: int | None = None) -> np.ndarray:
+    """The recorded maps as one image: a row per prompt (the source first), its image then one map per word
+    (each scaled to its maximum, upsampled nearest to the image size), for ``jaxdiff edit --attention-maps``."""
+    from jaxdiff.images import grid
+
+    h, w = result.images.shape[1:3] if size is None else (size, size)
+    cells = []
+    for p, image in enumerate(result.images):
+        cells.append(image)
+        for m in result.maps.values():
+            m = np.asarray(m[p], np.float32)
+            m = m / m.max() if m.max() > 0 else m
+            m = np.repeat(np.repeat(m, h // m.shape[0], 0), w // m.shape[1], 1)
+            cells.append(np.repeat(m[..., None], 3, -1))
+    return grid(np.stack(cells), cols=1 + len(result.maps), pad=1)
