@@ -17,7 +17,7 @@ the same start latents; the edited rows read the source row's attention (Sec. 3.
 - **local blending** (Sec. 3.2, "Local editing"; :class:`LocalBlend`): after each step the edited latents
   outside a mask keep the source's, ``x_t <- x_src + mask (x_edit - x_src)``; the mask comes from the
   chosen words' cross-attention maps summed over the steps so far, averaged over heads and the layers of one
-  grid (the paper's 16 x 16 of a 64 x 64 latent, a quarter of the side: :func:`blend_resolution`), max-pooled
+  grid (the paper's 16 x 16 of a 64 x 64 latent, or the U-Net's grid nearest it: :func:`blend_resolution`), max-pooled
   3 x 3 (k = 1), normalised by its maximum and thresholded (0.3), the union of the source's and the edit's.
 
 As in the paper's code, only the conditional half of classifier-free guidance is edited, and the maps used
@@ -329,12 +329,10 @@ def unet_grids(sd: Any, height: int, width: int) -> list[tuple[int, int]]:
 
 
 def blend_resolution(sd: Any, height: int, width: int) -> tuple[int, int]:
-    """The grid whose cross-attention maps form the blend mask: the paper's quarter of the latent side (16 x 16 on
-    a 64 x 64 latent), or the coarsest grid above it when the U-Net has none there (4 x 4 on an 8 x 8 latent)."""
-    grids = unet_grids(sd, height, width)
-    h = height // sd.models.vae_factor
-    above = [g for g in grids if g[0] >= max(h // 4, 1)]
-    return min(above or grids, key=lambda g: g[0])
+    """The grid whose cross-attention maps form the blend mask: the U-Net's grid nearest (in scale) the paper's
+    16 x 16 (SD's 64 x 64 latent: 16 x 16; digits-sd's 8 x 8 latent: 8 x 8, where a 4 x 4 grid's 3 x 3 max-pool
+    would cover nearly all of it)."""
+    return min(unet_grids(sd, height, width), key=lambda g: (abs(np.log2(g[0] / 16)), -g[0]))
 
 
 def _indicator(sd: Any, prompt: str, words: Sequence[str]) -> np.ndarray:
