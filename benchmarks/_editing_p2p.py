@@ -31,7 +31,7 @@ from jaxdiff.data import digits_text as dt
 TARGETS = {"p2p_target_accuracy": (">=", 0.90), "p2p_structure_gain": (">=", 1.0),
            "blend_outside_psnr_db": (">=", 30.0), "blend_colour_accuracy": (">=", 0.95)}
 STEPS, GUIDANCE = 20, 3.0
-SWAP = dict(cross_steps=0.4, self_steps=0.2)   # chosen by tune() on training captions (see the report)
+SWAP = dict(cross_steps=0.8, self_steps=0.6)  # tune() on 20 training captions: best gain with accuracy >= 0.95
 BLEND = dict(cross_steps=0.8, self_steps=0.4)  # the paper's defaults
 FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 THICK = ("thick", "bold", "heavy")
@@ -64,7 +64,8 @@ def similarity(src: np.ndarray, cand: np.ndarray, src_label: np.ndarray, cand_la
     alpha_b = dt.measure_alpha(cand, b["ink"], b["background"])
     keep = np.abs(alpha_a - alpha_b) <= 0.5
     corr = np.array([_pixel_corr(src[i], cand[i], keep[i]) for i in range(len(src))])
-    return {"thickness": (a["thickness"] == b["thickness"]).astype(float), "slant": (a["slant"] == b["slant"]).astype(float),
+    return {"thickness": (a["thickness"] == b["thickness"]).astype(float),
+            "slant": (a["slant"] == b["slant"]).astype(float),
             "colour": ((a["ink"] == b["ink"]) & (a["background"] == b["background"])).astype(float),
             "pixel_corr_outside_strokes": corr}
 
@@ -129,7 +130,8 @@ def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> d
             psnr.append(10 * np.log10(1.0 / max(err.mean(), 1e-10)) if outside.any() else np.nan)
             right.append(int(dt.measure_ink(r.images[1:2])[0]) == new)
     p = np.asarray(psnr, float)
-    return {"blend_outside_psnr_db": float(np.nanmean(np.minimum(p, 100.0))), "blend_colour_accuracy": float(np.mean(right)),
+    return {"blend_outside_psnr_db": float(np.nanmean(np.minimum(p, 100.0))),
+            "blend_colour_accuracy": float(np.mean(right)),
             "blend_edits": len(right), "blend_mask_empty_outside": int(np.isnan(p).sum())}
 
 
@@ -173,7 +175,7 @@ def run(num: int | None = None, seeds: int | None = None) -> dict:
     return out
 
 
-def tune(num: int = 10, seeds: int = 1) -> dict:
+def tune(num: int = 20, seeds: int = 1) -> dict:
     """The word-swap fractions on *training* captions: target accuracy and structure gain per (cross, self)."""
     from jaxdiff import builtin
 
@@ -183,7 +185,7 @@ def tune(num: int = 10, seeds: int = 1) -> dict:
     sd, judge = builtin.load_pipeline("digits-sd"), builtin.load_builtin("digits-eval")
     table = {}
     for cross in (0.4, 0.8):
-        for self_ in (0.1, 0.2, 0.3, 0.5):
+        for self_ in (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8):
             r = word_swaps(sd, judge, [str(train["caption"][i]) for i in idx], train["label"][idx], seeds, cross,
                            self_, np.random.default_rng(2))
             table[f"cross={cross},self={self_}"] = (r["p2p_target_accuracy"], r["p2p_structure_gain"])

@@ -17,12 +17,16 @@ the same start latents; the edited rows read the source row's attention (Sec. 3.
 - **local blending** (Sec. 3.2, "Local editing"; :class:`LocalBlend`): after each step the edited latents
   outside a mask keep the source's, ``x_t <- x_src + mask (x_edit - x_src)``; the mask comes from the
   chosen words' cross-attention maps summed over the steps so far, averaged over heads and the layers of one
-  grid (the paper's 16 x 16 of a 64 x 64 latent, or the U-Net's grid nearest it: :func:`blend_resolution`), max-pooled
-  3 x 3 (k = 1), normalised by its maximum and thresholded (0.3), the union of the source's and the edit's.
+  grid (the paper's 16 x 16 of a 64 x 64 latent, or the U-Net's grid nearest it: :func:`blend_resolution`),
+  max-pooled 3 x 3 (k = 1), normalised by its maximum and thresholded (0.3), the union of the source's and
+  the edit's.
 
 As in the paper's code, only the conditional half of classifier-free guidance is edited, and the maps used
 for blending and returned are recorded before the edit. Every number (fractions as step counts, factors,
-alignments, threshold) is a traced value, so new prompts and settings reuse the program.
+alignments, threshold, blending on or off) is a traced value, so new prompts and settings reuse the program;
+the image size, the blend grid, the number of recorded words and per-step embeddings (instead of a negative
+prompt) are part of its shape. The sampler must evaluate the denoiser once per step (DDIM, Euler, DPM++ 2M):
+each step's records (for the blend) come out of that one call.
 
 The real-image path (Mokady et al. 2023) starts from inverted latents (``latents=``) and reads one
 unconditional embedding per step (``uncond_embeddings=``, shape (steps, L, D), from null-text inversion).
@@ -391,7 +395,11 @@ def edit_settings(sd: Any, prompts: Sequence[str], *, seed: int, steps: int, gui
 
         noise = noise_for_seed(jnp.uint32(seed), shape)
     else:
-        noise = jnp.asarray(np.asarray(latents, np.float32).reshape(shape))
+        arr = np.asarray(latents, np.float32)
+        if arr.shape not in (shape, shape[1:]):
+            raise ValueError(f"latents must be x_T of shape (h, w, c) or (1, h, w, c) = {shape} (NHWC, VP scale), "
+                             f"got {arr.shape}")
+        noise = jnp.asarray(arr.reshape(shape))
     if uncond_embeddings is None:
         uncond = jnp.asarray(sd.tokenize([negative] * n))
     else:

@@ -10,7 +10,6 @@ import pytest
 import jax.numpy as jnp
 
 from jaxdiff import editing
-from jaxdiff.models import attention_control as ac
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
