@@ -1244,9 +1244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with self-attention injection")
     p.add_argument("--attention-maps", default=None, metavar="PNG", help="write the chosen words' maps as a grid")
     p.add_argument("--out", default="edit.png", help="the edit's PNG; the source goes beside it as NAME-source.png")
-    for flag, kind, default in (("--steps", int, 20), ("--guidance", float, 7.5), ("--seed", int, 0),
-                                ("--sampler", str, None), ("--negative", str, "")):
-        p.add_argument(flag, type=kind, default=default)
+    for flag, kind, default, text in (("--steps", int, 20, "sampling steps; default 20"),
+                                      ("--guidance", float, 7.5, "classifier-free guidance scale; default 7.5"),
+                                      ("--seed", int, 0, "the start noise's seed; default 0"),
+                                      ("--sampler", str, None, "one evaluation per step (ddim, euler, dpmpp_2m); "
+                                                               "default: the folder's scheduler"),
+                                      ("--negative", str, "", "negative prompt; default none")):
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.set_defaults(func=cmd_edit)
     p = sub.add_parser("info", help="devices, samplers, the schedules each model accepts, models; --model FOLDER "
                                     "summarises a folder")
