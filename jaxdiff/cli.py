@@ -1185,12 +1185,73 @@ def _bench_resolution(cfg: dict) -> str:
     return f"{side}x{side}"
 
 
+def cmd_edit(args: argparse.Namespace) -> int:
+    """``jaxdiff edit``: the source and the edited image (PNGs with their settings), optionally the words' maps."""
+    from jaxdiff import editing
+    from jaxdiff.images import save_png
+    from jaxdiff.pipelines import StableDiffusion
+
+    reweight = {}
+    for item in args.reweight:
+        word, eq, factor = item.partition("=")
+        try:
+            reweight[word] = float(factor) if eq and word else float("nan")
+        except ValueError:
+            reweight[word] = float("nan")
+        if not math.isfinite(reweight[word]):
+            raise CLIError(f"--reweight {item}: give WORD=FACTOR with a finite number, e.g. thick=2")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out {args.out} must end in .png (jaxdiff writes PNGs that carry their settings)")
+    sd = StableDiffusion.from_pretrained(model_path(args.model))
+    t0 = time.perf_counter()
+    r = editing.edit(sd, args.prompt, args.target, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                     cross_steps=args.cross_steps, self_steps=args.self_steps, mode=args.mode, blend_words=args.blend,
+                     blend_threshold=args.blend_threshold, reweight=reweight, negative=args.negative,
+                     sampler=args.sampler)
+    dt = time.perf_counter() - t0
+    settings = dict(model=args.model, source_prompt=args.prompt, target=args.target, mode=r.mode, seed=args.seed,
+                    steps=args.steps, guidance=args.guidance, sampler=args.sampler, negative=args.negative,
+                    cross_steps=args.cross_steps, self_steps=args.self_steps, blend=args.blend,
+                    blend_threshold=args.blend_threshold, reweight=reweight, jaxdiff_version=_version())
+    source = out.with_name(f"{out.stem}-source{out.suffix}")
+    save_png(r.images[1], out, dict(settings, prompt=[args.target], image="edit"))
+    save_png(r.images[0], source, dict(settings, prompt=[args.prompt], image="source"))
+    result = {"out": str(out), "source": str(source), "mode": r.mode, "seconds": round(dt, 3)}
+    if args.attention_maps:
+        result["attention_maps"] = str(save_png(editing.maps_grid(r), args.attention_maps,
+                                                dict(settings, words=list(r.maps))))
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxdiff", description="Diffusion sampling in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sample", help="draw samples and write PNGs")
     _add_sample_args(p)
     p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("edit", help="Prompt-to-Prompt: an image and its edit by another prompt (jaxdiff.editing)")
+    p.add_argument("--model", default="digits-sd", help="a Stable Diffusion folder or built-in pipeline")
+    p.add_argument("--prompt", required=True, help="the source prompt")
+    p.add_argument("--target", required=True, help="the edited prompt (a word swapped, added or re-weighted)")
+    # --image real.png (null-text inversion of a real image, then the edit) goes here: the lead adds it
+    p.add_argument("--mode", default="auto", choices=("auto", "replace", "refine"), help="word swap or refinement")
+    p.add_argument("--blend", nargs="+", default=None, metavar="WORD", help="local blending on these words' maps")
+    p.add_argument("--blend-threshold", type=float, default=0.3, help="local-blend threshold; default 0.3")
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR", help="scale a word's maps")
+    p.add_argument("--cross-steps", type=float, default=0.8, help="fraction of steps with cross-attention injection")
+    p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with self-attention injection")
+    p.add_argument("--attention-maps", default=None, metavar="PNG", help="write the chosen words' maps as a grid")
+    p.add_argument("--out", default="edit.png", help="the edit's PNG; the source goes beside it as NAME-source.png")
+    for flag, kind, default, text in (("--steps", int, 20, "sampling steps; default 20"),
+                                      ("--guidance", float, 7.5, "classifier-free guidance scale; default 7.5"),
+                                      ("--seed", int, 0, "the start noise's seed; default 0"),
+                                      ("--sampler", str, None, "one evaluation per step (ddim, euler, dpmpp_2m); "
+                                                               "default: the folder's scheduler"),
+                                      ("--negative", str, "", "negative prompt; default none")):
+        p.add_argument(flag, type=kind, default=default, help=text)
+    p.set_defaults(func=cmd_edit)
     p = sub.add_parser("info", help="devices, samplers, the schedules each model accepts, models; --model FOLDER "
                                     "summarises a folder")
     p.add_argument("--model", default=None, help="a diffusers folder or built-in pipeline to summarise (default: none)")

@@ -1,0 +1,45 @@
+"""`jaxdiff edit` on digits-sd: the PNGs equal the Python API's edit with the same settings and carry them; the
+maps grid has a row per prompt and a column per word; bad options fail with one line (exit 2) and write nothing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff.cli import main
+from jaxdiff.images import read_settings, to_uint8
+
+SRC = "number seven, thick, in red on black, upright"
+TGT = "number seven, thick, in blue on black, upright"
+
+
+def test_edit_writes_the_apis_source_edit_and_maps(tmp_path, capsys):
+    from jaxdiff import builtin, editing
+
+    out = tmp_path / "edit.png"
+    argv = ["edit", "--model", "digits-sd", "--prompt", SRC, "--target", TGT, "--blend", "red", "blue",
+            "--reweight", "thick=2", "--cross-steps", "0.5", "--self-steps", "0.5", "--steps", "3", "--seed", "4",
+            "--out", str(out), "--attention-maps", str(tmp_path / "maps.png")]
+    assert main(argv) == 0
+    want = editing.edit(builtin.load_pipeline("digits-sd"), SRC, TGT, seed=4, steps=3, cross_steps=0.5,
+                        self_steps=0.5, blend_words=["red", "blue"], reweight={"thick": 2.0})
+    edit, source = np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "edit-source.png"))
+    np.testing.assert_array_equal(edit, to_uint8(want.images[1]))
+    np.testing.assert_array_equal(source, to_uint8(want.images[0]))
+    s = read_settings(out)
+    assert s["prompt"] == [TGT] and s["source_prompt"] == SRC and s["reweight"] == {"thick": 2.0}
+    assert s["blend"] == ["red", "blue"] and s["mode"] == "replace" and s["cross_steps"] == 0.5
+    maps = np.asarray(Image.open(tmp_path / "maps.png"))
+    assert maps.shape == (2 * 32 + 1, 4 * 32 + 3, 3)  # rows: source, edit; columns: image, red, blue, thick
+    assert maps[:32, 33:65].max() > 0 and maps[:32, 66:98].max() == 0  # "blue" is not in the source prompt
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--reweight", "thick"], "WORD=FACTOR"),
+    (["--out", "x.jpg"], "must end in .png"),
+])
+def test_edit_refuses_bad_options(tmp_path, capsys, extra, message):
+    argv = ["edit", "--prompt", SRC, "--target", TGT, "--steps", "2", "--out", str(tmp_path / "e.png"), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
