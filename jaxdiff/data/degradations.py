@@ -81,10 +81,10 @@ def fill_masked(images: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
 
 
 def gaussian_kernel(sigma: float, radius: int | None = None) -> np.ndarray:
-    """The normalised 1-D Gaussian ``exp(-k^2 / (2 sigma^2))`` for ``k = -radius..radius`` (radius ``ceil(4 sigma)``)."""
+    """The normalised 1-D Gaussian ``exp(-k^2 / (2 sigma^2))`` for ``k = -radius..radius`` (radius ``round(4 sigma)``)."""
     if sigma <= 0:
         raise ValueError(f"blur sigma must be positive, got {sigma}")
-    radius = int(np.ceil(4.0 * sigma)) if radius is None else radius
+    radius = int(4.0 * sigma + 0.5) if radius is None else radius
     k = np.arange(-radius, radius + 1, dtype=np.float64)
     w = np.exp(-0.5 * (k / sigma) ** 2)
     return w / w.sum()
