@@ -977,6 +977,12 @@ def _apply_png_settings(args: argparse.Namespace) -> None:
             raise CLIError(f"--from-png {args.from_png} does not exist") from None
         raise CLIError(f"--from-png {args.from_png} is not an image file that PIL can read") from None
     args.model = s["model"]
+    if args.model in _palette_models():
+        for k in ("sampler", "schedule", "steps", "seed", "task", "num"):
+            setattr(args, k, s.get(k))
+        args.init_image = _recorded_file(s, "init_image", args.from_png)
+        args.mask = _recorded_file(s, "mask", args.from_png)
+        return
     if args.model in builtin_models():
         kind = "mixture" if args.model == MIXTURE else "builtin"
         for k in ("sampler", "schedule", "steps", "seed", *APPLIES[kind]):

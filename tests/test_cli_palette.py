@@ -27,6 +27,9 @@ def test_inpaint_from_png_files(tmp_path, capsys):
     draw = grid[:, 36:68][::4, ::4].astype(np.float32) / 127.5 - 1.0
     keep = mask == 0
     assert np.abs(draw[keep] - x[keep]).max() < 0.02  # the known pixels are the init image's
+    again = tmp_path / "again.png"
+    assert main(["sample", "--from-png", str(out), "--out", str(again), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), grid)  # --from-png reproduces the run
 
 
 def test_errors_are_one_line(tmp_path, capsys):

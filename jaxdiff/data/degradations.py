@@ -81,7 +81,8 @@ def fill_masked(images: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
 
 
 def gaussian_kernel(sigma: float, radius: int | None = None) -> np.ndarray:
-    """The normalised 1-D Gaussian ``exp(-k^2 / (2 sigma^2))`` for ``k = -radius..radius`` (radius ``round(4 sigma)``)."""
+    """The normalised 1-D Gaussian ``exp(-k^2 / (2 sigma^2))``, ``k = -radius..radius`` (radius ``round(4 sigma)``,
+    as scipy's ``gaussian_filter``)."""
     if sigma <= 0:
         raise ValueError(f"blur sigma must be positive, got {sigma}")
     radius = int(4.0 * sigma + 0.5) if radius is None else radius
@@ -152,7 +153,8 @@ DEFAULTS = dict(min_side=3, max_side=5, blur=(0.6, 1.2), noise=(0.1, 0.4), quali
 """The degradation ranges used for the built-in ``digits-palette`` (8x8 digits)."""
 
 
-def degrade(images: np.ndarray, task: str, rng: np.random.Generator, **options: object) -> tuple[np.ndarray, np.ndarray]:
+def degrade(images: np.ndarray, task: str, rng: np.random.Generator,
+            **options: object) -> tuple[np.ndarray, np.ndarray]:
     """``(source, mask)`` for ``task`` (one of :data:`TASKS`), parameters drawn per image from the ranges in
     :data:`DEFAULTS` (override them by keyword). ``mask`` is the generated region for inpainting / uncropping and
     all ones for the restoration tasks (every pixel is generated)."""

@@ -42,8 +42,8 @@ WEIGHTS = {"diffusion_l2": "model.safetensors", "diffusion_l1": "diffusion_l1.sa
 """The files of a Palette folder: the shipped model and the paper's two baselines (L1 loss, regression)."""
 
 
-def make_source(images: Any, task: str, mask: Any = None, seed: int = 0, side: str = "right") -> tuple[np.ndarray,
-                                                                                                      np.ndarray | None]:
+def make_source(images: Any, task: str, mask: Any = None, seed: int = 0,
+                side: str = "right") -> tuple[np.ndarray, np.ndarray | None]:
     """``(source, mask)`` of a task for clean (or already degraded) ``images`` NHWC in [-1, 1].
 
     ``inpaint``: ``mask`` (N or 1, H, W, 1), 1 = fill in, is required; ``uncrop``: ``mask`` defaults to the half

@@ -106,7 +106,8 @@ def test_a_few_train_steps_lower_the_loss_on_digit_pairs(which):
     obj = (PaletteObjective(L.DiscreteVPLevels(ac), DiscreteVPDenoiser(None, ac)) if which == "diffusion"
            else RegressionObjective())
     net = TinyConcatNet(nnx.Rngs(0))
-    trainer, state = Trainer.create(net, obj, OptimizerConfig(3e-3, warmup_steps=0, total_steps=40), sample_shape=(8, 8, 1))
+    opt = OptimizerConfig(3e-3, warmup_steps=0, total_steps=40)
+    trainer, state = Trainer.create(net, obj, opt, sample_shape=(8, 8, 1))
     fixed = {k: jnp.asarray(v) for k, v in data.batch(0).items()}
     key = jax.random.key(123)  # the same noise levels and noise before and after
 
