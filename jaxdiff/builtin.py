@@ -17,6 +17,8 @@ name                   what it is
                        (:mod:`jaxdiff.data.digits_text`); its text encoder is ``digits-clip``'s
 ``digits-clip``        CLIP text and image towers (transformers ``CLIPModel`` folder) trained on the
                        same captioned digits; zero-shot digit classification and retrieval
+``digits-palette``     Palette image-to-image U-Net (inpainting, uncropping, restoration) on 8x8
+                       digits (:mod:`jaxdiff.pipelines.palette`; ``examples/palette/``)
 =====================  ==========================================================================
 
 The first four live in ``jaxdiff/assets/digits/<name>/``: ``config.json`` (network config, adapter,
