@@ -17,6 +17,8 @@ name                   what it is
                        (:mod:`jaxdiff.data.digits_text`); its text encoder is ``digits-clip``'s
 ``digits-clip``        CLIP text and image towers (transformers ``CLIPModel`` folder) trained on the
                        same captioned digits; zero-shot digit classification and retrieval
+``digits-palette``     Palette image-to-image U-Net (inpainting, uncropping, restoration) on 8x8
+                       digits (:mod:`jaxdiff.pipelines.palette`; ``examples/palette/``)
 =====================  ==========================================================================
 
 The first four live in ``jaxdiff/assets/digits/<name>/``: ``config.json`` (network config, adapter,
@@ -97,6 +99,12 @@ BUILTIN_PERSONAL: dict[str, str] = {
 ``outline_embedding.safetensors``, ``outline_hypernetwork.safetensors``; trained by
 ``examples/digits_sd/train_personal.py``): name -> description, folders from :func:`builtin_folder`."""
 
+BUILTIN_IMAGE_TO_IMAGE: dict[str, str] = {
+    "digits-palette": "Palette (Saharia et al. 2022) on 8x8 digits: inpainting, uncropping, restoration (blur + noise, "
+                      "JPEG) in one model (examples/palette/train_palette.py; jaxdiff.pipelines.palette)",
+}
+"""Image-to-image models (:class:`jaxdiff.pipelines.palette.Palette`): name -> description."""
+
 SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
 
 
@@ -165,7 +173,8 @@ def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
 def builtin_folder(name: str) -> Path:
     """The shipped folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet``, ``digits-adapter`` or
     ``digits-outline``."""
-    _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS, **BUILTIN_PERSONAL})
+    _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS, **BUILTIN_PERSONAL,
+                       **BUILTIN_IMAGE_TO_IMAGE})
     path = ASSETS / name
     if not path.is_dir():
         raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "

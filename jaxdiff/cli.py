@@ -39,7 +39,9 @@ APPLIES = {  # options (beyond COMMON) that mean something for each model kind
            *PERSONAL_OPTIONS),
     "mixture": ("num", "label", "guidance"),
     "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
+    "palette": ("init_image", "mask", "task", "num"),  # image-to-image built-ins (digits-palette)
 }
+PALETTE_DEFAULTS = dict(steps=20, schedule="karras", sampler="dpmpp_2m", num=1, task="restore")
 UNCONDITIONAL_BUILTINS = ("digits-ncsn",)  # no label, no guidance
 
 
@@ -94,6 +96,8 @@ def model_kind(model: str) -> str:
     names = builtin_models()
     if model == MIXTURE:
         return "mixture"
+    if model in _palette_models():
+        return "palette"
     if model in names:
         return "builtin"
     if model in builtin_pipelines() or Path(model).exists():
@@ -105,8 +109,8 @@ def model_kind(model: str) -> str:
 def schedule_names(model: str) -> tuple[str, ...]:
     """The names ``--schedule`` accepts for ``model`` (a built-in name or a Stable Diffusion folder)."""
     kind = model_kind(model)
-    if kind == "mixture":
-        return MIXTURE_SCHEDULES
+    if kind in ("mixture", "palette"):
+        return MIXTURE_SCHEDULES[:3] if kind == "palette" else MIXTURE_SCHEDULES
     if kind == "builtin":
         from jaxdiff import builtin
 
@@ -176,6 +180,9 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                    help=f"SD: network dtype; default {sd['dtype']} (float16 needs a GPU)")
     p.add_argument("--num", type=int, default=None,
                    help=f"built-in models: number of samples; default {bi['num']} (digits), {mx['num']} ({MIXTURE})")
+    p.add_argument("--task", default=None, choices=("inpaint", "uncrop", "restore"),
+                   help="digits-palette: inpaint (--mask, white = fill in), uncrop (--mask, default the right half) "
+                        "or restore (the init image is the degraded picture); default restore")
     p.add_argument("--label", type=int, default=None,
                    help=f"class label: digits 0-9 (default: cycle 0..9), {MIXTURE} a component (default: none)")
     p.add_argument("--out", default=None,
@@ -313,7 +320,8 @@ def _check_seeds(seed: int, n: int) -> None:
 
 
 def _fill_defaults(args: argparse.Namespace, kind: str) -> None:
-    defaults = {"sd": SD_DEFAULTS, "mixture": MIXTURE_DEFAULTS, "builtin": BUILTIN_DEFAULTS}[kind]
+    defaults = {"sd": SD_DEFAULTS, "mixture": MIXTURE_DEFAULTS, "builtin": BUILTIN_DEFAULTS,
+                "palette": PALETTE_DEFAULTS}[kind]
     if kind == "sd" and args.model in builtin_pipelines():
         from jaxdiff import builtin
 
@@ -435,6 +443,43 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
     cols = 10 if args.label is None and len(images) >= 10 else None  # label=None cycles 0..9: a column per class
     path = save_png(grid(images, cols=cols, pad=zoom), args.out, settings)
     print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3), "cpu_devices": _cpu_devices()}))
+    return path
+
+
+def _palette_models() -> dict[str, str]:
+    try:
+        from jaxdiff import builtin
+    except ImportError:
+        return {}
+    return dict(getattr(builtin, "BUILTIN_IMAGE_TO_IMAGE", {}))
+
+
+def _sample_palette(args: argparse.Namespace) -> Path:
+    """``digits-palette``: the init image (and mask) read as 8x8 grey digits, ``--num`` draws, a grid PNG."""
+    import numpy as np
+
+    from jaxdiff.images import grid, save_png
+    from jaxdiff.pipelines.palette import Palette, make_source
+
+    if not args.init_image:
+        raise CLIError(f"{args.model} is an image-to-image model: give --init-image (and --mask for inpainting)")
+    if args.mask and args.task == "restore":
+        raise CLIError("--mask applies to --task inpaint or uncrop, not restore")
+    pal = Palette.from_builtin(args.model)
+    size = (pal.config["network"]["sample_size"],) * 2
+    image = _read_image("--init-image", args.init_image, size, grayscale=True)[None] * 2.0 - 1.0
+    mask = _read_image("--mask", args.mask, size, grayscale=True)[None] if args.mask else None
+    source, mask = make_source(image, args.task, mask, seed=args.seed)
+    t0 = time.perf_counter()
+    out = pal(source, mask=mask, known=image if mask is not None else None, steps=args.steps, seed=args.seed,
+              sampler=args.sampler, schedule=args.schedule, samples=args.num, progress=not args.no_progress)
+    dt = time.perf_counter() - t0
+    options = {k: getattr(args, k) for k in ("task", "sampler", "schedule", "steps", "num")}
+    settings = _settings_png(args, dict(options, init_image=args.init_image, init_image_sha256=sha256(args.init_image),
+                                        **({"mask": args.mask, "mask_sha256": sha256(args.mask)} if args.mask else {})))
+    images = np.clip((np.concatenate([source[:1], out]) + 1.0) / 2.0, 0.0, 1.0).repeat(4, 1).repeat(4, 2)
+    path = save_png(grid(images, cols=len(images), pad=4), args.out, settings)  # the source first, then the draws
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
     return path
 
 
@@ -932,6 +977,12 @@ def _apply_png_settings(args: argparse.Namespace) -> None:
             raise CLIError(f"--from-png {args.from_png} does not exist") from None
         raise CLIError(f"--from-png {args.from_png} is not an image file that PIL can read") from None
     args.model = s["model"]
+    if args.model in _palette_models():
+        for k in ("sampler", "schedule", "steps", "seed", "task", "num"):
+            setattr(args, k, s.get(k))
+        args.init_image = _recorded_file(s, "init_image", args.from_png)
+        args.mask = _recorded_file(s, "mask", args.from_png)
+        return
     if args.model in builtin_models():
         kind = "mixture" if args.model == MIXTURE else "builtin"
         for k in ("sampler", "schedule", "steps", "seed", *APPLIES[kind]):
@@ -1019,6 +1070,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _sample_builtin(args)
     elif kind == "sd":
         _sample_sd(args)
+    elif kind == "palette":
+        _sample_palette(args)
     else:
         raise CLIError(f"unknown model {args.model!r}: not a folder or .safetensors file, and not a built-in model "
                        f"(built-in: {', '.join(names)})")
