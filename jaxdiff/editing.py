@@ -28,8 +28,11 @@ the image size, the blend grid, the number of recorded words and per-step embedd
 prompt) are part of its shape. The sampler must evaluate the denoiser once per step (DDIM, Euler, DPM++ 2M):
 each step's records (for the blend) come out of that one call.
 
-The real-image path (Mokady et al. 2023) starts from inverted latents (``latents=``) and reads one
-unconditional embedding per step (``uncond_embeddings=``, shape (steps, L, D), from null-text inversion).
+Real images (Mokady et al. 2023, Sec. 4): :func:`edit_image` inverts the image with its caption
+(:func:`invert_image`: null-text inversion by default, or plain DDIM inversion), then runs the same program from the
+inverted ``z*_T`` (``latents=``, VP scale) with one unconditional embedding per step (``uncond_embeddings=``, shape
+(steps, L, D)), by the inversion's own sampler (plain DDIM, no x0 clipping) and guidance scale; its source row is
+:func:`jaxdiff.null_text.reconstruct`'s image.
 """
 from __future__ import annotations
 
