@@ -1,6 +1,6 @@
 """`jaxdiff edit` on digits-sd: the PNGs equal the Python API's edit with the same settings and carry them; the
-maps grid has a row per prompt and a column per word; a real image (--image) is reconstructed by its inversion;
-bad options fail with one line (exit 2) and write nothing."""
+maps grid has a row per prompt and a column per word; bad options fail with one line (exit 2) and write nothing.
+``--image`` (a real image) is tested in tests/test_editing_real.py, beside the API it shares compiled programs with."""
 from __future__ import annotations
 
 import numpy as np
@@ -33,36 +33,6 @@ def test_edit_writes_the_apis_source_edit_and_maps(tmp_path, capsys):
     maps = np.asarray(Image.open(tmp_path / "maps.png"))
     assert maps.shape == (2 * 32 + 1, 4 * 32 + 3, 3)  # rows: source, edit; columns: image, red, blue, thick
     assert maps[:32, 33:65].max() > 0 and maps[:32, 66:98].max() == 0  # "blue" is not in the source prompt
-
-
-def test_edit_real_image_equals_the_api_reconstructs_it_and_records_its_sha256(tmp_path, capsys):
-    """A held-out real digit, DDIM-inverted and edited at guidance 1 (so DDIM retraces the inversion): the source PNG
-    is the image again, both PNGs are ``editing.edit_image``'s, and they name the image by its sha256."""
-    from jaxdiff import builtin, editing
-    from jaxdiff.cli import sha256
-    from jaxdiff.data.digits_text import DIGIT_WORDS, load_digits_text
-    from jaxdiff.images import load_image
-
-    held = load_digits_text()["held_out"]
-    caption, label = str(held["caption"][0]), int(held["label"][0])
-    word = DIGIT_WORDS[label] if DIGIT_WORDS[label] in caption.split(" ") else str(label)
-    new = (label + 3) % 10
-    target = caption.replace(word, DIGIT_WORDS[new] if word.isalpha() else str(new), 1)
-    real, out = tmp_path / "real.png", tmp_path / "edit.png"
-    Image.fromarray(to_uint8(held["image"][0])).save(real)
-    argv = ["edit", "--image", str(real), "--prompt", caption, "--target", target, "--inversion", "ddim",
-            "--inversion-steps", "4", "--guidance", "1", "--out", str(out)]
-    assert main(argv) == 0
-    want = editing.edit_image(builtin.load_pipeline("digits-sd"), load_image(real), caption, target, steps=4,
-                              guidance=1.0, inversion="ddim")
-    source = np.asarray(Image.open(tmp_path / "edit-source.png"))
-    np.testing.assert_array_equal(source, to_uint8(want.images[0]))
-    np.testing.assert_array_equal(np.asarray(Image.open(out)), to_uint8(want.images[1]))
-    mse = np.mean((source / 255.0 - load_image(real)) ** 2)
-    assert -10 * np.log10(mse) > 20.0, -10 * np.log10(mse)  # the real digit, not a new one
-    s = read_settings(out)
-    assert s["real_image_sha256"] == sha256(real) and s["inversion"] == "ddim" and s["inversion_steps"] == 4
-    assert s["sampler"] == "ddim" and s["steps"] == 4 and s["prompt"] == [target] and s["source_prompt"] == caption
 
 
 @pytest.mark.parametrize("extra, message", [
