@@ -1238,6 +1238,29 @@ def _bench_resolution(cfg: dict) -> str:
     return f"{side}x{side}"
 
 
+def _edit_real_image(args: argparse.Namespace) -> dict | None:
+    """``jaxdiff edit --image``: the real image (read as ``--init-image``: resized when --height and --width are
+    both given), its sha256, the inversion and its step count; options that do not apply are refused."""
+    if not args.image:
+        for flag, value in (("--inversion", args.inversion), ("--inversion-steps", args.inversion_steps)):
+            if value is not None:
+                raise CLIError(f"{flag} applies to a real image: give --image PNG")
+        return None
+    if args.sampler not in (None, "ddim"):
+        raise CLIError(f"--sampler {args.sampler}: a real image is inverted and edited by plain DDIM; drop --sampler")
+    if args.negative:
+        raise CLIError("--negative does not apply with --image: the inversion sets the unconditional embeddings")
+    if args.steps is not None and args.inversion_steps is not None and args.steps != args.inversion_steps:
+        raise CLIError(f"--steps {args.steps} and --inversion-steps {args.inversion_steps} differ: the edit runs the "
+                       "inversion's steps (one unconditional embedding per step); give one of them")
+    steps = next((v for v in (args.inversion_steps, args.steps) if v is not None), 50)
+    if steps < 1:
+        raise CLIError(f"--inversion-steps must be at least 1, got {steps}")
+    size = None if args.height is None or args.width is None else (args.height, args.width)
+    return {"image": _read_image("--image", args.image, size), "path": str(Path(args.image).resolve()),
+            "sha256": sha256(args.image), "inversion": args.inversion or "null-text", "steps": steps}
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     """``jaxdiff edit``: the source and the edited image (PNGs with their settings), optionally the words' maps."""
     from jaxdiff import editing
@@ -1256,20 +1279,30 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out {args.out} must end in .png (jaxdiff writes PNGs that carry their settings)")
+    real = _edit_real_image(args)
     sd = StableDiffusion.from_pretrained(model_path(args.model))
+    opts = dict(cross_steps=args.cross_steps, self_steps=args.self_steps, mode=args.mode, blend_words=args.blend,
+                blend_threshold=args.blend_threshold, reweight=reweight)
     t0 = time.perf_counter()
-    r = editing.edit(sd, args.prompt, args.target, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                     cross_steps=args.cross_steps, self_steps=args.self_steps, mode=args.mode, blend_words=args.blend,
-                     blend_threshold=args.blend_threshold, reweight=reweight, negative=args.negative,
-                     sampler=args.sampler)
+    if real:
+        r = editing.edit_image(sd, real["image"], args.prompt, args.target, steps=real["steps"],
+                               guidance=args.guidance, inversion=real["inversion"], **opts)
+    else:
+        r = editing.edit(sd, args.prompt, args.target, seed=args.seed, steps=args.steps or 20, guidance=args.guidance,
+                         negative=args.negative, sampler=args.sampler, height=args.height, width=args.width, **opts)
     dt = time.perf_counter() - t0
     settings = dict(model=args.model, source_prompt=args.prompt, target=args.target, mode=r.mode, seed=args.seed,
-                    steps=args.steps, guidance=args.guidance, sampler=args.sampler, negative=args.negative,
+                    steps=args.steps or 20, guidance=args.guidance, sampler=args.sampler, negative=args.negative,
                     cross_steps=args.cross_steps, self_steps=args.self_steps, blend=args.blend,
                     blend_threshold=args.blend_threshold, reweight=reweight, jaxdiff_version=_version())
+    if real:  # the real image's source row is its reconstruction: DDIM from the inverted latents, no seed
+        settings.update(steps=real["steps"], sampler="ddim", seed=None, real_image=real["path"],
+                        real_image_sha256=real["sha256"], inversion=real["inversion"], inversion_steps=real["steps"])
+    else:
+        settings.update(height=r.images.shape[1], width=r.images.shape[2])
     source = out.with_name(f"{out.stem}-source{out.suffix}")
     save_png(r.images[1], out, dict(settings, prompt=[args.target], image="edit"))
-    save_png(r.images[0], source, dict(settings, prompt=[args.prompt], image="source"))
+    save_png(r.images[0], source, dict(settings, prompt=[args.prompt], image="reconstruction" if real else "source"))
     result = {"out": str(out), "source": str(source), "mode": r.mode, "seconds": round(dt, 3)}
     if args.attention_maps:
         result["attention_maps"] = str(save_png(editing.maps_grid(r), args.attention_maps,
@@ -1288,7 +1321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="digits-sd", help="a Stable Diffusion folder or built-in pipeline")
     p.add_argument("--prompt", required=True, help="the source prompt")
     p.add_argument("--target", required=True, help="the edited prompt (a word swapped, added or re-weighted)")
-    # --image real.png (null-text inversion of a real image, then the edit) goes here: the lead adds it
+    p.add_argument("--image", default=None, metavar="PNG",
+                   help="edit this real image (--prompt is its caption): invert it, then edit; NAME-source.png is "
+                        "its reconstruction")
+    p.add_argument("--inversion", default=None, choices=("null-text", "ddim"),
+                   help="with --image: null-text inversion (Mokady et al. 2023; default) or plain DDIM inversion")
+    p.add_argument("--inversion-steps", type=int, default=None, metavar="N",
+                   help="with --image: DDIM steps of the inversion and of the edit; default --steps, else 50")
+    p.add_argument("--height", type=int, default=None, help="image height; default the model's (with --image: "
+                                                            "the image's; both --height and --width resize it)")
+    p.add_argument("--width", type=int, default=None, help="image width; default as --height")
     p.add_argument("--mode", default="auto", choices=("auto", "replace", "refine"), help="word swap or refinement")
     p.add_argument("--blend", nargs="+", default=None, metavar="WORD", help="local blending on these words' maps")
     p.add_argument("--blend-threshold", type=float, default=0.3, help="local-blend threshold; default 0.3")
@@ -1297,7 +1339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with self-attention injection")
     p.add_argument("--attention-maps", default=None, metavar="PNG", help="write the chosen words' maps as a grid")
     p.add_argument("--out", default="edit.png", help="the edit's PNG; the source goes beside it as NAME-source.png")
-    for flag, kind, default, text in (("--steps", int, 20, "sampling steps; default 20"),
+    for flag, kind, default, text in (("--steps", int, None, "sampling steps; default 20 (with --image: 50)"),
                                       ("--guidance", float, 7.5, "classifier-free guidance scale; default 7.5"),
                                       ("--seed", int, 0, "the start noise's seed; default 0"),
                                       ("--sampler", str, None, "one evaluation per step (ddim, euler, dpmpp_2m); "

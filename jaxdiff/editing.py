@@ -28,8 +28,11 @@ the image size, the blend grid, the number of recorded words and per-step embedd
 prompt) are part of its shape. The sampler must evaluate the denoiser once per step (DDIM, Euler, DPM++ 2M):
 each step's records (for the blend) come out of that one call.
 
-The real-image path (Mokady et al. 2023) starts from inverted latents (``latents=``) and reads one
-unconditional embedding per step (``uncond_embeddings=``, shape (steps, L, D), from null-text inversion).
+Real images (Mokady et al. 2023, Sec. 4): :func:`edit_image` inverts the image with its caption
+(:func:`invert_image`: null-text inversion by default, or plain DDIM inversion), then runs the same program from the
+inverted ``z*_T`` (``latents=``, VP scale) with one unconditional embedding per step (``uncond_embeddings=``, shape
+(steps, L, D)), by the inversion's own sampler (plain DDIM, no x0 clipping) and guidance scale; its source row is
+:func:`jaxdiff.null_text.reconstruct`'s image.
 """
 from __future__ import annotations
 
@@ -308,12 +311,14 @@ edit_jit = jax.jit(_edit_images, static_argnames=("record_where", "quantize"))
 class EditResult:
     """``images`` (P, H, W, 3) in [0, 1]: the source first, then the edit(s); ``maps`` {word: (P, h, w)}, the
     words' cross-attention maps averaged over steps, heads and the layers of one grid (recorded before the edit);
-    ``mask`` (P, h, w): the last local-blend mask (ones without blending); ``mode`` the edit applied."""
+    ``mask`` (P, h, w): the last local-blend mask (ones without blending); ``mode`` the edit applied;
+    ``inversion`` the real image's :class:`Inversion` (:func:`edit_image`; None for text-to-image)."""
 
     images: np.ndarray
     maps: dict[str, np.ndarray]
     mask: np.ndarray
     mode: str
+    inversion: Any = None
 
     @property
     def source(self) -> np.ndarray:
@@ -431,6 +436,18 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
     text-to-image; an inverted image's x_T for a real image); ``uncond_embeddings`` (steps, L, D): one
     unconditional embedding per step (null-text inversion) instead of the negative prompt's.
     ``sampler`` must evaluate the denoiser once per step (default: the folder's scheduler)."""
+    return _edit_on_plan(sd, sd.plan(steps, sampler, schedule), source_prompt, target_prompt, seed=seed, steps=steps,
+                         guidance=guidance, cross_steps=cross_steps, self_steps=self_steps, mode=mode,
+                         blend_words=blend_words, blend_threshold=blend_threshold, reweight=reweight,
+                         record_words=record_words, negative=negative, latents=latents,
+                         uncond_embeddings=uncond_embeddings, height=height, width=width, blend_grid=blend_grid)
+
+
+def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | Sequence[str], *, seed: int,
+                  steps: int, guidance: float, cross_steps: float, self_steps: float, mode: str, blend_words: Any,
+                  blend_threshold: float, reweight: Any, record_words: Any, negative: str, latents: Any,
+                  uncond_embeddings: Any, height: int | None, width: int | None, blend_grid: Any) -> EditResult:
+    """:func:`edit` on a given sampling plan (:func:`edit_image` runs it on null-text inversion's plain DDIM)."""
     targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
     if not targets:
         raise ValueError("give a target prompt")
@@ -445,7 +462,6 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
     if grid not in unet_grids(sd, height, width):
         raise ValueError(f"blend_grid {grid} is not a grid of the U-Net's attention; choose one of "
                          f"{unet_grids(sd, height, width)}")
-    plan = sd.plan(steps, sampler, schedule)
     s, mode = edit_settings(sd, [source_prompt, *targets], seed=seed, steps=steps, guidance=guidance,
                             cross_steps=cross_steps, self_steps=self_steps, mode=mode, blend_words=blend_words,
                             blend_threshold=blend_threshold, reweight=reweight, record_words=record_words,
@@ -459,6 +475,109 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
         raise FloatingPointError("editing produced NaN/Inf; try a lower guidance scale")
     maps = np.asarray(maps)
     return EditResult(images, {w: maps[:, k] for k, w in enumerate(record_words)}, np.asarray(mask), mode)
+
+
+# ---- real images (Mokady et al. 2023, Sec. 4: null-text inversion, then Prompt-to-Prompt) ----------------------
+
+INVERSIONS = ("null-text", "ddim")
+
+
+@dataclasses.dataclass
+class Inversion:
+    """Real image(s) inverted for editing by plain DDIM (eta 0, no x0 clipping: :func:`jaxdiff.null_text.ddim_plan`).
+
+    ``latents`` (B, h, w, c): ``z*_T`` in the VP scale (diffusers' ``latents=``; :func:`edit`'s ``latents=``, which
+    the DDIM plan multiplies by ``init_sigma = sqrt(1 + sigma_max^2)``, as the recipe and
+    :func:`jaxdiff.null_text.reconstruct` do); ``uncond`` (B, S, L, D): the unconditional embedding of each of the S
+    sampling steps (null-text inversion's optimised ones; for plain DDIM inversion the empty prompt's, repeated);
+    ``method`` one of :data:`INVERSIONS`; ``guidance`` the scale they were made for; ``null_text`` the
+    :class:`jaxdiff.null_text.NullTextInversion` (losses, pivot) or None."""
+
+    latents: np.ndarray
+    uncond: np.ndarray
+    method: str
+    guidance: float
+    null_text: Any = None
+
+    @property
+    def steps(self) -> int:
+        return int(self.uncond.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def __getitem__(self, i: int) -> "Inversion":
+        """Image ``i`` alone (a batch of one)."""
+        nt = None if self.null_text is None else jax.tree_util.tree_map(lambda a: a[i: i + 1], self.null_text)
+        return Inversion(self.latents[i: i + 1], self.uncond[i: i + 1], self.method, self.guidance, nt)
+
+
+def invert_image(sd: Any, image: Any, prompt: str | Sequence[str], *, steps: int = 50, guidance: float = 7.5,
+                 inversion: str = "null-text", options: Any = None) -> Inversion:
+    """Invert real image(s) (PIL, or arrays (H, W, 3) / (B, H, W, 3) in [0, 1]) with their caption(s) for editing.
+
+    ``"null-text"``: :func:`jaxdiff.null_text.invert` (the pivot by DDIM inversion at guidance 1, then one
+    unconditional embedding per step optimised so that DDIM at ``guidance`` retraces it; ``options`` a
+    :class:`jaxdiff.null_text.NullTextOptions`); ``"ddim"``: plain DDIM inversion
+    (:func:`jaxdiff.null_text.ddim_invert`), the empty prompt's embedding at every step."""
+    from jaxdiff import null_text as nt
+
+    if inversion not in INVERSIONS:
+        raise ValueError(f"inversion must be one of {', '.join(INVERSIONS)}, got {inversion!r}")
+    if inversion == "ddim":
+        if options is not None:
+            raise ValueError("options (NullTextOptions) apply to inversion='null-text' only")
+        latents = np.asarray(nt.ddim_invert(sd, image, prompt, steps=steps))
+        empty = np.asarray(sd.encode_prompt([""]), np.float32)[0]
+        uncond = np.broadcast_to(empty, (latents.shape[0], steps) + empty.shape).copy()
+        return Inversion(latents, uncond, inversion, float(guidance))
+    inv = nt.invert(sd, image, prompt, steps=steps, guidance=guidance, options=options)
+    return Inversion(np.asarray(inv.latents), np.asarray(inv.uncond), inversion, float(guidance), inv)
+
+
+def edit_image(sd: Any, image: Any, source_prompt: str, target_prompt: str | Sequence[str], *,
+               steps: int | None = None, guidance: float | None = None, inversion: str = "null-text",
+               inversion_options: Any = None, inverted: Inversion | None = None, cross_steps: float = 0.8,
+               self_steps: float = 0.4, mode: str = "auto", blend_words: Sequence[str] | str | None = None,
+               blend_threshold: float = BLEND_THRESHOLD, reweight: Mapping[str, float] | None = None,
+               record_words: Sequence[str] | str | None = None,
+               blend_grid: int | tuple[int, int] | None = None) -> EditResult:
+    """Prompt-to-Prompt on a real image (Mokady et al. 2023, Sec. 4): invert it with its caption
+    ``source_prompt`` (:func:`invert_image`, null-text inversion by default; or pass ``inverted``, one image's
+    :class:`Inversion`, and no ``image``), then :func:`edit` from its ``z*_T`` with its per-step unconditional
+    embeddings, by the inversion's own sampler (plain DDIM, no x0 clipping) and guidance scale.
+
+    Row 0 (the source) is the inversion's reconstruction, :func:`jaxdiff.null_text.reconstruct` of the same
+    latents and embeddings; the edited rows read its attention as in :func:`edit` (same edit options). ``steps``
+    and ``guidance`` default to 50 and 7.5, or to ``inverted``'s; the edit must use the steps it was inverted with
+    (one embedding per step) and, after null-text inversion, its guidance scale. The result's ``inversion`` holds
+    the :class:`Inversion` (reuse it for other edits of the same image)."""
+    if (image is None) == (inverted is None):
+        raise ValueError("give the real image, or its inversion (inverted=), not both")
+    if inverted is None:
+        inverted = invert_image(sd, image, source_prompt, steps=50 if steps is None else steps,
+                                guidance=7.5 if guidance is None else guidance, inversion=inversion,
+                                options=inversion_options)
+    if len(inverted) != 1:
+        raise ValueError(f"edit_image edits one image; got an inversion of {len(inverted)}: pass inverted[i]")
+    steps = inverted.steps if steps is None else int(steps)
+    guidance = inverted.guidance if guidance is None else float(guidance)
+    if steps != inverted.steps:
+        raise ValueError(f"the image was inverted with {inverted.steps} steps (one embedding per step) but steps="
+                         f"{steps}; edit with steps={inverted.steps} or invert again")
+    if inverted.method == "null-text" and guidance != inverted.guidance:
+        raise ValueError(f"the null-text embeddings were optimised for guidance {inverted.guidance:g}, not "
+                         f"{guidance:g}; edit at the same scale or invert again")
+    from jaxdiff import null_text as nt
+
+    f = sd.models.vae_factor
+    h, w = inverted.latents.shape[1:3]
+    r = _edit_on_plan(sd, nt.ddim_plan(sd, steps), source_prompt, target_prompt, seed=0, steps=steps,
+                      guidance=guidance, cross_steps=cross_steps, self_steps=self_steps, mode=mode,
+                      blend_words=blend_words, blend_threshold=blend_threshold, reweight=reweight,
+                      record_words=record_words, negative="", latents=inverted.latents[0],
+                      uncond_embeddings=inverted.uncond[0], height=h * f, width=w * f, blend_grid=blend_grid)
+    return dataclasses.replace(r, inversion=inverted)
 
 
 def maps_grid(result: EditResult, size: int | None = None) -> np.ndarray:

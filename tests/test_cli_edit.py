@@ -1,5 +1,6 @@
 """`jaxdiff edit` on digits-sd: the PNGs equal the Python API's edit with the same settings and carry them; the
-maps grid has a row per prompt and a column per word; bad options fail with one line (exit 2) and write nothing."""
+maps grid has a row per prompt and a column per word; bad options fail with one line (exit 2) and write nothing.
+``--image`` (a real image) is tested in tests/test_editing_real.py, beside the API it shares compiled programs with."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,6 +38,10 @@ def test_edit_writes_the_apis_source_edit_and_maps(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--reweight", "thick"], "WORD=FACTOR"),
     (["--out", "x.jpg"], "must end in .png"),
+    (["--inversion", "ddim"], "give --image"),
+    (["--image", "missing.png"], "missing.png does not exist"),
+    (["--image", "missing.png", "--sampler", "euler"], "plain DDIM"),
+    (["--image", "missing.png", "--inversion-steps", "3"], "--steps 2 and --inversion-steps 3 differ"),
 ])
 def test_edit_refuses_bad_options(tmp_path, capsys, extra, message):
     argv = ["edit", "--prompt", SRC, "--target", TGT, "--steps", "2", "--out", str(tmp_path / "e.png"), *extra]
