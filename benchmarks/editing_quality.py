@@ -8,6 +8,8 @@ Parts (``benchmarks/_editing_<part>.py``, each ``run(num, seeds) -> dict``, its 
 
 - ``p2p``: word swap of the digit (``p2p_target_accuracy``, ``p2p_structure_gain``), colour swap with local blending
   (``blend_outside_psnr_db``, ``blend_colour_accuracy``), re-weighting a thickness word (the ink-mass curve);
+- ``realedit``: the digit word swap on held-out *real* digits after null-text inversion (the judge's target accuracy,
+  similarity to the real image against plain generation, the reconstruction's PSNR);
 - ``nulltext``: reconstruction of held-out real digits at guidance 7.5 after null-text inversion and after plain DDIM
   inversion (``null_text_psnr_db``, ``ddim_inversion_psnr_db``);
 - ``palette``: inpainting, uncropping and restoration by the shipped ``digits-palette`` against an L2 regressor of the
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import check_targets, markdown_path, parser, targets_table, write_report  # noqa: E402
 
-PARTS = ("p2p", "nulltext", "palette", "sdg")
+PARTS = ("p2p", "realedit", "nulltext", "palette", "sdg")
 
 
 def part(name: str) -> Any:
