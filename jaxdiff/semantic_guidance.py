@@ -208,7 +208,8 @@ class SemanticLoss:
     the reference's Gram matrices at ``style_layers`` (each (1 or B, C, C)); a term whose reference is None is
     left out (the structure decides, the weights are traced leaves).
 
-    ``contrast`` (M, D), unit embeddings of other texts (not in the paper, an option): the text term becomes
+    ``contrast`` (M, D), unit embeddings of alternative texts (not in the paper, an option; rows equal to the
+    sample's ``text`` are dropped, so the whole class list may be passed): the text term becomes
     CLIP's zero-shot cross-entropy ``-log softmax(temperature [cos(x, t), cos(x, c_1..M)])_0``, which pushes
     away from the alternatives as well as toward ``t`` (CLIP used as a classifier, classifier-guidance style). ``encoder(images) -> (embeddings, hidden
     states)``: a :class:`CLIPImageEncoder` or any pytree callable of that shape. ``cond`` is ignored.
@@ -240,7 +241,9 @@ class SemanticLoss:
             if self.contrast is None:
                 out["text"] = 1.0 - cos
             else:  # -log p(text | x) among [text, contrast] by CLIP's zero-shot softmax
-                logits = self.temperature * jnp.concatenate([cos[:, None], e @ self.contrast.T], axis=-1)
+                same = self.text @ self.contrast.T > 1.0 - 1e-6  # the target among the alternatives counts once
+                others = jnp.where(same, -jnp.inf, e @ self.contrast.T)
+                logits = self.temperature * jnp.concatenate([cos[:, None], others], axis=-1)
                 out["text"] = jax.nn.logsumexp(logits, axis=-1) - logits[:, 0]
         if self.image is not None:
             out["content"] = 1.0 - jnp.sum(e * self.image, axis=-1)

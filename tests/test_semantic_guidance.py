@@ -83,6 +83,9 @@ def test_contrastive_text_term_is_clip_cross_entropy():
     logits = 7.0 * np.concatenate([e @ t.T, e @ c.T], axis=1)
     want = np.log(np.exp(logits).sum(1)) - logits[:, 0]
     np.testing.assert_allclose(loss(jnp.asarray(x0, jnp.float32)), want, rtol=1e-5)
+    with_target = sg.SemanticLoss(loss.encoder, text=loss.text, decoder=Identity(), temperature=7.0,
+                                  contrast=jnp.asarray(np.concatenate([c, t]), jnp.float32))
+    np.testing.assert_allclose(with_target(jnp.asarray(x0, jnp.float32)), want, rtol=1e-5)  # the target counts once
 
 
 # ---- an exact mixture: guidance toward one component raises its share ------------------------------------
