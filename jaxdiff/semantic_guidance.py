@@ -41,7 +41,7 @@ Usage with a latent model (the unconditional model of digits-sd is its empty pro
 
     sd = builtin.load_pipeline("digits-sd")
     guide = load_guide("digits-clip", decoder=LatentDecoder(sd.models))
-    t = guide.guidance(scale=30.0, text="number 7")
+    t = guide.guidance(scale=100.0, text="the digit 7")
     images = sd([""] * 8, seed=range(8), guidance=1.0, transform=t)
 """
 from __future__ import annotations
@@ -351,7 +351,7 @@ class Guide:
                             float_leaf(content_weight), float_leaf(style_weight), c, float_leaf(temp),
                             layers if grams is not None else ())
 
-    def guidance(self, scale: Any = 1.0, *, through_denoiser: bool = False, **references: Any) -> guidance.Transform:
+    def guidance(self, scale: Any = 1.0, *, through_denoiser: bool = True, **references: Any) -> guidance.Transform:
         """The SDG denoiser transform ``D' = D - scale sigma^2 grad L(D)`` (:func:`semantic_guidance`) with the
         loss of :meth:`loss` (keywords ``text``, ``image``, the weights, ``style_layers``)."""
         return semantic_guidance(self.loss(**references), scale, through_denoiser=through_denoiser)
@@ -362,7 +362,7 @@ def _is_text(v: Any) -> bool:
 
 
 def semantic_guidance(loss: Callable[[Array, Any], Array], scale: Any = 1.0, *,
-                      through_denoiser: bool = False) -> guidance.Transform:
+                      through_denoiser: bool = True) -> guidance.Transform:
     """SDG as a denoiser transform: :func:`jaxdiff.guidance.energy_guidance` of a :class:`SemanticLoss` (any
     ``loss(x0, cond) -> (B,)``). ``scale`` 0 returns the inner denoiser's x0 unchanged."""
     return guidance.energy_guidance(loss, scale, through_denoiser=through_denoiser)

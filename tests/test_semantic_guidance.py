@@ -62,7 +62,7 @@ def test_text_guidance_gradient_closed_form():
     # pixel route: x0 in [-1, 1] is read as the image x0 / 2 + 0.5 (inside (0, 1) here: no clipping)
     loss = sg.SemanticLoss(LinearEncoder(jnp.asarray(w, jnp.float32)), text=jnp.asarray(t, jnp.float32))
     g = np_cos_grad(d / 2 + 0.5, w, t) / 2
-    direct = call(G.apply(gaussian, sg.semantic_guidance(loss, scale)), x, sigma)
+    direct = call(G.apply(gaussian, sg.semantic_guidance(loss, scale, through_denoiser=False)), x, sigma)
     np.testing.assert_allclose(direct, d - scale * sigma**2 * g, atol=1e-5)
     through = call(G.apply(gaussian, sg.semantic_guidance(loss, scale, through_denoiser=True)), x, sigma)
     np.testing.assert_allclose(through, d - scale * sigma**2 * k * g, atol=1e-5)
@@ -100,7 +100,8 @@ def test_text_guidance_raises_the_preferred_components_share():
     x = sampling.initial_noise(jax.random.key(3), (1000, 3), 20.0)
 
     def share(scale):
-        out = sampling.sample(G.apply(mix, sg.semantic_guidance(loss, scale)), samplers.Euler(), sig, x, 0)
+        out = sampling.sample(G.apply(mix, sg.semantic_guidance(loss, scale, through_denoiser=False)), samplers.Euler(),
+                              sig, x, 0)
         return float(np.mean(np.asarray(out)[:, 0] > 0))
 
     base, up, down = share(0.0), share(3.0), share(-3.0)
@@ -192,10 +193,10 @@ def test_latent_guidance_in_the_sd_recipe(tiny_clip, tmp_path):
     g = sg.Guide(guide.clip, guide.tokenizer, guide.processing, sg.LatentDecoder(sd.models))
     look = dict(seed=[0, 1], steps=2, guidance=1.0, mesh=None, height=8, width=8)
     plain = sd(["", ""], **look)
-    off = sd(["", ""], transform=g.guidance(0.0, text="a b", image=np.full((8, 8, 3), 0.5), style_weight=1.0),
-             **look)
+    refs = dict(text="a b", image=np.full((8, 8, 3), 0.5), style_weight=1.0)
+    off = sd(["", ""], transform=g.guidance(0.0, **refs), **look)
     np.testing.assert_array_equal(off, plain)
-    on = sd(["", ""], transform=g.guidance(50.0, text="a b"), **look)
+    on = sd(["", ""], transform=g.guidance(50.0, **refs), **look)  # same program: the scale is a traced leaf
     assert np.abs(on - plain).max() > 1e-3  # the decoded latents' gradient reaches the sampler
     with pytest.raises(ValueError, match="needs a reference"):
         g.loss()
