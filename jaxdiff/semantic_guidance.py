@@ -56,9 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import guidance
 from jaxdiff._pytree import pytree_dataclass, static_field
-from jaxdiff._transforms import float_leaf
+from jaxdiff._transforms import Transform, as_pytree_callable, float_leaf
+from jaxdiff._util import as_leaves, batch_sigma, expand_to
 
 Array = jax.Array
 
@@ -197,6 +197,21 @@ def style_distance(grams: Sequence[Array], reference: Sequence[Array]) -> Array:
     return total
 
 
+def shifted_views(images: Array, shifts: Sequence[tuple[int, int]]) -> tuple[Array, ...]:
+    """The images (B, H, W, C) translated by each ``(dy, dx)`` pixel shift, edges replicated (same size).
+
+    Differentiable augmentations before CLIP, as CLIP-guided diffusion's cutouts (Crowson 2021; Nichol et al.
+    2022, GLIDE, Sec. 3 note that clean-CLIP gradients on single views are adversarial): the loss averaged over
+    jittered views rewards features that survive the jitter rather than pixel-exact adversarial patterns."""
+    out = []
+    h, w = images.shape[1:3]
+    for dy, dx in shifts:
+        p = max(abs(dy), abs(dx))
+        padded = jnp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
+        out.append(padded[:, p - dy:p - dy + h, p - dx:p - dx + w])
+    return tuple(out)
+
+
 # ---- the loss -----------------------------------------------------------------------------------------------
 
 @pytree_dataclass
@@ -226,14 +241,23 @@ class SemanticLoss:
     contrast: Array | None = None
     temperature: Array = 100.0
     style_layers: tuple[int, ...] = static_field(default=())
+    shifts: tuple[tuple[int, int], ...] = static_field(default=())
 
     def images(self, x0: Array) -> Array:
         """``x0_hat`` as images in [0, 1]: decoded (latent models) or mapped from [-1, 1] (pixel models)."""
         return pixels_to_unit(x0) if self.decoder is None else self.decoder(x0)
 
     def terms(self, x0: Array) -> dict[str, Array]:
-        """The unweighted terms present, each (B,): ``text`` and ``content`` are ``1 - cos``, ``style`` the distance."""
-        emb, hidden = self.encoder(self.images(x0))
+        """The unweighted terms present, each (B,): ``text`` and ``content`` are ``1 - cos``, ``style`` the distance.
+        With ``shifts`` each term is the mean over the shifted views of the image (:func:`shifted_views`)."""
+        images = self.images(x0)
+        if not self.shifts:
+            return self._terms(images)
+        views = [self._terms(v) for v in shifted_views(images, self.shifts)]
+        return {k: sum(v[k] for v in views) / len(views) for k in views[0]}
+
+    def _terms(self, images: Array) -> dict[str, Array]:
+        emb, hidden = self.encoder(images)
         e = unit(emb.astype(jnp.float32))
         out = {}
         if self.text is not None:
@@ -322,12 +346,13 @@ class Guide:
 
     def loss(self, *, text: Any = None, image: Any = None, text_weight: float = 1.0, content_weight: float = 1.0,
              style_weight: float = 0.0, style_layers: Sequence[int] | None = None, contrast: Any = None,
-             temperature: float | None = None) -> SemanticLoss:
+             temperature: float | None = None, shifts: Sequence[tuple[int, int]] = ()) -> SemanticLoss:
         """The :class:`SemanticLoss` of reference ``text`` (strings, or embeddings (N, D)) and/or ``image``
         (images (N, H, W, 3) in [0, 1]): content with ``content_weight``, style with ``style_weight`` (> 0 adds
         the Gram term at ``style_layers``, default :func:`default_style_layers`). N is 1 (shared) or the batch.
         ``contrast`` (other texts, or their embeddings) makes the text term CLIP's zero-shot cross-entropy at
-        ``temperature`` (default: the model's :attr:`logit_scale`)."""
+        ``temperature`` (default: the model's :attr:`logit_scale`); ``shifts`` averages the loss over translated
+        views (:func:`shifted_views`)."""
         if text is None and image is None:
             raise ValueError("semantic guidance needs a reference: pass text=, image= or both")
         t = None
@@ -349,23 +374,80 @@ class Guide:
         temp = self.logit_scale if temperature is None else temperature
         return SemanticLoss(self.encoder, t, e, grams, self.decoder, float_leaf(text_weight),
                             float_leaf(content_weight), float_leaf(style_weight), c, float_leaf(temp),
-                            layers if grams is not None else ())
+                            layers if grams is not None else (), tuple(tuple(map(int, p)) for p in shifts))
 
-    def guidance(self, scale: Any = 1.0, *, through_denoiser: bool = True, **references: Any) -> guidance.Transform:
-        """The SDG denoiser transform ``D' = D - scale sigma^2 grad L(D)`` (:func:`semantic_guidance`) with the
-        loss of :meth:`loss` (keywords ``text``, ``image``, the weights, ``style_layers``)."""
-        return semantic_guidance(self.loss(**references), scale, through_denoiser=through_denoiser)
+    def guidance(self, scale: Any = 1.0, *, through_denoiser: bool = True, normalize: bool = False,
+                 sigma_min: Any = 0.0, sigma_max: Any = math.inf, **references: Any) -> Transform:
+        """The SDG denoiser transform (:func:`semantic_guidance`, its options) with the loss of :meth:`loss`
+        (keywords ``text``, ``image``, the weights, ``style_layers``, ``contrast``, ``shifts``)."""
+        return semantic_guidance(self.loss(**references), scale, through_denoiser=through_denoiser,
+                                 normalize=normalize, sigma_min=sigma_min, sigma_max=sigma_max)
 
 
 def _is_text(v: Any) -> bool:
     return isinstance(v, str) or (isinstance(v, (list, tuple)) and bool(v) and all(isinstance(s, str) for s in v))
 
 
-def semantic_guidance(loss: Callable[[Array, Any], Array], scale: Any = 1.0, *,
-                      through_denoiser: bool = True) -> guidance.Transform:
-    """SDG as a denoiser transform: :func:`jaxdiff.guidance.energy_guidance` of a :class:`SemanticLoss` (any
+@pytree_dataclass
+class SemanticGuidance:
+    """SDG on x0_hat: ``D'(x) = D(x) - scale sigma^2 grad_x L(D(x))`` (:class:`jaxdiff.guidance.EnergyGuidance`'s
+    step), with two options for clean-CLIP guidance:
+
+    - ``normalize``: the gradient is rescaled per sample to a fixed size, ``D' = D - scale sigma g / rms(g)``
+      (the x0 shift has RMS ``scale * sigma``, a fraction of the noise level), as CLIP-guided diffusion clamps the
+      gradient's magnitude (Disco Diffusion's ``clamp_grad``) and FreeDoM (Yu et al. 2023, eq. 10) sets the step by
+      the gradient's norm: every sample and step is pushed equally hard, however flat or steep CLIP is there;
+    - ``sigma_min`` / ``sigma_max``: guidance only while ``sigma_min <= sigma <= sigma_max`` (elsewhere ``D``
+      unchanged): FreeDoM's and universal guidance's (Bansal et al. 2023) practice of guiding the semantic
+      (early / middle) stages, not the last ones where x0_hat is settled and CLIP's gradient is texture.
+
+    ``scale`` (scalar or (B,)), ``sigma_min`` and ``sigma_max`` are traced leaves."""
+
+    inner: Any
+    loss_fn: Any
+    scale: Array
+    sigma_min: Array = 0.0
+    sigma_max: Array = math.inf
+    through_denoiser: bool = static_field(default=True)
+    normalize: bool = static_field(default=False)
+
+    def __post_init__(self) -> None:
+        as_leaves(self, floats=("scale", "sigma_min", "sigma_max"))
+
+    def _total(self, x0: Array, cond: Any) -> Array:
+        loss = self.loss_fn(x0, cond)
+        if jnp.ndim(loss) > 1:
+            raise ValueError(f"loss_fn must return one loss per sample (batch,), got shape {jnp.shape(loss)}")
+        return jnp.sum(loss)
+
+    def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
+        sigma = batch_sigma(sigma, x)
+        if self.through_denoiser:
+            x0, vjp = jax.vjp(lambda x_: self.inner(x_, sigma, cond), x)
+            (grad,) = vjp(jax.grad(self._total)(x0, cond))
+        else:
+            x0 = self.inner(x, sigma, cond)
+            grad = jax.grad(self._total)(x0, cond)
+        grad = grad.astype(x.dtype)
+        s = expand_to(sigma, x)
+        scale = expand_to(jnp.asarray(self.scale).astype(x.dtype), x)
+        if self.normalize:
+            rms = jnp.sqrt(jnp.mean(jnp.square(grad), axis=tuple(range(1, x.ndim)), keepdims=True))
+            shift = scale * s * grad / jnp.maximum(rms, jnp.finfo(x.dtype).tiny)
+        else:
+            shift = scale * s * s * grad
+        inside = (s >= self.sigma_min) & (s <= self.sigma_max)
+        return x0 - jnp.where(inside, shift, 0.0)
+
+
+def semantic_guidance(loss: Callable[[Array, Any], Array], scale: Any = 1.0, *, through_denoiser: bool = True,
+                      normalize: bool = False, sigma_min: Any = 0.0, sigma_max: Any = math.inf) -> Transform:
+    """SDG as a denoiser transform (:class:`SemanticGuidance`) of a :class:`SemanticLoss` (any
     ``loss(x0, cond) -> (B,)``). ``scale`` 0 returns the inner denoiser's x0 unchanged."""
-    return guidance.energy_guidance(loss, scale, through_denoiser=through_denoiser)
+    params = dict(loss_fn=as_pytree_callable(loss), scale=float_leaf(scale), sigma_min=float_leaf(sigma_min),
+                  sigma_max=float_leaf(sigma_max))
+    return Transform(SemanticGuidance, params, (("through_denoiser", bool(through_denoiser)),
+                                                ("normalize", bool(normalize))))
 
 
 def load_guide(name_or_folder: str | Path = "digits-clip", *, decoder: Any = None) -> Guide:

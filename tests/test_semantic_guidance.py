@@ -1,6 +1,7 @@
 """Semantic Diffusion Guidance against closed forms, an exact mixture and transformers' CLIP (torch)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,8 +19,14 @@ sys.path.insert(0, str(Path(__file__).parent / "pipelines"))
 import _tiny_sd  # noqa: E402
 
 
+@jax.jit
+def _call(den, x, sigma, cond):
+    return den(x, sigma, cond)
+
+
 def call(den, x, sigma, cond=None):
-    return np.asarray(jax.jit(lambda d, x_, s, c: d(x_, s, c))(den, x, jnp.asarray(sigma, jnp.float32), cond))
+    """``den(x, sigma, cond)`` compiled once per denoiser structure (new leaf values reuse the program)."""
+    return np.asarray(_call(den, jnp.asarray(x, jnp.float32), jnp.asarray(sigma, jnp.float32), cond))
 
 
 # ---- a linear "CLIP": the cosine's gradient in closed form ----------------------------------------------
@@ -69,6 +76,47 @@ def test_text_guidance_gradient_closed_form():
     # the loss itself: 1 - cosine
     e = (d / 2 + 0.5) @ w
     np.testing.assert_allclose(loss(jnp.asarray(d)), 1 - (e @ t.T)[:, 0] / np.linalg.norm(e, axis=1), atol=1e-6)
+
+
+def test_normalized_gradient_and_sigma_window():
+    rng = np.random.default_rng(5)
+    w, t = rng.normal(size=(3, 5)), rng.normal(size=(1, 5))
+    t /= np.linalg.norm(t)
+    gaussian = mixtures.make_mixture([[0.2, -0.1, 0.3]], [0.5], [1.0])
+    x, scale = 0.4 * rng.normal(size=(4, 3)), np.array([0.3, 0.5, 1.0, 2.0])
+    loss = sg.SemanticLoss(LinearEncoder(jnp.asarray(w, jnp.float32)), text=jnp.asarray(t, jnp.float32))
+    den = G.apply(gaussian, sg.semantic_guidance(loss, scale, through_denoiser=False, normalize=True,
+                                                 sigma_min=0.5, sigma_max=1.0))
+    for sigma in (0.7, 1.0):  # inside the window: x0 moves by scale * sigma along -g / rms(g)
+        d = np.asarray(gaussian(jnp.asarray(x), sigma))
+        g = np_cos_grad(d / 2 + 0.5, w, t) / 2
+        want = d - (scale * sigma)[:, None] * g / np.sqrt(np.mean(g**2, axis=1, keepdims=True))
+        np.testing.assert_allclose(call(den, x, sigma), want, atol=1e-5)
+    for sigma in (0.3, 1.5):  # outside: the unguided x0, exactly
+        np.testing.assert_array_equal(call(den, x, sigma), call(gaussian, x, sigma))
+
+
+def test_shifted_views_average_the_loss():
+    rng = np.random.default_rng(6)
+    img = rng.uniform(size=(2, 5, 4, 3))
+    w, t = rng.normal(size=(60, 4)), rng.normal(size=(2, 4))
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    shifts = ((0, 0), (2, -1), (-1, 1))
+
+    def np_shift(a, dy, dx):  # edge-replicated translation: out[y, x] = a[clip(y - dy), clip(x - dx)]
+        ys = np.clip(np.arange(a.shape[1]) - dy, 0, a.shape[1] - 1)
+        xs = np.clip(np.arange(a.shape[2]) - dx, 0, a.shape[2] - 1)
+        return a[:, ys][:, :, xs]
+
+    def np_loss(a):
+        e = a.reshape(2, -1) @ w
+        return 1 - np.sum(e * t, axis=1) / np.linalg.norm(e, axis=1)
+
+    loss = sg.SemanticLoss(LinearEncoder(jnp.asarray(w, jnp.float32)), text=jnp.asarray(t, jnp.float32),
+                           decoder=Identity(), shifts=shifts)
+    want = np.mean([np_loss(np_shift(img, *p)) for p in shifts], axis=0)
+    np.testing.assert_allclose(loss(jnp.asarray(img, jnp.float32)), want, rtol=1e-5)
+    assert not np.allclose(want, np_loss(img), rtol=1e-3)  # the views differ from the plain image
 
 
 def test_contrastive_text_term_is_clip_cross_entropy():
@@ -185,19 +233,20 @@ def test_image_processing_matches_transformers_processor():
     assert sg.image_processing(dict(cfg, do_resize=True, size={"shortest_edge": 6})).shortest_edge == 6
 
 
-# ---- the recipe: scale 0 is the unguided sampler exactly --------------------------------------------------
+# ---- the recipe's latent denoiser: scale 0 is the unguided denoiser exactly ----------------------------------
 
-def test_latent_guidance_in_the_sd_recipe(tiny_clip, tmp_path):
+def test_latent_guidance_on_the_sd_denoiser(tiny_clip, tmp_path):
     _, _, guide = tiny_clip
     sd = _tiny_sd.build(tmp_path)
     g = sg.Guide(guide.clip, guide.tokenizer, guide.processing, sg.LatentDecoder(sd.models))
-    look = dict(seed=[0, 1], steps=2, guidance=1.0, mesh=None, height=8, width=8)
-    plain = sd(["", ""], **look)
+    den = G.apply(sd.denoiser(), G.bind({"context": sd.encode_prompt([""])}))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 4, 4, 4)) * 3.0, jnp.float32)  # 8x8 images
     refs = dict(text="a b", image=np.full((8, 8, 3), 0.5), style_weight=1.0)
     # gradient w.r.t. x0_hat only (a cheap compile; the chain rule through the denoiser is checked above)
-    off = sd(["", ""], transform=g.guidance(0.0, through_denoiser=False, **refs), **look)
-    np.testing.assert_array_equal(off, plain)
-    on = sd(["", ""], transform=g.guidance(50.0, through_denoiser=False, **refs), **look)  # same program
-    assert np.abs(on - plain).max() > 1e-3  # the decoded latents' gradient reaches the sampler
+    guided = G.apply(den, g.guidance(0.0, through_denoiser=False, **refs))
+    plain = call(den, x, 3.0)
+    np.testing.assert_array_equal(call(guided, x, 3.0), plain)
+    on = call(dataclasses.replace(guided, scale=jnp.float32(50.0)), x, 3.0)  # the same program
+    assert np.abs(on - plain).max() > 1e-3  # the decoded latents' gradient reaches the denoiser's output
     with pytest.raises(ValueError, match="needs a reference"):
         g.loss()
