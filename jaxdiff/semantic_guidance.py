@@ -37,6 +37,12 @@ distance per layer is ``||G - G'||_F^2 / C^2``. The paper's encoder was a ResNet
 play this part; which layers is a parameter (``style_layers``), by default the first half of the layers
 (digits-clip, 3 layers: ``(1, 2)``; ViT-B/32, 12 layers: ``(1, ..., 6)``), whose features keep colour and texture.
 
+Options for a clean CLIP (:class:`SemanticGuidance`, :meth:`SemanticLoss.terms`): ``normalize`` (the x0 shift
+has RMS ``scale * sigma`` whatever CLIP's gradient size), a sigma window, ``shifts`` (the loss averaged over
+translated views), ``contrast`` (the text term as CLIP's zero-shot cross-entropy over alternative texts). On
+digits-sd with digits-clip, ``normalize=True`` with ``contrast`` (the ten digit texts) and differentiation through
+the denoiser is what ``benchmarks/_editing_sdg.py`` measures.
+
 Usage with a latent model (the unconditional model of digits-sd is its empty prompt at CFG scale 1)::
 
     sd = builtin.load_pipeline("digits-sd")
