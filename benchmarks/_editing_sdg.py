@@ -31,6 +31,7 @@ STYLE_SCALE = 0.3
 STEPS = 20
 BATCH = 40
 OPTIONS: dict[str, Any] = {"through_denoiser": True, "normalize": True}
+LOSS_OPTIONS: dict[str, Any] = {}  # e.g. {"shifts": ((0, 0), (1, 1), (-1, -1))}: see Guide.loss
 CONTRAST = True  # the text term as CLIP's zero-shot cross-entropy over the ten digit texts of the same wording
 
 
@@ -100,7 +101,7 @@ def run_jobs(ctx: dict, jobs: list[dict], wording: str) -> np.ndarray:
         pad = chunk + [dict(chunk[-1], scale=0.0)] * (BATCH - len(chunk))
         images = np.stack([j.get("image", grey[0]) for j in pad])
         loss = guide.loss(text=digits[np.array([j.get("label", 0) for j in pad])], image=images, style_weight=1.0,
-                          contrast=digits if CONTRAST else None)
+                          contrast=digits if CONTRAST else None, **LOSS_OPTIONS)
         w = {k: jnp.asarray([float(j["kind"] == kind) for j in pad]) for k, kind in
              (("text_weight", "text"), ("content_weight", "image"), ("style_weight", "style"))}
         loss = dataclasses.replace(loss, **w)
@@ -158,7 +159,7 @@ def run(num: int | None = None, seeds: int | None = None) -> dict[str, Any]:
         "sdg_text_accuracy": dict(text_sweep)[ts], "sdg_text_scale": ts, "sdg_text_scale_sweep": text_sweep,
         "sdg_image_class_match": dict(image_sweep)[isc], "sdg_image_scale": isc, "sdg_image_scale_sweep": image_sweep,
         "sdg_tuning": tuned, "sdg_text_samples": 10 * per_digit, "sdg_image_references": num, "sdg_steps": STEPS,
-        "sdg_options": {**OPTIONS, "contrast": CONTRAST},
+        "sdg_options": {**OPTIONS, **LOSS_OPTIONS, "contrast": CONTRAST},
         "sdg_style_scale": STYLE_SCALE, "sdg_style_samples": n_style,
         "sdg_style_colour_match": colour_match(style_images, style_ref),
         "sdg_style_class_match": float(np.mean(judged(ctx, style_images) == style_ref["label"])),
