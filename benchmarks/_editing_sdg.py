@@ -2,7 +2,9 @@
 
 Part of ``benchmarks/editing_quality.py``. Every sample starts from seed noise, runs digits-sd's own plan (its
 scheduler, 20 steps) on the empty prompt's denoiser wrapped in SDG (:mod:`jaxdiff.semantic_guidance`: the CLIP
-loss of the VAE-decoded x0_hat, differentiated through the denoiser), and is read by the ``digits-eval`` judge:
+loss of the VAE-decoded x0_hat, differentiated through the denoiser; ``OPTIONS``: normalised gradient, guided while
+sigma <= 5; the text term CLIP's zero-shot cross-entropy over the ten digit texts), and is read by the
+``digits-eval`` judge:
 
 - ``sdg_image_class_match``: guided by the CLIP image embedding of a held-out digit (content guidance), the
   sample shows the reference's digit (chance 0.10);
@@ -30,7 +32,7 @@ SCALES = (0.0, 0.2, 0.4, 0.8)  # x0 shift per step, RMS, as a fraction of sigma 
 STYLE_SCALE = 0.3
 STEPS = 20
 BATCH = 40
-OPTIONS: dict[str, Any] = {"through_denoiser": True, "normalize": True}
+OPTIONS: dict[str, Any] = {"through_denoiser": True, "normalize": True, "sigma_max": 5.0}  # guide while sigma <= 5
 LOSS_OPTIONS: dict[str, Any] = {}  # e.g. {"shifts": ((0, 0), (1, 1), (-1, -1))}: see Guide.loss
 CONTRAST = True  # the text term as CLIP's zero-shot cross-entropy over the ten digit texts of the same wording
 
