@@ -113,18 +113,24 @@ def load_refusal(load: dict[str, Any], what: str = "ratio") -> str:
             "comparable; rerun on a quiet machine")
 
 
-def check_targets(results: dict[str, Any], targets: dict[str, tuple[str, float]]) -> dict[str, dict[str, Any]]:
-    """Each target ``name: (">=" or "<=", bound)`` whose figure ``results`` holds: its text, value and whether met."""
-    return {k: {"target": f"{op} {v:g}", "value": results[k],
-                "met": bool(results[k] >= v if op == ">=" else results[k] <= v)}
-            for k, (op, v) in targets.items() if k in results}
+def check_targets(results: dict[str, Any], targets: dict[str, tuple[str, float]], *,
+                  keep_missing: bool = False) -> dict[str, dict[str, Any]]:
+    """Each target ``name: (">=" or "<=", bound)`` whose figure ``results`` holds: its text, value and whether met;
+    with ``keep_missing`` also those it lacks (value None, not met: a figure that could not be measured)."""
+    def met(k: str, op: str, v: float) -> bool:
+        return k in results and bool(results[k] >= v if op == ">=" else results[k] <= v)
+
+    return {k: {"target": f"{op} {v:g}", "value": results.get(k), "met": met(k, op, v)}
+            for k, (op, v) in targets.items() if keep_missing or k in results}
 
 
 def targets_table(checked: dict[str, dict[str, Any]]) -> list[str]:
     """The Markdown table of :func:`check_targets`' result."""
+    def value(t: dict[str, Any]) -> str:
+        return "not measured" if t["value"] is None else f"{t['value']:.3f}"
+
     return ["| metric | target | value | met |", "|---|---|---|---|",
-            *(f"| `{k}` | {t['target']} | {t['value']:.3f} | {'yes' if t['met'] else '**no**'} |"
-              for k, t in checked.items())]
+            *(f"| `{k}` | {t['target']} | {value(t)} | {'yes' if t['met'] else '**no**'} |" for k, t in checked.items())]
 
 
 def generate_chunked(sd: Any, prompts: Sequence[str], seeds: Sequence[int], *, chunk: int = 64,

@@ -46,8 +46,6 @@ def run(num: int | None = None, seeds: int | None = None) -> dict:
     from jaxdiff import null_text as nt
     from jaxdiff.data.digits_text import load_digits_text
 
-    from benchmarks._common import check_targets
-
     held = load_digits_text()["held_out"]
     n = min(int(num or DEFAULT_NUM), len(held["caption"]))
     sd = builtin.load_pipeline("digits-sd")
@@ -89,13 +87,12 @@ def run(num: int | None = None, seeds: int | None = None) -> dict:
         "seconds_per_image_includes_compile": len(times) == 1,
         "per_image_psnr_db": {k: [round(x, 3) for x in v] for k, v in psnr.items()},
     }
-    results["targets"] = check_targets(results, TARGETS)
     return results
 
 
 def markdown(results: dict) -> list[str]:
     """The report section: the figures table and one line on the method."""
-    from benchmarks._common import targets_table
+    from benchmarks._common import check_targets, targets_table
 
     r = results
     lines = ["## Null-text inversion (Mokady et al. 2023): reconstruction of real digits at CFG "
@@ -116,5 +113,5 @@ def markdown(results: dict) -> list[str]:
              f"{r['inner_steps_mean']:.2f}; per-step loss {r['step_loss_before_mean']:.2e} -> "
              f"{r['step_loss_after_mean']:.2e}; {r['null_text_seconds_per_image']:.2f} s per image "
              f"({'including' if r['seconds_per_image_includes_compile'] else 'excluding'} compilation).", "",
-             *targets_table(r["targets"])]
+             *targets_table(check_targets(r, TARGETS))]
     return lines

@@ -447,11 +447,10 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
 
 
 def _palette_models() -> dict[str, str]:
-    try:
-        from jaxdiff import builtin
-    except ImportError:
-        return {}
-    return dict(getattr(builtin, "BUILTIN_IMAGE_TO_IMAGE", {}))
+    """The built-in image-to-image models (digits-palette) and what each is."""
+    from jaxdiff.builtin import BUILTIN_IMAGE_TO_IMAGE
+
+    return dict(BUILTIN_IMAGE_TO_IMAGE)
 
 
 def _sample_palette(args: argparse.Namespace) -> Path:

@@ -27,3 +27,14 @@ def test_unknown_parts_are_named(capsys):
     with pytest.raises(SystemExit):
         E.main(["--parts", "p2p,dreambooth"])
     assert "dreambooth" in capsys.readouterr().err
+
+
+def test_unmeasured_and_nested_figures_are_in_the_targets(monkeypatch):
+    nested = fake_part("c_score", 0.7, 0.5)
+    nested.run = lambda num=None, seeds=None: {"palette": {"c_score": 0.7}}
+    parts = {"palette": nested, "p2p": fake_part("a_score", 0.95, 0.9)}
+    parts["p2p"].TARGETS = {"a_score": (">=", 0.9), "never_measured": (">=", 30.0)}
+    monkeypatch.setattr(E, "part", parts.__getitem__)
+    t = E.run(("palette", "p2p"))["targets"]
+    assert t["c_score"]["met"] and t["a_score"]["met"]
+    assert t["never_measured"] == {"target": ">= 30", "value": None, "met": False}
