@@ -236,22 +236,30 @@ class EnergyGuidance:
     def __post_init__(self) -> None:
         as_leaves(self, floats=("scale",))
 
-    def _total_loss(self, x0: Array, cond: Any) -> Array:
-        loss = self.loss_fn(x0, cond)
+    def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
+        sigma = batch_sigma(sigma, x)
+        x0, grad = loss_gradient(self.inner, self.loss_fn, x, sigma, cond, self.through_denoiser)
+        s = expand_to(sigma, x)
+        return x0 - _per_sample(self.scale, x) * s * s * grad
+
+
+def loss_gradient(inner: Denoiser, loss_fn: Callable[[Array, Any], Array], x: Array, sigma: Array, cond: Any,
+                  through_denoiser: bool) -> tuple[Array, Array]:
+    """``(x0_hat, grad_x sum_b loss(x0_hat, cond)_b)`` in ``x``'s dtype; without ``through_denoiser`` the
+    gradient is taken with respect to ``x0_hat`` (the denoiser's Jacobian as identity). ``sigma``: (B,)."""
+    def total(x0: Array) -> Array:
+        loss = loss_fn(x0, cond)
         if jnp.ndim(loss) > 1:
             raise ValueError(f"loss_fn must return one loss per sample (batch,), got shape {jnp.shape(loss)}")
         return jnp.sum(loss)
 
-    def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
-        sigma = batch_sigma(sigma, x)
-        if self.through_denoiser:
-            x0, vjp = jax.vjp(lambda x_: self.inner(x_, sigma, cond), x)
-            (grad,) = vjp(jax.grad(self._total_loss)(x0, cond))
-        else:
-            x0 = self.inner(x, sigma, cond)
-            grad = jax.grad(self._total_loss)(x0, cond)
-        s = expand_to(sigma, x)
-        return x0 - _per_sample(self.scale, x) * s * s * grad.astype(x.dtype)
+    if through_denoiser:
+        x0, vjp = jax.vjp(lambda x_: inner(x_, sigma, cond), x)
+        (grad,) = vjp(jax.grad(total)(x0))
+    else:
+        x0 = inner(x, sigma, cond)
+        grad = jax.grad(total)(x0)
+    return x0, grad.astype(x.dtype)
 
 
 # ---- thresholding ----------------------------------------------------------------------------

@@ -65,6 +65,7 @@ import numpy as np
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._transforms import Transform, as_pytree_callable, float_leaf
 from jaxdiff._util import as_leaves, batch_sigma, expand_to
+from jaxdiff.guidance import loss_gradient
 
 Array = jax.Array
 
@@ -420,21 +421,9 @@ class SemanticGuidance:
     def __post_init__(self) -> None:
         as_leaves(self, floats=("scale", "sigma_min", "sigma_max"))
 
-    def _total(self, x0: Array, cond: Any) -> Array:
-        loss = self.loss_fn(x0, cond)
-        if jnp.ndim(loss) > 1:
-            raise ValueError(f"loss_fn must return one loss per sample (batch,), got shape {jnp.shape(loss)}")
-        return jnp.sum(loss)
-
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         sigma = batch_sigma(sigma, x)
-        if self.through_denoiser:
-            x0, vjp = jax.vjp(lambda x_: self.inner(x_, sigma, cond), x)
-            (grad,) = vjp(jax.grad(self._total)(x0, cond))
-        else:
-            x0 = self.inner(x, sigma, cond)
-            grad = jax.grad(self._total)(x0, cond)
-        grad = grad.astype(x.dtype)
+        x0, grad = loss_gradient(self.inner, self.loss_fn, x, sigma, cond, self.through_denoiser)
         s = expand_to(sigma, x)
         scale = expand_to(jnp.asarray(self.scale).astype(x.dtype), x)
         if self.normalize:
