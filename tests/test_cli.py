@@ -104,7 +104,8 @@ def test_builtin_models_dispatch_to_sample_builtin(tmp_path, monkeypatch):
         calls.append((name, num, seed, options))
         return np.full((num, 8, 8, 1), seed / 10.0, np.float32)
 
-    fake = types.SimpleNamespace(BUILTIN_MODELS={"fake-digits": "a test model"}, sample_builtin=sample_builtin,
+    fake = types.SimpleNamespace(BUILTIN_MODELS={"fake-digits": "a test model"}, BUILTIN_IMAGE_TO_IMAGE={},
+                                 sample_builtin=sample_builtin,
                                  SCHEDULE_NAMES=("karras",), builtin_config=lambda name: {"adapter": {"kind": "ve"}})
     import jaxdiff
 
