@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,22 +76,6 @@ def ink_coverage(images: np.ndarray) -> np.ndarray:
     return (2.0 * dt.measure_alpha(x, dt.measure_ink(x, bg), bg) - 1.0).astype(np.float32)[..., None]
 
 
-@jax.tree_util.register_static
-class ShiftedCrossEntropy:
-    """Cross-entropy on images shifted by up to ``max_shift`` pixels (filled with background, -1)."""
-
-    def __init__(self, max_shift: int):
-        self.max_shift = max_shift
-
-    def __call__(self, classifier: Any, x0: jax.Array, key: jax.Array, labels: jax.Array) -> jax.Array:
-        m, (b, h, w, c) = self.max_shift, x0.shape
-        padded = jnp.pad(x0, ((0, 0), (m, m), (m, m), (0, 0)), constant_values=-1.0)
-        offsets = jax.random.randint(key, (b, 2), 0, 2 * m + 1)
-        shifted = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
-        logp = jax.nn.log_softmax(classifier(shifted), axis=-1)
-        return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-
-
 class ConceptClassifier:
     """Outlined vs plain ink as digits-sd can draw them: a small convnet (:class:`DigitClassifier`, two classes) on
     the ink coverage, trained with optax on the training digits, each source plain and outlined, both as drawn and
@@ -106,6 +89,7 @@ class ConceptClassifier:
                  seed: int = 0):
         from flax import nnx
 
+        from jaxdiff.losses import ShiftedCrossEntropy
         from jaxdiff.models.classifier import DigitClassifier, DigitClassifierConfig
         from jaxdiff.train import ArrayDataset, ClassifierObjective, OptimizerConfig, Trainer, fit
 

@@ -282,3 +282,20 @@ class NoisyClassifierLoss:
     def __call__(self, classifier: Callable[..., Array], x0: Array, key: Array | int, labels: Array) -> Array:
         sigma, noise = self.sample(x0, key)
         return self.at(classifier, x0, sigma, noise, labels)
+
+
+@jax.tree_util.register_static
+class ShiftedCrossEntropy:
+    """Cross-entropy of a clean classifier on images shifted by up to ``max_shift`` pixels, the uncovered border
+    filled with -1 (the background of images in [-1, 1]): translation-robust judges and style classifiers."""
+
+    def __init__(self, max_shift: int):
+        self.max_shift = max_shift
+
+    def __call__(self, classifier: Callable[[Array], Array], x0: Array, key: Array, labels: Array) -> Array:
+        m, (b, h, w, _) = self.max_shift, x0.shape
+        padded = jnp.pad(x0, ((0, 0), (m, m), (m, m), (0, 0)), constant_values=-1.0)  # -1 is the background
+        offsets = jax.random.randint(key, (b, 2), 0, 2 * m + 1)
+        crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))
+        logp = jax.nn.log_softmax(classifier(crop(padded, offsets)), axis=-1)
+        return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]

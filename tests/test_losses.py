@@ -223,3 +223,19 @@ def test_every_loss_takes_model_x0_key_then_conditioning():
         L.NoisyClassifierLoss(L.LogNormalLevels())(clf, x0, jnp.array([0, 1, 0, 1]), jax.random.key(0))
     with pytest.raises(ValueError, match=r"labels must be integers"):
         L.NoisyClassifierLoss(L.LogNormalLevels())(clf, x0, jax.random.key(0), jnp.zeros((4,)))
+
+
+def test_shifted_cross_entropy_is_cross_entropy_of_a_shifted_image():
+    """max_shift 0: the plain cross-entropy; max_shift 1: the logits of the image moved by the drawn offset, the
+    uncovered border -1."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 5, 1))
+    labels = jnp.array([0, 1, 2])
+    clf = lambda im: im.reshape(len(im), -1)[:, :3] * 2.0  # noqa: E731 (logits from three pixels)
+    plain = -jnp.take_along_axis(jax.nn.log_softmax(clf(x)), labels[:, None], 1)[:, 0]
+    np.testing.assert_allclose(L.ShiftedCrossEntropy(0)(clf, x, jax.random.PRNGKey(1), labels), plain, rtol=1e-6)
+    key = jax.random.PRNGKey(2)
+    offsets = jax.random.randint(key, (3, 2), 0, 3)
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-1.0)
+    moved = jnp.stack([padded[i, o[0]:o[0] + 5, o[1]:o[1] + 5] for i, o in enumerate(np.asarray(offsets))])
+    want = -jnp.take_along_axis(jax.nn.log_softmax(clf(moved)), labels[:, None], 1)[:, 0]
+    np.testing.assert_allclose(L.ShiftedCrossEntropy(1)(clf, x, key, labels), want, rtol=1e-6)

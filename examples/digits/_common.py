@@ -44,22 +44,6 @@ def build_network(network: dict, seed: int) -> nnx.Module:
     return DigitClassifier(DigitClassifierConfig.from_dict(network), rngs=nnx.Rngs(seed))
 
 
-@jax.tree_util.register_static
-class ShiftedCrossEntropy:
-    """Cross-entropy of a clean classifier on images shifted by up to ``max_shift`` pixels (zero-filled)."""
-
-    def __init__(self, max_shift: int):
-        self.max_shift = max_shift
-
-    def __call__(self, classifier: Any, x0: jax.Array, key: jax.Array, labels: jax.Array) -> jax.Array:
-        m, (b, h, w, _) = self.max_shift, x0.shape
-        padded = jnp.pad(x0, ((0, 0), (m, m), (m, m), (0, 0)), constant_values=-1.0)  # -1 is the background
-        offsets = jax.random.randint(key, (b, 2), 0, 2 * m + 1)
-        crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))
-        logp = jax.nn.log_softmax(classifier(crop(padded, offsets)), axis=-1)
-        return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-
-
 def objective_for(cfg: dict) -> Any:
     """The training objective named by the config's adapter (the same adapter the sampler uses)."""
     adapter, train = cfg["adapter"], cfg["train"]
@@ -76,7 +60,7 @@ def objective_for(cfg: dict) -> Any:
         ac = jnp.asarray(builtin.vp_alphas_cumprod(adapter))
         return ClassifierObjective(L.NoisyClassifierLoss(L.DiscreteVPLevels(ac)), DiscreteVPClassifier(None, ac))
     if kind == "classifier":
-        return ClassifierObjective(ShiftedCrossEntropy(train.get("max_shift", 1)), None)
+        return ClassifierObjective(L.ShiftedCrossEntropy(train.get("max_shift", 1)), None)
     raise ValueError(f"unknown adapter kind {kind!r}")
 
 
