@@ -171,8 +171,8 @@ def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
 
 
 def builtin_folder(name: str) -> Path:
-    """The shipped folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet``, ``digits-adapter`` or
-    ``digits-outline``."""
+    """The shipped folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet``, ``digits-adapter``,
+    ``digits-outline`` or ``digits-palette``."""
     _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS, **BUILTIN_PERSONAL,
                        **BUILTIN_IMAGE_TO_IMAGE})
     path = ASSETS / name
