@@ -284,13 +284,12 @@ class NoisyClassifierLoss:
         return self.at(classifier, x0, sigma, noise, labels)
 
 
-@jax.tree_util.register_static
+@pytree_dataclass
 class ShiftedCrossEntropy:
     """Cross-entropy of a clean classifier on images shifted by up to ``max_shift`` pixels, the uncovered border
     filled with -1 (the background of images in [-1, 1]): translation-robust judges and style classifiers."""
 
-    def __init__(self, max_shift: int):
-        self.max_shift = max_shift
+    max_shift: int = static_field(default=1)
 
     def __call__(self, classifier: Callable[[Array], Array], x0: Array, key: Array, labels: Array) -> Array:
         m, (b, h, w, _) = self.max_shift, x0.shape
