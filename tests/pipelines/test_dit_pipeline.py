@@ -96,3 +96,26 @@ def test_dit_pipeline_bad_input(folder):
         ours([1], steps=2, guided_channels=5)
     with pytest.raises(ValueError, match="latents must have shape"):
         ours([1, 2], steps=2, latents=np.zeros((1, 8, 8, 4), np.float32))
+
+
+def test_channel_guidance_is_the_hand_formula_and_all_ones_is_classifier_free():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff import guidance as G
+    from jaxdiff.pipelines.dit import ChannelClassifierFree, guided_mask
+
+    table = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)  # per class and channel
+
+    def toy(t, x, sigma, y):  # D(x, sigma, y) = x * t[y] + sigma, channel by channel
+        return x * t[y][:, None, None, :] + sigma[:, None, None, None]
+
+    inner = jax.tree_util.Partial(toy, table)
+    x, sigma, y, null = jnp.ones((2, 2, 2, 4)), jnp.array([0.5, 2.0]), jnp.array([0, 1]), jnp.full((2,), 3)
+    c, u = inner(x, sigma, y), inner(x, sigma, null)
+    got = ChannelClassifierFree(inner, 4.0, null, guided_mask(4, 3))(x, sigma, y)
+    want = np.asarray(c).copy()
+    want[..., :3] = np.asarray(u + 4.0 * (c - u))[..., :3]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(ChannelClassifierFree(inner, 4.0, null, guided_mask(4))(x, sigma, y),
+                               G.ClassifierFree(inner, 4.0, null)(x, sigma, y), rtol=1e-6)
