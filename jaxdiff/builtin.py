@@ -19,6 +19,8 @@ name                   what it is
                        same captioned digits; zero-shot digit classification and retrieval
 ``digits-palette``     Palette image-to-image U-Net (inpainting, uncropping, restoration) on 8x8
                        digits (:mod:`jaxdiff.pipelines.palette`; ``examples/palette/``)
+``digits-dit``         class-conditional Diffusion Transformer (Peebles & Xie 2023) on 8x8 digits in
+                       pixels, a DiT pipeline folder (:mod:`jaxdiff.pipelines.dit`; ``examples/dit/``)
 =====================  ==========================================================================
 
 The first four live in ``jaxdiff/assets/digits/<name>/``: ``config.json`` (network config, adapter,
@@ -105,6 +107,18 @@ BUILTIN_IMAGE_TO_IMAGE: dict[str, str] = {
 }
 """Image-to-image models (:class:`jaxdiff.pipelines.palette.Palette`): name -> description."""
 
+BUILTIN_TRANSFORMERS: dict[str, str] = {
+    "digits-dit": "class-conditional DiT (Peebles & Xie 2023; adaLN-Zero, 6 blocks 80 wide, patch 1, 0.88M "
+                  "parameters) on 8x8 digits in pixels (label 0-9; examples/dit/train.py; jaxdiff.pipelines.dit)",
+}
+"""Class-conditional DiT pipeline folders (:class:`jaxdiff.pipelines.dit.DiTPipeline`, :func:`sample_dit`):
+name -> description."""
+
+DIT_DEFAULTS: dict[str, Any] = {"sampler": "dpmpp_2m", "schedule": "karras", "steps": 20, "guidance": 3.0}
+"""How :func:`sample_dit` samples by default (``benchmarks/dit_scaling.py`` measures these settings); Karras and
+exponential schedules are capped at :data:`DIT_SIGMA_MAX`, as ``digits`` (its ``sigma_max_sampling``)."""
+DIT_SIGMA_MAX = 80.0
+
 SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
 
 
@@ -172,9 +186,9 @@ def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
 
 def builtin_folder(name: str) -> Path:
     """The shipped folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet``, ``digits-adapter``,
-    ``digits-outline`` or ``digits-palette``."""
+    ``digits-outline``, ``digits-palette`` or ``digits-dit``."""
     _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS, **BUILTIN_PERSONAL,
-                       **BUILTIN_IMAGE_TO_IMAGE})
+                       **BUILTIN_IMAGE_TO_IMAGE, **BUILTIN_TRANSFORMERS})
     path = ASSETS / name
     if not path.is_dir():
         raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
@@ -396,6 +410,33 @@ def sample_builtin(name: str = "digits", *, num: int = 16, label: int | None = N
     out = sampling.sample(den, default_sampler(name, sampler), sigmas, x, jax.random.fold_in(key, 2), cond,
                           progress=progress)
     return np.clip((np.asarray(out, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def load_dit(name: str = "digits-dit") -> Any:
+    """A built-in DiT as :class:`~jaxdiff.pipelines.dit.DiTPipeline` (loaded once per process)."""
+    from jaxdiff.pipelines.dit import DiTPipeline
+
+    _check_name(name, BUILTIN_TRANSFORMERS)
+    return DiTPipeline.from_pretrained(builtin_folder(name))
+
+
+def sample_dit(name: str = "digits-dit", *, num: int = 16, label: int | None = None, sampler: str | None = None,
+               schedule: str | None = None, steps: int | None = None, guidance: float | None = None,
+               seed: int = 0) -> np.ndarray:
+    """Sample ``num`` digits from a built-in DiT: ``(num, 8, 8, 1)`` float32 in [0, 1].
+
+    ``label=None`` cycles through 0..9; the other settings default to :data:`DIT_DEFAULTS` (DPM-Solver++ 2M,
+    20 Karras steps up to sigma 80, classifier-free guidance 3 on every channel; guidance <= 1 is the conditional
+    model alone).
+    """
+    if num <= 0:
+        raise ValueError(f"num must be positive, got {num}")
+    given = {"sampler": sampler, "schedule": schedule, "steps": steps, "guidance": guidance}
+    opts = {**DIT_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    labels = labels_for(num, label)
+    cap = DIT_SIGMA_MAX if opts["schedule"] in ("karras", "exponential") else None
+    return load_dit(name)(labels, seed=seed, sigma_max=cap, **opts)
 
 
 # ---- pictures --------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "mixture": ("num", "label", "guidance"),
     "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
     "palette": ("init_image", "mask", "task", "num"),  # image-to-image built-ins (digits-palette)
+    "dit": ("num", "label", "guidance"),  # class-conditional DiT built-ins (digits-dit)
 }
 PALETTE_DEFAULTS = dict(steps=20, schedule="karras", sampler="dpmpp_2m", num=1, task="restore")
 UNCONDITIONAL_BUILTINS = ("digits-ncsn",)  # no label, no guidance
@@ -98,6 +99,8 @@ def model_kind(model: str) -> str:
         return "mixture"
     if model in _palette_models():
         return "palette"
+    if model in _dit_models():
+        return "dit"
     if model in names:
         return "builtin"
     if model in builtin_pipelines() or Path(model).exists():
@@ -111,6 +114,8 @@ def schedule_names(model: str) -> tuple[str, ...]:
     kind = model_kind(model)
     if kind in ("mixture", "palette"):
         return MIXTURE_SCHEDULES[:3] if kind == "palette" else MIXTURE_SCHEDULES
+    if kind == "dit":
+        return schedule_names_sd()
     if kind == "builtin":
         from jaxdiff import builtin
 
@@ -127,7 +132,7 @@ def schedule_names_sd() -> tuple[str, ...]:
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    names = ", ".join([*builtin_models(), *builtin_pipelines()])
+    names = ", ".join([*builtin_models(), *builtin_pipelines(), *_dit_models()])
     sd, mx, bi = SD_DEFAULTS, MIXTURE_DEFAULTS, BUILTIN_DEFAULTS
     p.add_argument("--model", default=None,
                    help=f"a diffusers Stable Diffusion folder, an original SD 1.x/2.x single .safetensors file, "
@@ -321,7 +326,11 @@ def _check_seeds(seed: int, n: int) -> None:
 
 def _fill_defaults(args: argparse.Namespace, kind: str) -> None:
     defaults = {"sd": SD_DEFAULTS, "mixture": MIXTURE_DEFAULTS, "builtin": BUILTIN_DEFAULTS,
-                "palette": PALETTE_DEFAULTS}[kind]
+                "palette": PALETTE_DEFAULTS, "dit": BUILTIN_DEFAULTS}[kind]
+    if kind == "dit":
+        from jaxdiff import builtin
+
+        defaults = {"num": BUILTIN_DEFAULTS["num"], **builtin.DIT_DEFAULTS}
     if kind == "sd" and args.model in builtin_pipelines():
         from jaxdiff import builtin
 
@@ -478,6 +487,37 @@ def _sample_palette(args: argparse.Namespace) -> Path:
                                         **({"mask": args.mask, "mask_sha256": sha256(args.mask)} if args.mask else {})))
     images = np.clip((np.concatenate([source[:1], out]) + 1.0) / 2.0, 0.0, 1.0).repeat(4, 1).repeat(4, 2)
     path = save_png(grid(images, cols=len(images), pad=4), args.out, settings)  # the source first, then the draws
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+    return path
+
+
+def _dit_models() -> dict[str, str]:
+    """The built-in class-conditional DiTs (digits-dit) and what each is."""
+    try:
+        from jaxdiff.builtin import BUILTIN_TRANSFORMERS
+    except ImportError:
+        return {}
+    return dict(BUILTIN_TRANSFORMERS)
+
+
+def _sample_dit(args: argparse.Namespace) -> Path:
+    """``digits-dit``: ``--num`` digits (``--label``, or 0-9 cycling) as a grid PNG (``builtin.sample_dit``)."""
+    import numpy as np
+
+    from jaxdiff import builtin
+    from jaxdiff.images import grid, save_png
+
+    if args.label is not None and not 0 <= args.label <= 9:
+        raise CLIError(f"--label must be a digit 0-9, got {args.label}")
+    options = {k: getattr(args, k) for k in ("sampler", "schedule", "steps", "guidance", "label")}
+    t0 = time.perf_counter()
+    images = np.asarray(builtin.sample_dit(args.model, num=args.num, seed=args.seed, **options))
+    dt = time.perf_counter() - t0
+    settings = _settings_png(args, dict(num=args.num, height=int(images.shape[1]), width=int(images.shape[2]),
+                                        **options))
+    images = images.repeat(4, axis=1).repeat(4, axis=2)  # 8x8 digits: nearest-neighbour 4x
+    cols = 10 if args.label is None and len(images) >= 10 else None
+    path = save_png(grid(images, cols=cols, pad=4), args.out, settings)
     print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
     return path
 
@@ -982,8 +1022,8 @@ def _apply_png_settings(args: argparse.Namespace) -> None:
         args.init_image = _recorded_file(s, "init_image", args.from_png)
         args.mask = _recorded_file(s, "mask", args.from_png)
         return
-    if args.model in builtin_models():
-        kind = "mixture" if args.model == MIXTURE else "builtin"
+    if args.model in builtin_models() or args.model in _dit_models():
+        kind = "mixture" if args.model == MIXTURE else "dit" if args.model in _dit_models() else "builtin"
         for k in ("sampler", "schedule", "steps", "seed", *APPLIES[kind]):
             if k in s:
                 setattr(args, k, s[k])
@@ -1071,6 +1111,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _sample_sd(args)
     elif kind == "palette":
         _sample_palette(args)
+    elif kind == "dit":
+        _sample_dit(args)
     else:
         raise CLIError(f"unknown model {args.model!r}: not a folder or .safetensors file, and not a built-in model "
                        f"(built-in: {', '.join(names)})")
@@ -1124,11 +1166,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         "samplers": sorted(SAMPLERS),
         "schedules": {"stable_diffusion_folder": list(schedule_names_sd()),
                       **{name: list(schedule_names(name)) for name in builtin_models()}},
-        "models": [*builtin_models(), *builtin_pipelines()],
+        "models": [*builtin_models(), *builtin_pipelines(), *_dit_models()],
         "encoders": list(_builtin_encoders()),
         "controls": list(_builtin_controls()),
     }
-    for name in builtin_pipelines():
+    for name in [*builtin_pipelines(), *_dit_models()]:
         info["schedules"][name] = list(schedule_names_sd())
     if args.model:
         path = model_path(args.model)

@@ -6,6 +6,13 @@ adaLN-Zero (``norm1.emb`` embeds the timestep and class in every block, ``norm1.
 shift/scale/gate for attention and MLP), a tanh-GELU MLP, and the adaLN final layer
 (``proj_out_1`` / ``proj_out_2``) conditioned on block 0's embedding. With learned sigma the output
 has ``2 * in_channels`` channels (epsilon, then the variance interpolation). Images are NHWC.
+
+``DiTConfig.conditioning`` (a jaxdiff-only key; the default keeps diffusers' layout byte for byte) picks one of
+the paper's conditioning designs (Sec. 3.2, Fig. 5) for its ablation: ``"ada_norm_zero"`` (diffusers' layout),
+``"cross_attention"`` (the timestep and class embeddings as a length-two context read by a cross-attention
+layer after each self-attention) or ``"in_context"`` (the two embeddings appended as extra tokens, removed before
+the final layer). The last two use plain pre-LayerNorm blocks and one shared embedder (``cond_embed``), and end in
+``norm_out`` + ``proj_out``. :func:`dit_init` gives the paper's initialisation for training from scratch.
 """
 from __future__ import annotations
 
@@ -23,11 +30,14 @@ from jaxdiff.models import attention_control
 from jaxdiff.models.attention import attention
 from jaxdiff.models.attention_control import ControlRun, Site
 from jaxdiff.models.layers import FeedForward, Maker, TimestepEmbedding, config_from_dict, timestep_embedding
+from jaxdiff.models.layers.transformer import Attention as CrossAttention
 
 Array = jax.Array
 
 IGNORED_TORCH_KEYS = (r"^pos_embed\.pos_embed$",)  # the fixed sin-cos table, when a file stores it
 _FEED_FORWARDS = ("gelu", "gelu-approximate")  # diffusers FeedForward activation_fn values DiT uses
+CONDITIONINGS = ("ada_norm_zero", "cross_attention", "in_context")
+"""The conditioning designs of the DiT paper's ablation (Sec. 3.2); the first is diffusers' layout."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +57,11 @@ class DiTConfig:
     norm_type: str = "ada_norm_zero"
     norm_elementwise_affine: bool = False
     norm_eps: float = 1e-5
+    conditioning: str = "ada_norm_zero"  # jaxdiff only: see CONDITIONINGS
 
     def __post_init__(self) -> None:
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning={self.conditioning!r} is not supported; use one of {CONDITIONINGS}.")
         if self.norm_type != "ada_norm_zero":
             raise ValueError(f"norm_type={self.norm_type!r} is not supported; DiT uses 'ada_norm_zero'.")
         if self.num_embeds_ada_norm is None:
@@ -199,6 +212,31 @@ class BasicTransformerBlock(nnx.Module):
         return x + gate_mlp[:, None] * self.ff(modulate(self.norm3(x), shift_mlp, scale_mlp))
 
 
+class PlainBlock(nnx.Module):
+    """Pre-LayerNorm block of the ablation's non-adaLN designs: self-attention, then (``cross_attention``) a
+    cross-attention layer reading the length-two ``[time, class]`` context, then the MLP; each with a residual."""
+
+    def __init__(self, cfg: DiTConfig, mk: Maker):
+        d, eps = cfg.inner_dim, cfg.norm_eps
+        self.norm1 = mk.layer_norm(d, eps)
+        self.attn1 = Attention(cfg, mk)
+        if cfg.conditioning == "cross_attention":
+            self.norm2 = mk.layer_norm(d, eps)
+            self.attn2 = CrossAttention(d, mk, heads=cfg.num_attention_heads, dim_head=cfg.attention_head_dim,
+                                        cross_attention_dim=d, bias=cfg.attention_bias)
+        else:
+            self.norm2 = self.attn2 = None
+        self.norm3 = mk.layer_norm(d, eps)
+        self.ff = FeedForward(d, mk, activation_fn=cfg.activation_fn)
+
+    def __call__(self, x: Array, context: Array | None, control: ControlRun | None = None,
+                 hw: tuple[int, int] | None = None) -> Array:
+        x = x + self.attn1(self.norm1(x), control, hw)
+        if self.attn2 is not None:
+            x = x + self.attn2(self.norm2(x), context, control, hw)
+        return x + self.ff(self.norm3(x))
+
+
 class DiTTransformer2DModel(nnx.Module):
     """Class-conditional DiT: ``(latents NHWC, timesteps, class_labels) -> NHWC`` (``out_channels`` channels)."""
 
@@ -209,10 +247,16 @@ class DiTTransformer2DModel(nnx.Module):
         mk = Maker(rngs, dtype, param_dtype, init="flax")
         d, p = config.inner_dim, config.patch_size
         self.pos_embed = PatchEmbed(config, mk)
-        self.transformer_blocks = nnx.List([BasicTransformerBlock(config, mk) for _ in range(config.num_layers)])
-        self.norm_out = mk.layer_norm(d, 1e-6, affine=False)
-        self.proj_out_1 = mk.linear(d, 2 * d)
-        self.proj_out_2 = mk.linear(d, p * p * config.output_channels)
+        if config.conditioning == "ada_norm_zero":
+            self.transformer_blocks = nnx.List([BasicTransformerBlock(config, mk) for _ in range(config.num_layers)])
+            self.norm_out = mk.layer_norm(d, 1e-6, affine=False)
+            self.proj_out_1 = mk.linear(d, 2 * d)
+            self.proj_out_2 = mk.linear(d, p * p * config.output_channels)
+        else:
+            self.cond_embed = CombinedTimestepLabelEmbeddings(config.num_embeds_ada_norm, d, mk)
+            self.transformer_blocks = nnx.List([PlainBlock(config, mk) for _ in range(config.num_layers)])
+            self.norm_out = mk.layer_norm(d, 1e-6)
+            self.proj_out = mk.linear(d, p * p * config.output_channels)
         attention_control.assign_sites(self)
 
     def __call__(self, latents: Array, timesteps: Array, class_labels: Array, *, control: Any = None,
@@ -230,13 +274,32 @@ class DiTTransformer2DModel(nnx.Module):
         labels = jnp.broadcast_to(jnp.asarray(class_labels).reshape(-1), (b,))
         x = self.pos_embed(latents)
         run, grid = attention_control.start(control), (h // self.config.patch_size, w // self.config.patch_size)
-        for block in self.transformer_blocks:
-            x = block(x, t, labels, run, grid)
-        cond = self.transformer_blocks[0].norm1.emb(t, labels)
-        shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(cond)), 2, -1)
-        x = self.proj_out_2(modulate(self.norm_out(x), shift, scale))
+        if self.config.conditioning == "ada_norm_zero":
+            for block in self.transformer_blocks:
+                x = block(x, t, labels, run, grid)
+            cond = self.transformer_blocks[0].norm1.emb(t, labels)
+            shift, scale = jnp.split(self.proj_out_1(jax.nn.silu(cond)), 2, -1)
+            x = self.proj_out_2(modulate(self.norm_out(x), shift, scale))
+        else:
+            x = self._plain_blocks(x, t, labels, run, grid)
         out = unpatchify(x, h // self.config.patch_size, w // self.config.patch_size, self.config.patch_size)
         return attention_control.finish(out, run, return_records)
+
+    def _plain_blocks(self, x: Array, t: Array, labels: Array, run: ControlRun | None,
+                      grid: tuple[int, int]) -> Array:
+        """The cross-attention and in-context designs: ``[time, class]`` embeddings as a context or as tokens."""
+        emb = self.cond_embed
+        temb = emb.timestep_embedder(timestep_embedding(t, 256, flip_sin_to_cos=True,
+                                                        downscale_freq_shift=1).astype(emb.dtype))
+        tokens = jnp.stack([temb, emb.class_embedder(labels)], axis=1)  # (B, 2, D)
+        n = x.shape[1]
+        if self.config.conditioning == "in_context":
+            x, context, grid = jnp.concatenate([tokens.astype(x.dtype), x], axis=1), None, None
+        else:
+            context = tokens.astype(x.dtype)
+        for block in self.transformer_blocks:
+            x = block(x, context, run, grid)
+        return self.proj_out(self.norm_out(x[:, -n:]))  # in-context: the two extra tokens are dropped here
 
     @staticmethod
     def rename_torch_key(key: str) -> str | None:
@@ -267,3 +330,31 @@ def from_pretrained_tensors(
     cfg = DiTConfig.from_dict(config) if isinstance(config, Mapping) else config
     module = abstract(lambda: DiTTransformer2DModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     return load_torch_tensors(module, tensors, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+
+
+def dit_init(model: DiTTransformer2DModel, seed: int = 0) -> DiTTransformer2DModel:
+    """The DiT paper's initialisation for training from scratch (Sec. 3.2 and its released ``initialize_weights``),
+    in place: Xavier-uniform linear weights and zero biases, the patch projection Xavier-uniform as a linear map,
+    ``N(0, 0.02)`` label and timestep-MLP weights, and zero for the output projection and, for adaLN-Zero, every
+    block's modulation (``norm1.linear``) and the final layer's (``proj_out_1``): each block starts as the identity.
+    """
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Param):
+            continue
+        name = ".".join(map(str, path))
+        value = var.get_value()
+        shape = value.shape
+        if name.endswith("bias") or name.startswith(("proj_out_1.", "proj_out_2.", "proj_out.")) \
+                or ".norm1.linear." in name:
+            new = np.zeros(shape)
+        elif "embedding_table" in name or "timestep_embedder" in name:
+            new = rng.normal(0.0, 0.02, shape)
+        elif name.endswith("kernel"):
+            fan_in, fan_out = int(np.prod(shape[:-1])), shape[-1]
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            new = rng.uniform(-limit, limit, shape)
+        else:  # LayerNorm scales stay 1
+            continue
+        var.set_value(jnp.asarray(new, value.dtype))
+    return model
