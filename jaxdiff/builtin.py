@@ -19,6 +19,8 @@ name                   what it is
                        same captioned digits; zero-shot digit classification and retrieval
 ``digits-palette``     Palette image-to-image U-Net (inpainting, uncropping, restoration) on 8x8
                        digits (:mod:`jaxdiff.pipelines.palette`; ``examples/palette/``)
+``digits-video``       class-conditional video diffusion (Ho et al. 2022) on 8-frame 16x16 moving digits
+                       (:mod:`jaxdiff.pipelines.video`; ``examples/video/``)
 =====================  ==========================================================================
 
 The first four live in ``jaxdiff/assets/digits/<name>/``: ``config.json`` (network config, adapter,
@@ -105,6 +107,12 @@ BUILTIN_IMAGE_TO_IMAGE: dict[str, str] = {
 }
 """Image-to-image models (:class:`jaxdiff.pipelines.palette.Palette`): name -> description."""
 
+BUILTIN_VIDEO: dict[str, str] = {
+    "digits-video": "class-conditional video diffusion (Ho et al. 2022) on 8-frame 16x16 moving digits, joint "
+                    "image-video training (examples/video/train.py; jaxdiff.pipelines.video)",
+}
+"""Video models (:func:`jaxdiff.pipelines.video.load_video_model` on :func:`builtin_folder`): name -> description."""
+
 SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
 
 
@@ -172,9 +180,9 @@ def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
 
 def builtin_folder(name: str) -> Path:
     """The shipped folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet``, ``digits-adapter``,
-    ``digits-outline`` or ``digits-palette``."""
+    ``digits-outline``, ``digits-palette`` or ``digits-video``."""
     _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS, **BUILTIN_PERSONAL,
-                       **BUILTIN_IMAGE_TO_IMAGE})
+                       **BUILTIN_IMAGE_TO_IMAGE, **BUILTIN_VIDEO})
     path = ASSETS / name
     if not path.is_dir():
         raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "

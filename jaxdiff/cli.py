@@ -40,6 +40,7 @@ APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "mixture": ("num", "label", "guidance"),
     "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
     "palette": ("init_image", "mask", "task", "num"),  # image-to-image built-ins (digits-palette)
+    "video": ("num", "label", "guidance", "frames"),  # video built-ins (digits-video): an animated GIF
 }
 PALETTE_DEFAULTS = dict(steps=20, schedule="karras", sampler="dpmpp_2m", num=1, task="restore")
 UNCONDITIONAL_BUILTINS = ("digits-ncsn",)  # no label, no guidance
@@ -98,6 +99,8 @@ def model_kind(model: str) -> str:
         return "mixture"
     if model in _palette_models():
         return "palette"
+    if model in _video_models():
+        return "video"
     if model in names:
         return "builtin"
     if model in builtin_pipelines() or Path(model).exists():
@@ -109,8 +112,8 @@ def model_kind(model: str) -> str:
 def schedule_names(model: str) -> tuple[str, ...]:
     """The names ``--schedule`` accepts for ``model`` (a built-in name or a Stable Diffusion folder)."""
     kind = model_kind(model)
-    if kind in ("mixture", "palette"):
-        return MIXTURE_SCHEDULES[:3] if kind == "palette" else MIXTURE_SCHEDULES
+    if kind in ("mixture", "palette", "video"):
+        return MIXTURE_SCHEDULES if kind == "mixture" else MIXTURE_SCHEDULES[:3]
     if kind == "builtin":
         from jaxdiff import builtin
 
@@ -185,6 +188,9 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                         "or restore (the init image is the degraded picture); default restore")
     p.add_argument("--label", type=int, default=None,
                    help=f"class label: digits 0-9 (default: cycle 0..9), {MIXTURE} a component (default: none)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="digits-video: frames per clip (default the model's 8; longer clips are extended with "
+                        "reconstruction guidance, Ho et al. 2022); --out must end in .gif")
     p.add_argument("--out", default=None,
                    help="output .png (a grid when several images, each single image beside it as NAME-000.png); "
                         "default samples.png (with --from-png: never the source file)")
@@ -479,6 +485,52 @@ def _sample_palette(args: argparse.Namespace) -> Path:
     images = np.clip((np.concatenate([source[:1], out]) + 1.0) / 2.0, 0.0, 1.0).repeat(4, 1).repeat(4, 2)
     path = save_png(grid(images, cols=len(images), pad=4), args.out, settings)  # the source first, then the draws
     print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+    return path
+
+
+def _video_models() -> dict[str, str]:
+    """The built-in video models (digits-video) and what each is."""
+    from jaxdiff import builtin
+
+    return dict(getattr(builtin, "BUILTIN_VIDEO", {}))
+
+
+VIDEO_DEFAULTS = dict(num=1)  # frames: the model's window; steps, guidance, sampler, schedule: its config's sampling
+
+
+def _sample_video(args: argparse.Namespace) -> Path:
+    """``digits-video``: ``--num`` clips of ``--frames`` frames of digit ``--label`` (default cycling 0..9), tiled
+    side by side into one animated GIF (Pillow), each pixel 4x4; settings printed as JSON (a GIF carries none)."""
+    from jaxdiff import builtin
+    from jaxdiff.pipelines import video as V
+
+    if args.from_png:
+        raise CLIError("--from-png reproduces PNGs; digits-video writes GIFs (rerun with the printed settings)")
+    _check_options(args, "video")
+    out = Path(args.out if args.out is not None else "clip.gif")
+    if out.suffix.lower() != ".gif" or out.is_dir():
+        raise CLIError(f"--out {out} must be a .gif file name (digits-video writes an animated GIF)")
+    model = V.load_video_model(builtin.builtin_folder(args.model))
+    sampling = model.config.get("sampling", {})
+    for k, v in {**VIDEO_DEFAULTS, "frames": model.window, "steps": sampling.get("steps", 20),
+                 "guidance": sampling.get("guidance", 1.0), "sampler": sampling.get("sampler", "dpmpp_2m"),
+                 "schedule": sampling.get("schedule", "karras")}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.frames < 1 or args.frames > 64:
+        raise CLIError(f"--frames must be between 1 and 64, got {args.frames}")
+    if args.label is not None and not 0 <= args.label <= 9:
+        raise CLIError(f"--label must be a digit 0-9 (or omitted to cycle through them), got {args.label}")
+    _check_seeds(args.seed, 1)
+    labels = builtin.labels_for(args.num, args.label)
+    t0 = time.perf_counter()
+    clips = V.sample_long(model, labels, args.frames, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                          schedule=args.schedule, seed=args.seed)
+    dt = time.perf_counter() - t0
+    path = V.write_gif(V.tile_videos(clips, ncol=min(args.num, 10)), out)
+    settings = _settings_png(args, {k: getattr(args, k) for k in ("label", "num", "frames", "guidance", "sampler",
+                                                                  "schedule", "steps")})
+    print(json.dumps({"out": str(path), **settings, "shape": list(clips.shape), "seconds": round(dt, 3)}))
     return path
 
 
@@ -1057,6 +1109,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model = default_model()
     kind = model_kind(args.model)
+    if kind == "video":
+        _sample_video(args)
+        return 0
     _check_options(args, kind)
     _fill_defaults(args, kind)
     n = len(_prompts(args)) if kind == "sd" else 1

@@ -130,10 +130,11 @@ def test_unet3d_bias_off_by_default():
     plain, biased = build(TINY), build(dict(TINY, temporal_relative_positions=3))
     shapes = lambda m: {".".join(map(str, p)): v.shape  # noqa: E731
                         for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
-    assert not any("relative_position" in n for n in shapes(plain))
+    plain_shapes, biased_shapes = shapes(plain), shapes(biased)
+    assert not any("relative_position" in n for n in plain_shapes)
     assert "temporal_relative_positions" not in plain.config.to_dict()
     assert biased.config.to_dict()["temporal_relative_positions"] == 3
-    extra = {k: v for k, v in shapes(biased).items() if k not in shapes(plain)}
+    extra = {k: v for k, v in biased_shapes.items() if k not in plain_shapes}
     assert extra == {"transformer_in.relative_position_bias.embedding": (8, 7),
                      "down_blocks.0.temp_attentions.0.relative_position_bias.embedding": (2, 7),
                      "mid_block.temp_attentions.0.relative_position_bias.embedding": (4, 7),
