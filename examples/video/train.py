@@ -3,7 +3,7 @@ videos and independent image frames or on videos only, and write it as a jaxdiff
 
     python examples/video/train.py --variant joint --out DIR        # the shipped model (joint image-video)
     python examples/video/train.py --variant video_only --out DIR   # the ablation at the same budget
-    python examples/video/train.py --variant joint --install        # retrain and ship jaxdiff/assets/digits/digits-video
+    python examples/video/train.py --variant joint --install        # retrain and ship digits-video
 
 The recipe is ``configs/digits_video.json``: 8-frame 16x16 clips of :func:`jaxdiff.data.load_moving_digits`
 (``train`` split, 8x8 sprites, 0.5-1.5 pixels a frame), a :class:`~jaxdiff.models.video_unet.ClassVideoUNet`

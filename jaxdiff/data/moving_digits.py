@@ -163,7 +163,8 @@ def sprite_crops(videos: np.ndarray, sprite: int = 8) -> tuple[np.ndarray, np.nd
         raise ValueError(f"videos must be (N, F, H, W[, 1]) frames at least {sprite}x{sprite}, got {np.shape(videos)}")
     n, f, h, w = v.shape
     c = np.pad(v.cumsum(2).cumsum(3), ((0, 0), (0, 0), (1, 0), (1, 0)))  # summed-area table
-    mass = c[:, :, sprite:, sprite:] - c[:, :, :-sprite, sprite:] - c[:, :, sprite:, :-sprite] + c[:, :, :-sprite, :-sprite]
+    s = sprite
+    mass = c[:, :, s:, s:] - c[:, :, :-s, s:] - c[:, :, s:, :-s] + c[:, :, :-s, :-s]
     com = centre_of_mass(v)
     rows = np.arange(h - sprite + 1)[:, None] + (sprite - 1) / 2
     cols = np.arange(w - sprite + 1)[None, :] + (sprite - 1) / 2

@@ -110,7 +110,8 @@ class TransformerTemporalModel(nnx.Module):
         self.transformer_blocks = nnx.List([BasicTransformerBlock(inner, heads, dim_head, mk)
                                             for _ in range(num_layers)])
         self.proj_out = mk.linear(inner, in_channels)
-        self.relative_position_bias = RelativePositionBias(heads, relative_positions, mk) if relative_positions else None
+        self.relative_position_bias = (RelativePositionBias(heads, relative_positions, mk) if relative_positions
+                                       else None)
 
     def __call__(self, x: Array, control: ControlRun | None = None) -> Array:
         _check_video(x, "TransformerTemporalModel")
