@@ -21,6 +21,8 @@ name                   what it is
                        digits (:mod:`jaxdiff.pipelines.palette`; ``examples/palette/``)
 ``digits-dit``         class-conditional Diffusion Transformer (Peebles & Xie 2023) on 8x8 digits in
                        pixels, a DiT pipeline folder (:mod:`jaxdiff.pipelines.dit`; ``examples/dit/``)
+``digits-video``       class-conditional video diffusion (Ho et al. 2022) on 8-frame 16x16 moving digits
+                       (:mod:`jaxdiff.pipelines.video`; ``examples/video/``)
 =====================  ==========================================================================
 
 The first four live in ``jaxdiff/assets/digits/<name>/``: ``config.json`` (network config, adapter,
@@ -118,6 +120,11 @@ DIT_DEFAULTS: dict[str, Any] = {"sampler": "dpmpp_2m", "schedule": "karras", "st
 """How :func:`sample_dit` samples by default (``benchmarks/dit_scaling.py`` measures these settings); Karras and
 exponential schedules are capped at :data:`DIT_SIGMA_MAX`, as ``digits`` (its ``sigma_max_sampling``)."""
 DIT_SIGMA_MAX = 80.0
+BUILTIN_VIDEO: dict[str, str] = {
+    "digits-video": "class-conditional video diffusion (Ho et al. 2022) on 8-frame 16x16 moving digits, joint "
+                    "image-video training (examples/video/train.py; jaxdiff.pipelines.video)",
+}
+"""Video models (:func:`jaxdiff.pipelines.video.load_video_model` on :func:`builtin_folder`): name -> description."""
 
 SCHEDULE_NAMES = ("karras", "exponential", "linear", "ncsn_geometric", "vp_discrete")
 
@@ -186,9 +193,9 @@ def _check_name(name: str, valid: Mapping[str, str] | None = None) -> None:
 
 def builtin_folder(name: str) -> Path:
     """The shipped folder of ``digits-sd``, ``digits-clip``, ``digits-controlnet``, ``digits-adapter``,
-    ``digits-outline``, ``digits-palette`` or ``digits-dit``."""
+    ``digits-outline``, ``digits-palette``, ``digits-dit`` or ``digits-video``."""
     _check_name(name, {**BUILTIN_PIPELINES, **BUILTIN_ENCODERS, **BUILTIN_CONTROLS, **BUILTIN_PERSONAL,
-                       **BUILTIN_IMAGE_TO_IMAGE, **BUILTIN_TRANSFORMERS})
+                       **BUILTIN_IMAGE_TO_IMAGE, **BUILTIN_TRANSFORMERS, **BUILTIN_VIDEO})
     path = ASSETS / name
     if not path.is_dir():
         raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "

@@ -41,6 +41,7 @@ APPLIES = {  # options (beyond COMMON) that mean something for each model kind
     "builtin": ("num", "label", "guidance", "classifier_scale", "cpu_devices"),
     "palette": ("init_image", "mask", "task", "num"),  # image-to-image built-ins (digits-palette)
     "dit": ("num", "label", "guidance"),  # class-conditional DiT built-ins (digits-dit)
+    "video": ("num", "label", "guidance", "frames"),  # video built-ins (digits-video): an animated GIF
 }
 PALETTE_DEFAULTS = dict(steps=20, schedule="karras", sampler="dpmpp_2m", num=1, task="restore")
 UNCONDITIONAL_BUILTINS = ("digits-ncsn",)  # no label, no guidance
@@ -67,6 +68,11 @@ def builtin_models() -> dict[str, str]:
     except ImportError:
         return models
     return {**models, **dict(builtin.BUILTIN_MODELS)}
+
+
+def sampleable_models() -> list[str]:
+    """Every built-in name ``jaxdiff sample --model`` takes: class-conditional, SD folders, Palette, DiT, video."""
+    return [*builtin_models(), *builtin_pipelines(), *_palette_models(), *_dit_models(), *_video_models()]
 
 
 def builtin_pipelines() -> dict[str, str]:
@@ -101,19 +107,21 @@ def model_kind(model: str) -> str:
         return "palette"
     if model in _dit_models():
         return "dit"
+    if model in _video_models():
+        return "video"
     if model in names:
         return "builtin"
     if model in builtin_pipelines() or Path(model).exists():
         return "sd"
     raise CLIError(f"unknown model {model!r}: not a folder, and not a built-in model "
-                   f"(built-in: {', '.join([*names, *builtin_pipelines()])})")
+                   f"(built-in: {', '.join(sampleable_models())})")
 
 
 def schedule_names(model: str) -> tuple[str, ...]:
     """The names ``--schedule`` accepts for ``model`` (a built-in name or a Stable Diffusion folder)."""
     kind = model_kind(model)
-    if kind in ("mixture", "palette"):
-        return MIXTURE_SCHEDULES[:3] if kind == "palette" else MIXTURE_SCHEDULES
+    if kind in ("mixture", "palette", "video"):
+        return MIXTURE_SCHEDULES if kind == "mixture" else MIXTURE_SCHEDULES[:3]
     if kind == "dit":
         return schedule_names_sd()
     if kind == "builtin":
@@ -132,7 +140,7 @@ def schedule_names_sd() -> tuple[str, ...]:
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    names = ", ".join([*builtin_models(), *builtin_pipelines(), *_dit_models()])
+    names = ", ".join(sampleable_models())
     sd, mx, bi = SD_DEFAULTS, MIXTURE_DEFAULTS, BUILTIN_DEFAULTS
     p.add_argument("--model", default=None,
                    help=f"a diffusers Stable Diffusion folder, an original SD 1.x/2.x single .safetensors file, "
@@ -190,6 +198,9 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                         "or restore (the init image is the degraded picture); default restore")
     p.add_argument("--label", type=int, default=None,
                    help=f"class label: digits 0-9 (default: cycle 0..9), {MIXTURE} a component (default: none)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="digits-video: frames per clip (default the model's 8; longer clips are extended with "
+                        "reconstruction guidance, Ho et al. 2022); --out must end in .gif")
     p.add_argument("--out", default=None,
                    help="output .png (a grid when several images, each single image beside it as NAME-000.png); "
                         "default samples.png (with --from-png: never the source file)")
@@ -457,8 +468,10 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
 
 def _palette_models() -> dict[str, str]:
     """The built-in image-to-image models (digits-palette) and what each is."""
-    from jaxdiff.builtin import BUILTIN_IMAGE_TO_IMAGE
-
+    try:
+        from jaxdiff.builtin import BUILTIN_IMAGE_TO_IMAGE
+    except ImportError:
+        return {}
     return dict(BUILTIN_IMAGE_TO_IMAGE)
 
 
@@ -519,6 +532,51 @@ def _sample_dit(args: argparse.Namespace) -> Path:
     cols = 10 if args.label is None and len(images) >= 10 else None
     path = save_png(grid(images, cols=cols, pad=4), args.out, settings)
     print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+
+
+def _video_models() -> dict[str, str]:
+    """The built-in video models (digits-video) and what each is."""
+    from jaxdiff import builtin
+
+    return dict(getattr(builtin, "BUILTIN_VIDEO", {}))
+
+
+VIDEO_DEFAULTS = dict(num=1)  # frames: the model's window; steps, guidance, sampler, schedule: its config's sampling
+
+
+def _sample_video(args: argparse.Namespace) -> Path:
+    """``digits-video``: ``--num`` clips of ``--frames`` frames of digit ``--label`` (default cycling 0..9), tiled
+    side by side into one animated GIF (Pillow), each pixel 4x4; settings printed as JSON (a GIF carries none)."""
+    from jaxdiff import builtin
+    from jaxdiff.pipelines import video as V
+
+    if args.from_png:
+        raise CLIError("--from-png reproduces PNGs; digits-video writes GIFs (rerun with the printed settings)")
+    _check_options(args, "video")
+    out = Path(args.out if args.out is not None else "clip.gif")
+    if out.suffix.lower() != ".gif" or out.is_dir():
+        raise CLIError(f"--out {out} must be a .gif file name (digits-video writes an animated GIF)")
+    model = V.load_video_model(builtin.builtin_folder(args.model))
+    sampling = model.config.get("sampling", {})
+    for k, v in {**VIDEO_DEFAULTS, "frames": model.window, "steps": sampling.get("steps", 20),
+                 "guidance": sampling.get("guidance", 1.0), "sampler": sampling.get("sampler", "dpmpp_2m"),
+                 "schedule": sampling.get("schedule", "karras")}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.frames < 1 or args.frames > 64:
+        raise CLIError(f"--frames must be between 1 and 64, got {args.frames}")
+    if args.label is not None and not 0 <= args.label <= 9:
+        raise CLIError(f"--label must be a digit 0-9 (or omitted to cycle through them), got {args.label}")
+    _check_seeds(args.seed, 1)
+    labels = builtin.labels_for(args.num, args.label)
+    t0 = time.perf_counter()
+    clips = V.sample_long(model, labels, args.frames, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                          schedule=args.schedule, seed=args.seed)
+    dt = time.perf_counter() - t0
+    path = V.write_gif(V.tile_videos(clips, ncol=min(args.num, 10)), out)
+    settings = _settings_png(args, {k: getattr(args, k) for k in ("label", "num", "frames", "guidance", "sampler",
+                                                                  "schedule", "steps")})
+    print(json.dumps({"out": str(path), **settings, "shape": list(clips.shape), "seconds": round(dt, 3)}))
     return path
 
 
@@ -1097,6 +1155,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model = default_model()
     kind = model_kind(args.model)
+    if kind == "video":
+        _sample_video(args)
+        return 0
     _check_options(args, kind)
     _fill_defaults(args, kind)
     n = len(_prompts(args)) if kind == "sd" else 1
@@ -1115,7 +1176,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _sample_dit(args)
     else:
         raise CLIError(f"unknown model {args.model!r}: not a folder or .safetensors file, and not a built-in model "
-                       f"(built-in: {', '.join(names)})")
+                       f"(built-in: {', '.join(sampleable_models())})")
     return 0
 
 
@@ -1166,12 +1227,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         "samplers": sorted(SAMPLERS),
         "schedules": {"stable_diffusion_folder": list(schedule_names_sd()),
                       **{name: list(schedule_names(name)) for name in builtin_models()}},
-        "models": [*builtin_models(), *builtin_pipelines(), *_dit_models()],
+        "models": sampleable_models(),
         "encoders": list(_builtin_encoders()),
         "controls": list(_builtin_controls()),
     }
     for name in [*builtin_pipelines(), *_dit_models()]:
         info["schedules"][name] = list(schedule_names_sd())
+    for name in [*_palette_models(), *_video_models()]:
+        info["schedules"][name] = list(schedule_names(name))
     if args.model:
         path = model_path(args.model)
         if not path.exists():

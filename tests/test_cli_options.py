@@ -68,8 +68,9 @@ def test_info_lists_the_schedules_each_model_accepts(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     names = info["schedules"]
-    assert set(names) == {"stable_diffusion_folder", "mixture2d", "digits", "digits-ncsn", "digits-sd", "digits-dit"}
-    assert info["models"] == ["mixture2d", "digits", "digits-ncsn", "digits-sd", "digits-dit"]
+    assert set(names) == {"stable_diffusion_folder", *info["models"]}
+    assert info["models"] == ["mixture2d", "digits", "digits-ncsn", "digits-sd", "digits-palette", "digits-dit",
+                              "digits-video"]
     assert info["encoders"] == ["digits-clip"] and names["digits-dit"] == names["stable_diffusion_folder"]
     assert "vp_discrete" in names["digits"] and "vp_discrete" not in names["digits-ncsn"]
     assert "default" in names["stable_diffusion_folder"] and "vp_discrete" not in names["mixture2d"]

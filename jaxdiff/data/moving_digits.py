@@ -146,3 +146,33 @@ def load_moving_digits(split: str = "train", num_videos: int | None = None, *, f
     return {"video": render(alpha, position, size), "label": labels[pick].astype(np.int32), "start": start,
             "velocity": velocity, "position": position, "centre": position + sprite_com[:, None, :],
             "source": source[pick]}
+
+
+def sprite_crops(videos: np.ndarray, sprite: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The ``sprite`` x ``sprite`` window of each frame holding the most ink: crops (N, F, s, s) and their integer
+    top-left corners (N, F, 2) as (row, column).
+
+    For clips rendered with ``sprite=8`` (the digits' own 8x8 resolution) the crop is the digit at the judge's input
+    size, up to the sub-pixel blend of :func:`render`. Windows of equal ink are told apart by the distance of their
+    centre from the frame's intensity centre of mass (:func:`centre_of_mass`). Values are clipped to [0, 1].
+    """
+    v = np.clip(np.asarray(videos, np.float64), 0.0, 1.0)
+    if v.ndim == 5:
+        v = v[..., 0]
+    if v.ndim != 4 or min(v.shape[2:]) < sprite:
+        raise ValueError(f"videos must be (N, F, H, W[, 1]) frames at least {sprite}x{sprite}, got {np.shape(videos)}")
+    n, f, h, w = v.shape
+    c = np.pad(v.cumsum(2).cumsum(3), ((0, 0), (0, 0), (1, 0), (1, 0)))  # summed-area table
+    s = sprite
+    mass = c[:, :, s:, s:] - c[:, :, :-s, s:] - c[:, :, s:, :-s] + c[:, :, :-s, :-s]
+    com = centre_of_mass(v)
+    rows = np.arange(h - sprite + 1)[:, None] + (sprite - 1) / 2
+    cols = np.arange(w - sprite + 1)[None, :] + (sprite - 1) / 2
+    dist = (rows - com[..., 0, None, None]) ** 2 + (cols - com[..., 1, None, None]) ** 2
+    score = mass - 1e-6 * dist
+    flat = score.reshape(n, f, -1).argmax(-1)
+    corner = np.stack(np.unravel_index(flat, score.shape[2:]), axis=-1)
+    r = corner[..., 0, None, None] + np.arange(sprite)[:, None]
+    k = corner[..., 1, None, None] + np.arange(sprite)[None, :]
+    crops = np.take_along_axis(np.take_along_axis(v, r[..., :, :1].repeat(w, -1), axis=2), k, axis=3)
+    return crops.astype(np.float32), corner

@@ -75,6 +75,10 @@ class UNet3DConditionConfig:
     attention_head_dim: int | tuple[int, ...] = 64
     num_attention_heads: int | tuple[int, ...] | None = None
     time_cond_proj_dim: int | None = None
+    temporal_relative_positions: int | None = None
+    """jaxdiff option (not a diffusers key): ``M > 0`` gives every temporal attention (``transformer_in`` and
+    ``temp_attentions``) a learned relative position bias over frame offsets clipped to ``[-M, M]`` (Ho et al.
+    2022 Sec. 3; :class:`~jaxdiff.models.layers.temporal.RelativePositionBias`). ``None``: diffusers' layer."""
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNet3DConditionConfig":
@@ -98,10 +102,18 @@ class UNet3DConditionConfig:
             raise ValueError("time_cond_proj_dim is not supported (LCM's timestep condition); it must be null")
         if not isinstance(self.layers_per_block, int):
             raise ValueError("layers_per_block must be one int for UNet3DConditionModel")
+        m = self.temporal_relative_positions
+        if m is not None and (not isinstance(m, int) or m < 1):
+            raise ValueError(f"temporal_relative_positions must be null or a positive int (the largest frame offset "
+                             f"with its own bias), got {m!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The diffusers ``config.json`` this config came from (``_class_name`` included), for ``save_pretrained``."""
-        return {"_class_name": "UNet3DConditionModel", **dataclasses.asdict(self)}
+        """The diffusers ``config.json`` this config came from (``_class_name`` included), for ``save_pretrained``;
+        ``temporal_relative_positions`` only when set (diffusers ignores the key, but not the extra weights)."""
+        d = dataclasses.asdict(self)
+        if d["temporal_relative_positions"] is None:
+            del d["temporal_relative_positions"]
+        return {"_class_name": "UNet3DConditionModel", **d}
 
     def head_dims(self) -> tuple[int, ...]:
         return per_block(self.attention_head_dim, len(self.block_out_channels), "attention_head_dim")
@@ -132,7 +144,8 @@ def _spatial(cfg: UNet3DConditionConfig, channels: int, head_dim: int, mk: Maker
 
 def _temporal(cfg: UNet3DConditionConfig, channels: int, head_dim: int, mk: Maker) -> TransformerTemporalModel:
     return TransformerTemporalModel(_heads(channels, head_dim), head_dim, channels, mk,
-                                    norm_num_groups=cfg.norm_num_groups)
+                                    norm_num_groups=cfg.norm_num_groups,
+                                    relative_positions=cfg.temporal_relative_positions or 0)
 
 
 def _tconv(cfg: UNet3DConditionConfig, channels: int, mk: Maker) -> TemporalConvLayer:
@@ -283,7 +296,8 @@ class UNet3DConditionModel(nnx.Module):
         self.conv_in = mk.conv(config.in_channels, c0, 3)
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim, mk, config.act_fn)
         self.transformer_in = TransformerTemporalModel(TRANSFORMER_IN_HEADS, config.attention_head_dim, c0, mk,
-                                                       norm_num_groups=config.norm_num_groups)
+                                                       norm_num_groups=config.norm_num_groups,
+                                                       relative_positions=config.temporal_relative_positions or 0)
         self.down_blocks = nnx.List(build_down_blocks(config, mk))
         self.mid_block = MidBlock3D(config, mk)
         self.up_blocks = nnx.List(build_up_blocks(config, mk))

@@ -45,7 +45,9 @@ class Attention(nnx.Module):
         self.to_out = nnx.List([mk.linear(inner, query_dim, bias=out_bias), Identity()])
 
     def __call__(self, x: Array, context: Array | None = None, control: ControlRun | None = None,
-                 hw: tuple[int, int] | None = None) -> Array:
+                 hw: tuple[int, int] | None = None, bias: Array | None = None) -> Array:
+        """``bias`` (optional) is added to the logits, broadcast to (B, heads, T_q, T_k) (e.g. a relative
+        position bias, :class:`~jaxdiff.models.layers.temporal.RelativePositionBias`)."""
         residual = x
         spatial = x.ndim == 4
         if spatial:
@@ -61,9 +63,12 @@ class Attention(nnx.Module):
         split = lambda t: t.reshape(*t.shape[:2], self.heads, t.shape[-1] // self.heads)  # noqa: E731
         q, k, v = split(q), split(k), split(v)
         if control is not None and control.explicit(self.site, hw):
+            if bias is not None:
+                raise ValueError(f"attention controls that edit or record probabilities do not take a logit bias "
+                                 f"(site {self.site.path!r} has a relative position bias); select other sites")
             out = control.attend(self.site, hw, q, k, v)
         else:
-            out = attention(q, k, v, backend=self.attention_backend)
+            out = attention(q, k, v, backend=self.attention_backend, bias=bias)
         out = self.to_out[0](out.reshape(*out.shape[:2], -1))
         if spatial:
             out = out.reshape(b, h, w, c)
@@ -133,9 +138,14 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, mk, activation_fn=activation_fn)
 
     def __call__(self, x: Array, context: Array | None = None, control: ControlRun | None = None,
-                 hw: tuple[int, int] | None = None) -> Array:
-        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None, control, hw)
-        x = x + self.attn2(self.norm2(x), context, control, hw)
+                 hw: tuple[int, int] | None = None, self_bias: Array | None = None) -> Array:
+        """``self_bias`` (optional) is a logit bias for the self-attentions (``attn1``, and ``attn2`` when it
+        attends to ``x`` itself, as the temporal transformers' do)."""
+        self1 = not self.only_cross_attention
+        self2 = context is None
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None, control, hw,
+                           self_bias if self1 else None)
+        x = x + self.attn2(self.norm2(x), context, control, hw, self_bias if self2 else None)
         return x + self.ff(self.norm3(x))
 
 
