@@ -220,7 +220,8 @@ class _MeanOfValues(nnx.Module):
     def __init__(self, attn: Attention):
         self.attn = attn
 
-    def __call__(self, x, context=None, control=None, hw=None):
+    def __call__(self, x, context=None, control=None, hw=None, bias=None):
+        assert bias is None  # no logit bias in an SD U-Net
         v = self.attn.to_v(x if context is None else context)
         return self.attn.to_out[0](jnp.broadcast_to(v.mean(axis=1, keepdims=True), (*x.shape[:2], v.shape[-1])))
 

@@ -144,8 +144,8 @@ class BasicTransformerBlock(nnx.Module):
         self1 = not self.only_cross_attention
         self2 = context is None
         x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None, control, hw,
-                           self_bias if self1 else None)
-        x = x + self.attn2(self.norm2(x), context, control, hw, self_bias if self2 else None)
+                           bias=self_bias if self1 else None)
+        x = x + self.attn2(self.norm2(x), context, control, hw, bias=self_bias if self2 else None)
         return x + self.ff(self.norm3(x))
 
 
