@@ -75,13 +75,19 @@ def sampleable_models() -> list[str]:
     return [*builtin_models(), *builtin_pipelines(), *_palette_models(), *_dit_models(), *_video_models()]
 
 
-def builtin_pipelines() -> dict[str, str]:
-    """Built-in Stable Diffusion folders (``digits-sd``): name -> description; they sample as any SD folder."""
+def _builtin_table(table: str) -> dict[str, str]:
+    """One of :mod:`jaxdiff.builtin`'s name -> description tables (``BUILTIN_PIPELINES``, ...); empty when the module
+    does not import or lacks it."""
     try:
         from jaxdiff import builtin
     except ImportError:
         return {}
-    return dict(getattr(builtin, "BUILTIN_PIPELINES", {}))
+    return dict(getattr(builtin, table, {}))
+
+
+def builtin_pipelines() -> dict[str, str]:
+    """Built-in Stable Diffusion folders (``digits-sd``): name -> description; they sample as any SD folder."""
+    return _builtin_table("BUILTIN_PIPELINES")
 
 
 def model_path(model: str) -> Path:
@@ -336,12 +342,13 @@ def _check_seeds(seed: int, n: int) -> None:
 
 
 def _fill_defaults(args: argparse.Namespace, kind: str) -> None:
-    defaults = {"sd": SD_DEFAULTS, "mixture": MIXTURE_DEFAULTS, "builtin": BUILTIN_DEFAULTS,
-                "palette": PALETTE_DEFAULTS, "dit": BUILTIN_DEFAULTS}[kind]
     if kind == "dit":
         from jaxdiff import builtin
 
         defaults = {"num": BUILTIN_DEFAULTS["num"], **builtin.DIT_DEFAULTS}
+    else:
+        defaults = {"sd": SD_DEFAULTS, "mixture": MIXTURE_DEFAULTS, "builtin": BUILTIN_DEFAULTS,
+                    "palette": PALETTE_DEFAULTS}[kind]
     if kind == "sd" and args.model in builtin_pipelines():
         from jaxdiff import builtin
 
@@ -468,11 +475,7 @@ def _sample_builtin(args: argparse.Namespace) -> Path:
 
 def _palette_models() -> dict[str, str]:
     """The built-in image-to-image models (digits-palette) and what each is."""
-    try:
-        from jaxdiff.builtin import BUILTIN_IMAGE_TO_IMAGE
-    except ImportError:
-        return {}
-    return dict(BUILTIN_IMAGE_TO_IMAGE)
+    return _builtin_table("BUILTIN_IMAGE_TO_IMAGE")
 
 
 def _sample_palette(args: argparse.Namespace) -> Path:
@@ -506,11 +509,7 @@ def _sample_palette(args: argparse.Namespace) -> Path:
 
 def _dit_models() -> dict[str, str]:
     """The built-in class-conditional DiTs (digits-dit) and what each is."""
-    try:
-        from jaxdiff.builtin import BUILTIN_TRANSFORMERS
-    except ImportError:
-        return {}
-    return dict(BUILTIN_TRANSFORMERS)
+    return _builtin_table("BUILTIN_TRANSFORMERS")
 
 
 def _sample_dit(args: argparse.Namespace) -> Path:
@@ -532,13 +531,12 @@ def _sample_dit(args: argparse.Namespace) -> Path:
     cols = 10 if args.label is None and len(images) >= 10 else None
     path = save_png(grid(images, cols=cols, pad=4), args.out, settings)
     print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+    return path
 
 
 def _video_models() -> dict[str, str]:
     """The built-in video models (digits-video) and what each is."""
-    from jaxdiff import builtin
-
-    return dict(getattr(builtin, "BUILTIN_VIDEO", {}))
+    return _builtin_table("BUILTIN_VIDEO")
 
 
 VIDEO_DEFAULTS = dict(num=1)  # frames: the model's window; steps, guidance, sampler, schedule: its config's sampling
@@ -1247,11 +1245,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _builtin_controls() -> dict[str, str]:
-    try:
-        from jaxdiff import builtin
-    except ImportError:
-        return {}
-    return dict(getattr(builtin, "BUILTIN_CONTROLS", {}))
+    return _builtin_table("BUILTIN_CONTROLS")
 
 
 def control_path(path: str) -> Path:
@@ -1265,11 +1259,7 @@ def control_path(path: str) -> Path:
 
 
 def _builtin_encoders() -> dict[str, str]:
-    try:
-        from jaxdiff import builtin
-    except ImportError:
-        return {}
-    return dict(getattr(builtin, "BUILTIN_ENCODERS", {}))
+    return _builtin_table("BUILTIN_ENCODERS")
 
 
 def file_summary(path: str | Path) -> dict:

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxdiff import conditioning, sampling, schedules
 from jaxdiff.data.degradations import fill_masked, half_mask
+from jaxdiff.builtin import vp_alphas_cumprod
 from jaxdiff.denoisers import DiscreteVPDenoiser
 from jaxdiff.samplers import get_sampler
 from jaxdiff.train.palette import Regressor
@@ -90,12 +91,6 @@ def _read_folder(folder: Path, variant: str) -> tuple[dict, Any]:
     return cfg, PureModel.of(module)
 
 
-def _alphas_cumprod(adapter: dict) -> np.ndarray:
-    betas = schedules.vp_betas(adapter["beta_schedule"], adapter["num_train_timesteps"],
-                               adapter.get("beta_start", 0.0001), adapter.get("beta_end", 0.02))
-    return schedules.alphas_cumprod(betas)
-
-
 def _composite(out: Array, known: Any, mask: Any) -> Array:
     if mask is None:
         return out
@@ -124,7 +119,7 @@ class Palette:
         if variant == "regression":
             raise ValueError("the regression baseline is PaletteRegressor.from_folder, not a diffusion model")
         cfg, net = _read_folder(Path(folder), variant)
-        return cls(net, jnp.asarray(_alphas_cumprod(cfg["adapter"]), jnp.float32), cfg)
+        return cls(net, jnp.asarray(vp_alphas_cumprod(cfg["adapter"]), jnp.float32), cfg)
 
     @classmethod
     def from_builtin(cls, name: str = "digits-palette", variant: str = "diffusion_l2") -> "Palette":

@@ -28,6 +28,7 @@ from flax import nnx
 from jaxdiff import guidance as G
 from jaxdiff import sampling, schedules
 from jaxdiff.convert import abstract, load_torch_tensors, open_safetensors
+from jaxdiff.builtin import vp_alphas_cumprod
 from jaxdiff.denoisers import DiscreteVPDenoiser
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.video_unet import ClassVideoUNet, ClassVideoUNetConfig
@@ -38,12 +39,6 @@ Array = jax.Array
 METHODS = ("reconstruction", "replacement")
 
 
-def _alphas_cumprod(adapter: dict[str, Any]) -> np.ndarray:
-    betas = schedules.vp_betas(adapter["beta_schedule"], adapter["num_train_timesteps"],
-                               adapter.get("beta_start", 0.0001), adapter.get("beta_end", 0.02))
-    return schedules.alphas_cumprod(betas)
-
-
 class VideoModel:
     """A loaded class-conditional video model: ``denoiser`` (``cond`` = (B,) int labels, ``null_label`` none),
     the folder's ``config`` (network, adapter, data, sampling) and the frame ``window`` it was trained on."""
@@ -52,7 +47,7 @@ class VideoModel:
         self.net = net
         self.config = config
         adapter = config["adapter"]
-        self.alphas_cumprod = jnp.asarray(_alphas_cumprod(adapter))
+        self.alphas_cumprod = jnp.asarray(vp_alphas_cumprod(adapter))
         self.denoiser = DiscreteVPDenoiser(net, self.alphas_cumprod, adapter["prediction"])
         self.null_label = int(adapter["null_label"])
         data = config["data"]
