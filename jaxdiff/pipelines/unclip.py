@@ -139,9 +139,11 @@ class StageRun:
 @pytree_dataclass
 class UnCLIPInputs:
     """Everything that changes between runs, all traced: the prompt's CLIP text embedding (B, E), last hidden
-    states (B, L, E) and mask (B, L), the same for the unconditional prompt, the guidance scales, the image
-    embeddings (B, E) when the prior is skipped (variations, interpolations; None: run the prior), and the three
-    stages' :class:`StageRun` (``prior`` may be None when ``image_embeds`` is given)."""
+    states (B, L, E) and mask (B, L), the same for the unconditional prompt, the guidance scales, the three stages'
+    :class:`StageRun`, and ``image_embeds`` (B, E) with ``use_image_embeds`` (a traced bool): decode the given
+    embeddings instead of the prior's (variations, interpolations; the prior then runs no step). Text-to-image,
+    variations and interpolations of a folder with a prior thus share one compiled program. A folder without a
+    prior (an image-variation folder) takes ``prior=None`` and always decodes ``image_embeds``."""
 
     text: dict
     uncond: dict
@@ -150,7 +152,8 @@ class UnCLIPInputs:
     prior: Any
     decoder: StageRun
     super_res: StageRun
-    image_embeds: Any = None
+    image_embeds: Array
+    use_image_embeds: Array
 
 
 @pytree_dataclass
@@ -200,13 +203,15 @@ def last_timestep(sigmas: schedules.Sigmas, ac: Array) -> Array:
 
 
 def stages(m: UnCLIPModels, inp: UnCLIPInputs) -> tuple[Any, cascade.Stage, cascade.Stage]:
-    """The prior stage (None when ``image_embeds`` is given) and the decoder and super-resolution stages without
+    """The prior stage (None for a folder without a prior) and the decoder and super-resolution stages without
     their conditioning (the decoder's depends on the prior's output: :func:`sample` fills it in)."""
     prior = None
-    if inp.image_embeds is None:
-        if m.prior is None:
-            raise ValueError("this unCLIP folder has no prior (an image-variation folder): pass image embeddings")
-        prior = cascade.Stage(PriorNet(m.prior), inp.prior.sampler, inp.prior.sigmas, (m.embedding_dim,),
+    if m.prior is not None:
+        if inp.prior is None:
+            raise ValueError("this unCLIP folder has a prior: give its StageRun (UnCLIP.plan('prior', steps))")
+        sigmas = inp.prior.sigmas
+        sigmas = dataclasses.replace(sigmas, count=jnp.where(inp.use_image_embeds, 0, sigmas.count))
+        prior = cascade.Stage(PriorNet(m.prior), inp.prior.sampler, sigmas, (m.embedding_dim,),
                               denoiser=_vp(m.prior_ac, m.prior_prediction),
                               transform=guidance.classifier_free(inp.prior_scale, inp.uncond), cond=inp.text,
                               sigma_data=1.0)
@@ -230,14 +235,14 @@ def decoder_conditioning(m: UnCLIPModels, image_embeds: Array, text: Mapping[str
 
 
 def sample(m: UnCLIPModels, inp: UnCLIPInputs, key: Array, batch: int) -> tuple[Array, Array, Array]:
-    """Prior (unless ``inp.image_embeds``), decoder, super-resolution: ``(image embeddings (B, E), decoder images
-    (B, h, w, 3) and final images (B, H, W, 3), both in [-1, 1])``. Pure: under :data:`sample_jit` one program."""
+    """Prior (unless ``inp.use_image_embeds``), decoder, super-resolution: ``(image embeddings (B, E), decoder
+    images (B, h, w, 3) and final images (B, H, W, 3), both in [-1, 1])``. Pure: under :data:`sample_jit` one
+    program."""
     prior, decoder, super_res = stages(m, inp)
+    embeds = jnp.asarray(inp.image_embeds, jnp.float32)
     if prior is not None:
         latents = run_stage(prior, None, jax.random.fold_in(key, PRIOR), batch, inp.prior.start)
-        embeds = m.prior.bind("post_process_latents")(latents)
-    else:
-        embeds = jnp.asarray(inp.image_embeds, jnp.float32)
+        embeds = jnp.where(inp.use_image_embeds, embeds, m.prior.bind("post_process_latents")(latents))
     cond = decoder_conditioning(m, embeds, inp.text)
     null = m.text_proj.bind("null_image_embeddings")(batch)
     uncond = decoder_conditioning(m, null, inp.uncond)
@@ -273,12 +278,14 @@ def slerp(a: Array, b: Array, w: Any) -> Array:
 
 # ---- the loaded pipeline -----------------------------------------------------------------------------------
 
-def _latents(value: Any, shape: tuple[int, ...], name: str) -> Array | None:
-    """A start noise given by the caller: NHWC (or NCHW, as diffusers takes it) images, or (B, E) embeddings."""
+def _start(value: Any, shape: tuple[int, ...], key: Array, stage: int, name: str) -> Array:
+    """A stage's start noise: the caller's (NHWC, or NCHW as diffusers takes it; (B, E) for the prior), else the
+    draw :func:`jaxdiff.pipelines.cascade.run_stage` makes from the stage's key (so that every call passes an array
+    and shares one compiled program)."""
     if value is None:
-        return None
+        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, stage), cascade.START_STREAM), shape)
     a = np.asarray(value, np.float32)
-    if a.ndim == 4 and a.shape[1:] != shape[1:] and (a.shape[0], a.shape[2], a.shape[3], a.shape[1]) == shape:
+    if a.ndim == 4 and a.shape != shape and (a.shape[0], a.shape[2], a.shape[3], a.shape[1]) == shape:
         a = a.transpose(0, 2, 3, 1)
     if a.shape != shape:
         raise ValueError(f"{name} has shape {a.shape}; expected {shape} (batch = prompts x images per prompt)")
@@ -330,7 +337,7 @@ class UnCLIP:
             prior_ac=None if "prior" not in train else jnp.asarray(train["prior"].alphas_cumprod),
             decoder_ac=jnp.asarray(train["decoder"].alphas_cumprod),
             super_res_ac=jnp.asarray(train["super_res"].alphas_cumprod),
-            embedding_dim=int(prior_module.config.embedding_dim) if prior_module is not None else 0,
+            embedding_dim=int(read_component_config(path, "text_proj")["clip_embeddings_dim"]),
             decoder_shape=(dsize, dsize, int(decoder.config.in_channels)),
             super_res_shape=(ssize, ssize, int(sr_first.config.in_channels) // 2),
             prior_prediction=train["prior"].prediction if "prior" in train else "sample",
@@ -378,19 +385,23 @@ class UnCLIP:
     def _run(self, text: dict, uncond: dict, batch: int, *, image_embeds: Any, prior_steps: int, decoder_steps: int,
              super_res_steps: int, prior_guidance_scale: float, decoder_guidance_scale: float, seed: int,
              prior_latents: Any, decoder_latents: Any, super_res_latents: Any) -> tuple[Array, Array, Array]:
-        m = self.models
+        m, key = self.models, jax.random.key(seed)
         prior = None
-        if image_embeds is None:
-            prior = self.plan("prior", prior_steps)
-            prior = dataclasses.replace(prior, start=_latents(prior_latents, (batch, m.embedding_dim),
-                                                              "prior_latents"))
-        dec = dataclasses.replace(self.plan("decoder", decoder_steps),
-                                  start=_latents(decoder_latents, (batch,) + m.decoder_shape, "decoder_latents"))
-        sr = dataclasses.replace(self.plan("super_res", super_res_steps),
-                                 start=_latents(super_res_latents, (batch,) + m.super_res_shape, "super_res_latents"))
+        if m.prior is not None:
+            prior = dataclasses.replace(self.plan("prior", max(prior_steps, 2)), start=_start(
+                prior_latents, (batch, m.embedding_dim), key, PRIOR, "prior_latents"))
+        dec = dataclasses.replace(self.plan("decoder", decoder_steps), start=_start(
+            decoder_latents, (batch,) + m.decoder_shape, key, DECODER, "decoder_latents"))
+        sr = dataclasses.replace(self.plan("super_res", super_res_steps), start=_start(
+            super_res_latents, (batch,) + m.super_res_shape, key, SUPER_RES, "super_res_latents"))
+        given = image_embeds is not None
+        if not given and m.prior is None:
+            raise ValueError("this unCLIP folder has no prior (an image-variation folder): pass images or image "
+                             "embeddings (variations)")
+        embeds = jnp.asarray(image_embeds, jnp.float32) if given else jnp.zeros((batch, m.embedding_dim), jnp.float32)
         inp = UnCLIPInputs(text, uncond, jnp.float32(prior_guidance_scale), jnp.float32(decoder_guidance_scale),
-                           prior, dec, sr, None if image_embeds is None else jnp.asarray(image_embeds, jnp.float32))
-        return sample_jit(m, inp, jax.random.key(seed), batch)
+                           prior, dec, sr, embeds, jnp.asarray(given))
+        return sample_jit(m, inp, key, batch)
 
     # -- the three uses --
 
@@ -432,7 +443,7 @@ class UnCLIP:
         embeds = jnp.repeat(embeds, num_images_per_prompt, axis=0)
         b = int(embeds.shape[0])
         empty = self.encode_prompts([""] * b)
-        out = self._run(empty, empty, b, image_embeds=embeds, prior_steps=0, decoder_steps=decoder_steps,
+        out = self._run(empty, empty, b, image_embeds=embeds, prior_steps=2, decoder_steps=decoder_steps,
                         super_res_steps=super_res_steps, prior_guidance_scale=1.0,
                         decoder_guidance_scale=decoder_guidance_scale, seed=seed, prior_latents=None,
                         decoder_latents=decoder_latents, super_res_latents=super_res_latents)

@@ -177,20 +177,32 @@ def test_text_to_image_matches_diffusers(pipes, monkeypatch):
 
 @pytest.mark.parity
 def test_image_variation_matches_diffusers(pipes, monkeypatch):
-    _, ref, _, ours = pipes
+    """The variation folder's image encoder gives diffusers' embeddings; decoding them through the text folder (whose
+    decoder, text_proj and super-resolution U-Nets are the same) gives UnCLIPImageVariationPipeline's images, and
+    variations share text-to-image's compiled program."""
+    import torch
+
+    ref, ref_var, ours, ours_var = pipes
     b, steps = 2, (3, 3)
     pixels = np.random.default_rng(5).standard_normal((b, 3, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        ref_embeds = ref_var.image_encoder(torch.from_numpy(pixels)).image_embeds.numpy()
+    embeds = ours_var.encode_images({"pixel_values": pixels.transpose(0, 2, 3, 1)})
+    np.testing.assert_allclose(embeds, ref_embeds, atol=1e-5, rtol=1e-5)
     starts = _starts(b, ("decoder", "super_res"))
     noise = _JaxNoise(SEED, [(U.DECODER, steps[0], (b, 8, 8, 3)), (U.SUPER_RES, steps[1], (b, 16, 16, 3))])
-    want, want_embeds = _diffusers(ref, monkeypatch, noise, image=pixels, decoder_num_inference_steps=steps[0],
+    want, want_embeds = _diffusers(ref_var, monkeypatch, noise, image=pixels, decoder_num_inference_steps=steps[0],
                                    super_res_num_inference_steps=steps[1], decoder_guidance_scale=4.0, **starts)
-    got, embeds, _ = ours.variations({"pixel_values": pixels.transpose(0, 2, 3, 1)}, decoder_steps=steps[0],
-                                     super_res_steps=steps[1], decoder_guidance_scale=4.0, seed=SEED,
-                                     return_stages=True, **starts)
-    np.testing.assert_allclose(embeds, want_embeds, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(want_embeds, ref_embeds, atol=1e-6)
+    got = ours.variations(image_embeds=embeds, decoder_steps=steps[0], super_res_steps=steps[1],
+                          decoder_guidance_scale=4.0, seed=SEED, **starts)
     np.testing.assert_allclose(got, want, atol=1e-3)
+    ours(PROMPTS[:1] * 2, prior_steps=2, decoder_steps=2, super_res_steps=2, seed=0)
+    assert U.sample_jit._cache_size() == 1  # prompts and image embeddings: one program
     with pytest.raises(ValueError, match="exactly one of image"):
         ours.variations()
+    with pytest.raises(ValueError, match="no prior"):
+        ours_var(PROMPTS)
 
 
 @pytest.mark.parity
@@ -239,10 +251,11 @@ def test_slerp_endpoints_norm_and_constant_speed():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal(8), rng.standard_normal(8)
     b = b / np.linalg.norm(b) * np.linalg.norm(a)
-    path = np.asarray(U.slerp(a, b, jnp.linspace(0.0, 1.0, 5)))
+    slerp = jax.jit(U.slerp)
+    path = np.asarray(slerp(a, b, np.linspace(0.0, 1.0, 5)))
     np.testing.assert_allclose(path[0], a, atol=1e-5)
     np.testing.assert_allclose(path[-1], b, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(path, axis=1), np.linalg.norm(a), rtol=1e-5)  # stays on the sphere
     cos = [p @ q / (np.linalg.norm(p) * np.linalg.norm(q)) for p, q in zip(path[:-1], path[1:])]
     np.testing.assert_allclose(cos, cos[0], rtol=1e-5)  # equal angles between neighbours
-    np.testing.assert_allclose(np.asarray(U.slerp(a, a, 0.3)), a, rtol=1e-5)  # parallel: no division by zero
+    np.testing.assert_allclose(np.asarray(slerp(a, a, np.full(5, 0.3)))[0], a, rtol=1e-5)  # parallel: no division by zero
