@@ -41,16 +41,15 @@ def _components(folder):
                                        num_hidden_layers=1, vocab_size=10, max_position_embeddings=L)
     vision = transformers.CLIPVisionConfig(hidden_size=E, projection_dim=E, intermediate_size=24,
                                            num_attention_heads=2, num_hidden_layers=1, image_size=8, patch_size=4)
-    sr = dict(sample_size=16, layers_per_block=1, down_block_types=("ResnetDownsampleBlock2D",) * 2,
-              up_block_types=("ResnetUpsampleBlock2D",) * 2, block_out_channels=(8, 16), in_channels=6,
-              out_channels=3, norm_num_groups=4)
+    sr = dict(sample_size=16, layers_per_block=1, down_block_types=("ResnetDownsampleBlock2D",),
+              up_block_types=("ResnetUpsampleBlock2D",), block_out_channels=(8,), in_channels=6, out_channels=3,
+              norm_num_groups=4)
     return dict(
         prior=_perturb(diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=8, embedding_dim=E,
                                                   num_layers=1, num_embeddings=L), 1, 0.3),
         decoder=_perturb(diffusers.UNet2DConditionModel(
-            sample_size=8, in_channels=3, out_channels=6, block_out_channels=(8, 16), layers_per_block=1,
-            down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-            up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+            sample_size=8, in_channels=3, out_channels=6, block_out_channels=(8,), layers_per_block=1,
+            down_block_types=("SimpleCrossAttnDownBlock2D",), up_block_types=("SimpleCrossAttnUpBlock2D",),
             mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=CTX, attention_head_dim=4,
             norm_num_groups=4, resnet_time_scale_shift="scale_shift", class_embed_type="identity"), 2),
         text_proj=_perturb(UnCLIPTextProjModel(clip_extra_context_tokens=2, clip_embeddings_dim=E, time_embed_dim=32,
@@ -82,7 +81,7 @@ def pipes(tmp_path_factory):
     for p, name in ((ref, "text"), (ref_var, "variation")):
         p.set_progress_bar_config(disable=True)
         p.save_pretrained(str(root / name), safe_serialization=True)
-    return ref, ref_var, U.UnCLIP.from_pretrained(root / "text"), U.UnCLIP.from_pretrained(root / "variation")
+    return ref, ref_var, U.UnCLIP.from_pretrained(root / "text"), U.UnCLIP.from_pretrained(root / "variation"), root
 
 
 class _JaxNoise:
@@ -146,7 +145,7 @@ def _diffusers(pipe, monkeypatch, noise, exact_last_step=True, **kwargs):
 
 @pytest.mark.parity
 def test_text_to_image_matches_diffusers(pipes, monkeypatch):
-    ref, _, ours, _ = pipes
+    ref, _, ours, _, _ = pipes
     b, steps = len(PROMPTS), (3, 3, 4)
     starts = _starts(b, ("prior", "decoder", "super_res"))
     noise = _JaxNoise(SEED, [(U.PRIOR, steps[0], (b, E)), (U.DECODER, steps[1], (b, 8, 8, 3)),
@@ -182,7 +181,7 @@ def test_image_variation_matches_diffusers(pipes, monkeypatch):
     variations share text-to-image's compiled program."""
     import torch
 
-    ref, ref_var, ours, ours_var = pipes
+    ref, ref_var, ours, ours_var, _ = pipes
     b, steps = 2, (3, 3)
     pixels = np.random.default_rng(5).standard_normal((b, 3, 8, 8)).astype(np.float32)
     with torch.no_grad():
@@ -259,3 +258,34 @@ def test_slerp_endpoints_norm_and_constant_speed():
     cos = [p @ q / (np.linalg.norm(p) * np.linalg.norm(q)) for p, q in zip(path[:-1], path[1:])]
     np.testing.assert_allclose(cos, cos[0], rtol=1e-5)  # equal angles between neighbours
     np.testing.assert_allclose(np.asarray(slerp(a, a, np.full(5, 0.3)))[0], a, rtol=1e-5)  # parallel: no division by zero
+
+
+@pytest.mark.parity
+def test_cli_samples_an_unclip_folder(pipes, tmp_path, capsys):
+    """``jaxdiff sample --model <unclip folder> --prompt ...``: the final images and the decoder's, in the program
+    the folder already compiled (same batch); variations refuse a prompt and need an image encoder."""
+    import json
+
+    from PIL import Image
+
+    from jaxdiff import cli
+
+    folder = pipes[4]
+    out = tmp_path / "u.png"
+    code = cli.main(["sample", "--model", str(folder / "text"), "--prompt", "a b", "--prompt", "c d e",
+                     "--prior-steps", "3", "--steps", "2", "--super-res-steps", "2", "--guidance", "3",
+                     "--out", str(out)])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["prior_steps"] == 3 and printed["guidance"] == 3.0
+    assert Image.open(out).size == (2 * 16 + 2, 16)  # a grid of two 16x16 images
+    assert Image.open(tmp_path / "u-decoder.png").size == (2 * 8 + 1, 8)
+    assert (tmp_path / "u-001.png").is_file()
+    assert U.sample_jit._cache_size() == 1
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in.png")
+    assert cli.main(["sample", "--model", str(folder / "variation"), "--init-image", str(tmp_path / "in.png"),
+                     "--prompt", "a"]) == 2
+    assert "drop --prompt" in capsys.readouterr().err
+    assert cli.main(["sample", "--model", str(folder / "text"), "--init-image", str(tmp_path / "in.png"),
+                     "--out", str(tmp_path / "v.png")]) == 2
+    assert "needs an image encoder" in capsys.readouterr().err
