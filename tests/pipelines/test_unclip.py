@@ -196,6 +196,10 @@ def test_image_variation_matches_diffusers(pipes, monkeypatch):
     got = ours.variations(image_embeds=embeds, decoder_steps=steps[0], super_res_steps=steps[1],
                           decoder_guidance_scale=4.0, seed=SEED, **starts)
     np.testing.assert_allclose(got, want, atol=1e-3)
+    # a two-point interpolation is the two endpoints' variations
+    ends = ours.interpolate(embeds[0], embeds[1], 2, decoder_steps=steps[0], super_res_steps=steps[1],
+                            decoder_guidance_scale=4.0, seed=SEED, **starts)
+    np.testing.assert_allclose(ends, got, atol=1e-4)
     ours(PROMPTS[:1] * 2, prior_steps=2, decoder_steps=2, super_res_steps=2, seed=0)
     assert U.sample_jit._cache_size() == 1  # prompts and image embeddings: one program
     with pytest.raises(ValueError, match="exactly one of image"):
