@@ -193,6 +193,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                         "bit; larger = nearer); default: the model's DPT estimates it from the init image")
     _add_control_args(p)
     _add_personal_args(p)
+    _add_unclip_args(p)
     p.add_argument("--clip-skip", type=int, default=None,
                    help="SD: use the text encoder's hidden state k layers earlier; default 0")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -215,7 +216,6 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_cpu_devices_arg(p)
-    _add_unclip_args(p)
 
 
 CONTROL_HELP = (
@@ -1409,93 +1409,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxdiff", description="Diffusion sampling in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sample", help="draw samples and write PNGs")
-    _add_sample_args(p)
-    p.set_defaults(func=cmd_sample)
-    p = sub.add_parser("edit", help="Prompt-to-Prompt: an image and its edit by another prompt (jaxdiff.editing)")
-    p.add_argument("--model", default="digits-sd", help="a Stable Diffusion folder or built-in pipeline")
-    p.add_argument("--prompt", required=True, help="the source prompt")
-    p.add_argument("--target", required=True, help="the edited prompt (a word swapped, added or re-weighted)")
-    p.add_argument("--image", default=None, metavar="PNG",
-                   help="edit this real image (--prompt is its caption): invert it, then edit; NAME-source.png is "
-                        "its reconstruction")
-    p.add_argument("--inversion", default=None, choices=("null-text", "ddim"),
-                   help="with --image: null-text inversion (Mokady et al. 2023; default) or plain DDIM inversion")
-    p.add_argument("--inversion-steps", type=int, default=None, metavar="N",
-                   help="with --image: DDIM steps of the inversion and of the edit; default --steps, else 50")
-    p.add_argument("--height", type=int, default=None, help="image height; default the model's (with --image: "
-                                                            "the image's; both --height and --width resize it)")
-    p.add_argument("--width", type=int, default=None, help="image width; default as --height")
-    p.add_argument("--mode", default="auto", choices=("auto", "replace", "refine"), help="word swap or refinement")
-    p.add_argument("--blend", nargs="+", default=None, metavar="WORD", help="local blending on these words' maps")
-    p.add_argument("--blend-threshold", type=float, default=0.3, help="local-blend threshold; default 0.3")
-    p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR", help="scale a word's maps")
-    p.add_argument("--cross-steps", type=float, default=0.8, help="fraction of steps with cross-attention injection")
-    p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with self-attention injection")
-    p.add_argument("--attention-maps", default=None, metavar="PNG", help="write the chosen words' maps as a grid")
-    p.add_argument("--out", default="edit.png", help="the edit's PNG; the source goes beside it as NAME-source.png")
-    for flag, kind, default, text in (("--steps", int, None, "sampling steps; default 20 (with --image: 50)"),
-                                      ("--guidance", float, 7.5, "classifier-free guidance scale; default 7.5"),
-                                      ("--seed", int, 0, "the start noise's seed; default 0"),
-                                      ("--sampler", str, None, "one evaluation per step (ddim, euler, dpmpp_2m); "
-                                                               "default: the folder's scheduler"),
-                                      ("--negative", str, "", "negative prompt; default none")):
-        p.add_argument(flag, type=kind, default=default, help=text)
-    p.set_defaults(func=cmd_edit)
-    p = sub.add_parser("info", help="devices, samplers, the schedules each model accepts, models; --model FOLDER "
-                                    "summarises a folder")
-    p.add_argument("--model", default=None, help="a diffusers folder or built-in pipeline to summarise (default: none)")
-    p.set_defaults(func=cmd_info)
-    p = sub.add_parser("bench", help="images/s of Stable Diffusion sampling (random SD-architecture weights)")
-    try:
-        sizes = ", ".join(f"{k} ({_bench_resolution(v)} images)" for k, v in bench_module().SIZES.items())
-    except CLIError:
-        sizes = "see benchmarks/throughput.py in a source checkout"
-    p.add_argument("--size", default="tiny", help=f"random model size: {sizes}; ignored with --model; default tiny")
-    p.add_argument("--model", default=None, help="a diffusers folder (or digits-sd) instead of random weights")
-    p.add_argument("--batch", type=int, default=1, help="images per call; default 1")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps; default 20")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; default 7.5")
-    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name; default dpmpp_2m")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (compiling) one; default 3")
-    p.add_argument("--json", default=None, help="also write the results to this file")
-    _add_cpu_devices_arg(p)
-    p.add_argument("--compile-cache", default=None,
-                   help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
-    p.set_defaults(func=cmd_bench)
-    return parser
-
-
-@contextlib.contextmanager
-def one_line_warnings() -> Iterator[None]:
-    """Print warnings as ``warning: message`` (no file, line number or source line) while the command runs."""
-    saved = warnings.formatwarning
-    warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
-    try:
-        yield
-    finally:
-        warnings.formatwarning = saved
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        with one_line_warnings():
-            if getattr(args, "cpu_devices", None) is not None:  # before any JAX computation (jaxdiff.cpu_devices)
-                if args.cpu_devices < 1:
-                    raise CLIError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
-                from jaxdiff import cpu_devices
-
-                cpu_devices.configure(args.cpu_devices)
-            return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad names, options, paths: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 # ---- unCLIP / DALL-E 2 folders (diffusers UnCLIPPipeline, UnCLIPImageVariationPipeline) -------------------
 
 UNCLIP_PIPELINES = ("UnCLIPPipeline", "UnCLIPImageVariationPipeline")
@@ -1594,6 +1507,93 @@ def _sample_unclip(args: argparse.Namespace) -> Path:
              Path(args.out).with_name(f"{Path(args.out).stem}-decoder.png"), settings)
     print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
     return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxdiff", description="Diffusion sampling in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sample", help="draw samples and write PNGs")
+    _add_sample_args(p)
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("edit", help="Prompt-to-Prompt: an image and its edit by another prompt (jaxdiff.editing)")
+    p.add_argument("--model", default="digits-sd", help="a Stable Diffusion folder or built-in pipeline")
+    p.add_argument("--prompt", required=True, help="the source prompt")
+    p.add_argument("--target", required=True, help="the edited prompt (a word swapped, added or re-weighted)")
+    p.add_argument("--image", default=None, metavar="PNG",
+                   help="edit this real image (--prompt is its caption): invert it, then edit; NAME-source.png is "
+                        "its reconstruction")
+    p.add_argument("--inversion", default=None, choices=("null-text", "ddim"),
+                   help="with --image: null-text inversion (Mokady et al. 2023; default) or plain DDIM inversion")
+    p.add_argument("--inversion-steps", type=int, default=None, metavar="N",
+                   help="with --image: DDIM steps of the inversion and of the edit; default --steps, else 50")
+    p.add_argument("--height", type=int, default=None, help="image height; default the model's (with --image: "
+                                                            "the image's; both --height and --width resize it)")
+    p.add_argument("--width", type=int, default=None, help="image width; default as --height")
+    p.add_argument("--mode", default="auto", choices=("auto", "replace", "refine"), help="word swap or refinement")
+    p.add_argument("--blend", nargs="+", default=None, metavar="WORD", help="local blending on these words' maps")
+    p.add_argument("--blend-threshold", type=float, default=0.3, help="local-blend threshold; default 0.3")
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR", help="scale a word's maps")
+    p.add_argument("--cross-steps", type=float, default=0.8, help="fraction of steps with cross-attention injection")
+    p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with self-attention injection")
+    p.add_argument("--attention-maps", default=None, metavar="PNG", help="write the chosen words' maps as a grid")
+    p.add_argument("--out", default="edit.png", help="the edit's PNG; the source goes beside it as NAME-source.png")
+    for flag, kind, default, text in (("--steps", int, None, "sampling steps; default 20 (with --image: 50)"),
+                                      ("--guidance", float, 7.5, "classifier-free guidance scale; default 7.5"),
+                                      ("--seed", int, 0, "the start noise's seed; default 0"),
+                                      ("--sampler", str, None, "one evaluation per step (ddim, euler, dpmpp_2m); "
+                                                               "default: the folder's scheduler"),
+                                      ("--negative", str, "", "negative prompt; default none")):
+        p.add_argument(flag, type=kind, default=default, help=text)
+    p.set_defaults(func=cmd_edit)
+    p = sub.add_parser("info", help="devices, samplers, the schedules each model accepts, models; --model FOLDER "
+                                    "summarises a folder")
+    p.add_argument("--model", default=None, help="a diffusers folder or built-in pipeline to summarise (default: none)")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("bench", help="images/s of Stable Diffusion sampling (random SD-architecture weights)")
+    try:
+        sizes = ", ".join(f"{k} ({_bench_resolution(v)} images)" for k, v in bench_module().SIZES.items())
+    except CLIError:
+        sizes = "see benchmarks/throughput.py in a source checkout"
+    p.add_argument("--size", default="tiny", help=f"random model size: {sizes}; ignored with --model; default tiny")
+    p.add_argument("--model", default=None, help="a diffusers folder (or digits-sd) instead of random weights")
+    p.add_argument("--batch", type=int, default=1, help="images per call; default 1")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps; default 20")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; default 7.5")
+    p.add_argument("--sampler", default="dpmpp_2m", help="sampler name; default dpmpp_2m")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls after the first (compiling) one; default 3")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    _add_cpu_devices_arg(p)
+    p.add_argument("--compile-cache", default=None,
+                   help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Print warnings as ``warning: message`` (no file, line number or source line) while the command runs."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_a, **_k: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with one_line_warnings():
+            if getattr(args, "cpu_devices", None) is not None:  # before any JAX computation (jaxdiff.cpu_devices)
+                if args.cpu_devices < 1:
+                    raise CLIError(f"--cpu-devices must be at least 1, got {args.cpu_devices}")
+                from jaxdiff import cpu_devices
+
+                cpu_devices.configure(args.cpu_devices)
+            return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad names, options, paths: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
