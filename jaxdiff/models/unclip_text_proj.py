@@ -69,7 +69,8 @@ class UnCLIPTextProjModel(nnx.Module):
         if text_embeds.shape[0] != b or text_states.shape[0] != b:
             raise ValueError(f"image embeddings ({b}), text embeddings ({text_embeds.shape[0]}) and text states "
                              f"({text_states.shape[0]}) must have the same batch size")
-        additive = self.embedding_proj(text_embeds) + self.clip_image_embeddings_project_to_time_embeddings(image_embeds)
+        image_time = self.clip_image_embeddings_project_to_time_embeddings(image_embeds)
+        additive = self.embedding_proj(text_embeds) + image_time
         n = self.config.clip_extra_context_tokens
         extra = self.clip_extra_context_tokens_proj(image_embeds).reshape(b, -1, n).transpose(0, 2, 1)
         text = self.text_encoder_hidden_states_norm(self.encoder_hidden_states_proj(text_states))

@@ -261,7 +261,8 @@ def test_slerp_endpoints_norm_and_constant_speed():
     np.testing.assert_allclose(np.linalg.norm(path, axis=1), np.linalg.norm(a), rtol=1e-5)  # stays on the sphere
     cos = [p @ q / (np.linalg.norm(p) * np.linalg.norm(q)) for p, q in zip(path[:-1], path[1:])]
     np.testing.assert_allclose(cos, cos[0], rtol=1e-5)  # equal angles between neighbours
-    np.testing.assert_allclose(np.asarray(slerp(a, a, np.full(5, 0.3)))[0], a, rtol=1e-5)  # parallel: no division by zero
+    # parallel inputs: no division by zero
+    np.testing.assert_allclose(np.asarray(slerp(a, a, np.full(5, 0.3)))[0], a, rtol=1e-5)
 
 
 @pytest.mark.parity
