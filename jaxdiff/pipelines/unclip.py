@@ -158,8 +158,8 @@ class UnCLIPInputs:
 
 @pytree_dataclass
 class UnCLIPModels:
-    """The networks (pure callables) and training schedules; ``decoder_size`` / ``super_res_size`` and the
-    embedding width are static."""
+    """The networks (pure callables) and training schedules (``*_ac``: ``alphas_cumprod``); the image embedding
+    width, the decoder's and super-resolution's sample shapes, prediction types and variance kinds are static."""
 
     prior: Any  # PureModel of PriorTransformer, or None (variation folders)
     text_proj: Any
@@ -414,7 +414,9 @@ class UnCLIP:
 
         ``text`` (a dict of ``text_embeds``, ``text_states``, ``text_mask``) replaces the prompts' CLIP outputs
         (diffusers' ``text_model_output``); ``*_latents`` are the stages' start noises (``N(0, I)``; NHWC or NCHW);
-        ``return_stages`` also returns the image embeddings and the decoder's images."""
+        ``return_stages`` also returns the image embeddings and the decoder's images. Guidance always runs with
+        the given scales (1: the conditional prediction); diffusers skips it altogether when both scales are <= 1,
+        which differs only for a scale below 1."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if text is None:
             text = self.encode_prompts(prompts)
