@@ -458,6 +458,18 @@ class UnCLIP:
                   for v in (a, b))
         return self.variations(image_embeds=slerp(ea, eb, jnp.linspace(0.0, 1.0, steps)), **kwargs)
 
+    def interpolate_prompts(self, a: str, b: str, steps: int = 5, **kwargs: Any) -> Any:
+        """Text-to-image along the spherical path between two prompts' CLIP outputs: the text embeddings and each
+        token's hidden state slerped, the masks' union (as diffusers' community unCLIP text interpolation does);
+        ``steps`` images, one batch, keyword arguments as :meth:`__call__`."""
+        ta, tb = (self.encode_prompts([p]) for p in (a, b))
+        w = jnp.linspace(0.0, 1.0, steps)
+        text = dict(text_embeds=slerp(ta["text_embeds"][0], tb["text_embeds"][0], w),
+                    text_states=slerp(ta["text_states"][0], tb["text_states"][0], w),
+                    text_mask=jnp.broadcast_to(ta["text_mask"][0] | tb["text_mask"][0], (steps,) +
+                                               ta["text_mask"].shape[1:]))
+        return self([a] * steps, text=text, **kwargs)
+
 
 @jax.jit
 def _encode_text(model: PureModel, ids: Array) -> tuple[Array, Array]:

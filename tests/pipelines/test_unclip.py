@@ -172,6 +172,10 @@ def test_text_to_image_matches_diffusers(pipes, monkeypatch):
     again = ours(["e", "d"], prior_steps=5, decoder_steps=2, super_res_steps=3, prior_guidance_scale=1.5,
                  decoder_guidance_scale=2.0, seed=1, **other)
     assert U.sample_jit._cache_size() - before == 1 and np.abs(again - got).max() > 0.05
+    # a prompt interpolated with itself is that prompt at every point
+    same = ours.interpolate_prompts("d", "d", 2, prior_steps=5, decoder_steps=2, super_res_steps=3,
+                                    prior_guidance_scale=1.5, decoder_guidance_scale=2.0, seed=1, **other)
+    np.testing.assert_allclose(same[1], again[1], atol=1e-4)
 
 
 @pytest.mark.parity
