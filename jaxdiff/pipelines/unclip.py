@@ -32,6 +32,7 @@ of :class:`UnCLIPInputs`: changing them compiles nothing new.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -276,6 +277,9 @@ def slerp(a: Array, b: Array, w: Any) -> Array:
     return wa * a + wb * b
 
 
+_slerp = jax.jit(slerp)
+
+
 # ---- the loaded pipeline -----------------------------------------------------------------------------------
 
 def _start(value: Any, shape: tuple[int, ...], key: Array, stage: int, name: str) -> Array:
@@ -283,13 +287,18 @@ def _start(value: Any, shape: tuple[int, ...], key: Array, stage: int, name: str
     draw :func:`jaxdiff.pipelines.cascade.run_stage` makes from the stage's key (so that every call passes an array
     and shares one compiled program)."""
     if value is None:
-        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, stage), cascade.START_STREAM), shape)
+        return _stage_noise(key, stage, shape)
     a = np.asarray(value, np.float32)
     if a.ndim == 4 and a.shape != shape and (a.shape[0], a.shape[2], a.shape[3], a.shape[1]) == shape:
         a = a.transpose(0, 2, 3, 1)
     if a.shape != shape:
         raise ValueError(f"{name} has shape {a.shape}; expected {shape} (batch = prompts x images per prompt)")
     return jnp.asarray(a)
+
+
+@partial(jax.jit, static_argnames=("shape",))
+def _stage_noise(key: Array, stage: int, shape: tuple[int, ...]) -> Array:
+    return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, stage), cascade.START_STREAM), shape)
 
 
 @dataclasses.dataclass
@@ -361,7 +370,7 @@ class UnCLIP:
                              truncation=True, return_tensors="np")
         ids = jnp.asarray(tok["input_ids"], jnp.int32)
         out = _encode_text(self.text_encoder, ids)
-        return dict(text_embeds=out[0], text_states=out[1], text_mask=jnp.asarray(tok["attention_mask"], bool))
+        return dict(text_embeds=out[0], text_states=out[1], text_mask=np.asarray(tok["attention_mask"], bool))
 
     def encode_images(self, images: Any) -> Array:
         """CLIP image embeddings (B, E) of RGB images (B, H, W, 3) in [0, 1] (the feature extractor's resize,
@@ -398,9 +407,10 @@ class UnCLIP:
         if not given and m.prior is None:
             raise ValueError("this unCLIP folder has no prior (an image-variation folder): pass images or image "
                              "embeddings (variations)")
-        embeds = jnp.asarray(image_embeds, jnp.float32) if given else jnp.zeros((batch, m.embedding_dim), jnp.float32)
-        inp = UnCLIPInputs(text, uncond, jnp.float32(prior_guidance_scale), jnp.float32(decoder_guidance_scale),
-                           prior, dec, sr, embeds, jnp.asarray(given))
+        embeds = np.asarray(image_embeds, np.float32) if given else np.zeros((batch, m.embedding_dim), np.float32)
+        inp = UnCLIPInputs(text, uncond, np.float32(prior_guidance_scale), np.float32(decoder_guidance_scale),
+                           prior, dec, sr, embeds, np.asarray(given))
+        inp = jax.device_put(inp)  # host and device leaves alike: one compiled program for every call
         return sample_jit(m, inp, key, batch)
 
     # -- the three uses --
@@ -421,9 +431,9 @@ class UnCLIP:
         if text is None:
             text = self.encode_prompts(prompts)
         else:
-            text = {k: jnp.asarray(v) for k, v in text.items()}
+            text = {k: np.asarray(v) for k, v in text.items()}
         n = int(text["text_embeds"].shape[0])
-        text = {k: jnp.repeat(v, num_images_per_prompt, axis=0) for k, v in text.items()}
+        text = {k: np.repeat(np.asarray(v), num_images_per_prompt, axis=0) for k, v in text.items()}
         uncond = self.encode_prompts([""] * (n * num_images_per_prompt))
         out = self._run(text, uncond, n * num_images_per_prompt, image_embeds=None, prior_steps=prior_steps,
                         decoder_steps=decoder_steps, super_res_steps=super_res_steps,
@@ -441,8 +451,8 @@ class UnCLIP:
         with the empty prompt."""
         if (image is None) == (image_embeds is None):
             raise ValueError("give exactly one of image (RGB images in [0, 1]) and image_embeds")
-        embeds = self.encode_images(image) if image_embeds is None else jnp.asarray(image_embeds, jnp.float32)
-        embeds = jnp.repeat(embeds, num_images_per_prompt, axis=0)
+        embeds = self.encode_images(image) if image_embeds is None else image_embeds
+        embeds = np.repeat(np.asarray(embeds, np.float32), num_images_per_prompt, axis=0)
         b = int(embeds.shape[0])
         empty = self.encode_prompts([""] * b)
         out = self._run(empty, empty, b, image_embeds=embeds, prior_steps=2, decoder_steps=decoder_steps,
@@ -456,18 +466,18 @@ class UnCLIP:
         ``steps`` points from ``a`` to ``b``, each decoded as :meth:`variations` does (one batch)."""
         ea, eb = (self.encode_images(np.asarray(v)[None])[0] if np.ndim(v) == 3 else jnp.asarray(v, jnp.float32)
                   for v in (a, b))
-        return self.variations(image_embeds=slerp(ea, eb, jnp.linspace(0.0, 1.0, steps)), **kwargs)
+        return self.variations(image_embeds=_slerp(ea, eb, np.linspace(0.0, 1.0, steps)), **kwargs)
 
     def interpolate_prompts(self, a: str, b: str, steps: int = 5, **kwargs: Any) -> Any:
         """Text-to-image along the spherical path between two prompts' CLIP outputs: the text embeddings and each
         token's hidden state slerped, the masks' union (as diffusers' community unCLIP text interpolation does);
         ``steps`` images, one batch, keyword arguments as :meth:`__call__`."""
         ta, tb = (self.encode_prompts([p]) for p in (a, b))
-        w = jnp.linspace(0.0, 1.0, steps)
-        text = dict(text_embeds=slerp(ta["text_embeds"][0], tb["text_embeds"][0], w),
-                    text_states=slerp(ta["text_states"][0], tb["text_states"][0], w),
-                    text_mask=jnp.broadcast_to(ta["text_mask"][0] | tb["text_mask"][0], (steps,) +
-                                               ta["text_mask"].shape[1:]))
+        w = np.linspace(0.0, 1.0, steps)
+        text = dict(text_embeds=_slerp(ta["text_embeds"][0], tb["text_embeds"][0], w),
+                    text_states=_slerp(ta["text_states"][0], tb["text_states"][0], w),
+                    text_mask=np.broadcast_to(ta["text_mask"][0] | tb["text_mask"][0], (steps,) +
+                                              ta["text_mask"].shape[1:]))
         return self([a] * steps, text=text, **kwargs)
 
 
@@ -484,7 +494,7 @@ def _encode_image(model: PureModel, pixels: Array) -> Array:
 
 def _finish(out: tuple[Array, Array, Array], stages_too: bool) -> Any:
     embeds, small, big = out
-    images = np.asarray(jnp.clip(big * 0.5 + 0.5, 0.0, 1.0))
+    images = np.clip(np.asarray(big) * 0.5 + 0.5, 0.0, 1.0)
     return (images, np.asarray(embeds), np.asarray(small)) if stages_too else images
 
 
