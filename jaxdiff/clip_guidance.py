@@ -122,3 +122,14 @@ def clip_guidance(image_embed: Callable[[Array, Array], Array], text_embed: Any,
     params = dict(image_embed=as_pytree_callable(image_embed), text_embed=jnp.asarray(text_embed),
                   scale=float_leaf(scale), schedule=schedule)
     return Transform(CLIPGuidance, params, (("variance", variance),))
+
+
+@pytree_dataclass
+class NormalizedEmbedding:
+    """``inner(x, sigma) / |inner(x, sigma)|``: CLIP's unit-norm image features from any embedding network."""
+
+    inner: Callable[[Array, Array], Array]
+
+    def __call__(self, x: Array, sigma: Array) -> Array:
+        e = self.inner(x, sigma)
+        return e * jax.lax.rsqrt(jnp.sum(e * e, axis=-1, keepdims=True) + 1e-12)

@@ -70,7 +70,7 @@ def test_learned_range_mean_shift_and_variance_channels():
     scale, i = 1.5, 6
     sigma, sigma_next = float(SIGMAS.values[i]), float(SIGMAS.values[i + 1])
     v = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, SHAPE), jnp.float32)
-    inner = lambda x, s, c=None: jnp.concatenate([gaussian_denoiser(x, s), v], -1)  # noqa: E731
+    inner = lambda x, s, c=None: jnp.concatenate([gaussian_denoiser(x, jnp.broadcast_to(s, (2,))), v], -1)  # noqa: E731
     guided = G.apply(inner, clip_guidance(linear_clip, TEXT, scale, schedule=SIGMAS, variance="learned_range"))
     x = jnp.asarray(np.random.default_rng(3).standard_normal(SHAPE), jnp.float32)
     s = jnp.full((2,), sigma, jnp.float32)
@@ -78,6 +78,12 @@ def test_learned_range_mean_shift_and_variance_channels():
     np.testing.assert_array_equal(np.asarray(out[..., 1:]), np.asarray(v))
     var, c1 = _vp_truth(sigma, sigma_next, "learned_range", (np.asarray(v) + 1) / 2)
     np.testing.assert_allclose(c1 * np.asarray(out[..., :1] - ref[..., :1]), scale * var * GRAD_VP, rtol=2e-4, atol=1e-7)
+    # through DDPM(variance="learned_range") (the learned-variance sampler): the step's mean moves by s Sigma(v) g
+    key, sampler = jax.random.key(1), DDPM(variance="learned_range")
+    out_g, _ = sampler.step(lambda x_, s_: guided(x_, s_), (), x, jnp.float32(sigma), jnp.float32(sigma_next), key)
+    out_u, _ = sampler.step(lambda x_, s_: inner(x_, s_), (), x, jnp.float32(sigma), jnp.float32(sigma_next), key)
+    np.testing.assert_allclose(np.asarray(out_g - out_u), scale * var * GRAD_VP * np.sqrt(1.0 + sigma_next**2),
+                               rtol=2e-4, atol=1e-6)
     with pytest.raises(ValueError, match="2 x 1 channels"):
         G.apply(gaussian_denoiser, clip_guidance(linear_clip, TEXT, schedule=SIGMAS, variance="learned_range"))(x, s)
 
