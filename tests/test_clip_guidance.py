@@ -47,21 +47,27 @@ def _vp_truth(sigma, sigma_next, variance, frac=None):
     return np.exp(frac * np.log(beta) + (1.0 - frac) * np.log(beta_tilde)), c1
 
 
+@jax.jit
+def _step_difference(transform, sampler, x, sigma, sigma_next, key):
+    """A DDPM step of the guided denoiser minus the unguided one, with the same noise."""
+    guided = G.apply(gaussian_denoiser, transform)
+    out_g, _ = sampler.step(lambda x_, s_: guided(x_, s_), (), x, sigma, sigma_next, key)
+    out_u, _ = sampler.step(lambda x_, s_: gaussian_denoiser(x_, jnp.broadcast_to(s_, (2,))), (), x, sigma,
+                            sigma_next, key)
+    return out_g - out_u
+
+
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_ddpm_mean_moves_by_scale_sigma_grad(variance):
     """One DDPM step, guided minus unguided (same noise): the VE mean difference is ``s Sigma A^T g / sqrt(abar_prev)``."""
     scale, i = 2.5, 4
     sigma, sigma_next = float(SIGMAS.values[i]), float(SIGMAS.values[i + 1])
-    guided = G.apply(gaussian_denoiser, clip_guidance(linear_clip, TEXT, scale, schedule=SIGMAS, variance=variance))
     x = jnp.asarray(np.random.default_rng(1).standard_normal(SHAPE), jnp.float32) * 3.0
-    key = jax.random.key(0)
-    sampler = DDPM(variance=variance)
-    out_g, _ = sampler.step(lambda x_, s_: guided(x_, s_), (), x, jnp.float32(sigma), jnp.float32(sigma_next), key)
-    out_u, _ = sampler.step(lambda x_, s_: gaussian_denoiser(x_, jnp.broadcast_to(s_, (2,))), (), x,
-                            jnp.float32(sigma), jnp.float32(sigma_next), key)
+    diff = _step_difference(clip_guidance(linear_clip, TEXT, scale, schedule=SIGMAS, variance=variance),
+                            DDPM(variance=variance), x, jnp.float32(sigma), jnp.float32(sigma_next), jax.random.key(0))
     var, _ = _vp_truth(sigma, sigma_next, variance)
     expected = scale * var * GRAD_VP * np.sqrt(1.0 + sigma_next**2)
-    np.testing.assert_allclose(np.asarray(out_g - out_u), np.broadcast_to(expected, SHAPE), rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(diff), np.broadcast_to(expected, SHAPE), rtol=2e-4, atol=1e-6)
 
 
 def test_learned_range_mean_shift_and_variance_channels():
@@ -74,15 +80,20 @@ def test_learned_range_mean_shift_and_variance_channels():
     guided = G.apply(inner, clip_guidance(linear_clip, TEXT, scale, schedule=SIGMAS, variance="learned_range"))
     x = jnp.asarray(np.random.default_rng(3).standard_normal(SHAPE), jnp.float32)
     s = jnp.full((2,), sigma, jnp.float32)
-    out, ref = guided(x, s), inner(x, s)
+    out, ref = jax.jit(lambda x_, s_: (guided(x_, s_), inner(x_, s_)))(x, s)
     np.testing.assert_array_equal(np.asarray(out[..., 1:]), np.asarray(v))
     var, c1 = _vp_truth(sigma, sigma_next, "learned_range", (np.asarray(v) + 1) / 2)
     np.testing.assert_allclose(c1 * np.asarray(out[..., :1] - ref[..., :1]), scale * var * GRAD_VP, rtol=2e-4, atol=1e-7)
     # through DDPM(variance="learned_range") (the learned-variance sampler): the step's mean moves by s Sigma(v) g
     key, sampler = jax.random.key(1), DDPM(variance="learned_range")
-    out_g, _ = sampler.step(lambda x_, s_: guided(x_, s_), (), x, jnp.float32(sigma), jnp.float32(sigma_next), key)
-    out_u, _ = sampler.step(lambda x_, s_: inner(x_, s_), (), x, jnp.float32(sigma), jnp.float32(sigma_next), key)
-    np.testing.assert_allclose(np.asarray(out_g - out_u), scale * var * GRAD_VP * np.sqrt(1.0 + sigma_next**2),
+
+    @jax.jit
+    def diff(x, sig, nxt):
+        out_g, _ = sampler.step(lambda x_, s_: guided(x_, s_), (), x, sig, nxt, key)
+        out_u, _ = sampler.step(lambda x_, s_: inner(x_, s_), (), x, sig, nxt, key)
+        return out_g - out_u
+
+    np.testing.assert_allclose(np.asarray(diff(x, jnp.float32(sigma), jnp.float32(sigma_next))), scale * var * GRAD_VP * np.sqrt(1.0 + sigma_next**2),
                                rtol=2e-4, atol=1e-6)
     with pytest.raises(ValueError, match="2 x 1 channels"):
         G.apply(gaussian_denoiser, clip_guidance(linear_clip, TEXT, schedule=SIGMAS, variance="learned_range"))(x, s)

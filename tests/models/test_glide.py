@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxdiff.convert.glide import OpenAIView, plan, to_openai
 from jaxdiff.convert.torch_layout import load_torch_tensors
+from jaxdiff.models._pure import PureModel
 from jaxdiff.models.glide import GlideConfig, GlideTextEncoder
 from jaxdiff.models.layers import Maker
 
@@ -78,14 +79,15 @@ def test_text_encoder_matches_equations():
     enc = load_torch_tensors(nnx.eval_shape(lambda: GlideTextEncoder(TINY, Maker(nnx.Rngs(0)))), tensors)
     tokens = np.array([[3, 7, 19, 19, 19, 19], [5, 1, 2, 0, 11, 19]])
     mask = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
-    proj, states = enc(jnp.asarray(tokens), jnp.asarray(mask))
+    run = jax.jit(lambda e, t, m: tuple(e(t, m)))
+    proj, states = run(PureModel.of(enc), jnp.asarray(tokens), jnp.asarray(mask))
     ref_proj, ref_states = _text_reference(tensors, tokens, mask, TINY.xf_heads, TINY.xf_layers)
     np.testing.assert_allclose(np.asarray(states), ref_states, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(proj), ref_proj, rtol=1e-4, atol=1e-4)
     # the padding embedding matters: a masked position's token id does not
     other = tokens.copy()
     other[0, 3] = 4
-    np.testing.assert_array_equal(np.asarray(enc(jnp.asarray(other), jnp.asarray(mask)).states),
+    np.testing.assert_array_equal(np.asarray(run(PureModel.of(enc), jnp.asarray(other), jnp.asarray(mask))[1]),
                                   np.asarray(states))
     with pytest.raises(ValueError, match="mask"):
         enc(jnp.asarray(tokens))
@@ -93,15 +95,22 @@ def test_text_encoder_matches_equations():
 
 # ---- openai names <-> diffusers' layout ------------------------------------------------------------
 
-def test_openai_names_fill_the_diffusers_layout_and_invert():
-    """Every openai tensor of a tiny GLIDE maps onto diffusers' UNet2DConditionModel (unCLIP decoder blocks)
-    with no key missing or left over, and the inverse rebuilds openai's tensors bit for bit."""
+@pytest.fixture(scope="module")
+def diffusers_unet():
+    """diffusers' UNet2DConditionModel of the tiny config with openai's tensors, converted, loaded strictly."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    tensors = _random_openai(openai_layout(**TINY_LAYOUT))
+    tensors = _random_openai(openai_layout(**TINY_LAYOUT), 2)
     view = OpenAIView(tensors, TINY)
     unet = diffusers.UNet2DConditionModel(**TINY.unet_config())
     result = unet.load_state_dict({k[5:]: torch.tensor(view[k]) for k in view if k.startswith("unet.")}, strict=True)
+    return unet, tensors, view, result
+
+
+def test_openai_names_fill_the_diffusers_layout_and_invert(diffusers_unet):
+    """Every openai tensor of a tiny GLIDE maps onto diffusers' UNet2DConditionModel (unCLIP decoder blocks)
+    with no key missing or left over, and the inverse rebuilds openai's tensors bit for bit."""
+    _, tensors, view, result = diffusers_unet
     assert not result.missing_keys and not result.unexpected_keys
     back = to_openai({k: view[k] for k in view}, TINY)
     assert sorted(back) == sorted(tensors)
@@ -111,15 +120,12 @@ def test_openai_names_fill_the_diffusers_layout_and_invert():
         plan(["input_blocks.99.0.in_layers.0.weight"], TINY)
 
 
-def test_attention_head_layout_matches_glide_equations():
+def test_attention_head_layout_matches_glide_equations(diffusers_unet):
     """openai's fused ``qkv`` (per head [q, k, v]) and ``encoder_kv`` (per head [k, v], text keys before image
     keys), converted, give diffusers' added-KV attention the output of GLIDE's AttentionBlock equations."""
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    tensors = _random_openai(openai_layout(**TINY_LAYOUT), 2)
-    view = OpenAIView(tensors, TINY)
-    unet = diffusers.UNet2DConditionModel(**TINY.unet_config())
-    unet.load_state_dict({k[5:]: torch.tensor(view[k]) for k in view if k.startswith("unet.")})
+    import torch
+
+    unet, tensors, _, _ = diffusers_unet
     rng = np.random.default_rng(3)
     c, hw, heads = 64, 4, 64 // TINY.num_head_channels
     x = rng.standard_normal((2, c, hw, hw)).astype(np.float32)

@@ -80,9 +80,9 @@ def test_guidance_is_mean_only_with_conditional_variance():
     den = cascade.stage_denoiser(stage, None)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, 8, 3)), jnp.float32) * 5.0
     sigma = jnp.full((2,), float(stage.sigmas.values[10]))
-    out = den(x, sigma, stage.cond)
     plain = stage.denoiser(NET)
-    c, u = plain(x, sigma, _text(0)), plain(x, sigma, _text(1))
+    out, c, u = jax.jit(lambda x_, s_: (den(x_, s_, stage.cond), plain(x_, s_, _text(0)), plain(x_, s_, _text(1))))(
+        x, sigma)
     np.testing.assert_allclose(np.asarray(out[..., :3]), np.asarray(u[..., :3] + 4.0 * (c[..., :3] - u[..., :3])),
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(out[..., 3:]), np.asarray(c[..., 3:]))
