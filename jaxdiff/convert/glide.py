@@ -328,13 +328,14 @@ def openai_state_dict(model: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in to_openai(torch_state_dict(model), model.config).items()}
 
 
-def openai_shapes(cfg: GlideConfig) -> dict[str, tuple[int, ...]]:
-    """openai key -> tensor shape of a model with this config, from the abstract model (nothing allocated)."""
+def openai_shapes(cfg: GlideConfig, model: Any = None) -> dict[str, tuple[int, ...]]:
+    """openai key -> tensor shape of a model with this config, from the abstract model (nothing allocated;
+    ``model``: one already built, e.g. by :func:`abstract_glide`)."""
     from flax import nnx
 
     from jaxdiff.convert.torch_layout import checkpoint_name, parameter_kind
 
-    model = abstract_glide(cfg)
+    model = abstract_glide(cfg) if model is None else model
     torch_shapes = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         v = var.get_value()
