@@ -93,13 +93,13 @@ class CLIPGuidance:
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         sigma = batch_sigma(sigma, x)
         out = self.inner(x, sigma, cond)
-        grad = jax.grad(clip_score, argnums=1)(self.image_embed, x, sigma, self.text_embed).astype(x.dtype)
-        scale = expand_to(self.scale, x)
         learned = self.variance == "learned_range"
         c = x.shape[-1]
         if learned and out.shape[-1] != 2 * c:
             raise ValueError(f"variance='learned_range' needs a denoiser returning 2 x {c} channels (x0 estimate and "
                              f"the network's variance values), got {out.shape[-1]}")
+        grad = jax.grad(clip_score, argnums=1)(self.image_embed, x, sigma, self.text_embed).astype(x.dtype)
+        scale = expand_to(self.scale, x)
         x0, rest = (out[..., :c], out[..., c:]) if learned else (out, None)
         s = expand_to(sigma, x)
         if self.schedule is None:
