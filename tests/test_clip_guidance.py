@@ -59,7 +59,8 @@ def _step_difference(transform, sampler, x, sigma, sigma_next, key):
 
 @pytest.mark.parametrize("variance", ["fixed_small"])
 def test_ddpm_mean_moves_by_scale_sigma_grad(variance):
-    """One DDPM step, guided minus unguided (same noise): the VE mean difference is ``s Sigma A^T g / sqrt(abar_prev)``."""
+    """One DDPM step, guided minus unguided (same noise): the VE mean difference is
+    ``s Sigma A^T g / sqrt(abar_prev)``."""
     scale, i = 2.5, 4
     sigma, sigma_next = float(SIGMAS.values[i]), float(SIGMAS.values[i + 1])
     x = jnp.asarray(np.random.default_rng(1).standard_normal(SHAPE), jnp.float32) * 3.0
@@ -87,7 +88,8 @@ def test_learned_range_mean_shift_and_variance_channels():
     var, c1 = _vp_truth(sigma, sigma_next, "learned_range", (np.asarray(v) + 1) / 2)
     np.testing.assert_allclose(var[0, 0], _vp_truth(sigma, sigma_next, "fixed_large")[0], rtol=1e-6)
     np.testing.assert_allclose(var[0, 1], _vp_truth(sigma, sigma_next, "fixed_small")[0], rtol=1e-6)
-    np.testing.assert_allclose(c1 * np.asarray(out[..., :1] - ref[..., :1]), scale * var * GRAD_VP, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(c1 * np.asarray(out[..., :1] - ref[..., :1]), scale * var * GRAD_VP, rtol=2e-4,
+                               atol=1e-7)
     # through DDPM(variance="learned_range") (the learned-variance sampler): the step's mean moves by s Sigma(v) g
     key, sampler = jax.random.key(1), DDPM(variance="learned_range")
 
@@ -97,7 +99,8 @@ def test_learned_range_mean_shift_and_variance_channels():
         out_u, _ = sampler.step(lambda x_, s_: inner(x_, s_), (), x, sig, nxt, key)
         return out_g - out_u
 
-    np.testing.assert_allclose(np.asarray(diff(x, jnp.float32(sigma), jnp.float32(sigma_next))), scale * var * GRAD_VP * np.sqrt(1.0 + sigma_next**2),
+    expected = scale * var * GRAD_VP * np.sqrt(1.0 + sigma_next**2)
+    np.testing.assert_allclose(np.asarray(diff(x, jnp.float32(sigma), jnp.float32(sigma_next))), expected,
                                rtol=2e-4, atol=1e-6)
     with pytest.raises(ValueError, match="2 x 1 channels"):
         G.apply(gaussian_denoiser, clip_guidance(linear_clip, TEXT, schedule=SIGMAS, variance="learned_range"))(x, s)

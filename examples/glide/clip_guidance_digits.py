@@ -41,7 +41,7 @@ from jaxdiff.samplers import DDPM  # noqa: E402
 from jaxdiff.train import load_digits_dataset  # noqa: E402
 
 DIM, STEPS, BATCH, LR = 16, 1500, 64, 2e-3
-SCALES = (0.0, 2.0, 5.0, 10.0)
+SCALES = (0.0, 5.0, 10.0, 20.0, 40.0)
 PER_DIGIT, SAMPLE_STEPS = 20, 100
 
 
@@ -125,8 +125,8 @@ def evaluate(model: PureModel, text: jax.Array, ac: np.ndarray) -> dict:
 
 def markdown(r: dict) -> str:
     lines = ["# CLIP guidance on digits (GLIDE eq. 4, noise-aware CLIP)", "",
-             f"Unconditional `digits` guided toward a prompted digit, {SAMPLE_STEPS} DDPM steps, {PER_DIGIT} samples per "
-             "digit, judged by `digits-eval`.", "", "| CLIP guidance scale | judged = prompted |", "|---|---|"]
+             f"Unconditional `digits` guided toward a prompted digit, {SAMPLE_STEPS} DDPM steps, {PER_DIGIT} samples "
+             "per digit, judged by `digits-eval`.", "", "| CLIP guidance scale | judged = prompted |", "|---|---|"]
     lines += [f"| {row['scale']:g} | {row['accuracy']:.3f} |" for row in r["guidance"]["rows"]]
     lines += ["", f"Noised CLIP held-out zero-shot accuracy: {r['clip']['held_out_zero_shot_accuracy']}"]
     return "\n".join(lines)

@@ -86,7 +86,8 @@ def _block_tables(cfg: GlideConfig) -> tuple[dict[int, list[str]], dict[int, lis
     k = 1
     for level in range(len(mult)):
         for j in range(n):
-            inputs[k] = [f"down_blocks.{level}.resnets.{j}"] + ([f"down_blocks.{level}.attentions.{j}"] if att[level] else [])
+            attn = [f"down_blocks.{level}.attentions.{j}"] if att[level] else []
+            inputs[k] = [f"down_blocks.{level}.resnets.{j}", *attn]
             k += 1
         if level != len(mult) - 1:
             inputs[k] = [f"down_blocks.{level}.downsamplers.0"]
@@ -176,8 +177,9 @@ def plan(keys: Any, cfg: GlideConfig) -> dict[str, Source]:
         except (KeyError, ValueError, IndexError):
             unknown.append(key)
     if unknown:
-        raise ValueError(f"tensors that are not part of a GLIDE model with this config: {sorted(unknown)[:10]}"
-                         f"{' ...' if len(unknown) > 10 else ''}; check the config (GlideConfig / GlideConfig.upsampler())")
+        more = " ..." if len(unknown) > 10 else ""
+        raise ValueError(f"tensors that are not part of a GLIDE model with this config: {sorted(unknown)[:10]}{more}; "
+                         "check the config (GlideConfig / GlideConfig.upsampler())")
     return out
 
 

@@ -200,7 +200,8 @@ class GlideTextEncoder(nnx.Module):
         self.dtype = mk.dtype
 
     def __call__(self, tokens: Array, mask: Array | None = None) -> TextOutput:
-        """``tokens`` (B, text_ctx) integers; ``mask`` (B, text_ctx), True/1 on real tokens (needed with ``xf_padding``)."""
+        """``tokens`` (B, text_ctx) integers; ``mask`` (B, text_ctx), True/1 on real tokens (needed with
+        ``xf_padding``)."""
         cfg = self.config
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or tokens.shape[1] != cfg.text_ctx:

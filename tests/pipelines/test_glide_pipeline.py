@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff import guidance as G
 from jaxdiff.pipelines import cascade
 from jaxdiff.pipelines.glide import (base_stage, glide_alphas_cumprod, glide_cascade_jit, pad_tokens, quantize_uint8,
                                      respaced_sigmas, space_timesteps, upsampler_stage)
