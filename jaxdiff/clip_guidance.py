@@ -23,7 +23,10 @@ and a text embedding ``text_embed`` (D,) or (B, D), and returns a denoiser:
   variance values as channels ``C..2C-1``, and ``Sigma = exp(v' log beta + (1 - v') log beta_tilde)`` with
   ``v' = (v + 1) / 2``, Nichol & Dhariwal 2021 eq. 15; those channels pass through unchanged).
 
-``scale``, ``text_embed`` and the schedule are traced leaves: changing them compiles nothing new.
+``scale``, ``text_embed`` and the schedule are traced leaves: changing them compiles nothing new. On the last
+step (``sigma' = 0``) beta tilde is 0 and is floored at 1e-20 as diffusers' schedulers do, where openai's code
+uses the next step's posterior variance, so the two differ there (no noise is added on that step either way).
+GLIDE's own CLIP score carries ``exp(logit_scale) = 100``: with unit-norm embeddings put it into ``scale``.
 """
 from __future__ import annotations
 
