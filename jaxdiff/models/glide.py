@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxdiff.convert.torch_layout import shapes_only
 from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import KeySource, Maker, config_from_dict
 
@@ -222,7 +223,6 @@ class GlideTextEncoder(nnx.Module):
 
 def _normal(mk: Maker, shape: tuple[int, ...], std: float) -> Array:
     """A ``N(0, std^2)`` parameter table drawn from the maker's key stream (zeros when only shapes are built)."""
-    from jaxdiff.convert.torch_layout import shapes_only
     if shapes_only():
         return jnp.zeros(shape, mk.param_dtype)
     return std * jax.random.normal(mk.keys.params(), shape, mk.param_dtype)
