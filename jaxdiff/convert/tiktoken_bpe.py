@@ -51,7 +51,8 @@ def _split_below(token: str, ranks: dict[str, int], limit: int) -> list[str]:
     return parts
 
 
-def ranks_to_vocab(ranks: dict[bytes, int], end_token: str | None = END_OF_TEXT) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def ranks_to_vocab(ranks: dict[bytes, int],
+                   end_token: str | None = END_OF_TEXT) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """``(encoder, merges)`` of a rank table: ``encoder`` maps byte-unicode token strings to their ranks (plus
     ``end_token`` with the next id, as GPT-2's ``encoder.json``), ``merges[i]`` is the pair that made the token of
     rank ``256 + i``. Raises if the ranks are not a byte-level BPE (missing bytes, gaps, or a token whose bytes
@@ -109,7 +110,8 @@ def write_vocab(encoder: dict[str, int], merges: list[tuple[str, str]], folder: 
     return paths
 
 
-def convert_tiktoken(path: str | os.PathLike, folder: str | os.PathLike, gz: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
+def convert_tiktoken(path: str | os.PathLike, folder: str | os.PathLike,
+                     gz: bool = True) -> tuple[pathlib.Path, pathlib.Path]:
     """``.tiktoken`` ranks file -> ``encoder.json(.gz)`` + ``vocab.bpe(.gz)`` in ``folder``."""
     encoder, merges = ranks_to_vocab(read_tiktoken(path))
     return write_vocab(encoder, merges, folder, gz)

@@ -15,7 +15,8 @@ from jaxdiff.models.gpt2_tokenizer import (GPT2_DIR, GPT2_SHA256, GPT2Tokenizer,
                                            read_gpt2_vocab)
 from jaxdiff.models.tokenizers import bytes_to_unicode
 
-PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's encoder.py
+# GPT-2's encoder.py pattern, for the regex module
+PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 TEXTS = ["Hello world", "I'm sure they'll've DONE it's", "x' 's 'S 'LL don't", "  leading   spaces\t\ttabs\n\nnl  ",
          "1234567890 3.14159 -42 1,000,000", "naïve café Ünïcödé", "日本語のテキスト", "emoji 🐶🐕‍🦺 ok", "ØÆÅ ß ﬁ",
          "\u00a0nbsp\u2003em\u3000ideographic", "a\r\nb", "", " ", "a  ", "  \n", "‐ – — … “quotes”",
@@ -119,3 +120,45 @@ def test_bad_input(tok, tmp_path):
         tok.decode([50257])
     with pytest.raises(FileNotFoundError, match="encoder.json"):
         GPT2Tokenizer.load(tmp_path)
+
+
+def test_glide_prompt_tokens_and_text_conditions(tok):
+    """Pipeline prompts: text -> GLIDE's lower-cased ids padded with the mask, ids kept as given, the empty prompt
+    for the unconditional half; ``text_conditions`` equals the network's encoder on those tokens, one compile for
+    two prompts, and ids beyond the network's vocabulary are refused."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxdiff.models._pure import PureModel
+    from jaxdiff.models.glide import GlideConfig, GlideUNet
+    from jaxdiff.pipelines import glide as P
+
+    tokens, mask = P.prompt_tokens("A Corgi", 8, batch=2)
+    ids = tok.encode("a corgi")
+    assert tokens.shape == (2, 8) and tokens.dtype == np.int32 and (tokens[1] == ids + [50256] * (8 - len(ids))).all()
+    assert (mask == (np.arange(8) < len(ids))).all()
+    rows, _ = P.prompt_tokens(["a", "b c"], 4)
+    assert rows.tolist() == [[64, 50256, 50256, 50256], [65, 269, 50256, 50256]]
+    assert P.prompt_tokens([7, 8], 3)[0].tolist() == [[7, 8, 50256]]
+    with pytest.raises(ValueError, match="batch"):
+        P.prompt_tokens(["a", "b"], 4, batch=3)
+
+    cfg = GlideConfig(image_size=8, num_channels=16, num_res_blocks=1, channel_mult=(1,), attention_resolutions=(),
+                      num_head_channels=8, text_ctx=6, xf_width=8, xf_layers=1, xf_heads=1, norm_num_groups=8)
+    graphdef, shapes = nnx.split(nnx.eval_shape(lambda: GlideUNet(cfg, rngs=nnx.Rngs(0))))  # random weights,
+    leaves, tree = jax.tree.flatten(shapes)                                               # no eager init
+    rng = np.random.default_rng(0)
+    net = PureModel(state=jax.tree.unflatten(tree, [jnp.asarray(rng.standard_normal(x.shape) * 0.2, x.dtype)
+                                                    for x in leaves]), graphdef=graphdef)
+    before = P._encode_jit._cache_size()
+    text, uncond = P.text_conditions(net, "A Corgi", 2)
+    P.text_conditions(net, "an oil painting of a dog", 2)
+    assert P._encode_jit._cache_size() == before + 1
+    want = P._encode_jit(net, *map(jnp.asarray, P.prompt_tokens(tok.encode("a corgi"), 6, 2)))
+    np.testing.assert_array_equal(np.asarray(text["text_states"]), np.asarray(want["text_states"]))
+    empty = P._encode_jit(net, jnp.full((2, 6), 50256, jnp.int32), jnp.zeros((2, 6), bool))
+    np.testing.assert_array_equal(np.asarray(uncond["text_proj"]), np.asarray(empty["text_proj"]))
+    assert not np.allclose(np.asarray(text["text_proj"]), np.asarray(empty["text_proj"]))
+    with pytest.raises(ValueError, match="n_vocab=50257"):
+        P.text_conditions(net, [50300])
