@@ -4,10 +4,13 @@ Pure Python, offline, no dependency: text is split by GPT-2's pre-tokenisation p
 ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`` (implemented as a scanner over
 Unicode categories, :func:`pretokenize`), each piece's UTF-8 bytes are mapped to printable characters
 (:func:`jaxdiff.models.tokenizers.bytes_to_unicode`) and merged pair by pair in ``vocab.bpe`` order, lowest
-rank first; ``encoder.json`` gives the ids. jaxdiff ships GPT-2's vocabulary (50,257 ids, ``<|endoftext|>`` =
-50256), converted from the BPE ranks in the ``openai-whisper`` package (:mod:`jaxdiff.convert.tiktoken_bpe`;
-byte-identical to openai's ``encoder.json`` / ``vocab.bpe``, see :data:`GPT2_SHA256`); HF's ``vocab.json`` +
-``merges.txt`` hold the same two tables and load as well.
+rank first; ``encoder.json`` gives the ids. Letters, numbers and whitespace are Python's ``unicodedata`` classes
+(``\\s`` = Unicode White_Space); they equal the ``regex`` module's on every code point assigned in Python's
+Unicode database (14.0 for Python 3.11), later-assigned characters count as symbols here.
+
+jaxdiff ships GPT-2's vocabulary (50,257 ids, ``<|endoftext|>`` = 50256), converted from the BPE ranks in the
+``openai-whisper`` package (:mod:`jaxdiff.convert.tiktoken_bpe`; byte-identical to openai's ``encoder.json`` /
+``vocab.bpe``, see :data:`GPT2_SHA256`); HF's ``vocab.json`` + ``merges.txt`` hold the same tables and load too.
 
 GLIDE (glide-text2im's ``tokenizer/bpe.py``) lower-cases the text before encoding and pads to ``text_ctx``
 with the end token: :meth:`GPT2Tokenizer.glide_encode`, :meth:`GPT2Tokenizer.padded_tokens_and_mask`.

@@ -113,6 +113,14 @@ def test_glide_lowercase_and_padding(tok):
     assert tok.padded_tokens_and_mask(list(range(10)), 4) == ([0, 1, 2, 3], [True] * 4)
 
 
+def test_hf_file_names_load(tok, tmp_path):
+    """HF's vocab.json + merges.txt (plain) hold the same tables as openai's gzipped encoder.json + vocab.bpe."""
+    for src, dst in (("encoder.json.gz", "vocab.json"), ("vocab.bpe.gz", "merges.txt")):
+        (tmp_path / dst).write_bytes(gzip.decompress((GPT2_DIR / src).read_bytes()))
+    hf = GPT2Tokenizer.load(tmp_path)
+    assert hf.encoder == tok.encoder and hf.ranks == tok.ranks
+
+
 def test_bad_input(tok, tmp_path):
     with pytest.raises(TypeError, match="must be a str"):
         tok.encode([1, 2])
