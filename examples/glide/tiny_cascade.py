@@ -2,9 +2,11 @@
 
 Builds a small base ``GlideUNet`` (16 px) and a ``super_res`` upsampler (32 px) with openai's layout, saves them
 as openai-named safetensors and loads them back (what a converted ``base.pt`` / ``upsample.pt`` would go
-through), encodes a prompt and the empty prompt given as token ids, then samples: base with DDPM and the
+through), encodes a text prompt (lower-cased, GPT-2 byte-pair encoded with the vocabulary jaxdiff ships, padded
+with the end token and a mask) and the empty prompt, then samples: base with DDPM and the
 network's variance, classifier-free guidance on the mean; upsampler with DDIM ``fast27`` at temperature 0.997.
-A second call with another prompt, guidance scale, base step count and temperature reuses the program. A third
+A second call with another prompt (given as token ids), guidance scale, base step count and temperature reuses
+the program and the text encoder's. A third
 adds CLIP guidance to the base with a tiny random noise-aware CLIP image tower (GLIDE's ``clip/`` layout; the
 exact learned-variance mean shift of eq. 4), after classifier-free guidance and clipping as openai's sampler
 applies ``cond_fn`` after ``p_mean_variance``.
@@ -30,13 +32,14 @@ from flax import nnx  # noqa: E402
 from jaxdiff.clip_guidance import clip_guidance  # noqa: E402
 from jaxdiff.convert.glide import load_glide, save_openai  # noqa: E402
 from jaxdiff.models._pure import PureModel  # noqa: E402
-from jaxdiff.models.glide import GlideConfig, GlideUNet  # noqa: E402
+from jaxdiff.models.glide import GLIDE_VOCAB, GlideConfig, GlideUNet  # noqa: E402
 from jaxdiff.models.glide_clip import GlideCLIPConfig, NoisedCLIPEmbedding, NoisedImageEncoder  # noqa: E402
-from jaxdiff.pipelines.glide import (base_stage, glide_alphas_cumprod, glide_cascade_jit, pad_tokens,  # noqa: E402
-                                     respaced_sigmas, upsampler_stage)
+from jaxdiff.models.gpt2_tokenizer import gpt2_tokenizer  # noqa: E402
+from jaxdiff.pipelines.glide import (_encode_jit, base_stage, glide_alphas_cumprod, glide_cascade_jit,  # noqa: E402
+                                     respaced_sigmas, text_conditions, upsampler_stage)
 
 SMALL = dict(num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,), num_head_channels=16,
-             text_ctx=16, xf_width=32, xf_layers=2, xf_heads=2, n_vocab=1000, norm_num_groups=8)
+             text_ctx=16, xf_width=32, xf_layers=2, xf_heads=2, n_vocab=GLIDE_VOCAB, norm_num_groups=8)
 
 
 def main() -> None:
@@ -47,17 +50,13 @@ def main() -> None:
             path = Path(tmp) / f"glide_{i}.safetensors"
             save_openai(GlideUNet(cfg, rngs=nnx.Rngs(i)), path)
             nets.append(PureModel.of(load_glide(path, cfg)))
-    encode = jax.jit(lambda m, t, k: m.bind("encode")(t, k))
-
-    def text(net, ids):
-        tokens, mask = pad_tokens(ids, 16)
-        return encode(net, jnp.asarray(tokens[None].repeat(2, 0)), jnp.asarray(mask[None].repeat(2, 0)))
-
-    for run, (ids, guidance, respacing, temp) in enumerate((([11, 12, 13], 3.0, "100", 0.997),
-                                                           ([40, 41], 5.0, "50", 1.0))):
-        base = base_stage(nets[0], text(nets[0], ids), text(nets[0], []), guidance=guidance, respacing=respacing,
-                          shape=(16, 16, 3))
-        up = upsampler_stage(nets[1], text(nets[1], ids), shape=(32, 32, 3))
+    corgi = "An oil painting of a corgi"
+    print(f"{corgi!r} -> GPT-2 ids {gpt2_tokenizer().glide_encode(corgi)} (lower-cased, as GLIDE encodes)")
+    apple = gpt2_tokenizer().encode("a red apple")  # the token-id path
+    for run, (prompt, guidance, respacing, temp) in enumerate(((corgi, 3.0, "100", 0.997), (apple, 5.0, "50", 1.0))):
+        text, uncond = text_conditions(nets[0], prompt, 2)
+        base = base_stage(nets[0], text, uncond, guidance=guidance, respacing=respacing, shape=(16, 16, 3))
+        up = upsampler_stage(nets[1], text_conditions(nets[1], prompt, 2)[0], shape=(32, 32, 3))
         started = time.perf_counter()
         low, high = glide_cascade_jit(base, up, jax.random.key(run), 2, temp)
         high.block_until_ready()
@@ -65,6 +64,7 @@ def main() -> None:
               f"{high.shape} in {time.perf_counter() - started:.1f} s; range [{float(high.min()):.2f}, "
               f"{float(high.max()):.2f}]; programs compiled so far: {glide_cascade_jit._cache_size()}")
     assert glide_cascade_jit._cache_size() == 1 and np.isfinite(np.asarray(high)).all()
+    print(f"text encoder programs compiled: {_encode_jit._cache_size()} (one per network, any prompt)")
 
     clip_cfg = GlideCLIPConfig(image_size=16, patch_size=4, n_embd=16, n_head=2, n_head_state=16, n_xf_blocks=2)
     embed = NoisedCLIPEmbedding(PureModel.of(NoisedImageEncoder(clip_cfg, rngs=nnx.Rngs(7))),
@@ -74,7 +74,7 @@ def main() -> None:
     sigmas = respaced_sigmas(glide_alphas_cumprod("squaredcos_cap_v2"), "100")
     for scale in (100.0 * 3.0, 0.0):  # the notebook's guidance scale 3 times exp(logit_scale)
         guide = clip_guidance(embed, caption, scale, schedule=sigmas, variance="learned_range")
-        base = base_stage(nets[0], text(nets[0], [11, 12, 13]), text(nets[0], []), guidance=3.0, respacing="100",
+        base = base_stage(nets[0], *text_conditions(nets[0], corgi, 2), guidance=3.0, respacing="100",
                           shape=(16, 16, 3), transform=guide)
         (low,) = glide_cascade_jit(base, None, jax.random.key(0), 2)
         score = float(jnp.mean(embed(low, jnp.full((2,), 1e-3)) @ caption))

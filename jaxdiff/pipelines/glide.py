@@ -7,6 +7,9 @@ What glide-text2im's notebook does, in jaxdiff's terms:
   ``space_timesteps``: ``"100"``, ``"fast27"``, ``"10,10,3,2,2"``, ``"ddim50"``), which in sigma space is
   simply the training sigmas at those steps (:func:`respaced_sigmas`): a DDPM step between two of them is the
   respaced process's step, the network seeing the original step index (``quantize``).
+- **prompts**: lower-cased text, GPT-2 byte-pair encoded (:mod:`jaxdiff.models.gpt2_tokenizer`; jaxdiff ships
+  the vocabulary), padded to ``text_ctx`` with the end token and a mask (``padded_tokens_and_mask``); the
+  unconditional half is the empty prompt (:func:`prompt_tokens`, :func:`text_conditions`). Token ids work too.
 - **base**: ancestral sampling with the network's variance (``DDPM(variance="learned_range")``,
   ``DiscreteVPDenoiser(learned_variance=True)``), classifier-free guidance of the *mean* only (the variance
   channels come from the conditional half, :class:`jaxdiff.guidance.ClassifierFree`) against the empty prompt,
@@ -108,6 +111,50 @@ def pad_tokens(ids: Sequence[int], text_ctx: int = 128, end_token: int = END_TOK
     ids = list(ids)[:text_ctx]
     pad = text_ctx - len(ids)
     return (np.asarray(ids + [end_token] * pad, np.int32), np.asarray([True] * len(ids) + [False] * pad))
+
+
+def prompt_tokens(prompt: str | Sequence[str] | Sequence[int], text_ctx: int = 128, batch: int = 1,
+                  tokenizer: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """GLIDE's tokens ``(batch, text_ctx)`` int32 and mask (bool) for a prompt: text is lower-cased and GPT-2
+    byte-pair encoded as glide-text2im's tokenizer does (``tokenizer``: default the GPT-2 vocabulary jaxdiff ships,
+    :func:`jaxdiff.models.gpt2_tokenizer.gpt2_tokenizer`), token ids are taken as they are; both padded as
+    ``padded_tokens_and_mask`` (:func:`pad_tokens`). A list of strings gives one row each; ``""`` or ``[]`` is
+    the empty prompt of the unconditional half."""
+    if isinstance(prompt, str):
+        rows: list[Any] = [prompt] * batch
+    elif len(prompt) and all(isinstance(p, str) for p in prompt):
+        if batch not in (1, len(prompt)):
+            raise ValueError(f"{len(prompt)} prompts but batch={batch}; pass one prompt per row or one prompt")
+        rows = list(prompt)
+    elif all(isinstance(p, (int, np.integer)) for p in prompt):
+        rows = [list(prompt)] * batch
+    else:
+        raise TypeError("prompt must be a str, a list of str (one a row) or a list of token ids")
+    if any(isinstance(r, str) for r in rows) and tokenizer is None:
+        from jaxdiff.models.gpt2_tokenizer import gpt2_tokenizer
+        tokenizer = gpt2_tokenizer()
+    end = END_TOKEN if tokenizer is None else tokenizer.end_token
+    padded = [pad_tokens(tokenizer.glide_encode(r) if isinstance(r, str) else r, text_ctx, end) for r in rows]
+    return np.stack([t for t, _ in padded]), np.stack([m for _, m in padded])
+
+
+_encode_jit = jax.jit(lambda net, tokens, mask: net.bind("encode")(tokens, mask))
+
+
+def text_conditions(network: Any, prompt: str | Sequence[str] | Sequence[int], batch: int = 1, *,
+                    tokenizer: Any = None) -> tuple[dict[str, Array], dict[str, Array]]:
+    """``(text, uncond_text)`` for :func:`base_stage` / :func:`upsampler_stage`: the GLIDE network's text encoder
+    (``GlideUNet.encode``, as a :class:`jaxdiff.models._pure.PureModel`) on the prompt's tokens
+    (:func:`prompt_tokens`) and on the empty prompt, ``batch`` rows each, as glide-text2im's notebook builds the
+    conditional and unconditional halves. One compiled encoder for every prompt."""
+    config = network.module().config
+    tokens, mask = prompt_tokens(prompt, config.text_ctx, batch, tokenizer)
+    if int(tokens.max()) >= config.n_vocab:
+        raise ValueError(f"token id {int(tokens.max())} is outside the network's vocabulary "
+                         f"(n_vocab={config.n_vocab}); GLIDE's released networks read GPT-2 ids (n_vocab=50257)")
+    empty, empty_mask = prompt_tokens([], config.text_ctx, tokens.shape[0], tokenizer)
+    return (_encode_jit(network, jnp.asarray(tokens), jnp.asarray(mask)),
+            _encode_jit(network, jnp.asarray(empty), jnp.asarray(empty_mask)))
 
 
 # ---- stages ----------------------------------------------------------------------------------
