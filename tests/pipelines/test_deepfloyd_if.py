@@ -1,0 +1,100 @@
+"""DeepFloyd IF stage I + stage II against diffusers' IFPipeline and IFSuperResolutionPipeline on tiny random folders.
+
+Same noise: diffusers' ``randn_tensor`` (in the two IF pipeline modules and DDPMScheduler) is replaced, call by
+call, by jaxdiff's documented streams (:func:`_if_folders.stage_noise`: start noise, stage II's augmentation
+noise, one draw per step with t > 0), transposed to NCHW. Stage II reads stage I's raw output
+(``output_type="pt"``) on both sides, as in diffusers' cascade recipe. Images (``output_type="np"``: ``x/2 + 0.5``
+clipped) agree within 1e-3.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import _if_folders as F
+from jaxdiff.pipelines import cascade as C
+from jaxdiff.pipelines import deepfloyd_if as IF
+
+pytest.importorskip("diffusers")
+B, SEED = 2, 5
+PROMPTS = ["a red digit", "Two Blue Sevens "]
+
+
+def _nhwc(t) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def _reference(p1, p2, *, steps, scales, level, seed, prompt=None, embeds=None, low_size=8, high_size=16):
+    """diffusers' stage I then stage II with jaxdiff's noise; raw samples, NHWC."""
+    text = dict(prompt=prompt, clean_caption=False) if embeds is None else dict(
+        prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1])
+    with F.injected_noise(F.stage_noise(seed, 0, (B, low_size, low_size, 3), steps[0], False)):
+        low = p1(**text, num_inference_steps=steps[0], guidance_scale=scales[0], height=low_size, width=low_size,
+                 output_type="pt").images
+    with F.injected_noise(F.stage_noise(seed, 1, (B, high_size, high_size, 3), steps[1], True)):
+        high = p2(**text, image=low, num_inference_steps=steps[1], guidance_scale=scales[1], noise_level=level,
+                  height=high_size, width=high_size, output_type="pt").images
+    return _nhwc(low), _nhwc(high)
+
+
+@pytest.fixture(scope="module")
+def clip_cascade(tmp_path_factory):
+    """Plain cross-attention U-Nets (the digits cascade's layout), a CLIP text encoder, fixed_small variance with
+    6 output channels (the variance half dropped, as diffusers does), dynamic thresholding."""
+    p1, p2 = F.pipelines("sd", text="clip", variance="fixed_small", sizes=(8, 16), blocks=(16, 32))
+    root = F.save_cascade(p1, p2, tmp_path_factory.mktemp("if_clip"))
+    return p1, p2, IF.IFCascade.from_pretrained(root)
+
+
+def test_clip_cascade_matches_diffusers_from_prompts(clip_cascade):
+    p1, p2, casc = clip_cascade
+    run = dict(steps=(4, 3), guidance=(5.0, 3.0), noise_level=100, seed=SEED)
+    low, high = casc(PROMPTS, **run, output="raw")
+    ref_low, ref_high = _reference(p1, p2, steps=(4, 3), scales=(5.0, 3.0), level=100, seed=SEED, prompt=PROMPTS)
+    np.testing.assert_allclose(IF.to_images(low), IF.to_images(ref_low), atol=1e-3)
+    np.testing.assert_allclose(IF.to_images(high), IF.to_images(ref_high), atol=1e-3)
+    assert np.abs(low).max() <= 1.0 + 1e-6 and np.abs(low).max() > 0.5  # thresholded, not trivial
+    assert np.abs(IF.to_images(high) - IF.to_images(np.repeat(np.repeat(low, 2, 1), 2, 2))).max() > 0.05
+
+
+def test_runtime_values_compile_nothing_new(clip_cascade):
+    """Steps, guidance (also <= 1: no guidance, as diffusers), augmentation level, prompts and seed are traced."""
+    p1, p2, casc = clip_cascade
+    casc(PROMPTS, steps=(4, 3), guidance=(5.0, 3.0), noise_level=100, seed=SEED)
+    before = IF.generate_jit._cache_size()
+    runs = [dict(steps=(6, 2), guidance=(1.0, 7.0), noise_level=0, seed=1),
+            dict(steps=(3, 5), guidance=(0.5, 2.0), noise_level=900, seed=2)]
+    outs = [casc(["b", "c d"], **r, output="raw") for r in runs]
+    assert IF.generate_jit._cache_size() == before
+    ref_low, ref_high = _reference(p1, p2, steps=(3, 5), scales=(0.5, 2.0), level=900, seed=2, prompt=["b", "c d"])
+    np.testing.assert_allclose(IF.to_images(outs[1][0]), IF.to_images(ref_low), atol=1e-3)
+    np.testing.assert_allclose(IF.to_images(outs[1][1]), IF.to_images(ref_high), atol=1e-3)
+    assert np.abs(outs[0][1] - outs[1][1]).max() > 1e-2
+
+
+def test_aligned_corner_resize_matches_torch():
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), (13, 16), mode="bilinear",
+                                          align_corners=True)
+    np.testing.assert_allclose(C.resize_align_corners(jax.numpy.asarray(x), (13, 16)), _nhwc(ref), atol=1e-6)
+
+
+def test_folder_errors(clip_cascade, tmp_path):
+    _, _, casc = clip_cascade
+    with pytest.raises(ValueError, match="noise_level must be an integer step"):
+        casc(PROMPTS, steps=(2, 2), noise_level=1000)
+    with pytest.raises(ValueError, match="one per stage"):
+        casc(PROMPTS, steps=(2, 2, 2))
+    with pytest.raises(ValueError, match="needs the low-resolution image"):
+        casc.stages[1](PROMPTS, steps=2)
+    (tmp_path / "stage_1").mkdir()
+    (tmp_path / "stage_1" / "model_index.json").write_text(json.dumps({"_class_name": "IFPipeline"}))
+    with pytest.raises(FileNotFoundError, match="unet/ is missing"):
+        IF.IFCascade.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no stage_1/"):
+        IF.IFCascade.from_pretrained(tmp_path / "stage_1")
