@@ -57,6 +57,20 @@ def vp_output_to_x0(out: Array, x: Array, sigma: Array, prediction: str) -> Arra
     raise ValueError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTIONS)}")
 
 
+def split_variance(out: Array, x: Array) -> tuple[Array, Array | None]:
+    """A denoiser output split into the data estimate (``x``'s channels) and the learned-variance channels after
+    them (None when there are none). See :class:`DiscreteVPDenoiser` ``learned_variance``."""
+    c = x.shape[-1]
+    if out.shape[-1] == c:
+        return out, None
+    return out[..., :c], out[..., c:]
+
+
+def join_variance(x0: Array, variance: Array | None) -> Array:
+    """The inverse of :func:`split_variance`."""
+    return x0 if variance is None else jnp.concatenate([x0, variance], axis=-1)
+
+
 def sigma_to_discrete_t(sigma: Array, sigmas_train: Array) -> Array:
     """Invert the training discretisation ``t -> sigmas_train[t]`` (piecewise linear in t).
 
@@ -73,12 +87,20 @@ class DiscreteVPDenoiser:
 
     ``alphas_cumprod`` is the training schedule's cumulative product (T,). ``sigma`` is mapped to the
     (fractional) training step ``t``; ``quantize`` rounds it to the nearest integer step.
+
+    ``learned_variance``: the network outputs ``2C`` channels, the prediction then the variance interpolation
+    ``v`` in [-1, 1] of Nichol & Dhariwal 2021 (eq. 15: ``log var = (v+1)/2 log beta + (1-v)/2 log beta_tilde``;
+    GLIDE, DeepFloyd IF, unCLIP, DiT; diffusers' ``variance_type="learned_range"``). The denoiser then returns
+    the data estimate with ``v`` appended unchanged (``2C`` channels): :class:`jaxdiff.samplers.DDPM`
+    ``(variance="learned_range")`` reads it, :class:`jaxdiff.guidance.ClassifierFree` and the thresholds act on
+    the estimate only, and :class:`DropVariance` hands any other sampler the estimate alone.
     """
 
     net: Callable[..., Array]
     alphas_cumprod: Array
     prediction: str = static_field(default="epsilon")
     quantize: bool = static_field(default=False)
+    learned_variance: bool = static_field(default=False)
 
     def __post_init__(self) -> None:
         _check_prediction(self.prediction)
@@ -93,7 +115,24 @@ class DiscreteVPDenoiser:
         if self.quantize:
             t = jnp.round(t)
         out = self.net(x * expand_to(jax.lax.rsqrt(1.0 + sigma * sigma), x), t, cond)
-        return vp_output_to_x0(out, x, sigma, self.prediction)
+        if not self.learned_variance:
+            return vp_output_to_x0(out, x, sigma, self.prediction)
+        if out.shape[-1] != 2 * x.shape[-1]:
+            raise ValueError(f"learned_variance=True needs a network with twice the input's {x.shape[-1]} channels "
+                             f"(prediction, then variance), got {out.shape[-1]}; set learned_variance=False")
+        pred, v = split_variance(out, x)
+        return join_variance(vp_output_to_x0(pred, x, sigma, self.prediction), v)
+
+
+@pytree_dataclass
+class DropVariance:
+    """A learned-variance denoiser's data estimate alone (its first ``C`` channels), for samplers that do not read
+    the variance (everything but ``DDPM(variance="learned_range")``), as diffusers' pipelines drop it for them."""
+
+    inner: Callable[..., Array]
+
+    def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
+        return split_variance(self.inner(x, sigma, cond), x)[0]
 
 
 @pytree_dataclass

@@ -24,6 +24,7 @@ from jaxdiff import _transforms
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._transforms import as_pytree_callable, float_leaf
 from jaxdiff._util import as_leaves, batch_sigma, expand_to
+from jaxdiff.denoisers import join_variance, split_variance
 
 Array = jax.Array
 Denoiser = Callable[..., Array]
@@ -118,6 +119,10 @@ class ClassifierFree:
     noise (or v) predictions. ``rescale`` (phi) applies :func:`rescale_guidance` in
     ``rescale_space``: ``"epsilon"`` (diffusers rescales the network output, eps for eps-models),
     ``"v"`` for v-prediction models, or ``"x0"``. ``scale`` and ``rescale`` may be per-sample (B,).
+
+    A learned-variance denoiser (output channels beyond ``x``'s: :func:`jaxdiff.denoisers.split_variance`) is
+    guided on its mean only; the variance channels come from the conditional half, as GLIDE, DeepFloyd IF and
+    unCLIP do.
     """
 
     inner: Denoiser
@@ -134,9 +139,9 @@ class ClassifierFree:
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
         sigma = batch_sigma(sigma, x)
         both = self.inner(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]), stack_cond(cond, self.uncond))
-        c, u = jnp.split(both, 2, axis=0)
+        (c, variance), (u, _) = (split_variance(half, x) for half in jnp.split(both, 2, axis=0))
         guided = u + _per_sample(self.scale, x) * (c - u)
-        return rescale_guidance(x, sigma, guided, c, self.rescale, self.rescale_space)
+        return join_variance(rescale_guidance(x, sigma, guided, c, self.rescale, self.rescale_space), variance)
 
 
 # ---- classifier guidance ---------------------------------------------------------------------
@@ -271,7 +276,8 @@ class StaticThreshold:
     Wrapping the denoiser, any sampler then steps with the noise implied by the clipped x0 (diffusers'
     DDIM with ``use_clipped_model_output=True``). diffusers' default DDIM keeps the network's own noise
     estimate: pass the transform as ``samplers.DDIM(threshold=static_threshold(...))`` for that.
-    For DDPM, DPM-Solver++ and UniPC the two placements agree with diffusers.
+    For DDPM, DPM-Solver++ and UniPC the two placements agree with diffusers. Learned-variance channels pass
+    through unclipped (as do :class:`DynamicThreshold`'s).
     """
 
     inner: Denoiser
@@ -282,8 +288,8 @@ class StaticThreshold:
         as_leaves(self, floats=("low", "high"))
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
-        x0 = self.inner(x, sigma, cond)
-        return jnp.clip(x0, jnp.asarray(self.low, x0.dtype), jnp.asarray(self.high, x0.dtype))
+        x0, variance = split_variance(self.inner(x, sigma, cond), x)
+        return join_variance(jnp.clip(x0, jnp.asarray(self.low, x0.dtype), jnp.asarray(self.high, x0.dtype)), variance)
 
 
 def dynamic_threshold_values(x0: Array, ratio: Array, max_value: Array) -> Array:
@@ -317,7 +323,8 @@ class DynamicThreshold:
         as_leaves(self, floats=("ratio", "max_value"))
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
-        return dynamic_threshold_values(self.inner(x, sigma, cond), self.ratio, self.max_value)
+        x0, variance = split_variance(self.inner(x, sigma, cond), x)
+        return join_variance(dynamic_threshold_values(x0, self.ratio, self.max_value), variance)
 
 
 # ---- conditioning binding --------------------------------------------------------------------

@@ -172,8 +172,10 @@ def plan(train: TrainingSchedule, steps: int, sampler: str | None = None, schedu
                                               capacity=capacity)
         quantize = schedules.REFERENCE_SCHEDULERS[ref][0] or spacing != "linspace"
     init = schedules.reference_init_sigma(ref, spacing, float(np.asarray(sigmas.values)[0]))
+    if name == "ddpm" and "variance" not in sampler_options and owner_class(train, substitute, ref) == "DDPMScheduler":
+        sampler_options = {**sampler_options, "variance": ddpm_variance(cfg)}
     obj = get_sampler(name, **sampler_options)
-    owner = train.class_name if substitute else ref  # the class whose config keys apply
+    owner = owner_class(train, substitute, ref)
     threshold = threshold_transform(owner, cfg)
     if owner in STEP_THRESHOLD_SCHEDULERS and hasattr(obj, "threshold"):
         if obj.threshold is None:  # a threshold passed in sampler_options wins over the config's
@@ -181,6 +183,24 @@ def plan(train: TrainingSchedule, steps: int, sampler: str | None = None, schedu
         threshold = None
     return Plan(obj, schedules.Sigmas(jnp.asarray(sigmas.values, jnp.float32), jnp.asarray(sigmas.count, jnp.int32)),
                 init, quantize, name, schedule, threshold)
+
+
+def owner_class(train: TrainingSchedule, substitute: Any, ref: str) -> str:
+    """The diffusers class whose config keys apply to the planned sampler."""
+    return train.class_name if substitute else ref
+
+
+# DDPMScheduler variance_type -> jaxdiff DDPM variance (the *_log forms draw the same noise)
+DDPM_VARIANCE_OF_TYPE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+                         "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
+
+
+def ddpm_variance(config: Mapping[str, Any]) -> str:
+    """:class:`jaxdiff.samplers.DDPM`'s ``variance`` for a ``DDPMScheduler`` / ``UnCLIPScheduler`` config."""
+    kind = str(config.get("variance_type", "fixed_small"))
+    if kind not in DDPM_VARIANCE_OF_TYPE:
+        raise ValueError(f"DDPM variance_type {kind!r} is not supported; supported: {', '.join(DDPM_VARIANCE_OF_TYPE)}")
+    return DDPM_VARIANCE_OF_TYPE[kind]
 
 
 # diffusers schedulers whose step() reads the config key thresholding (dynamic thresholding of x0)
