@@ -46,7 +46,6 @@ PIPELINE_CLASSES = ("IFPipeline", "IFSuperResolutionPipeline")
 TEXT_ENCODERS = {"T5EncoderModel": "t5", "CLIPTextModel": "clip"}
 MAX_LENGTH = 77  # IF's encode_prompt pads and truncates every prompt to 77 tokens
 DEFAULT_NOISE_LEVEL = 250
-VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 CASCADE_FILE = "cascade.json"
 
 
@@ -190,11 +189,8 @@ def _component(index: Mapping[str, Any], name: str) -> str | None:
 
 
 def variance_type(config: Mapping[str, Any]) -> str:
-    """The scheduler config's ``variance_type`` (diffusers' DDPMScheduler default ``fixed_small``), checked."""
-    v = config.get("variance_type") or "fixed_small"
-    if v not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type {v!r} is not supported for IF folders; supported: {', '.join(VARIANCE_TYPES)}")
-    return v
+    """jaxdiff's DDPM variance for the scheduler config's ``variance_type`` (diffusers' default ``fixed_small``)."""
+    return _sched.ddpm_variance(config)
 
 
 @dataclasses.dataclass

@@ -70,10 +70,12 @@ def unet(family: str, *, super_resolution: bool, size: int, blocks=(32, 64), see
         net.set_attn_processor(AttnAddedKVProcessor())
     elif family == "sd":
         extra = dict(class_embed_type="timestep") if super_resolution else {}
+        n = len(blocks)  # one block: cross-attention only; more: plain last block
+        down = ("CrossAttnDownBlock2D",) * max(n - 1, 1) + ("DownBlock2D",) * (n > 1)
+        up = ("UpBlock2D",) * (n > 1) + ("CrossAttnUpBlock2D",) * max(n - 1, 1)
         net = diffusers.UNet2DConditionModel(
             block_out_channels=list(blocks), layers_per_block=1, norm_num_groups=8, cross_attention_dim=TEXT_DIM,
-            attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **extra, **io)
+            attention_head_dim=4, down_block_types=down, up_block_types=up, **extra, **io)
     else:
         raise ValueError(family)
     return net.eval()
