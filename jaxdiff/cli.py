@@ -1244,8 +1244,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not path.exists():
             raise CLIError(f"model {args.model} does not exist (a diffusers folder, an original .safetensors file "
                            f"or a built-in pipeline: {', '.join(builtin_pipelines())})")
-        info["model"] = file_summary(path) if path.is_file() else folder_summary(path)
-        info["model"]["schedules"] = list(schedule_names_sd())
+        if _is_cascade(str(path)):
+            info["model"] = cascade_summary(path)
+        else:
+            info["model"] = file_summary(path) if path.is_file() else folder_summary(path)
+            info["model"]["schedules"] = list(schedule_names_sd())
     print(json.dumps(info, indent=2))
     return 0
 
@@ -1509,6 +1512,13 @@ def _is_cascade(model: str) -> bool:
     """A folder of IF stages: ``stage_1/`` (an IFPipeline folder) or a ``cascade.json``."""
     path = Path(model)
     return (path / "cascade.json").is_file() or (path / "stage_1" / "model_index.json").is_file()
+
+
+def cascade_summary(path: str | Path) -> dict:
+    """``jaxdiff info --model <cascade folder>``: each stage folder's summary, in order."""
+    from jaxdiff.pipelines.deepfloyd_if import stage_folders
+
+    return {"path": str(path), "pipeline": "cascade", "stages": [folder_summary(f) for f in stage_folders(path)]}
 
 
 def _add_cascade_args(p: argparse.ArgumentParser) -> None:

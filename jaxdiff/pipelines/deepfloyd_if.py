@@ -359,18 +359,7 @@ class IFCascade:
     def from_pretrained(cls, path: str | Path, *, dtype: Any = jnp.float32) -> "IFCascade":
         """A cascade folder: ``stage_1/`` (an IFPipeline folder), ``stage_2/`` (IFSuperResolutionPipeline), ...
         or a ``cascade.json`` ``{"stages": ["folder", ...]}`` naming them (relative to the file)."""
-        path = Path(path)
-        if (path / CASCADE_FILE).is_file():
-            spec = json.loads((path / CASCADE_FILE).read_text())
-            names = spec.get("stages") if isinstance(spec, dict) else None
-            if not isinstance(names, list) or not names:
-                raise ValueError(f"{path / CASCADE_FILE} must hold {{\"stages\": [folder, ...]}}")
-            folders = [path / n for n in names]
-        else:
-            folders = sorted((p for p in path.glob("stage_*") if p.is_dir()), key=lambda p: p.name)
-        if not folders:
-            raise FileNotFoundError(f"{path} holds no stage_1/, stage_2/ ... folders (nor a {CASCADE_FILE})")
-        return cls.from_stages([IFPipeline.from_pretrained(f, dtype=dtype) for f in folders])
+        return cls.from_stages([IFPipeline.from_pretrained(f, dtype=dtype) for f in stage_folders(path)])
 
     @classmethod
     def from_stages(cls, stages: Sequence[IFPipeline]) -> "IFCascade":
@@ -412,6 +401,23 @@ class IFCascade:
         outs = generate_jit(tuple(s.models for s in self.stages), tuple(s.sampler() for s in self.stages), reqs,
                             jax.random.key(seed), None, batch=batch, shapes=tuple(s.shape() for s in self.stages))
         return tuple(np.asarray(o) if output == "raw" else to_images(o) for o in outs)
+
+
+def stage_folders(path: str | Path) -> list[Path]:
+    """The stage folders of a cascade folder, in order: those a ``cascade.json`` names (``{"stages": [...]}``,
+    relative to it), else ``stage_1/``, ``stage_2/``, ..."""
+    path = Path(path)
+    if (path / CASCADE_FILE).is_file():
+        spec = json.loads((path / CASCADE_FILE).read_text())
+        names = spec.get("stages") if isinstance(spec, dict) else None
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{path / CASCADE_FILE} must hold {{\"stages\": [\"folder\", ...]}}")
+        return [path / n for n in names]
+    folders = sorted((p for p in path.glob("stage_*") if p.is_dir() and p.name[6:].isdigit()),
+                     key=lambda p: int(p.name[6:]))
+    if not folders:
+        raise FileNotFoundError(f"{path} holds no stage_1/, stage_2/ ... folders (nor a {CASCADE_FILE})")
+    return folders
 
 
 def load(path: str | Path, **kwargs: Any) -> IFPipeline | IFCascade:

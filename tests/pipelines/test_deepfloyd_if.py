@@ -46,11 +46,11 @@ def clip_cascade(tmp_path_factory):
     6 output channels (the variance half dropped, as diffusers does), dynamic thresholding."""
     p1, p2 = F.pipelines("sd", text="clip", variance="fixed_small", sizes=(8, 16), blocks=(16, 32))
     root = F.save_cascade(p1, p2, tmp_path_factory.mktemp("if_clip"))
-    return p1, p2, IF.IFCascade.from_pretrained(root)
+    return p1, p2, IF.IFCascade.from_pretrained(root), root
 
 
 def test_clip_cascade_matches_diffusers_from_prompts(clip_cascade):
-    p1, p2, casc = clip_cascade
+    p1, p2, casc, _ = clip_cascade
     run = dict(steps=(4, 3), guidance=(5.0, 3.0), noise_level=100, seed=SEED)
     low, high = casc(PROMPTS, **run, output="raw")
     ref_low, ref_high = _reference(p1, p2, steps=(4, 3), scales=(5.0, 3.0), level=100, seed=SEED, prompt=PROMPTS)
@@ -62,7 +62,7 @@ def test_clip_cascade_matches_diffusers_from_prompts(clip_cascade):
 
 def test_runtime_values_compile_nothing_new(clip_cascade):
     """Steps, guidance (also <= 1: no guidance, as diffusers), augmentation level, prompts and seed are traced."""
-    p1, p2, casc = clip_cascade
+    p1, p2, casc, _ = clip_cascade
     casc(PROMPTS, steps=(4, 3), guidance=(5.0, 3.0), noise_level=100, seed=SEED)
     before = IF.generate_jit._cache_size()
     runs = [dict(steps=(6, 2), guidance=(1.0, 7.0), noise_level=0, seed=1),
@@ -75,6 +75,33 @@ def test_runtime_values_compile_nothing_new(clip_cascade):
     assert np.abs(outs[0][1] - outs[1][1]).max() > 1e-2
 
 
+def test_cli_samples_a_cascade_folder(clip_cascade, tmp_path, capsys):
+    """``jaxdiff sample --model <cascade folder>`` with per-stage options: diffusers' images, no new program."""
+    from jaxdiff import cli
+    from jaxdiff.images import read_settings
+
+    p1, p2, casc, root = clip_cascade
+    casc(PROMPTS, steps=(4, 3), guidance=(5.0, 3.0), noise_level=100, seed=SEED)
+    before = IF.generate_jit._cache_size()
+    out = tmp_path / "if.png"
+    args = ["sample", "--model", str(root), "--prompt", "b", "--prompt", "c d", "--stage-steps", "3,2",
+            "--stage-guidance", "4,2.5", "--noise-level", "60", "--seed", "9", "--out", str(out)]
+    assert cli.main(args) == 0
+    assert IF.generate_jit._cache_size() == before
+    _, ref_high = _reference(p1, p2, steps=(3, 2), scales=(4.0, 2.5), level=60, seed=9, prompt=["b", "c d"])
+    from PIL import Image
+
+    for i in range(B):
+        png = np.asarray(Image.open(tmp_path / f"if-{i:03d}.png"), np.float32) / 255.0
+        np.testing.assert_allclose(png, IF.to_images(ref_high)[i], atol=1 / 255 + 1e-3)
+    assert read_settings(out)["stage_steps"] == [3, 2] and (tmp_path / "if-stage1.png").is_file()
+    assert cli.main(["sample", "--model", str(root), "--prompt", "a", "--sampler", "ddim"]) == 2
+    assert cli.main(["sample", "--model", str(root), "--prompt", "a", "--stage-steps", "3,2,1"]) == 2
+    assert "one per stage" in capsys.readouterr().err
+    assert cli.main(["info", "--model", str(root)]) == 0
+    assert '"IFSuperResolutionPipeline"' in capsys.readouterr().out
+
+
 def test_aligned_corner_resize_matches_torch():
     import torch
 
@@ -85,7 +112,7 @@ def test_aligned_corner_resize_matches_torch():
 
 
 def test_folder_errors(clip_cascade, tmp_path):
-    _, _, casc = clip_cascade
+    _, _, casc, _ = clip_cascade
     with pytest.raises(ValueError, match="noise_level must be an integer step"):
         casc(PROMPTS, steps=(2, 2), noise_level=1000)
     with pytest.raises(ValueError, match="one per stage"):
@@ -98,3 +125,46 @@ def test_folder_errors(clip_cascade, tmp_path):
         IF.IFCascade.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no stage_1/"):
         IF.IFCascade.from_pretrained(tmp_path / "stage_1")
+
+
+# ---- diffusers' fast-test components: IF U-Net blocks, T5, learned_range variance, dynamic thresholding --------
+
+@pytest.fixture(scope="module")
+def if_stages(tmp_path_factory):
+    """The U-Nets of diffusers' IF fast tests (tests/pipelines/deepfloyd_if/__init__.py), a tiny random T5."""
+    import torch
+
+    p1, p2 = F.pipelines("if", text="t5", variance="learned_range", sizes=(16, 32), blocks=(32, 64))
+    root = F.save_cascade(p1, p2, tmp_path_factory.mktemp("if_t5"))
+    ids = torch.tensor(np.random.default_rng(0).integers(2, 99, size=(B, 9)))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # a padded prompt
+    with torch.no_grad():
+        embeds = (p1.text_encoder(ids, attention_mask=mask).last_hidden_state,
+                  p1.text_encoder(torch.ones_like(ids), attention_mask=torch.ones_like(ids)).last_hidden_state)
+    return p1, p2, IF.IFCascade.from_pretrained(root), (ids, mask), embeds
+
+
+def test_t5_text_encoder_reads_prompts_as_diffusers(if_stages):
+    _, _, casc, (ids, mask), embeds = if_stages
+    ours = casc.stages[0].models.encode_text(jax.numpy.asarray(ids.numpy()), jax.numpy.asarray(mask.numpy()))
+    np.testing.assert_allclose(np.asarray(ours), embeds[0].numpy(), atol=1e-5)
+
+
+def test_if_pipeline_and_super_resolution_match_diffusers(if_stages):
+    """Stage I alone (IFPipeline) and stage II alone on a given low-resolution image (IFSuperResolutionPipeline),
+    learned_range variances with the mean guided and the variance from the text half, thresholding on."""
+    p1, p2, casc, _, (emb, neg) = if_stages
+    text = dict(prompt_embeds=emb.numpy(), negative_prompt_embeds=neg.numpy())
+    low = casc.stages[0](**text, steps=3, guidance=6.0, seed=SEED, height=16, width=16, output="raw")
+    with F.injected_noise(F.stage_noise(SEED, 0, (B, 16, 16, 3), 3, False)):
+        ref_low = p1(prompt_embeds=emb, negative_prompt_embeds=neg, num_inference_steps=3, guidance_scale=6.0,
+                     height=16, width=16, output_type="pt").images
+    np.testing.assert_allclose(IF.to_images(low), IF.to_images(_nhwc(ref_low)), atol=1e-3)
+    assert np.abs(low).max() <= 1.0 + 1e-6 < np.abs(low).max() + 0.5
+    high = casc.stages[1](**text, image=_nhwc(ref_low), steps=2, guidance=4.0, noise_level=250, seed=SEED,
+                          output="raw")
+    with F.injected_noise(F.stage_noise(SEED, 0, (B, 32, 32, 3), 2, True)):
+        ref_high = p2(prompt_embeds=emb, negative_prompt_embeds=neg, image=ref_low, num_inference_steps=2,
+                      guidance_scale=4.0, noise_level=250, output_type="np").images
+    np.testing.assert_allclose(IF.to_images(high), ref_high, atol=1e-3)
