@@ -286,15 +286,18 @@ class ControlRun:
         """Whether ``site`` needs its probabilities formed (a control edits or records there); static."""
         return bool(self._at(site, hw, "edit") or self._at(site, hw, "record"))
 
-    def attend(self, site: Site, hw: tuple[int, int] | None, q: Array, k: Array, v: Array) -> Array:
-        """``P v`` on (B, T, heads, d) arrays with ``P = softmax(q k^T / sqrt(d))`` in float32, edited and
-        recorded by the controls in order.
+    def attend(self, site: Site, hw: tuple[int, int] | None, q: Array, k: Array, v: Array,
+               bias: Array | None = None) -> Array:
+        """``P v`` on (B, T, heads, d) arrays with ``P = softmax(q k^T / sqrt(d) + bias)`` in float32, edited and
+        recorded by the controls in order (``bias``: optional, broadcast to (B, heads, T_q, T_k)).
 
         Where no control edits, the output is ``(E v) / sum(E)`` with ``E = exp(logits - max)``, as the fast
         kernel computes it, and the records read ``E / sum(E)`` (which XLA fuses into their reductions), so
         recording costs one pass over the logits rather than a normalised copy."""
         q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # heads-major, as the fast kernel (faster on XLA:CPU)
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+        if bias is not None:
+            logits = logits + jnp.asarray(bias, jnp.float32)
         e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
         total = e.sum(axis=-1, keepdims=True)
         p, edited = e / total, False

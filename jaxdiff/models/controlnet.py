@@ -56,6 +56,7 @@ class ControlNetConfig(UNet2DConditionConfig):
     def validate(self) -> None:
         """Raise a ValueError naming any unsupported setting (ControlNet has no up blocks)."""
         self.validate_encoder()
+        self.check_stable_diffusion_encoder("ControlNet")
         if self.mid_block_type != "UNetMidBlock2DCrossAttn":
             raise ValueError("only mid_block_type='UNetMidBlock2DCrossAttn' is supported for ControlNet")
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):

@@ -3,7 +3,9 @@
 Architecture-compatible with diffusers' ``UNet2DModel``: residual stages with optional spatial
 self-attention, a sinusoidal time embedding, and class conditioning through an embedding table
 added to the time embedding (``num_class_embeds``). ``resnet_time_scale_shift="scale_shift"``
-gives the adaptive group norm of Dhariwal & Nichol (2021, "Diffusion Models Beat GANs").
+gives the adaptive group norm of Dhariwal & Nichol (2021, "Diffusion Models Beat GANs");
+``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D`` resample inside residual blocks (their
+BigGAN-style up/down blocks), as unCLIP's super-resolution U-Nets do (Ramesh et al. 2022).
 """
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ Array = jax.Array
 
 IGNORED_TORCH_KEYS: tuple[str, ...] = ()
 
-_DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
-_UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+_DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+_UP_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
 
 
 def rename_torch_key(key: str) -> str:
@@ -125,13 +127,15 @@ class _Blocks:
         return spatial_attention(channels, self.mk, head_dim=self.cfg.attention_head_dim or channels,
                                  groups=groups, eps=self.cfg.norm_eps, rescale_output_factor=scale)
 
-    def down(self, c: int) -> nnx.Module:
-        if self.cfg.downsample_type == "resnet":
+    def down(self, c: int, kind: str) -> nnx.Module:
+        if self.cfg.downsample_type == "resnet" or kind == "ResnetDownsampleBlock2D":
             return self.resnet(c, c, down=True)
         return Downsample2D(c, self.mk, out_channels=c, padding=self.cfg.downsample_padding)
 
-    def up(self, c: int) -> nnx.Module:
-        return self.resnet(c, c, up=True) if self.cfg.upsample_type == "resnet" else Upsample2D(c, self.mk)
+    def up(self, c: int, kind: str) -> nnx.Module:
+        if self.cfg.upsample_type == "resnet" or kind == "ResnetUpsampleBlock2D":
+            return self.resnet(c, c, up=True)
+        return Upsample2D(c, self.mk)
 
 
 def _build(cfg: UNet2DConfig, b: _Blocks) -> tuple[list[DownBlock], MidBlock | None, list[UpBlock]]:
@@ -141,7 +145,7 @@ def _build(cfg: UNet2DConfig, b: _Blocks) -> tuple[list[DownBlock], MidBlock | N
         cout = chans[i]
         resnets = [b.resnet(cin if j == 0 else cout, cout) for j in range(layers)]
         attns = [b.attention(cout, cfg.norm_num_groups) for _ in range(layers)] if kind == "AttnDownBlock2D" else None
-        downs.append(DownBlock(resnets, attns, [b.down(cout)] if i < len(chans) - 1 else None))
+        downs.append(DownBlock(resnets, attns, [b.down(cout, kind)] if i < len(chans) - 1 else None))
         cin = cout
 
     mid = None
@@ -158,7 +162,7 @@ def _build(cfg: UNet2DConfig, b: _Blocks) -> tuple[list[DownBlock], MidBlock | N
         resnets = [b.resnet((prev if j == 0 else cout) + (cskip_last if j == layers else cout), cout)
                    for j in range(layers + 1)]
         attns = [b.attention(cout, cfg.norm_num_groups) for _ in range(layers + 1)] if kind == "AttnUpBlock2D" else None
-        ups.append(UpBlock(resnets, attns, [b.up(cout)] if i < len(rchans) - 1 else None))
+        ups.append(UpBlock(resnets, attns, [b.up(cout, kind)] if i < len(rchans) - 1 else None))
         prev = cout
     return downs, mid, ups
 
@@ -175,7 +179,7 @@ class UNet2DModel(nnx.Module):
         c0 = config.block_out_channels[0]
         self.conv_in = mk.conv(config.in_channels, c0, 3)
         self.time_embedding = TimestepEmbedding(c0, config.time_embed_dim, mk, "silu")
-        self.class_embedding = build_class_embedding(config, mk)
+        self.class_embedding = build_class_embedding(config, mk, "silu")  # diffusers' default activation here
         downs, mid, ups = _build(config, _Blocks(config, mk))
         self.down_blocks = nnx.List(downs)
         self.mid_block = mid

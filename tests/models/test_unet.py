@@ -88,7 +88,7 @@ def test_sd21_config_reads_per_block_heads():
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]}, "unsupported down block"),
+    ({"down_block_types": ["KCrossAttnDownBlock2D", "DownBlock2D"]}, "unsupported down block"),
     ({"addition_embed_type": "text_time"}, "addition_embed_type"),
     ({"class_embed_type": "simple_projection"}, "class_embed_type"),
 ])

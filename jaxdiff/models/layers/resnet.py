@@ -64,14 +64,16 @@ class ResnetBlock2D(nnx.Module):
     ``h = conv1(act(norm1(x))) + proj(act(temb))``; ``h = conv2(act(norm2(h)))``;
     ``out = (shortcut(x) + h) / output_scale_factor``. ``time_embedding_norm="scale_shift"``
     is the adaptive group norm of Dhariwal & Nichol (2021): ``norm2(h) * (1 + s) + b``.
-    ``temb_channels=None`` builds a block without time input (VAE).
+    ``temb_channels=None`` builds a block without time input (VAE); ``skip_time_act`` feeds ``temb`` to
+    ``time_emb_proj`` without the activation. ``down`` / ``up`` resample (2x2 mean / nearest x2) after
+    ``norm1`` (BigGAN-style up/down residual blocks, diffusers ``ResnetDownsampleBlock2D`` / ``ResnetUpsampleBlock2D``).
     """
 
     def __init__(self, in_channels: int, out_channels: int | None, mk: Maker, *, temb_channels: int | None = 512,
                  groups: int = 32, groups_out: int | None = None, eps: float = 1e-6, act_fn: str = "silu",
                  time_embedding_norm: str = "default", output_scale_factor: float = 1.0,
                  use_in_shortcut: bool | None = None, conv_shortcut_bias: bool = True, down: bool = False,
-                 up: bool = False):
+                 up: bool = False, skip_time_act: bool = False):
         out_channels = out_channels or in_channels
         if time_embedding_norm not in ("default", "scale_shift", "group"):
             raise ValueError(f"unsupported time_embedding_norm / resnet_time_scale_shift {time_embedding_norm!r}; "
@@ -79,6 +81,7 @@ class ResnetBlock2D(nnx.Module):
         self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor
         self.act = activation(act_fn)
+        self.skip_time_act = skip_time_act
         self.down, self.up = down, up
         self.norm1 = mk.group_norm(in_channels, groups, eps)
         self.conv1 = mk.conv(in_channels, out_channels, 3)
@@ -105,7 +108,7 @@ class ResnetBlock2D(nnx.Module):
         x, h = self._resample(x), self._resample(h)
         h = self.conv1(h)
         if self.time_emb_proj is not None and temb is not None:
-            t = self.time_emb_proj(self.act(temb))[:, None, None, :]
+            t = self.time_emb_proj(temb if self.skip_time_act else self.act(temb))[:, None, None, :]
             if self.time_embedding_norm == "scale_shift":
                 scale, shift = jnp.split(t, 2, axis=-1)
                 h = self.norm2(h) * (1 + scale) + shift
