@@ -119,7 +119,8 @@ class StageRequest:
 def _texts(m: IFModels, r: StageRequest) -> tuple[Array, Array]:
     if r.context is not None:
         return r.context, r.uncontext
-    return m.encode_text(r.ids, r.mask), m.encode_text(r.neg_ids, r.neg_mask)
+    both = m.encode_text(jnp.concatenate([r.ids, r.neg_ids]), jnp.concatenate([r.mask, r.neg_mask]))  # one call
+    return both[: r.ids.shape[0]], both[r.ids.shape[0]:]
 
 
 def build_stage(m: IFModels, sampler: Any, r: StageRequest, shape: tuple[int, int, int],

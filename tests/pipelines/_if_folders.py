@@ -31,20 +31,32 @@ def t5_encoder(seed: int = 0):
     return transformers.T5EncoderModel(cfg).eval()
 
 
+WORDS = ("a", "b", "c", "d", "e", "red", "blue", "two", "seven", "digit")  # whole words: no BPE merges needed
+
+
 def clip_encoder(seed: int = 0):
+    """A tiny random transformers CLIPTextModel over :func:`clip_tokenizer`'s vocabulary (77 positions, as IF pads)."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     return transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=49408,
-        max_position_embeddings=77, hidden_act="quick_gelu")).eval()
+        hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(WORDS) + 2, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=0,
+        eos_token_id=1, pad_token_id=1)).eval()
 
 
 def clip_tokenizer():
-    from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe
+    """transformers' CLIPTokenizer over :data:`WORDS` (BOS 0, EOS and padding 1), written to a temporary folder."""
+    import tempfile
 
-    return clip_tokenizer_from_bpe(model_max_length=77)
+    from transformers import CLIPTokenizer
+
+    folder = Path(tempfile.mkdtemp())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{w + "</w>": i + 2 for i, w in enumerate(WORDS)}}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
 def unet(family: str, *, super_resolution: bool, size: int, blocks=(32, 64), seed: int = 0, out_mult: int = 2):
@@ -83,21 +95,23 @@ def unet(family: str, *, super_resolution: bool, size: int, blocks=(32, 64), see
 
 def pipelines(family: str = "if", *, text: str = "t5", variance: str = "learned_range", thresholding: bool = True,
               sizes=(16, 32), blocks=(32, 64), seed: int = 0, out_mult: int = 2):
-    """(IFPipeline, IFSuperResolutionPipeline) with random weights; the text encoder is shared."""
+    """(IFPipeline, IFSuperResolutionPipeline) with random weights; the text encoder is shared. ``variance``: one
+    ``variance_type`` for both stages' schedulers, or a pair."""
     import diffusers
 
     encoder = t5_encoder(seed) if text == "t5" else clip_encoder(seed)
     tok = None if text == "t5" else clip_tokenizer()
-    sched = {**SCHEDULER, "variance_type": variance, "thresholding": thresholding}
+    variances = (variance, variance) if isinstance(variance, str) else tuple(variance)
+    sched = [{**SCHEDULER, "variance_type": v, "thresholding": thresholding} for v in variances]
     p1 = diffusers.IFPipeline(tokenizer=tok, text_encoder=encoder,
                               unet=unet(family, super_resolution=False, size=sizes[0], blocks=blocks, seed=seed,
                                         out_mult=out_mult),
-                              scheduler=diffusers.DDPMScheduler(**sched), safety_checker=None, feature_extractor=None,
-                              watermarker=None, requires_safety_checker=False)
+                              scheduler=diffusers.DDPMScheduler(**sched[0]), safety_checker=None,
+                              feature_extractor=None, watermarker=None, requires_safety_checker=False)
     p2 = diffusers.IFSuperResolutionPipeline(
         tokenizer=tok, text_encoder=encoder,
         unet=unet(family, super_resolution=True, size=sizes[1], blocks=blocks, seed=seed + 1, out_mult=out_mult),
-        scheduler=diffusers.DDPMScheduler(**sched), image_noising_scheduler=diffusers.DDPMScheduler(**NOISING),
+        scheduler=diffusers.DDPMScheduler(**sched[1]), image_noising_scheduler=diffusers.DDPMScheduler(**NOISING),
         safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
     for p in (p1, p2):
         p.set_progress_bar_config(disable=True)
