@@ -20,7 +20,7 @@ compile time, and the load average before / during / after (reported whatever it
 interleaved, so both see the same load).
 
     taskset -c 0 python benchmarks/cascade_throughput.py --json benchmarks/results/cascade_throughput.json
-    python benchmarks/cascade_throughput.py --low 16 --high 32 --steps 3,2 --rounds 1   # a quick check
+    python benchmarks/cascade_throughput.py --low 8 --high 16 --steps 3,2 --rounds 1   # a quick check
 """
 from __future__ import annotations
 
@@ -162,10 +162,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--family", default="if", choices=("if", "sd"),
                    help="U-Net blocks: IF's (SimpleCrossAttn, text addition embedding) or plain cross-attention")
     p.add_argument("--blocks", default="64,128", help="U-Net block widths; default 64,128")
-    p.add_argument("--low", type=int, default=32, help="stage I size; default 32")
-    p.add_argument("--high", type=int, default=64, help="stage II size; default 64")
+    p.add_argument("--low", type=int, default=16, help="stage I size; default 16")
+    p.add_argument("--high", type=int, default=32, help="stage II size; default 32")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", default="20,10", help="steps per stage; default 20,10")
+    p.add_argument("--steps", default="10,5", help="steps per stage; default 10,5")
     p.add_argument("--guidance", default="7,4", help="guidance per stage; default 7,4")
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args(argv)
