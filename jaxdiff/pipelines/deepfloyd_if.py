@@ -74,6 +74,7 @@ class IFModels:
     channels: int = static_field(default=3)
     out_channels: int = static_field(default=3)
     variance: str = static_field(default="fixed_small")
+    reads_level: bool = static_field(default=True)  # the U-Net has a class embedding (diffusers ignores labels else)
 
     @property
     def is_super_resolution(self) -> bool:
@@ -136,7 +137,7 @@ def build_stage(m: IFModels, sampler: Any, r: StageRequest, shape: tuple[int, in
     level = jnp.asarray(r.level, jnp.int32)
     augment = m.noising_sigmas[jnp.clip(level, 0, m.noising_sigmas.shape[0] - 1)]
     return _cascade.Stage(UNetNet(m.unet), sampler, r.sigmas, tuple(shape), augment=augment,
-                          upsample=_cascade.ALIGN_CORNERS, level_key="class_labels",
+                          upsample=_cascade.ALIGN_CORNERS, level_key="class_labels" if m.reads_level else None,
                           level=level.astype(jnp.float32), augment_space="vp", **common)
 
 
@@ -247,7 +248,9 @@ class IFPipeline:
                              f"(mean and variance), this one has {out_ch}")
         models = IFModels(PureModel.of(unet), None if text is None else PureModel.of(text),
                           jnp.asarray(train.alphas_cumprod), None if noising is None else jnp.asarray(noising, jnp.float32),
-                          train.prediction, text_kind, channels, out_ch, variance)
+                          train.prediction, text_kind, channels, out_ch, variance,
+                          getattr(ucfg, "class_embed_type", None) is not None
+                          or getattr(ucfg, "num_class_embeds", None) is not None)
         ss = ucfg.sample_size or 64
         size = int(ss[0] if isinstance(ss, (list, tuple)) else ss)
         return cls(models, tokenizer, train, size, path.name)
@@ -286,8 +289,10 @@ class IFPipeline:
                 prompt_embeds: Any = None, negative_prompt_embeds: Any = None, steps: int = 50,
                 guidance: float = 7.0, noise_level: int = DEFAULT_NOISE_LEVEL) -> StageRequest:
         """This stage's :class:`StageRequest` (checked on the host)."""
-        if not 0 <= int(noise_level) < len(self.train.alphas_cumprod):
-            raise ValueError(f"noise_level must be an integer step in [0, {len(self.train.alphas_cumprod)}), "
+        levels = len(self.train.alphas_cumprod) if self.models.noising_sigmas is None else len(
+            self.models.noising_sigmas)
+        if isinstance(noise_level, bool) or int(noise_level) != noise_level or not 0 <= int(noise_level) < levels:
+            raise ValueError(f"noise_level must be an integer step in [0, {levels}) of the image-noising schedule, "
                              f"got {noise_level}")
         common = dict(sigmas=self.sigmas(steps), scale=jnp.asarray(guidance, jnp.float32),
                       level=jnp.asarray(int(noise_level), jnp.int32))
@@ -327,6 +332,9 @@ class IFPipeline:
         if image is not None and not self.is_super_resolution:
             raise ValueError("this is a base (IFPipeline) folder: it takes no image")
         img = None if image is None else jnp.asarray(np.asarray(image, np.float32))
+        if img is not None and (img.ndim != 4 or img.shape[0] != batch or img.shape[-1] != self.models.channels):
+            raise ValueError(f"image must be (batch={batch}, height, width, {self.models.channels}) NHWC in [-1, 1], "
+                             f"got shape {tuple(img.shape)}")
         req = self.request(batch, prompt=prompt, negative=negative, prompt_embeds=prompt_embeds,
                            negative_prompt_embeds=negative_prompt_embeds, steps=steps, guidance=guidance,
                            noise_level=noise_level)
