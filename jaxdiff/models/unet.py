@@ -158,9 +158,6 @@ class UNet2DConditionConfig:
         if self.cross_attention_norm not in (None, "layer_norm", "group_norm"):
             raise ValueError(f"unsupported cross_attention_norm {self.cross_attention_norm!r}; "
                              "use null, 'layer_norm' or 'group_norm'")
-        simple = [t for t in (*self.down_block_types, self.mid_block_type) if t in _SIMPLE_CROSS]
-        if simple and self.attention_type != "default":
-            raise ValueError("gated attention is not supported in SimpleCrossAttn blocks")
         unsupported = {"time_cond_proj_dim": self.time_cond_proj_dim, "timestep_post_act": self.timestep_post_act}
         for key, value in unsupported.items():
             if value is not None:

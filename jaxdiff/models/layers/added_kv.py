@@ -104,7 +104,13 @@ class AddedKVAttention(nnx.Module):
             pad = k.shape[1] - text_bias.shape[1]  # the pixels' own keys are never masked
             bias = jnp.pad(text_bias, ((0, 0), (0, pad)))[:, None, None, :]
         if control is not None and control.explicit(self.site, hw):
-            out = control.attend(self.site, hw, q, k, v, bias=bias)
+            try:
+                out = control.attend(self.site, hw, q, k, v, bias=bias)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"attention control at added-KV site {self.site.path!r}: its keys are the "
+                                 f"{ck.shape[1]} text tokens followed by the {k.shape[1] - ck.shape[1]} pixels, so the "
+                                 f"maps are (B, heads, {h * w}, {k.shape[1]}); size the control's edits to that, or "
+                                 f"select other sites ({e})") from e
         else:
             out = attention(q, k, v, backend=self.attention_backend, bias=bias)
         out = self.to_out[0](out.reshape(b, h * w, -1))
