@@ -135,7 +135,14 @@ def test_aligned_corner_resize_matches_torch():
 
 
 def test_folder_errors(clip_cascade, tmp_path):
-    _, _, casc, _ = clip_cascade
+    _, _, casc, root = clip_cascade
+    (tmp_path / "cascade.json").write_text(json.dumps({"stages": [str(root / "stage_1"), "../x/stage_2"]}))
+    assert IF.is_cascade_folder(tmp_path)
+    assert IF.stage_folders(tmp_path) == [root / "stage_1", tmp_path / "../x/stage_2"]
+    (tmp_path / "cascade.json").write_text(json.dumps({"stages": "stage_1"}))
+    with pytest.raises(ValueError, match="must hold"):
+        IF.stage_folders(tmp_path)
+    (tmp_path / "cascade.json").unlink()
     with pytest.raises(ValueError, match="noise_level must be an integer step"):
         casc(PROMPTS, steps=(2, 2), noise_level=1000)
     with pytest.raises(ValueError, match="one per stage"):
