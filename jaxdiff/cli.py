@@ -117,6 +117,8 @@ def model_kind(model: str) -> str:
         return "video"
     if model in names:
         return "builtin"
+    if _is_cascade(model):
+        return "cascade"
     if model in builtin_pipelines() or Path(model).exists():
         return "sd"
     raise CLIError(f"unknown model {model!r}: not a folder, and not a built-in model "
@@ -216,6 +218,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                    help="persistent compilation cache folder; default $JAXDIFF_COMPILE_CACHE (off when unset)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_cpu_devices_arg(p)
+    _add_cascade_args(p)
 
 
 CONTROL_HELP = (
@@ -1160,6 +1163,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if kind == "video":
         _sample_video(args)
         return 0
+    if kind == "cascade":
+        _sample_cascade(args)
+        return 0
     _check_options(args, kind)
     _fill_defaults(args, kind)
     n = len(_prompts(args)) if kind == "sd" else 1
@@ -1242,8 +1248,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not path.exists():
             raise CLIError(f"model {args.model} does not exist (a diffusers folder, an original .safetensors file "
                            f"or a built-in pipeline: {', '.join(builtin_pipelines())})")
-        info["model"] = file_summary(path) if path.is_file() else folder_summary(path)
-        info["model"]["schedules"] = list(schedule_names_sd())
+        if _is_cascade(str(path)):
+            info["model"] = cascade_summary(path)
+        else:
+            info["model"] = file_summary(path) if path.is_file() else folder_summary(path)
+            info["model"]["schedules"] = list(schedule_names_sd())
     print(json.dumps(info, indent=2))
     return 0
 
@@ -1594,6 +1603,115 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad names, options, paths: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# ---- pixel cascades (DeepFloyd IF / Imagen folders: stage_1/, stage_2/ or cascade.json) -----------------
+
+CASCADE_DEFAULTS = dict(steps=(50, 25), guidance=(7.0, 4.0), noise_level=250, batch=1)
+CASCADE_OPTIONS = ("prompt", "prompts_file", "negative", "batch", "stage_steps", "stage_guidance", "noise_level",
+                   "guidance")
+
+
+def _is_cascade(model: str) -> bool:
+    """A folder of IF stages: ``stage_1/`` (an IFPipeline folder) or a ``cascade.json``."""
+    path = Path(model)
+    return (path / "cascade.json").is_file() or (path / "stage_1" / "model_index.json").is_file()
+
+
+def cascade_summary(path: str | Path) -> dict:
+    """``jaxdiff info --model <cascade folder>``: each stage folder's summary, in order."""
+    from jaxdiff.pipelines.deepfloyd_if import stage_folders
+
+    return {"path": str(path), "pipeline": "cascade", "stages": [folder_summary(f) for f in stage_folders(path)]}
+
+
+def _add_cascade_args(p: argparse.ArgumentParser) -> None:
+    c = CASCADE_DEFAULTS
+    p.add_argument("--stage-steps", default=None, metavar="N1,N2",
+                   help="cascade folders: sampling steps per stage, comma-separated (one value: every stage); "
+                        f"default {','.join(map(str, c['steps']))}; --steps N sets every stage")
+    p.add_argument("--stage-guidance", default=None, metavar="G1,G2",
+                   help="cascade folders: classifier-free guidance per stage (<= 1: none, as diffusers); default "
+                        f"{','.join(f'{g:g}' for g in c['guidance'])}; --guidance G sets every stage")
+    p.add_argument("--noise-level", default=None, metavar="L",
+                   help="cascade folders: super-resolution stages' augmentation level, a training step in [0, 1000) "
+                        f"(the low-resolution image noised to it, Imagen's noise conditioning; one value or one per "
+                        f"later stage); default {c['noise_level']}")
+
+
+def _stage_values(flag: str, text: Any, n: int, kind: type) -> tuple:
+    if isinstance(text, (int, float)):
+        return (kind(text),) * n
+    try:
+        vals = tuple(kind(v) for v in str(text).split(","))
+    except ValueError:
+        raise CLIError(f"{flag} takes comma-separated {kind.__name__}s, one per stage (e.g. 20,10), got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * n
+    if len(vals) != n:
+        raise CLIError(f"{flag} {text}: give one value or one per stage ({n} stages)")
+    return vals
+
+
+def _sample_cascade(args: argparse.Namespace) -> Path:
+    """A cascade folder: every stage in one compiled program; the last stage's images as a PNG (a grid when
+    several), the first stage's beside it as NAME-stage1.png."""
+    import numpy as np
+
+    from jaxdiff.images import grid, save_png
+    from jaxdiff.pipelines import deepfloyd_if as IF
+
+    if args.from_png:
+        raise CLIError("--from-png does not apply to cascade folders yet; rerun with the settings the PNG records")
+    what = f"cascade folder {args.model}"
+    allowed = set(COMMON) - {"sampler", "schedule", "from_png"} | set(CASCADE_OPTIONS)
+    for name in vars(args):
+        if name not in ("func", "command") and name not in allowed and _given(args, name):
+            valid = ", ".join(_flag(o) for o in sorted(CASCADE_OPTIONS + ("steps", "seed", "out")))
+            raise CLIError(f"{_flag(name)} does not apply to the {what} (stages sample as their schedulers: DDPM); "
+                           f"its own options: {valid}")
+    if args.steps is not None and args.stage_steps is not None:
+        raise CLIError("--steps (every stage) and --stage-steps (per stage) are alternatives; give one")
+    if args.guidance is not None and args.stage_guidance is not None:
+        raise CLIError("--guidance (every stage) and --stage-guidance (per stage) are alternatives; give one")
+    casc = IF.IFCascade.from_pretrained(args.model)
+    n = len(casc.stages)
+    c = CASCADE_DEFAULTS
+    steps = _stage_values("--stage-steps", args.stage_steps or args.steps or ",".join(map(str, c["steps"][:n])),
+                          n, int)
+    scales = _stage_values("--stage-guidance", args.stage_guidance or (args.guidance if args.guidance is not None
+                                                                      else ",".join(map(str, c["guidance"][:n]))),
+                           n, float)
+    levels = _stage_values("--noise-level", args.noise_level if args.noise_level is not None else c["noise_level"],
+                           max(n - 1, 1), int)
+    if any(s < 1 or s > MAX_STEPS for s in steps):
+        raise CLIError(f"steps must be between 1 and {MAX_STEPS}, got {','.join(map(str, steps))}")
+    if not all(math.isfinite(g) for g in scales):
+        raise CLIError(f"guidance scales must be finite, got {scales}")
+    if any(not 0 <= lv < 1000 for lv in levels):
+        raise CLIError(f"--noise-level must be a training step in [0, 1000), got {','.join(map(str, levels))}")
+    if args.batch is None:
+        args.batch = c["batch"]
+    prompts = _prompts(args)
+    _check_seeds(args.seed, 1)
+    args.out = str(_output_path(args, len(prompts)))
+    t0 = time.perf_counter()
+    outs = casc(prompts, steps=steps, guidance=scales, noise_level=(0,) + levels if n > 1 else levels,
+                seed=args.seed, negative=args.negative)
+    dt = time.perf_counter() - t0
+    settings = _settings_png(args, dict(prompts=prompts, negative=args.negative, stage_steps=list(steps),
+                                        stage_guidance=list(scales), noise_level=list(levels),
+                                        sizes=[list(o.shape[1:3]) for o in outs]))
+    final = np.asarray(outs[-1])
+    path = save_png(grid(final, pad=2) if len(final) > 1 else final[0], args.out, settings)
+    if len(final) > 1:
+        for i, im in enumerate(final):
+            save_png(im, Path(args.out).with_name(f"{Path(args.out).stem}-{i:03d}.png"), settings)
+    first = np.asarray(outs[0])
+    save_png(grid(first, pad=1) if len(first) > 1 else first[0],
+             Path(args.out).with_name(f"{Path(args.out).stem}-stage1.png"), settings)
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+    return path
 
 
 if __name__ == "__main__":

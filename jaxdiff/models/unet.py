@@ -158,9 +158,6 @@ class UNet2DConditionConfig:
         if self.cross_attention_norm not in (None, "layer_norm", "group_norm"):
             raise ValueError(f"unsupported cross_attention_norm {self.cross_attention_norm!r}; "
                              "use null, 'layer_norm' or 'group_norm'")
-        simple = [t for t in (*self.down_block_types, self.mid_block_type) if t in _SIMPLE_CROSS]
-        if simple and self.attention_type != "default":
-            raise ValueError("gated attention is not supported in SimpleCrossAttn blocks")
         unsupported = {"time_cond_proj_dim": self.time_cond_proj_dim, "timestep_post_act": self.timestep_post_act}
         for key, value in unsupported.items():
             if value is not None:
@@ -499,6 +496,12 @@ class UNet2DConditionModel(nnx.Module):
         cfg = self.config
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be NHWC with {cfg.in_channels} channels, got shape {sample.shape}")
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        uneven = sample.shape[1] % factor or sample.shape[2] % factor
+        if uneven and any(t in _RESAMPLING for t in cfg.up_block_types):
+            raise ValueError(f"the ResnetUpsample / SimpleCrossAttnUp blocks double the size exactly: height and "
+                             f"width must be multiples of {factor}, got {tuple(sample.shape[1:3])} (diffusers fails "
+                             "there too)")
         x = sample.astype(self.dtype)
         if cfg.center_input_sample:
             x = 2 * x - 1.0

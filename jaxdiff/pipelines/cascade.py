@@ -6,7 +6,11 @@ super-resolution stages of cascaded diffusion do (Ho et al. 2022, "Cascaded Diff
 conditioning augmentation; Imagen, Saharia et al. 2022, §2.5): the output is resized to the stage's
 size, noised at the stage's augmentation level ``z = up + augment * noise`` (EDM coordinates), and
 handed to the network as extra input channels through :func:`jaxdiff.conditioning.concat`, with the
-level in ``cond["noise_level"]`` (the SD x4 upscaler's and Imagen's level conditioning).
+level in ``cond["noise_level"]`` (the SD x4 upscaler's and Imagen's level conditioning). DeepFloyd IF's stage II
+noises in VP coordinates (diffusers' ``add_noise``: ``sqrt(abar_l) up + sqrt(1 - abar_l) noise``, i.e.
+``(up + sigma_l noise) / sqrt(1 + sigma_l^2)``: ``augment_space="vp"``), hands the network the integer level
+``l`` rather than ``sigma_l`` (``level``) and upsamples bilinearly with aligned corners
+(``upsample="linear_align_corners"``, torch's ``F.interpolate(..., align_corners=True)``).
 
 Step counts (the schedules' traced counts), guidance scales, augmentation levels, conditioning and
 network parameters are all traced leaves of the stages, so :data:`cascade_jit` compiles once for a
@@ -18,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import conditioning, guidance, sampling
 from jaxdiff._pytree import pytree_dataclass, static_field
@@ -39,7 +44,10 @@ class Stage:
     - ``shape``: one sample's shape, channels last; ``sigma_data``: start noise ``sqrt(sigma_max^2 + sigma_data^2)``;
     - ``upsample``: the ``jax.image.resize`` method that brings the previous output to ``shape``
       (None only for the first stage); ``augment``: its noise-augmentation level (traced);
-      ``level_key``: the dictionary key the level reaches the network under (None: not passed).
+      ``level_key``: the dictionary key the level reaches the network under (None: not passed);
+    - ``level``: the value handed to the network under ``level_key`` (traced; None: ``augment``), e.g. the
+      integer training step of the augmentation level; ``augment_space``: ``"ve"`` conditions on
+      ``up + augment * noise``, ``"vp"`` on that divided by ``sqrt(1 + augment^2)`` (VP coordinates).
     """
 
     network: Any
@@ -54,6 +62,8 @@ class Stage:
     upsample: str | None = static_field(default=None)
     sigma_data: float = static_field(default=0.0)
     level_key: str | None = static_field(default=NOISE_LEVEL)
+    level: Any = None
+    augment_space: str = static_field(default="ve")
 
 
 @pytree_dataclass
@@ -72,11 +82,44 @@ class NoiseLevel:
         return self.inner(x, t, {**(cond or {}), self.key: level})
 
 
+ALIGN_CORNERS = "linear_align_corners"
+
+
+def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) linear interpolation weights sampling ``n_in`` points at ``i (n_in - 1) / (n_out - 1)``."""
+    src = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(n_out), hi), frac)
+    return m
+
+
+def resize_align_corners(x: Array, size: Sequence[int]) -> Array:
+    """Bilinear resize of (B, H, W, C) to ``size = (h, w)`` with aligned corners (torch's ``F.interpolate(...,
+    mode="bilinear", align_corners=True)``): two small matrix products."""
+    mh = jnp.asarray(_align_corners_matrix(int(size[0]), x.shape[1]), x.dtype)
+    mw = jnp.asarray(_align_corners_matrix(int(size[1]), x.shape[2]), x.dtype)
+    return jnp.einsum("hi,bijc,wj->bhwc", mh, x, mw, precision=jax.lax.Precision.HIGHEST)
+
+
 def augmented(prev: Array, stage: Stage, key: Array) -> Array:
-    """The previous output resized to the stage's shape (``stage.upsample``) plus ``augment`` times standard noise."""
+    """The previous output resized to the stage's shape (``stage.upsample``) plus ``augment`` times standard noise
+    (divided by ``sqrt(1 + augment^2)`` when ``stage.augment_space == "vp"``)."""
     size = (prev.shape[0],) + tuple(stage.shape[:-1]) + (prev.shape[-1],)
-    up = jax.image.resize(prev, size, stage.upsample)
-    return up + jnp.asarray(stage.augment, up.dtype) * jax.random.normal(key, up.shape, up.dtype)
+    if stage.upsample == ALIGN_CORNERS:
+        up = resize_align_corners(prev, stage.shape[:2])
+    else:
+        up = jax.image.resize(prev, size, stage.upsample)
+    augment = jnp.asarray(stage.augment, up.dtype)
+    out = up + augment * jax.random.normal(key, up.shape, up.dtype)
+    if stage.augment_space == "vp":
+        out = out * jax.lax.rsqrt(1.0 + augment * augment)
+    elif stage.augment_space != "ve":
+        raise ValueError(f"augment_space must be 've' or 'vp', got {stage.augment_space!r}")
+    return out
 
 
 def stage_denoiser(stage: Stage, extra: Array | None) -> Any:
@@ -84,8 +127,9 @@ def stage_denoiser(stage: Stage, extra: Array | None) -> Any:
     the parameterisation, then the denoiser transforms."""
     inner = None
     if extra is not None:
+        value = stage.augment if stage.level is None else stage.level
         level = None if stage.level_key is None else conditioning.Transform(
-            NoiseLevel, dict(level=jnp.asarray(stage.augment)), (("key", stage.level_key),))
+            NoiseLevel, dict(level=jnp.asarray(value)), (("key", stage.level_key),))
         inner = conditioning.chain(conditioning.concat(extra), level)
     net = conditioning.apply(stage.network, inner, stage.network_transform)
     den = net if stage.denoiser is None else stage.denoiser(net)

@@ -39,7 +39,8 @@ from jaxdiff.models.layers.transformer import (
 )
 
 __all__ = [
-    "ACTIVATIONS", "AddedKVAttention", "AttentionPooling", "TextTimeEmbedding", "mask_bias", "Attention", "BasicTransformerBlock", "DownBlock", "Downsample2D", "FeedForward", "GEGLU",
+    "ACTIVATIONS", "AddedKVAttention", "AttentionPooling", "TextTimeEmbedding", "mask_bias",
+    "Attention", "BasicTransformerBlock", "DownBlock", "Downsample2D", "FeedForward", "GEGLU",
     "GELUProj", "GroupNorm", "Identity", "KeySource", "Maker", "MidBlock", "ResnetBlock2D", "TemporalConvLayer",
     "TimestepEmbedding", "Transformer2DModel", "TransformerTemporalModel", "UpBlock", "Upsample2D", "activation",
     "batch_timesteps", "check_block_types", "config_from_dict", "per_block", "per_frame", "spatial_attention",

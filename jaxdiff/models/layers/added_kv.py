@@ -1,7 +1,7 @@
 """Attention with added key/value projections of the text (diffusers ``Attention`` with ``added_kv_proj_dim``
 and ``AttnAddedKVProcessor``): the self-and-cross attention of GLIDE / unCLIP / DeepFloyd IF U-Nets.
 
-Nichol et al. 2022 ("GLIDE", Sec. 2.3): the text tokens, projected to every attention layer's width, are
+Nichol et al. 2022 ("GLIDE"): the text tokens, projected separately to every attention layer's width, are
 concatenated with the image's own keys and values, so one softmax attends over both. Ramesh et al. 2022
 (unCLIP) and DeepFloyd IF keep that block.
 """
@@ -53,7 +53,7 @@ class AddedKVAttention(nnx.Module):
         if cross_attention_norm not in CROSS_ATTENTION_NORMS:
             raise ValueError(f"unsupported cross_attention_norm {cross_attention_norm!r}; use one of "
                              f"{CROSS_ATTENTION_NORMS}")
-        if not 0 < heads:
+        if heads < 1:
             raise ValueError(f"attention_head_dim {dim_head} gives no head on a {channels}-channel block; "
                              "fix attention_head_dim")
         inner = heads * dim_head
@@ -104,7 +104,13 @@ class AddedKVAttention(nnx.Module):
             pad = k.shape[1] - text_bias.shape[1]  # the pixels' own keys are never masked
             bias = jnp.pad(text_bias, ((0, 0), (0, pad)))[:, None, None, :]
         if control is not None and control.explicit(self.site, hw):
-            out = control.attend(self.site, hw, q, k, v, bias=bias)
+            try:
+                out = control.attend(self.site, hw, q, k, v, bias=bias)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"attention control at added-KV site {self.site.path!r}: its keys are the "
+                                 f"{ck.shape[1]} text tokens followed by the {k.shape[1] - ck.shape[1]} pixels, so the "
+                                 f"maps are (B, heads, {h * w}, {k.shape[1]}); size the control's edits to that, or "
+                                 f"select other sites ({e})") from e
         else:
             out = attention(q, k, v, backend=self.attention_backend, bias=bias)
         out = self.to_out[0](out.reshape(b, h * w, -1))
