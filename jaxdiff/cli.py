@@ -195,6 +195,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                         "bit; larger = nearer); default: the model's DPT estimates it from the init image")
     _add_control_args(p)
     _add_personal_args(p)
+    _add_unclip_args(p)
     p.add_argument("--clip-skip", type=int, default=None,
                    help="SD: use the text encoder's hidden state k layers earlier; default 0")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -1155,6 +1156,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _apply_png_settings(args)
     if args.model is None:
         args.model = default_model()
+    if _is_unclip(args.model):
+        _sample_unclip(args)
+        return 0
     kind = model_kind(args.model)
     if kind == "video":
         _sample_video(args)
@@ -1412,6 +1416,106 @@ def cmd_edit(args: argparse.Namespace) -> int:
                                                 dict(settings, words=list(r.maps))))
     print(json.dumps(result))
     return 0
+
+
+# ---- unCLIP / DALL-E 2 folders (diffusers UnCLIPPipeline, UnCLIPImageVariationPipeline) -------------------
+
+UNCLIP_PIPELINES = ("UnCLIPPipeline", "UnCLIPImageVariationPipeline")
+UNCLIP_DEFAULTS = dict(prior_steps=25, steps=25, super_res_steps=7, prior_guidance=4.0, guidance=8.0, batch=1)
+UNCLIP_OPTIONS = ("prompt", "prompts_file", "batch", "guidance", "init_image", "prior_steps", "prior_guidance",
+                  "super_res_steps")
+
+
+def _is_unclip(model: str) -> bool:
+    """A diffusers unCLIP folder: ``model_index.json`` naming one of :data:`UNCLIP_PIPELINES`."""
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("_class_name") in UNCLIP_PIPELINES
+    except (ValueError, AttributeError):
+        return False
+
+
+def _add_unclip_args(p: argparse.ArgumentParser) -> None:
+    d = UNCLIP_DEFAULTS
+    p.add_argument("--prior-steps", type=int, default=None,
+                   help=f"unCLIP folders: the prior's steps (--steps: the decoder's); default {d['prior_steps']}")
+    p.add_argument("--prior-guidance", type=float, default=None,
+                   help=f"unCLIP folders: the prior's classifier-free guidance (--guidance: the decoder's); default "
+                        f"{d['prior_guidance']:g}")
+    p.add_argument("--super-res-steps", type=int, default=None,
+                   help=f"unCLIP folders: the super-resolution stage's steps; default {d['super_res_steps']}")
+
+
+def _sample_unclip(args: argparse.Namespace) -> Path:
+    """An unCLIP folder: text to image (prior, decoder, super-resolution in one compiled program) from --prompt, or
+    variations of --init-image (its CLIP image embedding decoded); the images as a PNG (a grid when several), the
+    decoder's low-resolution images beside it as NAME-decoder.png."""
+    import numpy as np
+
+    from jaxdiff.images import grid, save_png
+    from jaxdiff.pipelines.unclip import UnCLIP
+
+    what = f"unCLIP folder {args.model}"
+    allowed = set(COMMON) - {"sampler", "schedule", "from_png"} | set(UNCLIP_OPTIONS)
+    for name in vars(args):
+        if name not in ("func", "command") and name not in allowed and _given(args, name):
+            valid = ", ".join(_flag(o) for o in sorted(UNCLIP_OPTIONS + ("steps", "seed", "out")))
+            raise CLIError(f"{_flag(name)} does not apply to the {what} (its stages sample as its UnCLIPSchedulers: "
+                           f"DDPM); its own options: {valid}")
+    variation = args.init_image is not None
+    if variation and any(_given(args, o) for o in ("prompt", "prompts_file", "prior_steps", "prior_guidance")):
+        raise CLIError("--init-image makes image variations (no prompt, no prior): drop --prompt, --prompts-file, "
+                       "--prior-steps and --prior-guidance")
+    d = UNCLIP_DEFAULTS
+    for name in ("prior_steps", "steps", "super_res_steps", "guidance", "prior_guidance", "batch"):
+        if getattr(args, name) is None:
+            setattr(args, name, d[name])
+    for name in ("prior_steps", "steps", "super_res_steps"):
+        value = getattr(args, name)
+        if not 2 <= value <= MAX_STEPS:
+            raise CLIError(f"{_flag(name)} must be between 2 and {MAX_STEPS} (UnCLIPScheduler spaces its timesteps "
+                           f"by steps - 1), got {value}")
+    for name in ("guidance", "prior_guidance"):
+        if not math.isfinite(getattr(args, name)):
+            raise CLIError(f"{_flag(name)} must be a finite number, got {getattr(args, name)}")
+    if args.batch < 1:
+        raise CLIError(f"--batch must be at least 1, got {args.batch}")
+    image = _read_image("--init-image", args.init_image) if variation else None
+    prompts = None if variation else _prompts(args)
+    n = args.batch if variation else len(prompts)
+    _check_seeds(args.seed, 1)
+    args.out = str(_output_path(args, n))
+    model = UnCLIP.from_pretrained(args.model)
+    t0 = time.perf_counter()
+    common = dict(decoder_steps=args.steps, super_res_steps=args.super_res_steps,
+                  decoder_guidance_scale=args.guidance, seed=args.seed, return_stages=True)
+    if variation:
+        if model.image_encoder is None:
+            raise CLIError(f"--init-image needs an image encoder: {args.model} is a text-to-image unCLIP folder; "
+                           "use an UnCLIPImageVariationPipeline folder")
+        images, _, small = model.variations(np.asarray(image)[None], num_images_per_prompt=args.batch, **common)
+        extra = dict(init_image=str(args.init_image), init_image_sha256=sha256(args.init_image), batch=args.batch)
+    else:
+        if model.models.prior is None:
+            raise CLIError(f"{args.model} has no prior (an image-variation folder): give --init-image instead of "
+                           "a prompt")
+        images, _, small = model(prompts, prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance,
+                                 **common)
+        extra = dict(prompts=prompts, prior_steps=args.prior_steps, prior_guidance=args.prior_guidance)
+    dt = time.perf_counter() - t0
+    settings = _settings_png(args, dict(**extra, steps=args.steps, guidance=args.guidance,
+                                        super_res_steps=args.super_res_steps))
+    path = save_png(grid(images, pad=2) if len(images) > 1 else images[0], args.out, settings)
+    if len(images) > 1:
+        for i, im in enumerate(images):
+            save_png(im, Path(args.out).with_name(f"{Path(args.out).stem}-{i:03d}.png"), settings)
+    small = np.clip(np.asarray(small) * 0.5 + 0.5, 0.0, 1.0)
+    save_png(grid(small, pad=1) if len(small) > 1 else small[0],
+             Path(args.out).with_name(f"{Path(args.out).stem}-decoder.png"), settings)
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

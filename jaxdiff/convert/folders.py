@@ -88,6 +88,8 @@ REGISTRY: Mapping[str, NetworkSpec] = {
     "DiTTransformer2DModel": NetworkSpec("jaxdiff.models.dit", "DiTTransformer2DModel"),
     "UNet3DConditionModel": NetworkSpec("jaxdiff.models.unet3d", "UNet3DConditionModel"),
     "DPTForDepthEstimation": NetworkSpec("jaxdiff.models.dpt", "DPTForDepthEstimation"),
+    "PriorTransformer": NetworkSpec("jaxdiff.models.prior", "PriorTransformer"),
+    "UnCLIPTextProjModel": NetworkSpec("jaxdiff.models.unclip_text_proj", "UnCLIPTextProjModel"),
 }
 
 FAMILIES: Mapping[str, str] = {
@@ -103,6 +105,8 @@ FAMILIES: Mapping[str, str] = {
     "dit": "DiTTransformer2DModel",
     "unet3d": "UNet3DConditionModel",
     "dpt": "DPTForDepthEstimation",
+    "prior": "PriorTransformer",
+    "unclip_text_proj": "UnCLIPTextProjModel",
 }
 
 

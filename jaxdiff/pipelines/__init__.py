@@ -13,3 +13,4 @@ from jaxdiff.pipelines.stable_diffusion import generate as generate
 from jaxdiff.pipelines.stable_diffusion import generate_jit as generate_jit
 from jaxdiff.pipelines.stable_diffusion import load as load
 from jaxdiff.pipelines.dit import DiTPipeline as DiTPipeline
+from jaxdiff.pipelines.unclip import UnCLIP as UnCLIP

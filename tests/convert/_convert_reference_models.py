@@ -68,6 +68,14 @@ def build(class_name: str):
             image_size=32, patch_size=16, hidden_size=8, num_hidden_layers=2, backbone_out_indices=(0, 0, 0, 1),
             num_attention_heads=2, intermediate_size=16, is_hybrid=True, backbone_config=bit,
             backbone_featmap_shape=[1, 32, 2, 2], neck_hidden_sizes=[8, 16, 8, 8], fusion_hidden_size=8))
+    if class_name == "PriorTransformer":
+        return diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=4, num_layers=1, embedding_dim=8,
+                                          num_embeddings=5)
+    if class_name == "UnCLIPTextProjModel":
+        from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+        return UnCLIPTextProjModel(clip_extra_context_tokens=2, clip_embeddings_dim=8, time_embed_dim=12,
+                                   cross_attention_dim=6)
     raise KeyError(class_name)
 
 
