@@ -259,6 +259,20 @@ def read_scheduler_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def unclip_as_ddpm(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``DDPMScheduler`` config equivalent to an ``UnCLIPScheduler`` config (others are returned as they are):
+    ``linspace`` spacing (``round(i (T-1) / (n-1))``), squaredcos_cap_v2 betas, its variance, prediction and
+    x0 clipping (``clip_sample`` defaults to True, as both classes do)."""
+    if config.get("_class_name") != "UnCLIPScheduler":
+        return dict(config)
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
+            "beta_schedule": config.get("beta_schedule", "squaredcos_cap_v2"),
+            "variance_type": config.get("variance_type", "fixed_small_log"),
+            "prediction_type": config.get("prediction_type", "epsilon"),
+            "clip_sample": bool(config.get("clip_sample", True)),
+            "clip_sample_range": float(config.get("clip_sample_range", 1.0)), "timestep_spacing": "linspace"}
+
+
 def load_scheduler(path: str | Path, steps: int, sampler: str | None = None, schedule: str | None = None,
                    **plan_options: Any) -> tuple[TrainingSchedule, Plan]:
     """A standalone diffusers scheduler (``scheduler_config.json``, see :func:`read_scheduler_config`) as jaxdiff's
@@ -266,10 +280,11 @@ def load_scheduler(path: str | Path, steps: int, sampler: str | None = None, sch
     and :class:`Plan` for ``steps`` steps (:func:`plan`: by default the folder's own scheduler, timesteps and
     initial sigma reproduced as ``SchedulerClass.from_pretrained(folder)`` followed by ``set_timesteps(steps)``).
 
-    A class that is no diffusers scheduler (the name must end in ``Scheduler``) is an error; a diffusers scheduler
+    An ``UnCLIPScheduler`` is the ``DDPMScheduler`` of :func:`unclip_as_ddpm`. A class that is no diffusers
+    scheduler (the name must end in ``Scheduler``) is an error; a diffusers scheduler
     jaxdiff does not implement is sampled by its documented stand-in or DPM-Solver++ 2M, with a warning.
     """
-    config = read_scheduler_config(path)
+    config = unclip_as_ddpm(read_scheduler_config(path))
     name = config.get("_class_name")
     if name is None and sampler is None:
         raise ValueError(f"the scheduler config {path} has no _class_name; pass sampler= "

@@ -100,25 +100,11 @@ class LastStepSwitch:
 
 # ---- schedules ---------------------------------------------------------------------------------------------
 
-def ddpm_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``DDPMScheduler`` config equivalent to an ``UnCLIPScheduler`` config (others are returned as they are):
-    ``linspace`` spacing (``round(i (T-1) / (n-1))``), squaredcos_cap_v2 betas, its variance, prediction and
-    x0 clipping (``clip_sample`` defaults to True, as both classes do)."""
-    if config.get("_class_name") != "UnCLIPScheduler":
-        return dict(config)
-    return {"_class_name": "DDPMScheduler", "num_train_timesteps": int(config.get("num_train_timesteps", 1000)),
-            "beta_schedule": config.get("beta_schedule", "squaredcos_cap_v2"),
-            "variance_type": config.get("variance_type", "fixed_small_log"),
-            "prediction_type": config.get("prediction_type", "epsilon"),
-            "clip_sample": bool(config.get("clip_sample", True)),
-            "clip_sample_range": float(config.get("clip_sample_range", 1.0)), "timestep_spacing": "linspace"}
-
-
 def scheduler_plan(config: Mapping[str, Any], steps: int, capacity: int = DEFAULT_CAPACITY
                    ) -> tuple[_sched.TrainingSchedule, _sched.Plan]:
     """Training schedule and :class:`~jaxdiff.pipelines.schedulers.Plan` (DDPM, its variance and x0 clip, the
     timesteps of ``set_timesteps(steps)``) of an ``UnCLIPScheduler`` (or any diffusers scheduler) config."""
-    cfg = ddpm_config(config)
+    cfg = _sched.unclip_as_ddpm(config)
     if config.get("_class_name") == "UnCLIPScheduler" and int(steps) < 2:
         raise ValueError(f"UnCLIPScheduler needs at least 2 steps (its spacing divides by steps - 1), got {steps}")
     train = _sched.training_schedule(cfg)
@@ -335,7 +321,7 @@ class UnCLIP:
         sr_first = load_component(path, "super_res_first", dtype=dtype)
         scheds = {name: read_component_config(path, f"{name}_scheduler")
                   for name in ("prior", "decoder", "super_res") if f"{name}_scheduler" in present}
-        train = {k: _sched.training_schedule(ddpm_config(v)) for k, v in scheds.items()}
+        train = {k: _sched.training_schedule(_sched.unclip_as_ddpm(v)) for k, v in scheds.items()}
         dsize, ssize = decoder.config.sample_size, sr_first.config.sample_size
         dsize = dsize if isinstance(dsize, int) else dsize[0]
         ssize = ssize if isinstance(ssize, int) else ssize[0]
@@ -351,8 +337,8 @@ class UnCLIP:
             super_res_shape=(ssize, ssize, int(sr_first.config.in_channels) // 2),
             prior_prediction=train["prior"].prediction if "prior" in train else "sample",
             decoder_prediction=train["decoder"].prediction, super_res_prediction=train["super_res"].prediction,
-            decoder_learned_variance=_sched.ddpm_variance(ddpm_config(scheds["decoder"])) == "learned_range",
-            super_res_learned_variance=_sched.ddpm_variance(ddpm_config(scheds["super_res"])) == "learned_range")
+            decoder_learned_variance=_sched.ddpm_variance(_sched.unclip_as_ddpm(scheds["decoder"])) == "learned_range",
+            super_res_learned_variance=_sched.ddpm_variance(_sched.unclip_as_ddpm(scheds["super_res"])) == "learned_range")
         image_encoder = processing = None
         if "image_encoder" in present:
             enc = load_component(path, "image_encoder", dtype=dtype)

@@ -92,3 +92,22 @@ def test_missing_file_and_unknown_class_are_clear_errors(tmp_path):
     (tmp_path / "scheduler_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_scheduler(tmp_path, 5)
+
+
+def test_unclip_scheduler_folder_is_its_ddpm_equivalent(tmp_path):
+    """An UnCLIPScheduler folder plans DDPM with the learned variance and the timesteps diffusers' UnCLIPScheduler
+    visits (linspace, squaredcos), without the substitution warning."""
+    import warnings
+
+    diffusers = pytest.importorskip("diffusers")
+    diffusers.UnCLIPScheduler(variance_type="learned_range", clip_sample=True).save_pretrained(tmp_path)
+    ref = diffusers.UnCLIPScheduler.from_pretrained(tmp_path)
+    ref.set_timesteps(7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, plan = load_scheduler(tmp_path, 7, capacity=7)
+    assert plan.sampler_name == "ddpm" and plan.sampler.variance == "learned_range"
+    assert plan.sampler.threshold is not None  # clip_sample
+    ac = ref.alphas_cumprod.numpy().astype(np.float64)
+    t = ref.timesteps.numpy()
+    np.testing.assert_allclose(np.asarray(plan.sigmas.values)[:7], np.sqrt((1 - ac[t]) / ac[t]), rtol=1e-5)
