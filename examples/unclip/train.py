@@ -15,7 +15,8 @@
   decoder-only Transformer to predict the unnoised z_i directly") on the squared-cosine betas, with the caption
   replaced by the empty prompt with probability ``text_dropout``.
 
-Everything is deterministic on one CPU core (fixed seeds, one thread); ``DIR/training.json`` records each stage.
+Data order, noise levels and dropout are functions of the recipe's seed and the step, so a rerun pinned to one core
+should retrain the same weights (not confirmed by a second full run); ``DIR/training.json`` records each stage.
 """
 from __future__ import annotations
 
