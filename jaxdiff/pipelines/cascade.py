@@ -24,6 +24,9 @@ from jaxdiff._pytree import pytree_dataclass, static_field
 
 Array = jax.Array
 NOISE_LEVEL = "noise_level"
+ALIGN_CORNERS = "bilinear_align_corners"
+"""``Stage.upsample`` value for bilinear resizing with corners aligned (PyTorch's ``align_corners=True``, what
+DeepFloyd IF's super-resolution pipeline upsamples with); other values are ``jax.image.resize`` methods."""
 START_STREAM, AUGMENT_STREAM, SAMPLER_STREAM = 0, 1, 2
 
 
@@ -37,8 +40,8 @@ class Stage:
     - ``network_transform`` / ``transform``: the user's network and denoiser transforms (guidance);
     - ``sampler``, ``sigmas`` (:class:`jaxdiff.schedules.Sigmas`, traced count), ``cond`` (the runner's);
     - ``shape``: one sample's shape, channels last; ``sigma_data``: start noise ``sqrt(sigma_max^2 + sigma_data^2)``;
-    - ``upsample``: the ``jax.image.resize`` method that brings the previous output to ``shape``
-      (None only for the first stage); ``augment``: its noise-augmentation level (traced);
+    - ``upsample``: the ``jax.image.resize`` method (or :data:`ALIGN_CORNERS`) that brings the previous output
+      to ``shape`` (None only for the first stage); ``augment``: its noise-augmentation level (traced);
       ``level_key``: the dictionary key the level reaches the network under (None: not passed).
     """
 
@@ -72,10 +75,26 @@ class NoiseLevel:
         return self.inner(x, t, {**(cond or {}), self.key: level})
 
 
+def resize_align_corners(x: Array, size: Sequence[int]) -> Array:
+    """Bilinear resize of the spatial axes of ``x`` (B, *spatial, C) to ``size`` with the corner pixels' centres
+    aligned: output pixel ``i`` samples input coordinate ``i (n_in - 1) / (n_out - 1)`` (PyTorch's
+    ``F.interpolate(..., mode="bilinear", align_corners=True)``)."""
+    dims = tuple(range(1, x.ndim - 1))
+    if len(size) != len(dims):
+        raise ValueError(f"size {tuple(size)} must give one length per spatial axis of x {x.shape} (channels last)")
+    # one output pixel samples the first input pixel; one input pixel fills the output (PyTorch's conventions)
+    scale = [(n - 1) / (m - 1) if m > 1 and n > 1 else (float(n) if n > 1 else 1.0) for m, n in zip(x.shape[1:-1], size)]
+    shift = [0.5 * (1.0 - s) if m > 1 and n > 1 else 0.0 for s, m, n in zip(scale, x.shape[1:-1], size)]
+    out_shape = (x.shape[0],) + tuple(int(n) for n in size) + (x.shape[-1],)
+    return jax.image.scale_and_translate(x, out_shape, dims, jnp.asarray(scale, x.dtype), jnp.asarray(shift, x.dtype),
+                                         method="linear", antialias=False)
+
+
 def augmented(prev: Array, stage: Stage, key: Array) -> Array:
     """The previous output resized to the stage's shape (``stage.upsample``) plus ``augment`` times standard noise."""
     size = (prev.shape[0],) + tuple(stage.shape[:-1]) + (prev.shape[-1],)
-    up = jax.image.resize(prev, size, stage.upsample)
+    up = (resize_align_corners(prev, size[1:-1]) if stage.upsample == ALIGN_CORNERS
+          else jax.image.resize(prev, size, stage.upsample))
     return up + jnp.asarray(stage.augment, up.dtype) * jax.random.normal(key, up.shape, up.dtype)
 
 
