@@ -113,21 +113,22 @@ def _tiny(T, monkeypatch):
     return data, np.zeros((5, 16), np.float32)
 
 
-def test_training_step_is_deterministic_and_augmentation_matters(monkeypatch):
+def test_training_step_is_deterministic_and_augmentation_levels(monkeypatch):
     T = _example()
     data, null = _tiny(T, monkeypatch)
+    trainer, start, dataset = T.setup("sr", data, null, 2, batch_size=4)
 
-    def params(run):
-        trainer, state, dataset = T.setup(run, data, null, 2, batch_size=4)
+    def params():
+        state = start
         for _ in range(2):
             state, _ = trainer.step_fn(state, dataset.batch(int(state.step)), trainer.objective)
         return jax.tree.leaves(state.params)
 
-    a, b, c = params("sr"), params("sr"), params("sr-noaug")
+    a, b = params(), params()
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert max(float(np.abs(x - y).max()) for x, y in zip(a, c)) > 0
+    assert max(float(np.abs(x - y).max()) for x, y in zip(a, jax.tree.leaves(start.params))) > 0
     obj = T.objective("sr", null)
     levels = np.asarray(obj.levels(jax.random.key(0), 256))
     sig = np.asarray(P.level_sigma(np.arange(T.AUG_MAX), obj.aug_alphas_cumprod))
-    assert np.isin(levels, sig).all() and levels.std() > 0.1
+    assert np.isin(levels, sig).all() and levels.std() > 0.1  # IF's integer steps, spread over the schedule
     assert not np.asarray(T.objective("sr-noaug", null).levels(jax.random.key(0), 8)).any()

@@ -143,6 +143,11 @@ def threshold_transform(kind: str, ratio: float = 0.95, max_value: float = 1.5) 
     raise ValueError(f"unknown thresholding {kind!r}; valid: dynamic, static, none")
 
 
+def _guidance(scale: Any, uncond: Array) -> Any:
+    """Classifier-free guidance toward the caption (None: the conditional network alone, half the batch)."""
+    return None if scale is None else guidance.classifier_free(scale, {CONTEXT: uncond})
+
+
 def _sampler(threshold: str, ratio: float, max_value: float) -> samplers.DDPM:
     return samplers.DDPM("fixed_small", threshold_transform(threshold, ratio, max_value))
 
@@ -156,7 +161,8 @@ def cascade_stages(m: CascadeModels, context: Array, uncond: Array, *, steps: Se
     (B, L, D) with the empty prompt's ``uncond`` (L, D): DDPM ancestral sampling (``fixed_small`` variance) on
     each stage's ``leading``-spaced training steps, classifier-free guidance then thresholding on x0, the
     super-resolution input upsampled with aligned corners and augmented at IF's integer ``noise_level``.
-    Step counts, scales and the level are runtime values (one compiled program); ``sr_network`` replaces the
+    Step counts, scales and the level are runtime values (one compiled program; a scale of None drops that stage's
+    guidance, a different program); ``sr_network`` replaces the
     second stage's U-Net (an ablation's)."""
     sr = m.sr if sr_network is None else sr_network
     uncond = jnp.broadcast_to(uncond, context.shape)
@@ -164,10 +170,10 @@ def cascade_stages(m: CascadeModels, context: Array, uncond: Array, *, steps: Se
     sig2 = schedules.vp_discrete(steps[1], m.sr_alphas_cumprod, "leading", 0, capacity=capacity)
     base = C.Stage(TextNet(m.base), _sampler(thresholds[0], threshold_ratio, max_values[0]), sig1, m.base_shape,
                    denoiser=_Den(m.base_alphas_cumprod), cond={CONTEXT: context},
-                   transform=guidance.classifier_free(guidance_scales[0], {CONTEXT: uncond}))
+                   transform=_guidance(guidance_scales[0], uncond))
     up = C.Stage(SuperResolutionNet(sr, m.aug_alphas_cumprod), _sampler(thresholds[1], threshold_ratio, max_values[1]),
                  sig2, m.sr_shape, denoiser=_Den(m.sr_alphas_cumprod), cond={CONTEXT: context},
-                 transform=guidance.classifier_free(guidance_scales[1], {CONTEXT: uncond}), augment=level_sigma(noise_level, m.aug_alphas_cumprod),
+                 transform=_guidance(guidance_scales[1], uncond), augment=level_sigma(noise_level, m.aug_alphas_cumprod),
                  upsample=C.ALIGN_CORNERS)
     return base, up
 
