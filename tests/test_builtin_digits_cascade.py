@@ -130,5 +130,5 @@ def test_training_step_is_deterministic_and_augmentation_levels(monkeypatch):
     obj = T.objective("sr", null)
     levels = np.asarray(obj.levels(jax.random.key(0), 256))
     sig = np.asarray(P.level_sigma(np.arange(T.AUG_MAX), obj.aug_alphas_cumprod))
-    assert np.isin(levels, sig).all() and levels.std() > 0.1  # IF's integer steps, spread over the schedule
+    assert np.isin(levels, sig).all() and np.unique(levels).size > 100  # IF's integer steps, spread over [0, AUG_MAX)
     assert not np.asarray(T.objective("sr-noaug", null).levels(jax.random.key(0), 8)).any()
