@@ -104,9 +104,9 @@ def test_builtin_cascade_samples_in_one_program(cascade):
 
 
 def _tiny(T, monkeypatch):
-    monkeypatch.setattr(T, "SR_UNET", {**T.SR_UNET, "block_out_channels": [8, 8], "norm_num_groups": 4,
-                                       "down_block_types": ["DownBlock2D", "DownBlock2D"],
-                                       "up_block_types": ["UpBlock2D", "UpBlock2D"], "sample_size": 8})
+    monkeypatch.setattr(T, "SR_UNET", {**T.SR_UNET, "block_out_channels": [8], "norm_num_groups": 4,
+                                       "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"],
+                                       "sample_size": 8})
     rng = np.random.default_rng(3)
     high = rng.uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
     data = {"high": high, "low": T.downsample(high, 2), "context": rng.standard_normal((4, 5, 16)).astype(np.float32)}
