@@ -474,3 +474,32 @@ def save_grid(images: Any, path: str | Path, ncol: int | None = None, scale: int
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image_grid(images, ncol, scale)).save(path)
     return path
+
+
+# ---- cascades (issue 15) ---------------------------------------------------------------------
+
+BUILTIN_CASCADES: dict[str, str] = {
+    "digits-cascade": "Imagen / DeepFloyd IF-style text-to-image cascade on the captioned colour digits: an 8x8 pixel "
+                      "base and an 8x8 -> 32x32 super-resolution stage with noise-conditioning augmentation "
+                      "(stage_1/ an IFPipeline folder, stage_2/ an IFSuperResolutionPipeline folder; "
+                      "examples/cascade/train.py; jaxdiff.pipelines.pixel_cascade)",
+}
+"""Cascade folders (``stage_1/``, ``stage_2/``, ... each a diffusers pipeline folder): name -> description."""
+
+
+def cascade_folder(name: str = "digits-cascade") -> Path:
+    """The shipped folder of a built-in cascade (:data:`BUILTIN_CASCADES`)."""
+    _check_name(name, BUILTIN_CASCADES)
+    path = ASSETS / name
+    if not (path / "stage_1").is_dir():
+        raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
+                                f"with examples/cascade/train.py --install")
+    return path
+
+
+def load_cascade(name: str = "digits-cascade") -> Any:
+    """A built-in cascade as :class:`jaxdiff.pipelines.pixel_cascade.CascadeModels` (sample it with
+    :func:`~jaxdiff.pipelines.pixel_cascade.cascade_stages` and :data:`jaxdiff.pipelines.cascade.cascade_jit`)."""
+    from jaxdiff.pipelines.pixel_cascade import load_cascade as _load
+
+    return _load(cascade_folder(name))

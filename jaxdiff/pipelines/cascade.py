@@ -29,6 +29,9 @@ from jaxdiff._pytree import pytree_dataclass, static_field
 
 Array = jax.Array
 NOISE_LEVEL = "noise_level"
+ALIGN_CORNERS = "linear_align_corners"
+"""``Stage.upsample`` value for bilinear resizing with corners aligned (PyTorch's ``align_corners=True``, what
+DeepFloyd IF's super-resolution pipeline upsamples with); other values are ``jax.image.resize`` methods."""
 START_STREAM, AUGMENT_STREAM, SAMPLER_STREAM = 0, 1, 2
 
 
@@ -82,9 +85,6 @@ class NoiseLevel:
         return self.inner(x, t, {**(cond or {}), self.key: level})
 
 
-ALIGN_CORNERS = "linear_align_corners"
-
-
 def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
     """(n_out, n_in) linear interpolation weights sampling ``n_in`` points at ``i (n_in - 1) / (n_out - 1)``."""
     src = np.arange(n_out) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
@@ -100,6 +100,8 @@ def _align_corners_matrix(n_out: int, n_in: int) -> np.ndarray:
 def resize_align_corners(x: Array, size: Sequence[int]) -> Array:
     """Bilinear resize of (B, H, W, C) to ``size = (h, w)`` with aligned corners (torch's ``F.interpolate(...,
     mode="bilinear", align_corners=True)``): two small matrix products."""
+    if len(size) != 2 or x.ndim != 4:
+        raise ValueError(f"size {tuple(size)} must give one length per spatial axis of x {x.shape} (B, H, W, C)")
     mh = jnp.asarray(_align_corners_matrix(int(size[0]), x.shape[1]), x.dtype)
     mw = jnp.asarray(_align_corners_matrix(int(size[1]), x.shape[2]), x.dtype)
     return jnp.einsum("hi,bijc,wj->bhwc", mh, x, mw, precision=jax.lax.Precision.HIGHEST)
