@@ -99,7 +99,7 @@ def respaced_sigmas(alphas_cumprod: Any, respacing: str | Sequence[int], *,
     """The training sigmas ``sqrt((1 - abar_t) / abar_t)`` at the respaced steps, decreasing, then 0."""
     ac = np.asarray(alphas_cumprod, np.float64)
     steps = space_timesteps(len(ac), respacing)[::-1]
-    levels = np.sqrt((1.0 - ac[steps]) / ac[steps])
+    levels = schedules.vp_sigmas(ac[steps])
     return schedules.from_array(np.append(levels, 0.0), capacity=capacity)
 
 
