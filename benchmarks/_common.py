@@ -174,6 +174,35 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parts_parser(description: str, parts: Sequence[str], num_help: str) -> argparse.ArgumentParser:
+    """:func:`parser` of a benchmark made of parts (``benchmarks/_<name>_<part>.py``): ``--md``, ``--parts``,
+    ``--num`` (``num_help``), ``--seeds``."""
+    p = parser(description)
+    p.add_argument("--md", default=None, help="Markdown report (default: the JSON path with .md)")
+    p.add_argument("--parts", default=",".join(parts), help="comma-separated subset of " + ",".join(parts))
+    p.add_argument("--num", type=int, default=None, help=f"{num_help} per part (default: each part's own)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: each part's own)")
+    return p
+
+
+def chosen_parts(p: argparse.ArgumentParser, spec: str, parts: Sequence[str]) -> tuple[str, ...]:
+    """The parts ``--parts`` names, in its order; an unknown one is a usage error listing the valid ones."""
+    chosen = tuple(x.strip() for x in spec.split(",") if x.strip())
+    bad = [x for x in chosen if x not in parts]
+    if bad:
+        p.error(f"unknown parts {bad}; valid: {', '.join(parts)}")
+    return chosen
+
+
+def machine_lines(results: dict[str, Any]) -> list[str]:
+    """The report's closing line: the machine and the run's wall time (none before :func:`write_report` ran)."""
+    m = results.get("machine", {})
+    if not m:
+        return []
+    return [f"Machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}; "
+            f"{results.get('seconds', '-')} s in all.", ""]
+
+
 def emit(results: dict[str, Any], rows: list[dict[str, Any]], json_path: str | None) -> None:
     """Print a table of ``rows`` and the JSON of ``results``; write the JSON when asked."""
     if rows:

@@ -8,7 +8,9 @@ Parts (``benchmarks/_cascade_<part>.py``, each ``run(num, seeds) -> dict``, its 
 - ``digits``: the built-in ``digits-cascade`` (Imagen / DeepFloyd IF-style 8x8 base and 8x8 -> 32x32
   super-resolution with noise-conditioning augmentation): ``cascade_digit_accuracy``, colour accuracy, FD vs floor,
   ``sr_fd_with_aug`` / ``sr_fd_without_aug`` (the ablation trained without augmentation), dynamic vs static
-  thresholding at high guidance.
+  thresholding at high guidance;
+- ``unclip``: the built-in ``digits-unclip`` (prior + decoder on digits-clip's embeddings): ``prior_embedding_cosine``,
+  ``variation_class_preservation``, text-to-image accuracy through prior + decoder.
 
 Each part's figures are stored under its own name; ``--png DIR`` writes sample grids of the parts that have images.
 """
@@ -22,7 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import check_targets, markdown_path, parser, targets_table, write_report  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    check_targets, chosen_parts, machine_lines, markdown_path, parts_parser, targets_table, write_report)
 
 PARTS = ("digits", "unclip")
 
@@ -69,25 +72,14 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# Cascaded text-to-image models", "", *targets_table(results["targets"]), ""]
     for name in results["parts"]:
         lines += [*part(name).markdown(results[name]), "", f"({results['part_seconds'][name]} s)", ""]
-    m = results.get("machine", {})
-    if m:
-        lines += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}; "
-                  f"{results.get('seconds', '-')} s in all.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + machine_lines(results))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--md", default=None, help="Markdown report (default: the JSON path with .md)")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    p.add_argument("--num", type=int, default=None, help="held-out prompts per part (default: each part's own)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: each part's own)")
+    p = parts_parser(__doc__.splitlines()[0], PARTS, "held-out prompts")
     p.add_argument("--png", type=Path, default=None, help="write sample grids into this folder")
     args = p.parse_args(argv)
-    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
-    bad = [x for x in parts if x not in PARTS]
-    if bad:
-        p.error(f"unknown parts {bad}; valid: {', '.join(PARTS)}")
+    parts = chosen_parts(p, args.parts, PARTS)
     md = markdown_path(args.json, args.md)
     t0 = time.perf_counter()
     return write_report(run(parts, num=args.num, seeds=args.seeds, png=args.png), t0, args.json, md, markdown)

@@ -27,7 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import check_targets, markdown_path, parser, targets_table, write_report  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    check_targets, chosen_parts, machine_lines, markdown_path, parts_parser, targets_table, write_report)
 
 PARTS = ("p2p", "realedit", "nulltext", "palette", "sdg")
 
@@ -59,24 +60,13 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# Editing and guidance by meaning on digits-sd", "", *targets_table(results["targets"]), ""]
     for name in results["parts"]:
         lines += [*part(name).markdown(results), f"({results['part_seconds'][name]} s)", ""]
-    m = results.get("machine", {})
-    if m:
-        lines += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['backend']}, jax {m['jax']}; "
-                  f"{results.get('seconds', '-')} s in all.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + machine_lines(results))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--md", default=None, help="Markdown report (default: the JSON path with .md)")
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    p.add_argument("--num", type=int, default=None, help="held-out prompts / digits per part (default: each part's own)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default: each part's own)")
+    p = parts_parser(__doc__.splitlines()[0], PARTS, "held-out prompts / digits")
     args = p.parse_args(argv)
-    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
-    bad = [x for x in parts if x not in PARTS]
-    if bad:
-        p.error(f"unknown parts {bad}; valid: {', '.join(PARTS)}")
+    parts = chosen_parts(p, args.parts, PARTS)
     md = markdown_path(args.json, args.md)
     t0 = time.perf_counter()
     return write_report(run(parts, num=args.num, seeds=args.seeds), t0, args.json, md, markdown)
