@@ -25,7 +25,6 @@ in float16) and ``benchmarks/results/digits-cascade-no-aug`` (the ablation's ``s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -56,7 +55,7 @@ from jaxdiff.pipelines.cascade import NOISE_LEVEL, resize_align_corners  # noqa:
 from jaxdiff.pipelines.pixel_cascade import CONTEXT, SuperResolutionNet, TextNet  # noqa: E402
 from jaxdiff.pipelines.schedulers import training_schedule  # noqa: E402
 from jaxdiff.schedules import vp_sigmas  # noqa: E402
-from jaxdiff.train import ArrayDataset, OptimizerConfig, Trainer, fit  # noqa: E402
+from jaxdiff.train import ArrayDataset, OptimizerConfig, Trainer, fit_recorded  # noqa: E402
 from jaxdiff.train.objectives import drop_context  # noqa: E402
 
 WORK = Path("/tmp/jaxdiff-cascade")
@@ -223,19 +222,13 @@ def train(run: str, work: Path, steps: int | None = None, progress: bool = True)
     null = text_states([""])[0]
     trainer, state, dataset = setup(run, data, null, steps, BATCH_SIZE[run])
     prep = time.perf_counter() - start
-    trace: list[list[float]] = []
-    keep = lambda step, st, m: trace.append([step, round(float(m["loss"]), 5)]) if step % 100 == 0 else None  # noqa
-    start = time.perf_counter()
-    state = fit(trainer, state, dataset, steps, progress=progress, callback=keep)
-    jax.block_until_ready(state.params)
-    seconds = time.perf_counter() - start
+    state, fitted = fit_recorded(trainer, state, dataset, steps, progress=progress, trace_every=100)
     model = zero_variance_half(nnx.merge(trainer.graphdef, state.ema, state.buffers))
     out = work / run
     save_pretrained(model, out / "unet", unet_config(run, int(data["context"].shape[-1])),
                     class_name="UNet2DConditionModel", library="diffusers")
-    record = {"run": run, "steps": steps, "batch_size": dataset.batch_size, "seconds": round(seconds, 1),
-              "precompute_seconds": round(prep, 1), "steps_per_s": round(steps / max(seconds, 1e-9), 2),
-              "epochs": round(steps * dataset.batch_size / dataset.num_examples, 2),
+    trace = fitted.pop("loss_trace")
+    record = {"run": run, **fitted, "precompute_seconds": round(prep, 1),
               "parameters": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(state.params)),
               "augmentation": {"aug_max": AUG_MAX if run == "sr" else 0} if run != "base" else None,
               "recipe": {"seed": SEED, "lr": OPTIMISER[run][0], "warmup": OPTIMISER[run][1], "ema": EMA, "context_dropout": CONTEXT_DROPOUT,

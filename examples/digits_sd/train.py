@@ -49,7 +49,7 @@ from jaxdiff.models._pure import PureModel  # noqa: E402
 from jaxdiff.models.unet import UNet2DConditionConfig, UNet2DConditionModel  # noqa: E402
 from jaxdiff.models.vae import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
 from jaxdiff.pipelines.schedulers import training_schedule  # noqa: E402
-from jaxdiff.train import ArrayDataset, OptimizerConfig, Trainer, fit  # noqa: E402
+from jaxdiff.train import ArrayDataset, OptimizerConfig, Trainer, fit_recorded  # noqa: E402
 from jaxdiff.train.autoencoder import AutoencoderObjective  # noqa: E402
 from jaxdiff.train.objectives import TextDiffusionObjective  # noqa: E402
 
@@ -82,16 +82,8 @@ def _optimizer(cfg: dict[str, Any], steps: int) -> OptimizerConfig:
 
 def _fit(trainer: Trainer, state: Any, dataset: ArrayDataset, steps: int, progress: bool,
          every: int = 50) -> tuple[Any, dict[str, Any]]:
-    """``fit`` with a loss trace every ``every`` steps and the wall time."""
-    trace: list[list[float]] = []
-    keep = lambda step, st, m: trace.append([step, round(float(m["loss"]), 5)]) if step % every == 0 else None  # noqa
-    start = time.perf_counter()
-    state = fit(trainer, state, dataset, steps, progress=progress, callback=keep)
-    jax.block_until_ready(state.params)
-    seconds = time.perf_counter() - start
-    return state, {"steps": steps, "batch_size": dataset.batch_size, "seconds": round(seconds, 1),
-                   "steps_per_s": round(steps / max(seconds, 1e-9), 2),
-                   "epochs": round(steps * dataset.batch_size / dataset.num_examples, 2), "loss_trace": trace}
+    """``fit`` with a loss trace every ``every`` steps and the wall time (:func:`jaxdiff.train.fit_recorded`)."""
+    return fit_recorded(trainer, state, dataset, steps, progress=progress, trace_every=every)
 
 
 def _count(model: nnx.Module) -> int:

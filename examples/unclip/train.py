@@ -45,7 +45,7 @@ from jaxdiff.models.unclip_image_proj import UnCLIPImageProj, UnCLIPImageProjCon
 from jaxdiff.models.unet import UNet2DConditionConfig, UNet2DConditionModel
 from jaxdiff.pipelines import unclip_digits as ud
 from jaxdiff.pipelines.schedulers import training_schedule
-from jaxdiff.train import ArrayDataset, OptimizerConfig, Trainer, fit
+from jaxdiff.train import ArrayDataset, OptimizerConfig, Trainer, fit_recorded
 from jaxdiff.train.objectives import _check_template, _with_net
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -69,14 +69,7 @@ def _optimizer(cfg: dict[str, Any], steps: int) -> OptimizerConfig:
 
 
 def _fit(trainer: Trainer, state: Any, dataset: Any, steps: int, progress: bool, every: int = 100) -> tuple[Any, dict]:
-    trace: list[list[float]] = []
-    keep = lambda step, st, m: trace.append([step, round(float(m["loss"]), 5)]) if step % every == 0 else None  # noqa
-    start = time.perf_counter()
-    state = fit(trainer, state, dataset, steps, progress=progress, callback=keep)
-    jax.block_until_ready(state.params)
-    seconds = time.perf_counter() - start
-    return state, {"steps": steps, "batch_size": dataset.batch_size, "seconds": round(seconds, 1),
-                   "steps_per_s": round(steps / max(seconds, 1e-9), 2), "loss_trace": trace}
+    return fit_recorded(trainer, state, dataset, steps, progress=progress, trace_every=every)
 
 
 def _count(model: nnx.Module) -> int:

@@ -22,6 +22,7 @@ from jaxdiff.train.data import load_digits_dataset as load_digits_dataset
 from jaxdiff.train.ema import ema_update as ema_update
 from jaxdiff.train.loop import MetricsLog as MetricsLog
 from jaxdiff.train.loop import fit as fit
+from jaxdiff.train.loop import fit_recorded as fit_recorded
 from jaxdiff.train.loop import read_metrics as read_metrics
 from jaxdiff.train.objectives import ClassifierObjective as ClassifierObjective
 from jaxdiff.train.objectives import DiffusionObjective as DiffusionObjective

@@ -122,3 +122,22 @@ def fit(trainer: Trainer, state: TrainState, dataset: ArrayDataset, num_steps: i
         if log is not None:
             log.close()
     return state
+
+
+def fit_recorded(trainer: Trainer, state: TrainState, dataset: ArrayDataset, num_steps: int, *,
+                 progress: bool = True, trace_every: int = 50) -> tuple[TrainState, dict[str, Any]]:
+    """:func:`fit` from scratch (no workdir) and the run's record for a ``training.json``: steps, batch size, wall
+    seconds, steps per second, epochs, and the loss every ``trace_every`` steps as ``[step, loss]`` pairs."""
+    trace: list[list[float]] = []
+
+    def keep(step: int, _: TrainState, metrics: dict) -> None:
+        if step % trace_every == 0:
+            trace.append([step, round(float(metrics["loss"]), 5)])
+
+    start = time.perf_counter()
+    state = fit(trainer, state, dataset, num_steps, progress=progress, callback=keep)
+    jax.block_until_ready(state.params)
+    seconds = time.perf_counter() - start
+    return state, {"steps": num_steps, "batch_size": dataset.batch_size, "seconds": round(seconds, 1),
+                   "steps_per_s": round(num_steps / max(seconds, 1e-9), 2),
+                   "epochs": round(num_steps * dataset.batch_size / dataset.num_examples, 2), "loss_trace": trace}

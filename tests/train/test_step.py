@@ -12,7 +12,7 @@ from jaxdiff import losses as L
 from jaxdiff.denoisers import EDMClassifier, EDMDenoiser, VEDenoiser
 from jaxdiff.mixtures import MixtureClassifier, make_mixture
 from jaxdiff.train import (ArrayDataset, ClassifierObjective, DiffusionObjective, OptimizerConfig, Trainer,
-                           drop_labels, fit, learning_rate_schedule, make_optimizer)
+                           drop_labels, fit, fit_recorded, learning_rate_schedule, make_optimizer)
 from train_nets import TinyClassifierNet, TinyDenoiserNet, gaussian_data
 
 EDM = DiffusionObjective(L.edm_loss(), EDMDenoiser(None))
@@ -173,3 +173,20 @@ def test_noisy_classifier_training_approaches_the_exact_posterior():
     ce = jax.jit(lambda c: jnp.mean(L.NoisyClassifierLoss(levels)(c, x0, jax.random.key(3), y)))
     exact, trained = float(ce(MixtureClassifier(mixture))), float(ce(obj.classifier_for(trainer.model(state))))
     assert exact < trained < exact + 0.03 and trained < 0.5 * np.log(2), (exact, trained)
+
+
+def test_fit_recorded_traces_the_loss_and_matches_fit():
+    """The recorded run is fit's run (same parameters), with the loss every trace_every steps and the epochs."""
+    def start():
+        return Trainer.create(TinyDenoiserNet(4, rngs=nnx.Rngs(0)), EDM, OptimizerConfig(1e-3), sample_shape=(4,))
+
+    data = ArrayDataset(gaussian_data(96), batch_size=32, seed=1)
+    trainer, state = start()
+    plain = fit(trainer, state, data, 7, progress=False)
+    trainer, state = start()
+    recorded, record = fit_recorded(trainer, state, data, 7, progress=False, trace_every=3)
+    for a, b in zip(leaves(plain.params), leaves(recorded.params)):
+        np.testing.assert_array_equal(a, b)
+    assert [step for step, _ in record["loss_trace"]] == [3, 6]
+    assert all(np.isfinite(loss) for _, loss in record["loss_trace"])
+    assert (record["steps"], record["batch_size"], record["epochs"]) == (7, 32, round(7 * 32 / 96, 2))
