@@ -297,17 +297,22 @@ def _given(args: argparse.Namespace, name: str) -> bool:
     return value is not None and value is not False
 
 
+def _refuse_options(args: argparse.Namespace, allowed: set[str], what: str, own: Any, note: str = "") -> None:
+    """A clear error for the first option given that is not in ``allowed``, naming the model's ``own`` options."""
+    for name in vars(args):
+        if name in ("func", "command") or name in allowed or not _given(args, name):
+            continue
+        valid = ", ".join(_flag(o) for o in sorted(own))
+        raise CLIError(f"{_flag(name)} does not apply to the {what}{note}; its own options: {valid or 'none'}")
+
+
 def _check_options(args: argparse.Namespace, kind: str) -> None:
     """Refuse options that do not apply to the model, and non-finite or out-of-range numbers (before any work)."""
     allowed = set(COMMON) | set(APPLIES[kind])
     if kind == "builtin" and args.model in UNCONDITIONAL_BUILTINS:
         allowed -= {"label", "guidance", "classifier_scale"}
     what = {"sd": f"Stable Diffusion folder {args.model}", "mixture": MIXTURE}.get(kind, f"built-in model {args.model}")
-    for name in vars(args):
-        if name in ("func", "command") or name in allowed or not _given(args, name):
-            continue
-        valid = ", ".join(_flag(o) for o in sorted(allowed - set(COMMON)))
-        raise CLIError(f"{_flag(name)} does not apply to the {what}; its own options: {valid or 'none'}")
+    _refuse_options(args, allowed, what, allowed - set(COMMON))
     if kind == "mixture" and _given(args, "guidance") and args.label is None:
         raise CLIError(f"--guidance applies to {MIXTURE} only with --label (classifier-free guidance to a component)")
     if kind == "builtin" and _given(args, "guidance") and (args.classifier_scale or 0) > 0:
@@ -1459,11 +1464,8 @@ def _sample_unclip(args: argparse.Namespace) -> Path:
 
     what = f"unCLIP folder {args.model}"
     allowed = set(COMMON) - {"sampler", "schedule", "from_png"} | set(UNCLIP_OPTIONS)
-    for name in vars(args):
-        if name not in ("func", "command") and name not in allowed and _given(args, name):
-            valid = ", ".join(_flag(o) for o in sorted(UNCLIP_OPTIONS + ("steps", "seed", "out")))
-            raise CLIError(f"{_flag(name)} does not apply to the {what} (its stages sample as its UnCLIPSchedulers: "
-                           f"DDPM); its own options: {valid}")
+    _refuse_options(args, allowed, what, UNCLIP_OPTIONS + ("steps", "seed", "out"),
+                    " (its stages sample as its UnCLIPSchedulers: DDPM)")
     variation = args.init_image is not None
     if variation and any(_given(args, o) for o in ("prompt", "prompts_file", "prior_steps", "prior_guidance")):
         raise CLIError("--init-image makes image variations (no prompt, no prior): drop --prompt, --prompts-file, "
@@ -1665,11 +1667,8 @@ def _sample_cascade(args: argparse.Namespace) -> Path:
         raise CLIError("--from-png does not apply to cascade folders yet; rerun with the settings the PNG records")
     what = f"cascade folder {args.model}"
     allowed = set(COMMON) - {"sampler", "schedule", "from_png"} | set(CASCADE_OPTIONS)
-    for name in vars(args):
-        if name not in ("func", "command") and name not in allowed and _given(args, name):
-            valid = ", ".join(_flag(o) for o in sorted(CASCADE_OPTIONS + ("steps", "seed", "out")))
-            raise CLIError(f"{_flag(name)} does not apply to the {what} (stages sample as their schedulers: DDPM); "
-                           f"its own options: {valid}")
+    _refuse_options(args, allowed, what, CASCADE_OPTIONS + ("steps", "seed", "out"),
+                    " (stages sample as their schedulers: DDPM)")
     if args.steps is not None and args.stage_steps is not None:
         raise CLIError("--steps (every stage) and --stage-steps (per stage) are alternatives; give one")
     if args.guidance is not None and args.stage_guidance is not None:
