@@ -91,6 +91,7 @@ def test_builtin_is_if_folders_within_budget():
 def test_builtin_cascade_samples_in_one_program(cascade):
     m = cascade
     assert m.base_shape == (8, 8, 3) and m.sr_shape == (32, 32, 3)
+    assert m.predictions == ("epsilon", "v_prediction")  # read from each stage's scheduler
     ctx = m.encode(["a red seven on a white background"])
     uncond = m.encode([""])[0]
     before = C.cascade_jit._cache_size()
@@ -132,3 +133,31 @@ def test_training_step_is_deterministic_and_augmentation_levels(monkeypatch):
     sig = np.asarray(P.level_sigma(np.arange(T.AUG_MAX), obj.aug_alphas_cumprod))
     assert np.isin(levels, sig).all() and np.unique(levels).size > 100  # IF's integer steps, spread over [0, AUG_MAX)
     assert not np.asarray(T.objective("sr-noaug", null).levels(jax.random.key(0), 8)).any()
+
+
+def test_cli_samples_digits_cascade_by_name_with_its_measured_defaults(tmp_path, capsys):
+    """``jaxdiff sample --model digits-cascade``: the name finds the shipped folder, unset options take the settings
+    its ``cascade.json`` was measured with, and the PNG is the IF cascade's image for those settings."""
+    from PIL import Image
+
+    from jaxdiff import cli
+    from jaxdiff.images import read_settings
+    from jaxdiff.pipelines import deepfloyd_if as IF
+
+    folder = builtin.cascade_folder("digits-cascade")
+    spec = json.loads((folder / "cascade.json").read_text())["sampling"]
+    prompt = "a red seven on a white background"
+    out = tmp_path / "c.png"
+    assert cli.main(["sample", "--model", "digits-cascade", "--prompt", prompt, "--stage-steps", "3,2", "--seed", "4",
+                     "--out", str(out)]) == 0
+    settings = read_settings(out)
+    assert settings["stage_guidance"] == spec["guidance"] and settings["noise_level"] == [spec["noise_level"]]
+    _, high = IF.IFCascade.from_pretrained(folder)([prompt], steps=(3, 2), guidance=tuple(spec["guidance"]),
+                                                   noise_level=(0, spec["noise_level"]), seed=4)
+    png = np.asarray(Image.open(out), np.float32) / 255.0
+    np.testing.assert_allclose(png, np.asarray(high[0]), atol=0.5 / 255 + 1e-4)
+    assert Image.open(tmp_path / "c-stage1.png").size == (8, 8)
+    capsys.readouterr()
+    assert cli.main(["info", "--model", "digits-cascade"]) == 0
+    assert '"IFSuperResolutionPipeline"' in capsys.readouterr().out
+    assert "digits-cascade" in cli.sampleable_models() and "digits-unclip" in cli.sampleable_models()

@@ -96,6 +96,7 @@ class CascadeModels:
     sr_shape: tuple = static_field()
     max_length: int = static_field(default=77)
     tokenizer: Any = static_field(default=None)
+    predictions: tuple = static_field(default=("epsilon", "epsilon"))
 
     def encode(self, prompts: Sequence[str]) -> Array:
         """Prompts -> text states (N, L, D): ids padded to the tower's length (EOS padding, no attention mask)."""
@@ -124,11 +125,12 @@ def load_cascade(folder: str | Path) -> CascadeModels:
     text = load_model_folder(s1 / "text_encoder")
     b, s = base.config, sr.config
     ac = lambda f: jnp.asarray(training_schedule(_scheduler(f)).alphas_cumprod, jnp.float32)  # noqa: E731
+    predictions = tuple(_scheduler(f).get("prediction_type", "epsilon") for f in (s1 / "scheduler", s2 / "scheduler"))
     return CascadeModels(
         PureModel.of(base), PureModel.of(sr), PureModel.of(text, "hidden_state"), ac(s1 / "scheduler"),
         ac(s2 / "scheduler"), ac(s2 / "image_noising_scheduler"), (b.sample_size, b.sample_size, b.in_channels),
         (s.sample_size, s.sample_size, s.in_channels // 2), int(text.config.max_position_embeddings),
-        load_tokenizer(s1 / "tokenizer"))
+        load_tokenizer(s1 / "tokenizer"), predictions)
 
 
 def threshold_transform(kind: str, ratio: float = 0.95, max_value: float = 1.5) -> Any:
@@ -169,10 +171,10 @@ def cascade_stages(m: CascadeModels, context: Array, uncond: Array, *, steps: Se
     sig1 = schedules.vp_discrete(steps[0], m.base_alphas_cumprod, "leading", 0, capacity=capacity)
     sig2 = schedules.vp_discrete(steps[1], m.sr_alphas_cumprod, "leading", 0, capacity=capacity)
     base = C.Stage(TextNet(m.base), _sampler(thresholds[0], threshold_ratio, max_values[0]), sig1, m.base_shape,
-                   denoiser=_Den(m.base_alphas_cumprod), cond={CONTEXT: context},
+                   denoiser=_Den(m.base_alphas_cumprod, m.predictions[0]), cond={CONTEXT: context},
                    transform=_guidance(guidance_scales[0], uncond))
     up = C.Stage(SuperResolutionNet(sr, m.aug_alphas_cumprod), _sampler(thresholds[1], threshold_ratio, max_values[1]),
-                 sig2, m.sr_shape, denoiser=_Den(m.sr_alphas_cumprod), cond={CONTEXT: context},
+                 sig2, m.sr_shape, denoiser=_Den(m.sr_alphas_cumprod, m.predictions[1]), cond={CONTEXT: context},
                  transform=_guidance(guidance_scales[1], uncond), augment=level_sigma(noise_level, m.aug_alphas_cumprod),
                  upsample=C.ALIGN_CORNERS)
     return base, up
@@ -180,9 +182,11 @@ def cascade_stages(m: CascadeModels, context: Array, uncond: Array, *, steps: Se
 
 @pytree_dataclass
 class _Den:
-    """``net -> DiscreteVPDenoiser(net, alphas_cumprod)`` (epsilon prediction) as a pytree."""
+    """``net -> DiscreteVPDenoiser(net, alphas_cumprod, prediction)`` as a pytree (the scheduler's
+    ``prediction_type``: ``epsilon``, ``v_prediction`` or ``sample``)."""
 
     alphas_cumprod: Array
+    prediction: str = static_field(default="epsilon")
 
     def __call__(self, net: Any) -> DiscreteVPDenoiser:
-        return DiscreteVPDenoiser(net, self.alphas_cumprod)
+        return DiscreteVPDenoiser(net, self.alphas_cumprod, prediction=self.prediction)

@@ -98,6 +98,35 @@ def test_super_resolution_alone_matches_diffusers(clip_cascade):
         casc.stages[1](PROMPTS, image=image[:1], steps=3)
 
 
+def test_v_prediction_super_resolution_matches_diffusers(clip_cascade, tmp_path):
+    """A stage II folder whose scheduler says ``prediction_type="v_prediction"`` (digits-cascade's super-resolution
+    stage) reads the U-Net's output as v, as diffusers' DDPMScheduler does."""
+    import shutil
+
+    import diffusers
+    import torch
+
+    _, p2, _, root = clip_cascade
+    folder = tmp_path / "stage_2"
+    shutil.copytree(root / "stage_2", folder)
+    cfg_file = folder / "scheduler" / "scheduler_config.json"
+    cfg = {**json.loads(cfg_file.read_text()), "prediction_type": "v_prediction"}
+    cfg_file.write_text(json.dumps(cfg))
+    ref_pipe = diffusers.IFSuperResolutionPipeline(**{**p2.components,
+                                                     "scheduler": diffusers.DDPMScheduler.from_config(cfg)})
+    ref_pipe.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(2).uniform(-1, 1, size=(B, 8, 8, 3)).astype(np.float32)
+    high = IF.IFPipeline.from_pretrained(folder)(PROMPTS, image=image, steps=3, guidance=5.0, noise_level=300, seed=3,
+                                                 output="raw")
+    with F.injected_noise(F.stage_noise(3, 0, (B, 16, 16, 3), 3, True)):
+        ref = ref_pipe(PROMPTS, image=torch.from_numpy(image.transpose(0, 3, 1, 2).copy()), num_inference_steps=3,
+                       guidance_scale=5.0, noise_level=300, output_type="np", clean_caption=False).images
+    np.testing.assert_allclose(IF.to_images(high), ref, atol=1e-3)
+    eps = IF.IFPipeline.from_pretrained(root / "stage_2")(PROMPTS, image=image, steps=3, guidance=5.0, noise_level=300,
+                                                          seed=3, output="raw")
+    assert np.abs(IF.to_images(high) - IF.to_images(eps)).max() > 1e-2  # the prediction type was read
+
+
 def test_cli_samples_a_cascade_folder(clip_cascade, tmp_path, capsys):
     """``jaxdiff sample --model <cascade folder>`` with per-stage options: the recipe's images, no new program."""
     from jaxdiff import cli
