@@ -18,7 +18,7 @@ given chain of stage classes and shapes.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,9 @@ class Stage:
       ``level_key``: the dictionary key the level reaches the network under (None: not passed);
     - ``level``: the value handed to the network under ``level_key`` (traced; None: ``augment``), e.g. the
       integer training step of the augmentation level; ``augment_space``: ``"ve"`` conditions on
-      ``up + augment * noise``, ``"vp"`` on that divided by ``sqrt(1 + augment^2)`` (VP coordinates).
+      ``up + augment * noise``, ``"vp"`` on that divided by ``sqrt(1 + augment^2)`` (VP coordinates);
+    - ``noise_scale``: the start noise's temperature (traced; GLIDE's upsampler samples from 0.997 x the noise);
+      ``previous_transform``: applied to the previous output before it is upsampled (e.g. GLIDE's 8-bit rounding).
     """
 
     network: Any
@@ -67,6 +69,8 @@ class Stage:
     level_key: str | None = static_field(default=NOISE_LEVEL)
     level: Any = None
     augment_space: str = static_field(default="ve")
+    noise_scale: Any = 1.0
+    previous_transform: Callable[[Array], Array] | None = static_field(default=None)
 
 
 @pytree_dataclass
@@ -144,9 +148,12 @@ def run_stage(stage: Stage, prev: Array | None, key: Array, batch: int) -> Array
     if prev is not None and stage.upsample is None:
         raise ValueError("a stage after the first is conditioned on the previous output: give it upsample= "
                          "(a jax.image.resize method such as 'nearest' or 'linear')")
+    if prev is not None and stage.previous_transform is not None:
+        prev = stage.previous_transform(prev)
     extra = None if prev is None else augmented(prev, stage, jax.random.fold_in(key, AUGMENT_STREAM))
     x = sampling.initial_noise(jax.random.fold_in(key, START_STREAM), (batch,) + tuple(stage.shape),
                                stage.sigmas.values[0], stage.sigma_data)
+    x = x * jnp.asarray(stage.noise_scale, x.dtype)
     den = stage_denoiser(stage, extra)
     out, _ = sampling.sample_jit(den, stage.sampler, stage.sigmas, x, jax.random.fold_in(key, SAMPLER_STREAM),
                                  stage.cond, False, 0)

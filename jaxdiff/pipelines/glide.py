@@ -18,8 +18,8 @@ What glide-text2im's notebook does, in jaxdiff's terms:
   concatenated to the input; deterministic DDIM on ``fast27`` from start noise scaled by ``upsample_temp``
   (0.997), x0 clipped.
 
-:func:`glide_cascade` chains the stages of :mod:`jaxdiff.pipelines.cascade` with the start-noise temperature and
-the quantisation between them; everything numeric (prompts, guidance, step counts, temperature, weights) is a
+:func:`glide_cascade` chains the stages with :func:`jaxdiff.pipelines.cascade.cascade` (the upsampler's start-noise
+temperature and the quantisation between them are fields of its stage); everything numeric (prompts, guidance, step counts, temperature, weights) is a
 traced leaf, so :data:`glide_cascade_jit` compiles once per pair of stage structures.
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import guidance as G
-from jaxdiff import sampling, schedules
+from jaxdiff import schedules
+from jaxdiff._pytree import replace
 from jaxdiff._transforms import Transform
 from jaxdiff.denoisers import DiscreteVPDenoiser, DropVariance
 from jaxdiff.pipelines import cascade
@@ -183,13 +184,13 @@ def base_stage(network: Any, text: Any, uncond_text: Any, *, guidance: Any = 3.0
 def upsampler_stage(network: Any, text: Any, *, respacing: str = "fast27", alphas_cumprod: Any = None,
                     shape: tuple[int, ...] = (256, 256, 3), clip: bool = True, transform: Any = None) -> cascade.Stage:
     """GLIDE's upsampler stage: the previous output bilinearly upsampled as 3 extra input channels (no noise
-    augmentation, no level), the text ``text``, DDIM (eta 0) on the respaced linear schedule, x0 clipped; the
+    augmentation, no level) after 8-bit rounding (:func:`quantize_uint8`), the text ``text``, DDIM (eta 0) on the respaced linear schedule, x0 clipped; the
     variance channels are dropped for DDIM."""
     ac = glide_alphas_cumprod("linear") if alphas_cumprod is None else alphas_cumprod
     guide = G.chain(G.static_threshold(-1.0, 1.0) if clip else None, Transform(DropVariance, {}), transform)
     return cascade.Stage(network=network, sampler=DDIM(), sigmas=respaced_sigmas(ac, respacing), shape=tuple(shape),
                          denoiser=glide_denoiser(ac), transform=guide, cond=text, upsample="linear", augment=0.0,
-                         level_key=None, sigma_data=1.0)
+                         level_key=None, sigma_data=1.0, previous_transform=quantize_uint8)
 
 
 def quantize_uint8(x: Array) -> Array:
@@ -198,26 +199,13 @@ def quantize_uint8(x: Array) -> Array:
     return jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5) / 127.5 - 1.0
 
 
-def run_stage(stage: cascade.Stage, prev: Array | None, key: Array, batch: int, temperature: Any = 1.0) -> Array:
-    """:func:`jaxdiff.pipelines.cascade.run_stage` with the start noise scaled by ``temperature`` (traced)."""
-    extra = None if prev is None else cascade.augmented(prev, stage, jax.random.fold_in(key, cascade.AUGMENT_STREAM))
-    x = sampling.initial_noise(jax.random.fold_in(key, cascade.START_STREAM), (batch,) + tuple(stage.shape),
-                               stage.sigmas.values[0], stage.sigma_data)
-    x = x * jnp.asarray(temperature, x.dtype)
-    den = cascade.stage_denoiser(stage, extra)
-    out, _ = sampling.sample_jit(den, stage.sampler, stage.sigmas, x, jax.random.fold_in(key, cascade.SAMPLER_STREAM),
-                                 stage.cond, False, 0)
-    return out
-
-
 def glide_cascade(base: cascade.Stage, upsampler: cascade.Stage | None, key: Array, batch: int,
                   upsample_temp: Any = UPSAMPLE_TEMP) -> tuple[Array, ...]:
-    """Base samples, then (given an upsampler) their upsampling from the 8-bit-quantised base output; stage ``i``
-    uses the key ``fold_in(key, i)`` as :func:`jaxdiff.pipelines.cascade.cascade` does."""
-    low = run_stage(base, None, jax.random.fold_in(key, 0), batch)
+    """:func:`jaxdiff.pipelines.cascade.cascade` of the base samples and (given an upsampler) their upsampling from
+    start noise scaled by ``upsample_temp`` (traced)."""
     if upsampler is None:
-        return (low,)
-    return low, run_stage(upsampler, quantize_uint8(low), jax.random.fold_in(key, 1), batch, upsample_temp)
+        return cascade.cascade([base], key, batch)
+    return cascade.cascade([base, replace(upsampler, noise_scale=upsample_temp)], key, batch)
 
 
 glide_cascade_jit = jax.jit(glide_cascade, static_argnames=("batch",))
