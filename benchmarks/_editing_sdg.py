@@ -28,7 +28,7 @@ import numpy as np
 
 TARGETS = {"sdg_image_class_match": (">=", 0.80), "sdg_text_accuracy": (">=", 0.80)}
 TEXT_TUNE, TEXT_REPORT = "number {k}", "the digit {k}"
-SCALES = (0.0, 0.2, 0.4, 0.8)  # x0 shift per step, RMS, as a fraction of sigma (normalised gradient)
+SCALES = (0.0, 0.2, 0.4, 0.8, 1.6, 2.4)  # x0 shift per step, RMS, as a fraction of sigma (normalised gradient)
 STYLE_SCALE = 0.3
 STEPS = 20
 BATCH = 40

@@ -55,6 +55,7 @@ Array = jax.Array
 SELF_MAX_TOKENS = 16 * 16
 """Self-attention is injected at grids of at most this many query tokens (the paper's code: 16 x 16 on SD)."""
 BLEND_THRESHOLD = 0.3
+BLEND_NORMALIZE = ("max", "minmax")  # the paper's m / max; (m - min) / (max - min): see local_blend_mask
 """The paper's local-blend threshold on the max-normalised map."""
 MODES = ("auto", "replace", "refine")
 
@@ -168,17 +169,20 @@ class CrossEdit:
 
 
 def local_blend_mask(maps: Array, words: Array, threshold: Any = BLEND_THRESHOLD, size: tuple[int, int] | None = None,
-                     k: int = 1) -> Array:
+                     k: int = 1, subtract_min: Any = 0.0) -> Array:
     """The paper's LocalBlend mask of every row (P, H, W) from cross-attention maps ``maps`` (P, h, w, T) and the
     chosen words' token indicators ``words`` (P, T): the words' maps summed, max-pooled ``(2k+1)^2`` (stride 1,
-    same size), upsampled (nearest) to ``size``, divided by their maximum and thresholded (``> threshold``)."""
+    same size), upsampled (nearest) to ``size``, divided by their maximum and thresholded (``> threshold``).
+    ``subtract_min`` (traced, 0 or 1): 1 rescales ``(m - min) / (max - min)`` instead (not the paper's: for models
+    whose maps follow the object on a near-uniform floor, where ``m / max`` exceeds any threshold everywhere)."""
     m = jnp.einsum("phwt,pt->phw", maps, words)
     m = jax.lax.reduce_window(m, -jnp.inf, jax.lax.max, (1, 2 * k + 1, 2 * k + 1), (1, 1, 1),
                               ((0, 0), (k, k), (k, k)))
     if size is not None and tuple(size) != m.shape[1:]:
         fy, fx = size[0] // m.shape[1], size[1] // m.shape[2]
         m = jnp.repeat(jnp.repeat(m, fy, axis=1), fx, axis=2)
-    m = m / m.max(axis=(1, 2), keepdims=True)
+    lo = jnp.asarray(subtract_min, m.dtype) * m.min(axis=(1, 2), keepdims=True)
+    m = (m - lo) / (m.max(axis=(1, 2), keepdims=True) - lo)
     return (m > threshold).astype(jnp.float32)
 
 
@@ -186,14 +190,16 @@ def local_blend_mask(maps: Array, words: Array, threshold: Any = BLEND_THRESHOLD
 class LocalBlend:
     """Local blending of the edited rows (1..P-1) with the source row 0: ``x <- x_0 + mask (x - x_0)``, the mask
     of row ``b`` the union of the source's and row ``b``'s :func:`local_blend_mask`. ``words`` (P, T) 0/1;
-    ``threshold`` traced; ``enabled`` a traced 0/1 (0: no blending)."""
+    ``threshold`` traced; ``enabled`` a traced 0/1 (0: no blending); ``subtract_min`` a traced 0/1 (1: min-max
+    normalised maps, :func:`local_blend_mask`)."""
 
     words: Array
     threshold: Array
     enabled: Array
+    subtract_min: Array = 0.0
 
     def mask(self, maps: Array, size: tuple[int, int]) -> Array:
-        m = local_blend_mask(maps, self.words, self.threshold, size)
+        m = local_blend_mask(maps, self.words, self.threshold, size, subtract_min=self.subtract_min)
         return jnp.maximum(m[:1], m)
 
     def __call__(self, x: Array, maps: Array) -> tuple[Array, Array]:
@@ -354,7 +360,8 @@ def _indicator(sd: Any, prompt: str, words: Sequence[str]) -> np.ndarray:
 def edit_settings(sd: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float, cross_steps: float,
                   self_steps: float, mode: str, blend_words: Sequence[str] | None, blend_threshold: float,
                   reweight: Mapping[str, float] | None, record_words: Sequence[str], negative: str,
-                  latents: Any, uncond_embeddings: Any, height: int, width: int) -> tuple[EditSettings, str]:
+                  latents: Any, uncond_embeddings: Any, height: int, width: int,
+                  blend_normalize: str = "max") -> tuple[EditSettings, str]:
     """Check the inputs and build the traced :class:`EditSettings` (and the mode applied)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -389,8 +396,11 @@ def edit_settings(sd: Any, prompts: Sequence[str], *, seed: int, steps: int, gui
             if not row.any():
                 raise ValueError(f"none of the blend words {list(blend_words)} is in the prompt {p!r}; "
                                  "give the source's word and the target's (e.g. --blend 'red blue')")
+    if blend_normalize not in BLEND_NORMALIZE:
+        raise ValueError(f"blend_normalize must be one of {', '.join(BLEND_NORMALIZE)}, got {blend_normalize!r}")
     blend = LocalBlend(jnp.asarray(words), jnp.asarray(blend_threshold, jnp.float32),
-                       jnp.asarray(1.0 if blend_words else 0.0, jnp.float32))
+                       jnp.asarray(1.0 if blend_words else 0.0, jnp.float32),
+                       jnp.asarray(float(blend_normalize == "minmax"), jnp.float32))
     rec = np.stack([[_indicator(sd, p, [w]) for w in record_words] for p in prompts]) if record_words else \
         np.zeros((n, 0, L), np.float32)
     f = sd.models.vae_factor
@@ -420,16 +430,18 @@ def edit_settings(sd: Any, prompts: Sequence[str], *, seed: int, steps: int, gui
 def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, seed: int = 0, steps: int = 20,
          guidance: float = 7.5, cross_steps: float = 0.8, self_steps: float = 0.4, mode: str = "auto",
          blend_words: Sequence[str] | str | None = None, blend_threshold: float = BLEND_THRESHOLD,
-         reweight: Mapping[str, float] | None = None, record_words: Sequence[str] | str | None = None,
-         negative: str = "", latents: Any = None, uncond_embeddings: Any = None, sampler: str | None = None,
-         schedule: str | None = None, height: int | None = None, width: int | None = None,
+         blend_normalize: str = "max", reweight: Mapping[str, float] | None = None,
+         record_words: Sequence[str] | str | None = None, negative: str = "", latents: Any = None,
+         uncond_embeddings: Any = None, sampler: str | None = None, schedule: str | None = None,
+         height: int | None = None, width: int | None = None,
          blend_grid: int | tuple[int, int] | None = None) -> EditResult:
     """Prompt-to-Prompt: the source prompt's image and its edit(s), sampled together in one compiled program.
 
     ``mode``: ``"replace"`` (word swap, prompts of equal token counts), ``"refine"`` (added words, the paper's
     alignment) or ``"auto"`` (replace when the token counts agree). ``cross_steps`` / ``self_steps``: the fraction
     of the first steps with cross- / self-attention injection. ``blend_words``: words whose maps (in whichever
-    prompt holds them) form the local-blend mask (``blend_threshold``, default the paper's 0.3; ``blend_grid``
+    prompt holds them) form the local-blend mask (``blend_threshold``, default the paper's 0.3; ``blend_normalize``
+    ``"max"`` the paper's ``m / max`` or ``"minmax"``, :func:`local_blend_mask`; ``blend_grid``
     the grid of the maps, default :func:`blend_resolution`). ``reweight`` {word: factor} scales the target
     tokens' maps during the cross-attention steps. ``record_words``: words whose maps :class:`EditResult` returns
     (default: the blend and re-weighted words). ``latents``: the start x_T in the VP scale (standard normal for
@@ -438,15 +450,16 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
     ``sampler`` must evaluate the denoiser once per step (default: the folder's scheduler)."""
     return _edit_on_plan(sd, sd.plan(steps, sampler, schedule), source_prompt, target_prompt, seed=seed, steps=steps,
                          guidance=guidance, cross_steps=cross_steps, self_steps=self_steps, mode=mode,
-                         blend_words=blend_words, blend_threshold=blend_threshold, reweight=reweight,
-                         record_words=record_words, negative=negative, latents=latents,
+                         blend_words=blend_words, blend_threshold=blend_threshold, blend_normalize=blend_normalize,
+                         reweight=reweight, record_words=record_words, negative=negative, latents=latents,
                          uncond_embeddings=uncond_embeddings, height=height, width=width, blend_grid=blend_grid)
 
 
 def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | Sequence[str], *, seed: int,
                   steps: int, guidance: float, cross_steps: float, self_steps: float, mode: str, blend_words: Any,
-                  blend_threshold: float, reweight: Any, record_words: Any, negative: str, latents: Any,
-                  uncond_embeddings: Any, height: int | None, width: int | None, blend_grid: Any) -> EditResult:
+                  blend_threshold: float, blend_normalize: str, reweight: Any, record_words: Any, negative: str,
+                  latents: Any, uncond_embeddings: Any, height: int | None, width: int | None,
+                  blend_grid: Any) -> EditResult:
     """:func:`edit` on a given sampling plan (:func:`edit_image` runs it on null-text inversion's plain DDIM)."""
     targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
     if not targets:
@@ -464,9 +477,9 @@ def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | S
                          f"{unet_grids(sd, height, width)}")
     s, mode = edit_settings(sd, [source_prompt, *targets], seed=seed, steps=steps, guidance=guidance,
                             cross_steps=cross_steps, self_steps=self_steps, mode=mode, blend_words=blend_words,
-                            blend_threshold=blend_threshold, reweight=reweight, record_words=record_words,
-                            negative=negative, latents=latents, uncond_embeddings=uncond_embeddings,
-                            height=height, width=width)
+                            blend_threshold=blend_threshold, blend_normalize=blend_normalize, reweight=reweight,
+                            record_words=record_words, negative=negative, latents=latents,
+                            uncond_embeddings=uncond_embeddings, height=height, width=width)
     images, maps, mask = edit_jit(sd.models, plan.sampler, plan.sigmas, jnp.asarray(plan.init_sigma, jnp.float32), s,
                                   plan.threshold, record_where=ac.Where(kind="cross", resolution=grid),
                                   quantize=plan.quantize)
@@ -539,8 +552,8 @@ def edit_image(sd: Any, image: Any, source_prompt: str, target_prompt: str | Seq
                steps: int | None = None, guidance: float | None = None, inversion: str = "null-text",
                inversion_options: Any = None, inverted: Inversion | None = None, cross_steps: float = 0.8,
                self_steps: float = 0.4, mode: str = "auto", blend_words: Sequence[str] | str | None = None,
-               blend_threshold: float = BLEND_THRESHOLD, reweight: Mapping[str, float] | None = None,
-               record_words: Sequence[str] | str | None = None,
+               blend_threshold: float = BLEND_THRESHOLD, blend_normalize: str = "max",
+               reweight: Mapping[str, float] | None = None, record_words: Sequence[str] | str | None = None,
                blend_grid: int | tuple[int, int] | None = None) -> EditResult:
     """Prompt-to-Prompt on a real image (Mokady et al. 2023, Sec. 4): invert it with its caption
     ``source_prompt`` (:func:`invert_image`, null-text inversion by default; or pass ``inverted``, one image's
@@ -574,8 +587,8 @@ def edit_image(sd: Any, image: Any, source_prompt: str, target_prompt: str | Seq
     h, w = inverted.latents.shape[1:3]
     r = _edit_on_plan(sd, nt.ddim_plan(sd, steps), source_prompt, target_prompt, seed=0, steps=steps,
                       guidance=guidance, cross_steps=cross_steps, self_steps=self_steps, mode=mode,
-                      blend_words=blend_words, blend_threshold=blend_threshold, reweight=reweight,
-                      record_words=record_words, negative="", latents=inverted.latents[0],
+                      blend_words=blend_words, blend_threshold=blend_threshold, blend_normalize=blend_normalize,
+                      reweight=reweight, record_words=record_words, negative="", latents=inverted.latents[0],
                       uncond_embeddings=inverted.uncond[0], height=h * f, width=w * f, blend_grid=blend_grid)
     return dataclasses.replace(r, inversion=inverted)
 

@@ -129,6 +129,25 @@ def test_local_blend_mask_equals_torch_pool_interpolate_threshold():
     assert 0 < got.mean() < 1
 
 
+def test_minmax_blend_normalisation_finds_the_object_on_a_uniform_floor():
+    """Maps that follow the object only as a small bump on a uniform floor (digits-sd's): the paper's ``m / max``
+    puts every cell above the threshold; ``(m - min) / (max - min)`` (``subtract_min=1``) recovers the object."""
+    obj = np.zeros((1, 6, 6), np.float32)
+    obj[0, 2:4, 1:5] = 1.0
+    maps = (1.0 + 0.2 * obj)[..., None]  # (P, h, w, T = 1)
+    words = jnp.ones((1, 1))
+    paper = editing.local_blend_mask(jnp.asarray(maps), words, 0.3, None, k=0)
+    minmax = editing.local_blend_mask(jnp.asarray(maps), words, 0.3, None, k=0, subtract_min=1.0)
+    assert np.all(np.asarray(paper) == 1)
+    np.testing.assert_array_equal(np.asarray(minmax), obj)
+    blend = editing.LocalBlend(words.repeat(2, 0), jnp.asarray(0.3), jnp.asarray(1.0), jnp.asarray(1.0))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 6, 1)), jnp.float32)
+    out, mask = blend(x, jnp.asarray(np.repeat(maps, 2, 0)))  # k = 1: the object dilated by one cell
+    assert 0 < float(mask[1].mean()) < 1
+    outside = np.asarray(mask[1]) == 0
+    np.testing.assert_array_equal(np.asarray(out)[1][outside], np.asarray(x)[0][outside])
+
+
 def test_blend_mixes_only_the_edited_rows_with_the_union_of_masks():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, 2, 1)), jnp.float32)
     maps = np.zeros((2, 2, 2, 3), np.float32)
