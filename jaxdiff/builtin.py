@@ -487,6 +487,24 @@ BUILTIN_CASCADES: dict[str, str] = {
 """Cascade folders (``stage_1/``, ``stage_2/``, ... each a diffusers pipeline folder): name -> description."""
 
 
+BUILTIN_UNCLIP: dict[str, str] = {
+    "digits-unclip": "DALL-E 2 / unCLIP on the captioned colour digits in digits-clip's embedding space: a diffusion "
+                     "prior (text -> image embedding) and a latent decoder on digits-sd's VAE (examples/unclip/train.py; "
+                     "jaxdiff.pipelines.unclip_digits)",
+}
+"""unCLIP models of :mod:`jaxdiff.pipelines.unclip_digits`: name -> description."""
+
+
+def unclip_folder(name: str = "digits-unclip") -> Path:
+    """The shipped folder of a built-in unCLIP model (:data:`BUILTIN_UNCLIP`)."""
+    _check_name(name, BUILTIN_UNCLIP)
+    path = ASSETS / name
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
+                                f"with examples/unclip/train.py")
+    return path
+
+
 def cascade_folder(name: str = "digits-cascade") -> Path:
     """The shipped folder of a built-in cascade (:data:`BUILTIN_CASCADES`)."""
     _check_name(name, BUILTIN_CASCADES)

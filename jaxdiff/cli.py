@@ -71,8 +71,10 @@ def builtin_models() -> dict[str, str]:
 
 
 def sampleable_models() -> list[str]:
-    """Every built-in name ``jaxdiff sample --model`` takes: class-conditional, SD folders, Palette, DiT, video."""
-    return [*builtin_models(), *builtin_pipelines(), *_palette_models(), *_dit_models(), *_video_models()]
+    """Every built-in name ``jaxdiff sample --model`` takes: class-conditional, SD folders, Palette, DiT, video,
+    cascades and unCLIP."""
+    return [*builtin_models(), *builtin_pipelines(), *_palette_models(), *_dit_models(), *_video_models(),
+            *_cascade_models(), *_unclip_models()]
 
 
 def _builtin_table(table: str) -> dict[str, str]:
@@ -91,12 +93,25 @@ def builtin_pipelines() -> dict[str, str]:
 
 
 def model_path(model: str) -> Path:
-    """The folder or file of an SD ``--model``: a built-in pipeline's shipped folder, else the path given."""
-    if model in builtin_pipelines():
+    """The folder or file of a folder ``--model``: a built-in pipeline's, cascade's or unCLIP model's shipped folder,
+    else the path given."""
+    if model in builtin_pipelines() or model in _cascade_models() or model in _unclip_models():
         from jaxdiff import builtin
 
-        return builtin.builtin_folder(model)
+        if model in _cascade_models():
+            return builtin.cascade_folder(model)
+        return builtin.unclip_folder(model) if model in _unclip_models() else builtin.builtin_folder(model)
     return Path(model)
+
+
+def _cascade_models() -> dict[str, str]:
+    """The built-in cascades (digits-cascade) and what each is."""
+    return _builtin_table("BUILTIN_CASCADES")
+
+
+def _unclip_models() -> dict[str, str]:
+    """The built-in unCLIP models (digits-unclip) and what each is."""
+    return _builtin_table("BUILTIN_UNCLIP")
 
 
 def default_model() -> str:
@@ -1248,6 +1263,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["schedules"][name] = list(schedule_names_sd())
     for name in [*_palette_models(), *_video_models()]:
         info["schedules"][name] = list(schedule_names(name))
+    for name in [*_cascade_models(), *_unclip_models()]:
+        info["schedules"][name] = []  # their stages sample on their schedulers' own steps: no --schedule
     if args.model:
         path = model_path(args.model)
         if not path.exists():
@@ -1394,7 +1411,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     real = _edit_real_image(args)
     sd = StableDiffusion.from_pretrained(model_path(args.model))
     opts = dict(cross_steps=args.cross_steps, self_steps=args.self_steps, mode=args.mode, blend_words=args.blend,
-                blend_threshold=args.blend_threshold, reweight=reweight)
+                blend_threshold=args.blend_threshold, blend_normalize=args.blend_normalize, reweight=reweight)
     t0 = time.perf_counter()
     if real:
         r = editing.edit_image(sd, real["image"], args.prompt, args.target, steps=real["steps"],
@@ -1406,7 +1423,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     settings = dict(model=args.model, source_prompt=args.prompt, target=args.target, mode=r.mode, seed=args.seed,
                     steps=args.steps or 20, guidance=args.guidance, sampler=args.sampler, negative=args.negative,
                     cross_steps=args.cross_steps, self_steps=args.self_steps, blend=args.blend,
-                    blend_threshold=args.blend_threshold, reweight=reweight, jaxdiff_version=_version())
+                    blend_threshold=args.blend_threshold, blend_normalize=args.blend_normalize, reweight=reweight,
+                    jaxdiff_version=_version())
     if real:  # the real image's source row is its reconstruction: DDIM from the inverted latents, no seed
         settings.update(steps=real["steps"], sampler="ddim", seed=None, real_image=real["path"],
                         real_image_sha256=real["sha256"], inversion=real["inversion"], inversion_steps=real["steps"])
@@ -1426,20 +1444,31 @@ def cmd_edit(args: argparse.Namespace) -> int:
 # ---- unCLIP / DALL-E 2 folders (diffusers UnCLIPPipeline, UnCLIPImageVariationPipeline) -------------------
 
 UNCLIP_PIPELINES = ("UnCLIPPipeline", "UnCLIPImageVariationPipeline")
+DIGITS_UNCLIP = "UnCLIPDigits"  # jaxdiff.pipelines.unclip_digits: prior + latent decoder, no super-resolution stage
+DIGITS_UNCLIP_DEFAULTS = dict(prior_steps=25, steps=20, prior_guidance=4.0, guidance=3.0, batch=1)
 UNCLIP_DEFAULTS = dict(prior_steps=25, steps=25, super_res_steps=7, prior_guidance=4.0, guidance=8.0, batch=1)
 UNCLIP_OPTIONS = ("prompt", "prompts_file", "batch", "guidance", "init_image", "prior_steps", "prior_guidance",
                   "super_res_steps")
 
 
-def _is_unclip(model: str) -> bool:
-    """A diffusers unCLIP folder: ``model_index.json`` naming one of :data:`UNCLIP_PIPELINES`."""
+def _unclip_class(model: str) -> str | None:
+    """The ``_class_name`` of an unCLIP ``--model`` (one of :data:`UNCLIP_PIPELINES`, or ``UnCLIPDigits`` for a
+    built-in digits-unclip folder), else None."""
+    if model in _unclip_models():
+        return DIGITS_UNCLIP
     index = Path(model) / "model_index.json"
     if not index.is_file():
-        return False
+        return None
     try:
-        return json.loads(index.read_text()).get("_class_name") in UNCLIP_PIPELINES
+        kind = json.loads(index.read_text()).get("_class_name")
     except (ValueError, AttributeError):
-        return False
+        return None
+    return kind if kind in UNCLIP_PIPELINES + (DIGITS_UNCLIP,) else None
+
+
+def _is_unclip(model: str) -> bool:
+    """A diffusers unCLIP folder (``model_index.json`` naming one of :data:`UNCLIP_PIPELINES`) or digits-unclip."""
+    return _unclip_class(model) is not None
 
 
 def _add_unclip_args(p: argparse.ArgumentParser) -> None:
@@ -1454,70 +1483,105 @@ def _add_unclip_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_unclip(args: argparse.Namespace) -> Path:
-    """An unCLIP folder: text to image (prior, decoder, super-resolution in one compiled program) from --prompt, or
+    """An unCLIP model: text to image (prior, decoder, super-resolution in one compiled program) from --prompt, or
     variations of --init-image (its CLIP image embedding decoded); the images as a PNG (a grid when several), the
-    decoder's low-resolution images beside it as NAME-decoder.png."""
+    decoder's low-resolution images beside it as NAME-decoder.png (diffusers unCLIP folders; digits-unclip has no
+    super-resolution stage)."""
     import numpy as np
 
     from jaxdiff.images import grid, save_png
-    from jaxdiff.pipelines.unclip import UnCLIP
 
-    what = f"unCLIP folder {args.model}"
-    allowed = set(COMMON) - {"sampler", "schedule", "from_png"} | set(UNCLIP_OPTIONS)
-    _refuse_options(args, allowed, what, UNCLIP_OPTIONS + ("steps", "seed", "out"),
-                    " (its stages sample as its UnCLIPSchedulers: DDPM)")
+    digits = _unclip_class(args.model) == DIGITS_UNCLIP
+    what = f"unCLIP model {args.model}" if digits else f"unCLIP folder {args.model}"
+    options = tuple(o for o in UNCLIP_OPTIONS if not (digits and o == "super_res_steps"))
+    allowed = set(COMMON) - {"sampler", "schedule", "from_png"} | set(options)
+    _refuse_options(args, allowed, what, options + ("steps", "seed", "out"),
+                    " (its prior and decoder sample with DPM-Solver++ 2M)" if digits
+                    else " (its stages sample as its UnCLIPSchedulers: DDPM)")
     variation = args.init_image is not None
     if variation and any(_given(args, o) for o in ("prompt", "prompts_file", "prior_steps", "prior_guidance")):
         raise CLIError("--init-image makes image variations (no prompt, no prior): drop --prompt, --prompts-file, "
                        "--prior-steps and --prior-guidance")
-    d = UNCLIP_DEFAULTS
-    for name in ("prior_steps", "steps", "super_res_steps", "guidance", "prior_guidance", "batch"):
+    d = DIGITS_UNCLIP_DEFAULTS if digits else UNCLIP_DEFAULTS
+    for name, value in d.items():
         if getattr(args, name) is None:
-            setattr(args, name, d[name])
-    for name in ("prior_steps", "steps", "super_res_steps"):
+            setattr(args, name, value)
+    lowest = 1 if digits else 2  # UnCLIPScheduler spaces its timesteps by steps - 1
+    for name in ("prior_steps", "steps") + (() if digits else ("super_res_steps",)):
         value = getattr(args, name)
-        if not 2 <= value <= MAX_STEPS:
-            raise CLIError(f"{_flag(name)} must be between 2 and {MAX_STEPS} (UnCLIPScheduler spaces its timesteps "
-                           f"by steps - 1), got {value}")
+        if not lowest <= value <= MAX_STEPS:
+            raise CLIError(f"{_flag(name)} must be between {lowest} and {MAX_STEPS}"
+                           f"{'' if digits else ' (UnCLIPScheduler spaces its timesteps by steps - 1)'}, got {value}")
     for name in ("guidance", "prior_guidance"):
         if not math.isfinite(getattr(args, name)):
             raise CLIError(f"{_flag(name)} must be a finite number, got {getattr(args, name)}")
     if args.batch < 1:
         raise CLIError(f"--batch must be at least 1, got {args.batch}")
-    image = _read_image("--init-image", args.init_image) if variation else None
+    image = _read_image("--init-image", args.init_image, (32, 32) if digits else None) if variation else None
     prompts = None if variation else _prompts(args)
     n = args.batch if variation else len(prompts)
     _check_seeds(args.seed, 1)
     args.out = str(_output_path(args, n))
-    model = UnCLIP.from_pretrained(args.model)
     t0 = time.perf_counter()
+    if digits:
+        images, small = _run_unclip_digits(args, image, prompts), None
+    else:
+        images, small = _run_unclip_folder(args, image, prompts)
+    dt = time.perf_counter() - t0
+    if variation:
+        extra = dict(init_image=str(args.init_image), init_image_sha256=sha256(args.init_image), batch=args.batch)
+    else:
+        extra = dict(prompts=prompts, prior_steps=args.prior_steps, prior_guidance=args.prior_guidance)
+    settings = _settings_png(args, dict(**extra, steps=args.steps, guidance=args.guidance,
+                                        **({} if digits else {"super_res_steps": args.super_res_steps})))
+    path = save_png(grid(images, pad=2) if len(images) > 1 else images[0], args.out, settings)
+    if len(images) > 1:
+        for i, im in enumerate(images):
+            save_png(im, Path(args.out).with_name(f"{Path(args.out).stem}-{i:03d}.png"), settings)
+    if small is not None:
+        small = np.clip(np.asarray(small) * 0.5 + 0.5, 0.0, 1.0)
+        save_png(grid(small, pad=1) if len(small) > 1 else small[0],
+                 Path(args.out).with_name(f"{Path(args.out).stem}-decoder.png"), settings)
+    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
+    return path
+
+
+def _run_unclip_folder(args: argparse.Namespace, image: Any, prompts: list[str] | None) -> tuple[Any, Any]:
+    """A diffusers unCLIP folder's images in [0, 1] and its decoder's low-resolution images in [-1, 1]."""
+    import numpy as np
+
+    from jaxdiff.pipelines.unclip import UnCLIP
+
+    model = UnCLIP.from_pretrained(args.model)
     common = dict(decoder_steps=args.steps, super_res_steps=args.super_res_steps,
                   decoder_guidance_scale=args.guidance, seed=args.seed, return_stages=True)
-    if variation:
+    if image is not None:
         if model.image_encoder is None:
             raise CLIError(f"--init-image needs an image encoder: {args.model} is a text-to-image unCLIP folder; "
                            "use an UnCLIPImageVariationPipeline folder")
         images, _, small = model.variations(np.asarray(image)[None], num_images_per_prompt=args.batch, **common)
-        extra = dict(init_image=str(args.init_image), init_image_sha256=sha256(args.init_image), batch=args.batch)
     else:
         if model.models.prior is None:
             raise CLIError(f"{args.model} has no prior (an image-variation folder): give --init-image instead of "
                            "a prompt")
         images, _, small = model(prompts, prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance,
                                  **common)
-        extra = dict(prompts=prompts, prior_steps=args.prior_steps, prior_guidance=args.prior_guidance)
-    dt = time.perf_counter() - t0
-    settings = _settings_png(args, dict(**extra, steps=args.steps, guidance=args.guidance,
-                                        super_res_steps=args.super_res_steps))
-    path = save_png(grid(images, pad=2) if len(images) > 1 else images[0], args.out, settings)
-    if len(images) > 1:
-        for i, im in enumerate(images):
-            save_png(im, Path(args.out).with_name(f"{Path(args.out).stem}-{i:03d}.png"), settings)
-    small = np.clip(np.asarray(small) * 0.5 + 0.5, 0.0, 1.0)
-    save_png(grid(small, pad=1) if len(small) > 1 else small[0],
-             Path(args.out).with_name(f"{Path(args.out).stem}-decoder.png"), settings)
-    print(json.dumps({"out": str(path), **settings, "seconds": round(dt, 3)}))
-    return path
+    return images, small
+
+
+def _run_unclip_digits(args: argparse.Namespace, image: Any, prompts: list[str] | None) -> Any:
+    """digits-unclip's (N, 32, 32, 3) images in [0, 1]: prompts through prior and decoder, or variations of the
+    32x32 init image (seeds ``seed, seed + 1, ...``)."""
+    import numpy as np
+
+    from jaxdiff.pipelines.unclip_digits import UnCLIPDigits
+
+    model = UnCLIPDigits.from_pretrained(model_path(args.model))
+    if image is not None:
+        return model.variations(np.repeat(np.asarray(image)[None], args.batch, axis=0), seed=args.seed,
+                                decoder_steps=args.steps, decoder_guidance=args.guidance)
+    return model(prompts, seed=args.seed, prior_steps=args.prior_steps, decoder_steps=args.steps,
+                 prior_guidance=args.prior_guidance, decoder_guidance=args.guidance)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1543,6 +1607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=("auto", "replace", "refine"), help="word swap or refinement")
     p.add_argument("--blend", nargs="+", default=None, metavar="WORD", help="local blending on these words' maps")
     p.add_argument("--blend-threshold", type=float, default=0.3, help="local-blend threshold; default 0.3")
+    p.add_argument("--blend-normalize", default="max", choices=("max", "minmax"),
+                   help="local-blend maps divided by their maximum (the paper's; default) or rescaled min-max (for "
+                        "models whose word maps follow the object only as a bump on a uniform floor)")
     p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR", help="scale a word's maps")
     p.add_argument("--cross-steps", type=float, default=0.8, help="fraction of steps with cross-attention injection")
     p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with self-attention injection")
@@ -1614,8 +1681,27 @@ CASCADE_OPTIONS = ("prompt", "prompts_file", "negative", "batch", "stage_steps",
                    "guidance")
 
 
+def cascade_defaults(folder: str | Path) -> dict:
+    """Sampling defaults of a cascade folder: :data:`CASCADE_DEFAULTS` (DeepFloyd IF's) updated by the ``steps``,
+    ``guidance`` and ``noise_level`` of its ``cascade.json``'s ``"sampling"`` (how the model was measured)."""
+    spec = Path(folder) / "cascade.json"
+    sampling = json.loads(spec.read_text()).get("sampling", {}) if spec.is_file() else {}
+    if not isinstance(sampling, dict):
+        raise CLIError(f"{spec}: \"sampling\" must be an object with steps, guidance and noise_level")
+    out = dict(CASCADE_DEFAULTS)
+    for key in ("steps", "guidance", "noise_level"):
+        if key in sampling:
+            value = sampling[key]
+            if isinstance(value, list):  # per stage (noise levels: per later stage, as --noise-level takes them)
+                value = ",".join(map(str, value)) if key == "noise_level" else tuple(value)
+            out[key] = value
+    return out
+
+
 def _is_cascade(model: str) -> bool:
-    """A folder of IF stages: ``stage_1/`` (an IFPipeline folder) or a ``cascade.json``."""
+    """A built-in cascade, or a folder of IF stages: ``stage_1/`` (an IFPipeline folder) or a ``cascade.json``."""
+    if model in _cascade_models():
+        return True
     path = Path(model)
     return (path / "cascade.json").is_file() or (path / "stage_1" / "model_index.json").is_file()
 
@@ -1673,9 +1759,10 @@ def _sample_cascade(args: argparse.Namespace) -> Path:
         raise CLIError("--steps (every stage) and --stage-steps (per stage) are alternatives; give one")
     if args.guidance is not None and args.stage_guidance is not None:
         raise CLIError("--guidance (every stage) and --stage-guidance (per stage) are alternatives; give one")
-    casc = IF.IFCascade.from_pretrained(args.model)
+    folder = model_path(args.model)
+    casc = IF.IFCascade.from_pretrained(folder)
     n = len(casc.stages)
-    c = CASCADE_DEFAULTS
+    c = cascade_defaults(folder)
     steps = _stage_values("--stage-steps", args.stage_steps or args.steps or ",".join(map(str, c["steps"][:n])),
                           n, int)
     scales = _stage_values("--stage-guidance", args.stage_guidance or (args.guidance if args.guidance is not None

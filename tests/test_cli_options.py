@@ -70,7 +70,8 @@ def test_info_lists_the_schedules_each_model_accepts(capsys):
     names = info["schedules"]
     assert set(names) == {"stable_diffusion_folder", *info["models"]}
     assert info["models"] == ["mixture2d", "digits", "digits-ncsn", "digits-sd", "digits-palette", "digits-dit",
-                              "digits-video"]
+                              "digits-video", "digits-cascade", "digits-unclip"]
+    assert names["digits-cascade"] == names["digits-unclip"] == []  # their own schedulers' steps
     assert info["encoders"] == ["digits-clip"] and names["digits-dit"] == names["stable_diffusion_folder"]
     assert "vp_discrete" in names["digits"] and "vp_discrete" not in names["digits-ncsn"]
     assert "default" in names["stable_diffusion_folder"] and "vp_discrete" not in names["mixture2d"]

@@ -93,3 +93,24 @@ def test_image_projection_is_the_image_half_of_unclip_text_proj():
     dropped = select_embeddings(mine, z, jnp.asarray([True, False]))  # classifier-free dropout -> the null vector
     np.testing.assert_array_equal(dropped[0], z[0])
     np.testing.assert_array_equal(dropped[1], full.null_image_embeddings(1)[0])
+
+
+def test_cli_samples_digits_unclip_by_name(pipe, tmp_path, capsys):
+    """``jaxdiff sample --model digits-unclip``: prompts through prior and decoder give the pipeline's images for the
+    same settings (defaults: prior guidance 4, decoder guidance 3); options it has no stage for are refused."""
+    from PIL import Image
+
+    from jaxdiff import cli
+
+    prompts = ["a red 3 on a white background", "number 7 in blue on yellow"]
+    want = pipe(prompts, seed=5, prior_steps=2, decoder_steps=2)
+    out = tmp_path / "u.png"
+    args = ["sample", "--model", "digits-unclip", "--prompt", prompts[0], "--prompt", prompts[1], "--prior-steps", "2",
+            "--steps", "2", "--seed", "5", "--out", str(out)]
+    assert cli.main(args) == 0
+    for i in range(2):
+        png = np.asarray(Image.open(tmp_path / f"u-{i:03d}.png"), np.float32) / 255.0
+        np.testing.assert_allclose(png, want[i], atol=0.5 / 255 + 1e-4)
+    capsys.readouterr()
+    assert cli.main(args[:-2] + ["--super-res-steps", "2"]) == 2
+    assert "--super-res-steps" in capsys.readouterr().err
