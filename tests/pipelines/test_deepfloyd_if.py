@@ -206,3 +206,29 @@ def test_t5_text_encoder_reads_prompts_as_diffusers(tmp_path):
     models = IF.IFModels(None, PureModel.of(load_model_folder(tmp_path / "t5")), None, None, text_kind="t5")
     ours = models.encode_text(jax.numpy.asarray(ids.numpy()), jax.numpy.asarray(mask.numpy()))
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5)
+
+
+def test_t5_tokenizer_folder_end_to_end(tmp_path):
+    """A stage I folder with T5's SentencePiece ``tokenizer/`` (IF's layout): prompts in, the image of diffusers'
+    IFPipeline with the same noise, T5 under the tokenizer's attention mask (padding to 77 tokens)."""
+    import transformers
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0),
+              *((f"\u2581{w}", -1.0 - i / 10) for i, w in enumerate(F.WORDS))]
+    tok = transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
+    p1, _ = F.pipelines("if", text="t5", sizes=(8, 16), blocks=(32, 64))
+    p1.register_modules(tokenizer=tok)
+    p1.save_pretrained(str(tmp_path / "stage_1"), safe_serialization=True)
+    stage = IF.IFPipeline.from_pretrained(tmp_path / "stage_1")
+    assert type(stage.tokenizer).__name__.startswith("T5Tokenizer")
+    prompts = ["A red digit", "seven blue two e"]
+    ids, mask = stage.tokenize(prompts)
+    ref = tok([p.lower() for p in prompts], padding="max_length", max_length=77, truncation=True)
+    np.testing.assert_array_equal(ids, ref.input_ids)
+    np.testing.assert_array_equal(mask, ref.attention_mask)
+    assert ids.shape == (B, 77) and 3 < mask.sum(1).min() < 77
+    low = stage(prompts, steps=2, guidance=4.0, seed=SEED, output="raw")
+    with F.injected_noise(F.stage_noise(SEED, 0, (B, 8, 8, 3), 2, False)):
+        want = p1(prompt=prompts, clean_caption=False, num_inference_steps=2, guidance_scale=4.0, height=8, width=8,
+                  output_type="pt").images
+    np.testing.assert_allclose(IF.to_images(low), IF.to_images(_nhwc(want)), atol=1e-3)
