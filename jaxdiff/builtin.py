@@ -495,24 +495,24 @@ BUILTIN_UNCLIP: dict[str, str] = {
 """unCLIP models of :mod:`jaxdiff.pipelines.unclip_digits`: name -> description."""
 
 
+def _shipped_folder(name: str, table: Mapping[str, str], marker: str, recipe: str) -> Path:
+    """``ASSETS / name`` for a name of ``table``, checked to hold ``marker`` (else: how to retrain it)."""
+    _check_name(name, table)
+    path = ASSETS / name
+    if not (path / marker).exists():
+        raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
+                                f"with {recipe}")
+    return path
+
+
 def unclip_folder(name: str = "digits-unclip") -> Path:
     """The shipped folder of a built-in unCLIP model (:data:`BUILTIN_UNCLIP`)."""
-    _check_name(name, BUILTIN_UNCLIP)
-    path = ASSETS / name
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
-                                f"with examples/unclip/train.py")
-    return path
+    return _shipped_folder(name, BUILTIN_UNCLIP, "model_index.json", "examples/unclip/train.py")
 
 
 def cascade_folder(name: str = "digits-cascade") -> Path:
     """The shipped folder of a built-in cascade (:data:`BUILTIN_CASCADES`)."""
-    _check_name(name, BUILTIN_CASCADES)
-    path = ASSETS / name
-    if not (path / "stage_1").is_dir():
-        raise FileNotFoundError(f"the weights of {name!r} are missing ({path}); reinstall jaxdiff or train them "
-                                f"with examples/cascade/train.py --install")
-    return path
+    return _shipped_folder(name, BUILTIN_CASCADES, "stage_1", "examples/cascade/train.py --install")
 
 
 def load_cascade(name: str = "digits-cascade") -> Any:
