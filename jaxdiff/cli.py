@@ -95,12 +95,12 @@ def builtin_pipelines() -> dict[str, str]:
 def model_path(model: str) -> Path:
     """The folder or file of a folder ``--model``: a built-in pipeline's, cascade's or unCLIP model's shipped folder,
     else the path given."""
-    if model in builtin_pipelines() or model in _cascade_models() or model in _unclip_models():
-        from jaxdiff import builtin
+    for names, folder in ((_cascade_models, "cascade_folder"), (_unclip_models, "unclip_folder"),
+                          (builtin_pipelines, "builtin_folder")):
+        if model in names():  # the names come from jaxdiff.builtin, so it imports
+            from jaxdiff import builtin
 
-        if model in _cascade_models():
-            return builtin.cascade_folder(model)
-        return builtin.unclip_folder(model) if model in _unclip_models() else builtin.builtin_folder(model)
+            return getattr(builtin, folder)(model)
     return Path(model)
 
 
@@ -1690,11 +1690,9 @@ def cascade_defaults(folder: str | Path) -> dict:
         raise CLIError(f"{spec}: \"sampling\" must be an object with steps, guidance and noise_level")
     out = dict(CASCADE_DEFAULTS)
     for key in ("steps", "guidance", "noise_level"):
-        if key in sampling:
+        if key in sampling:  # a number, or a list per stage (noise levels: per later stage)
             value = sampling[key]
-            if isinstance(value, list):  # per stage (noise levels: per later stage, as --noise-level takes them)
-                value = ",".join(map(str, value)) if key == "noise_level" else tuple(value)
-            out[key] = value
+            out[key] = tuple(value) if isinstance(value, list) else value
     return out
 
 
@@ -1728,10 +1726,11 @@ def _add_cascade_args(p: argparse.ArgumentParser) -> None:
 
 
 def _stage_values(flag: str, text: Any, n: int, kind: type) -> tuple:
+    """``n`` values of ``kind`` from one number, a per-stage sequence, or comma-separated text (one value: all)."""
     if isinstance(text, (int, float)):
         return (kind(text),) * n
     try:
-        vals = tuple(kind(v) for v in str(text).split(","))
+        vals = tuple(kind(v) for v in (text if isinstance(text, (list, tuple)) else str(text).split(",")))
     except ValueError:
         raise CLIError(f"{flag} takes comma-separated {kind.__name__}s, one per stage (e.g. 20,10), got {text!r}") from None
     if len(vals) == 1:
@@ -1763,11 +1762,9 @@ def _sample_cascade(args: argparse.Namespace) -> Path:
     casc = IF.IFCascade.from_pretrained(folder)
     n = len(casc.stages)
     c = cascade_defaults(folder)
-    steps = _stage_values("--stage-steps", args.stage_steps or args.steps or ",".join(map(str, c["steps"][:n])),
-                          n, int)
+    steps = _stage_values("--stage-steps", args.stage_steps or args.steps or c["steps"][:n], n, int)
     scales = _stage_values("--stage-guidance", args.stage_guidance or (args.guidance if args.guidance is not None
-                                                                      else ",".join(map(str, c["guidance"][:n]))),
-                           n, float)
+                                                                      else c["guidance"][:n]), n, float)
     levels = _stage_values("--noise-level", args.noise_level if args.noise_level is not None else c["noise_level"],
                            max(n - 1, 1), int)
     if any(s < 1 or s > MAX_STEPS for s in steps):
