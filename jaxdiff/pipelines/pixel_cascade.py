@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxdiff import guidance, samplers, schedules
 from jaxdiff._pytree import pytree_dataclass, static_field
+from jaxdiff._transforms import Transform
 from jaxdiff.denoisers import DiscreteVPDenoiser, sigma_to_discrete_t
 from jaxdiff.models._pure import PureModel
 from jaxdiff.pipelines import cascade as C
@@ -124,13 +125,13 @@ def load_cascade(folder: str | Path) -> CascadeModels:
     sr = load_model_folder(s2 / "unet")
     text = load_model_folder(s1 / "text_encoder")
     b, s = base.config, sr.config
-    ac = lambda f: jnp.asarray(training_schedule(_scheduler(f)).alphas_cumprod, jnp.float32)  # noqa: E731
-    predictions = tuple(_scheduler(f).get("prediction_type", "epsilon") for f in (s1 / "scheduler", s2 / "scheduler"))
+    t1, t2, noising = (training_schedule(_scheduler(f)) for f in
+                       (s1 / "scheduler", s2 / "scheduler", s2 / "image_noising_scheduler"))
+    ac = lambda t: jnp.asarray(t.alphas_cumprod, jnp.float32)  # noqa: E731
     return CascadeModels(
-        PureModel.of(base), PureModel.of(sr), PureModel.of(text, "hidden_state"), ac(s1 / "scheduler"),
-        ac(s2 / "scheduler"), ac(s2 / "image_noising_scheduler"), (b.sample_size, b.sample_size, b.in_channels),
-        (s.sample_size, s.sample_size, s.in_channels // 2), int(text.config.max_position_embeddings),
-        load_tokenizer(s1 / "tokenizer"), predictions)
+        PureModel.of(base), PureModel.of(sr), PureModel.of(text, "hidden_state"), ac(t1), ac(t2), ac(noising),
+        (b.sample_size, b.sample_size, b.in_channels), (s.sample_size, s.sample_size, s.in_channels // 2),
+        int(text.config.max_position_embeddings), load_tokenizer(s1 / "tokenizer"), (t1.prediction, t2.prediction))
 
 
 def threshold_transform(kind: str, ratio: float = 0.95, max_value: float = 1.5) -> Any:
@@ -171,22 +172,16 @@ def cascade_stages(m: CascadeModels, context: Array, uncond: Array, *, steps: Se
     sig1 = schedules.vp_discrete(steps[0], m.base_alphas_cumprod, "leading", 0, capacity=capacity)
     sig2 = schedules.vp_discrete(steps[1], m.sr_alphas_cumprod, "leading", 0, capacity=capacity)
     base = C.Stage(TextNet(m.base), _sampler(thresholds[0], threshold_ratio, max_values[0]), sig1, m.base_shape,
-                   denoiser=_Den(m.base_alphas_cumprod, m.predictions[0]), cond={CONTEXT: context},
+                   denoiser=vp_denoiser(m.base_alphas_cumprod, m.predictions[0]), cond={CONTEXT: context},
                    transform=_guidance(guidance_scales[0], uncond))
     up = C.Stage(SuperResolutionNet(sr, m.aug_alphas_cumprod), _sampler(thresholds[1], threshold_ratio, max_values[1]),
-                 sig2, m.sr_shape, denoiser=_Den(m.sr_alphas_cumprod, m.predictions[1]), cond={CONTEXT: context},
-                 transform=_guidance(guidance_scales[1], uncond), augment=level_sigma(noise_level, m.aug_alphas_cumprod),
-                 upsample=C.ALIGN_CORNERS)
+                 sig2, m.sr_shape, denoiser=vp_denoiser(m.sr_alphas_cumprod, m.predictions[1]), cond={CONTEXT: context},
+                 transform=_guidance(guidance_scales[1], uncond),
+                 augment=level_sigma(noise_level, m.aug_alphas_cumprod), upsample=C.ALIGN_CORNERS)
     return base, up
 
 
-@pytree_dataclass
-class _Den:
-    """``net -> DiscreteVPDenoiser(net, alphas_cumprod, prediction)`` as a pytree (the scheduler's
+def vp_denoiser(alphas_cumprod: Array, prediction: str) -> Transform:
+    """The stage's ``net -> DiscreteVPDenoiser(net, alphas_cumprod, prediction=...)`` (the scheduler's
     ``prediction_type``: ``epsilon``, ``v_prediction`` or ``sample``)."""
-
-    alphas_cumprod: Array
-    prediction: str = static_field(default="epsilon")
-
-    def __call__(self, net: Any) -> DiscreteVPDenoiser:
-        return DiscreteVPDenoiser(net, self.alphas_cumprod, prediction=self.prediction)
+    return Transform(DiscreteVPDenoiser, {"alphas_cumprod": alphas_cumprod}, (("prediction", prediction),))
