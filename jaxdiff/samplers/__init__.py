@@ -17,6 +17,7 @@ from jaxdiff.samplers.euler import EulerAncestral as EulerAncestral
 from jaxdiff.samplers.heun import Heun as Heun
 from jaxdiff.samplers.langevin import Langevin as Langevin
 from jaxdiff.samplers.pc import PredictorCorrector as PredictorCorrector
+from jaxdiff.samplers.resample import Resample as Resample
 from jaxdiff.samplers.unipc import UniPC as UniPC
 
 SAMPLERS: dict[str, Callable[..., Any]] = {
