@@ -1411,7 +1411,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     real = _edit_real_image(args)
     sd = StableDiffusion.from_pretrained(model_path(args.model))
     opts = dict(cross_steps=args.cross_steps, self_steps=args.self_steps, mode=args.mode, blend_words=args.blend,
-                blend_threshold=args.blend_threshold, blend_normalize=args.blend_normalize, reweight=reweight)
+                blend_threshold=args.blend_threshold, blend_normalize=args.blend_normalize, reweight=reweight,
+                blend_composite=args.blend_composite)
     t0 = time.perf_counter()
     if real:
         r = editing.edit_image(sd, real["image"], args.prompt, args.target, steps=real["steps"],
@@ -1423,8 +1424,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     settings = dict(model=args.model, source_prompt=args.prompt, target=args.target, mode=r.mode, seed=args.seed,
                     steps=args.steps or 20, guidance=args.guidance, sampler=args.sampler, negative=args.negative,
                     cross_steps=args.cross_steps, self_steps=args.self_steps, blend=args.blend,
-                    blend_threshold=args.blend_threshold, blend_normalize=args.blend_normalize, reweight=reweight,
-                    jaxdiff_version=_version())
+                    blend_threshold=args.blend_threshold, blend_normalize=args.blend_normalize,
+                    blend_composite=args.blend_composite, reweight=reweight, jaxdiff_version=_version())
     if real:  # the real image's source row is its reconstruction: DDIM from the inverted latents, no seed
         settings.update(steps=real["steps"], sampler="ddim", seed=None, real_image=real["path"],
                         real_image_sha256=real["sha256"], inversion=real["inversion"], inversion_steps=real["steps"])
@@ -1610,6 +1611,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend-normalize", default="max", choices=("max", "minmax"),
                    help="local-blend maps divided by their maximum (the paper's; default) or rescaled min-max (for "
                         "models whose word maps follow the object only as a bump on a uniform floor)")
+    p.add_argument("--blend-composite", action="store_true",
+                   help="with --blend: paste the decoded edit over the source's pixels outside the mask (a latent "
+                        "model's decoder otherwise moves the background a little)")
     p.add_argument("--reweight", action="append", default=[], metavar="WORD=FACTOR", help="scale a word's maps")
     p.add_argument("--cross-steps", type=float, default=0.8, help="fraction of steps with cross-attention injection")
     p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with self-attention injection")

@@ -434,7 +434,7 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
          record_words: Sequence[str] | str | None = None, negative: str = "", latents: Any = None,
          uncond_embeddings: Any = None, sampler: str | None = None, schedule: str | None = None,
          height: int | None = None, width: int | None = None,
-         blend_grid: int | tuple[int, int] | None = None) -> EditResult:
+         blend_grid: int | tuple[int, int] | None = None, blend_composite: bool = False) -> EditResult:
     """Prompt-to-Prompt: the source prompt's image and its edit(s), sampled together in one compiled program.
 
     ``mode``: ``"replace"`` (word swap, prompts of equal token counts), ``"refine"`` (added words, the paper's
@@ -442,7 +442,8 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
     of the first steps with cross- / self-attention injection. ``blend_words``: words whose maps (in whichever
     prompt holds them) form the local-blend mask (``blend_threshold``, default the paper's 0.3; ``blend_normalize``
     ``"max"`` the paper's ``m / max`` or ``"minmax"``, :func:`local_blend_mask`; ``blend_grid``
-    the grid of the maps, default :func:`blend_resolution`). ``reweight`` {word: factor} scales the target
+    the grid of the maps, default :func:`blend_resolution`; ``blend_composite``: :func:`composite` the decoded
+    edits onto the source's pixels outside the last mask). ``reweight`` {word: factor} scales the target
     tokens' maps during the cross-attention steps. ``record_words``: words whose maps :class:`EditResult` returns
     (default: the blend and re-weighted words). ``latents``: the start x_T in the VP scale (standard normal for
     text-to-image; an inverted image's x_T for a real image); ``uncond_embeddings`` (steps, L, D): one
@@ -452,14 +453,28 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
                          guidance=guidance, cross_steps=cross_steps, self_steps=self_steps, mode=mode,
                          blend_words=blend_words, blend_threshold=blend_threshold, blend_normalize=blend_normalize,
                          reweight=reweight, record_words=record_words, negative=negative, latents=latents,
-                         uncond_embeddings=uncond_embeddings, height=height, width=width, blend_grid=blend_grid)
+                         uncond_embeddings=uncond_embeddings, height=height, width=width, blend_grid=blend_grid,
+                         blend_composite=blend_composite)
+
+
+def composite(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The edited rows' pixels inside the blend mask over the source row's (``images[0]``) elsewhere.
+
+    Local blending keeps the *latents* outside the mask, but a latent model's decoder is not local (GroupNorm
+    statistics and attention over the whole image), so the decoded background moves with the edit. Pasting in
+    pixel space afterwards, as diffusers' inpainting overlay does, keeps it exactly. ``mask`` (P, h, w) at latent
+    size is upsampled by nearest neighbour; the source row is returned unchanged."""
+    fy, fx = images.shape[1] // mask.shape[1], images.shape[2] // mask.shape[2]
+    m = np.repeat(np.repeat(mask, fy, 1), fx, 2)[..., None].astype(images.dtype)
+    m[0] = 1.0
+    return images[:1] + m * (images - images[:1])
 
 
 def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | Sequence[str], *, seed: int,
                   steps: int, guidance: float, cross_steps: float, self_steps: float, mode: str, blend_words: Any,
                   blend_threshold: float, blend_normalize: str, reweight: Any, record_words: Any, negative: str,
                   latents: Any, uncond_embeddings: Any, height: int | None, width: int | None,
-                  blend_grid: Any) -> EditResult:
+                  blend_grid: Any, blend_composite: bool = False) -> EditResult:
     """:func:`edit` on a given sampling plan (:func:`edit_image` runs it on null-text inversion's plain DDIM)."""
     targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
     if not targets:
@@ -486,8 +501,12 @@ def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | S
     images = np.asarray(images)
     if not np.all(np.isfinite(images)):
         raise FloatingPointError("editing produced NaN/Inf; try a lower guidance scale")
-    maps = np.asarray(maps)
-    return EditResult(images, {w: maps[:, k] for k, w in enumerate(record_words)}, np.asarray(mask), mode)
+    maps, mask = np.asarray(maps), np.asarray(mask)
+    if blend_composite:
+        if not blend_words:
+            raise ValueError("blend_composite pastes the edit inside the local-blend mask: give blend_words too")
+        images = composite(images, mask)
+    return EditResult(images, {w: maps[:, k] for k, w in enumerate(record_words)}, mask, mode)
 
 
 # ---- real images (Mokady et al. 2023, Sec. 4: null-text inversion, then Prompt-to-Prompt) ----------------------
@@ -554,7 +573,7 @@ def edit_image(sd: Any, image: Any, source_prompt: str, target_prompt: str | Seq
                self_steps: float = 0.4, mode: str = "auto", blend_words: Sequence[str] | str | None = None,
                blend_threshold: float = BLEND_THRESHOLD, blend_normalize: str = "max",
                reweight: Mapping[str, float] | None = None, record_words: Sequence[str] | str | None = None,
-               blend_grid: int | tuple[int, int] | None = None) -> EditResult:
+               blend_grid: int | tuple[int, int] | None = None, blend_composite: bool = False) -> EditResult:
     """Prompt-to-Prompt on a real image (Mokady et al. 2023, Sec. 4): invert it with its caption
     ``source_prompt`` (:func:`invert_image`, null-text inversion by default; or pass ``inverted``, one image's
     :class:`Inversion`, and no ``image``), then :func:`edit` from its ``z*_T`` with its per-step unconditional
@@ -589,7 +608,8 @@ def edit_image(sd: Any, image: Any, source_prompt: str, target_prompt: str | Seq
                       guidance=guidance, cross_steps=cross_steps, self_steps=self_steps, mode=mode,
                       blend_words=blend_words, blend_threshold=blend_threshold, blend_normalize=blend_normalize,
                       reweight=reweight, record_words=record_words, negative="", latents=inverted.latents[0],
-                      uncond_embeddings=inverted.uncond[0], height=h * f, width=w * f, blend_grid=blend_grid)
+                      uncond_embeddings=inverted.uncond[0], height=h * f, width=w * f, blend_grid=blend_grid,
+                      blend_composite=blend_composite)
     return dataclasses.replace(r, inversion=inverted)
 
 

@@ -115,6 +115,21 @@ def test_local_blend_mask_of_zero_keeps_the_source_and_of_one_the_edit(tiny):
     assert np.abs(edited.images[1] - edited.images[0]).max() > 1e-3
 
 
+def test_blend_composite_keeps_the_source_pixels_outside_the_mask(tiny):
+    _, _, sd = tiny
+    opts = dict(blend_words=WORDS, blend_normalize="minmax", blend_threshold=0.9, **KW)
+    plain = editing.edit(sd, SRC, TGT, **opts)
+    pasted = editing.edit(sd, SRC, TGT, blend_composite=True, **opts)
+    inside = np.repeat(np.repeat(plain.mask[1], 2, 0), 2, 1) > 0  # latent 8 x 8 -> image 16 x 16
+    assert 0 < inside.mean() < 1, inside.mean()
+    np.testing.assert_array_equal(pasted.images[0], plain.images[0])
+    np.testing.assert_array_equal(pasted.images[1][~inside], plain.images[0][~inside])
+    np.testing.assert_array_equal(pasted.images[1][inside], plain.images[1][inside])
+    assert np.abs(plain.images[1] - plain.images[0])[~inside].max() > 1e-4  # the decoder alone moved them
+    with pytest.raises(ValueError, match="blend_words"):
+        editing.edit(sd, SRC, TGT, blend_composite=True, **KW)
+
+
 def test_local_blend_mask_equals_torch_pool_interpolate_threshold():
     rng = np.random.default_rng(0)
     maps = rng.uniform(0, 1, (2, 4, 4, 6)).astype(np.float32) ** 6  # peaked, so the threshold splits them
