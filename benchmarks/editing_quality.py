@@ -3,6 +3,8 @@ Diffusion Guidance (issue 13), each from its own module, on held-out prompts and
 
     python benchmarks/editing_quality.py --json benchmarks/results/editing_quality.json
     python benchmarks/editing_quality.py --parts p2p,sdg --num 40      # a subset, smaller
+    python benchmarks/editing_quality.py --parts p2p --update --json benchmarks/results/editing_quality.json
+                                    # rerun one part into an existing report (the other parts' figures kept)
 
 Parts (``benchmarks/_editing_<part>.py``, each ``run(num, seeds) -> dict``, its ``TARGETS`` and ``markdown``):
 
@@ -63,13 +65,36 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines + machine_lines(results))
 
 
+def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old``'s report with the rerun parts' figures of ``new`` over it (per-part seconds merged, every part's
+    targets checked again); the machine and total seconds become the rerun's."""
+    parts = [x for x in PARTS if x in old.get("parts", []) or x in new["parts"]]
+    out = {**old, **new, "parts": parts, "part_seconds": {**old.get("part_seconds", {}), **new["part_seconds"]}}
+    figures, targets = dict(out), {}
+    for name in parts:
+        targets.update(part(name).TARGETS)
+        if isinstance(out.get(name), dict):
+            figures.update(out[name])
+    out["targets"] = check_targets(figures, targets, keep_missing=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = parts_parser(__doc__.splitlines()[0], PARTS, "held-out prompts / digits")
+    p.add_argument("--update", action="store_true",
+                   help="merge the parts run into the existing --json report instead of replacing it")
     args = p.parse_args(argv)
     parts = chosen_parts(p, args.parts, PARTS)
+    if args.update and not (args.json and Path(args.json).is_file()):
+        p.error("--update merges into an existing report: give --json with the path of one")
     md = markdown_path(args.json, args.md)
     t0 = time.perf_counter()
-    return write_report(run(parts, num=args.num, seeds=args.seeds), t0, args.json, md, markdown)
+    results = run(parts, num=args.num, seeds=args.seeds)
+    if args.update:
+        import json
+
+        results = merged(json.loads(Path(args.json).read_text()), results)
+    return write_report(results, t0, args.json, md, markdown)
 
 
 if __name__ == "__main__":

@@ -38,3 +38,19 @@ def test_unmeasured_and_nested_figures_are_in_the_targets(monkeypatch):
     t = E.run(("palette", "p2p"))["targets"]
     assert t["c_score"]["met"] and t["a_score"]["met"]
     assert t["never_measured"] == {"target": ">= 30", "value": None, "met": False}
+
+
+def test_update_reruns_one_part_and_keeps_the_others(monkeypatch, tmp_path):
+    parts = {"p2p": fake_part("a_score", 0.5, 0.9), "sdg": fake_part("b_score", 0.85, 0.8)}
+    monkeypatch.setattr(E, "part", parts.__getitem__)
+    path = str(tmp_path / "r.json")
+    E.main(["--parts", "p2p,sdg", "--json", path])
+    parts["p2p"] = fake_part("a_score", 0.95, 0.9)  # the part improved; sdg is not rerun
+    parts["sdg"] = fake_part("b_score", 0.0, 0.8)
+    r = E.main(["--parts", "p2p", "--update", "--json", path])
+    assert r["parts"] == ["p2p", "sdg"] and r["a_score"] == 0.95 and r["b_score"] == 0.85
+    assert r["targets"]["a_score"]["met"] and r["targets"]["b_score"]["met"]
+    assert set(r["part_seconds"]) == {"p2p", "sdg"}
+    assert "b_score = 0.85" in (tmp_path / "r.md").read_text()
+    with pytest.raises(SystemExit):
+        E.main(["--parts", "p2p", "--update", "--json", str(tmp_path / "missing.json")])
