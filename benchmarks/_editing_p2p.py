@@ -206,7 +206,7 @@ def run(num: int | None = None, seeds: int | None = None) -> dict:
                             "seeds": seeds}}
     out.update(word_swaps(sd, judge, caps, held["label"][:n], seeds, SWAP["cross_steps"], SWAP["self_steps"], rng))
     out.update(colour_swaps(sd, {k: v[:n] for k, v in held.items()}, seeds, rng))
-    out.update(reweights(sd, [str(c) for c in held["caption"]][: 4 * n], held["label"][: 4 * n], max(1, seeds // 3)))
+    out.update(reweights(sd, [str(c) for c in held["caption"]][: 4 * n], held["label"][: 4 * n], seeds))
     out["p2p_seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

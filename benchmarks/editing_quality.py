@@ -62,6 +62,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = ["# Editing and guidance by meaning on digits-sd", "", *targets_table(results["targets"]), ""]
     for name in results["parts"]:
         lines += [*part(name).markdown(results), f"({results['part_seconds'][name]} s)", ""]
+    if results.get("updated_parts"):
+        lines += [f"Parts {', '.join(results['updated_parts'])} rerun by `--update` on the machine below (the time below "
+                  "is theirs); the others are kept from the earlier full run.", ""]
     return "\n".join(lines + machine_lines(results))
 
 
@@ -69,7 +72,8 @@ def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old``'s report with the rerun parts' figures of ``new`` over it (per-part seconds merged, every part's
     targets checked again); the machine and total seconds become the rerun's."""
     parts = [x for x in PARTS if x in old.get("parts", []) or x in new["parts"]]
-    out = {**old, **new, "parts": parts, "part_seconds": {**old.get("part_seconds", {}), **new["part_seconds"]}}
+    out = {**old, **new, "parts": parts, "part_seconds": {**old.get("part_seconds", {}), **new["part_seconds"]},
+           "updated_parts": list(new["parts"])}
     figures, targets = dict(out), {}
     for name in parts:
         targets.update(part(name).TARGETS)

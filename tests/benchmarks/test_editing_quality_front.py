@@ -50,7 +50,7 @@ def test_update_reruns_one_part_and_keeps_the_others(monkeypatch, tmp_path):
     r = E.main(["--parts", "p2p", "--update", "--json", path])
     assert r["parts"] == ["p2p", "sdg"] and r["a_score"] == 0.95 and r["b_score"] == 0.85
     assert r["targets"]["a_score"]["met"] and r["targets"]["b_score"]["met"]
-    assert set(r["part_seconds"]) == {"p2p", "sdg"}
+    assert set(r["part_seconds"]) == {"p2p", "sdg"} and r["updated_parts"] == ["p2p"]
     assert "b_score = 0.85" in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit):
         E.main(["--parts", "p2p", "--update", "--json", str(tmp_path / "missing.json")])
