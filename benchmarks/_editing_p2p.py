@@ -17,7 +17,8 @@ one call of :func:`jaxdiff.editing.edit` (source and edit sampled together):
   the background is then the source's by construction, so only the new ink's colour is measured).
 - **re-weighting**: captions holding a "thick" word (thick / bold / heavy) edited with the same prompt and that
   word's maps times each factor; the mean ink mass per factor (``reweight_ink_mass``) and whether it rises
-  monotonically (``reweight_monotonic``).
+  monotonically (``reweight_monotonic``); for scale, the same captions regenerated with "thin" in the word's place
+  (``reweight_regen_ink_mass``).
 
 The injection fractions were tuned on training captions (:func:`tune`), never on the held-out ones.
 """
@@ -174,21 +175,29 @@ def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> d
 def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int) -> dict:
     from jaxdiff import editing
 
+    def ink_mass(image: np.ndarray, label: int) -> float:
+        return float(dt.measure_attributes(image[None], np.array([label]))["ink_mass"][0])
+
     mass = {f: [] for f in FACTORS}
+    regen = {"thick": [], "thin": []}  # the word's whole effect: the caption regenerated with "thin" in its place
     used = 0
     for c, lab in zip(captions, labels):
         word = next((w for w in THICK if re.search(rf"\b{w}\b", c)), None)
         if word is None:
             continue
         used += 1
+        thin = re.sub(rf"\b{word}\b", "thin", c)
         for s in range(seeds):
             for f in FACTORS:
                 r = editing.edit(sd, c, c, seed=s, steps=STEPS, guidance=GUIDANCE, reweight={word: f}, **BLEND)
-                mass[f].append(float(dt.measure_attributes(r.images[1:2], np.array([lab]))["ink_mass"][0]))
+                mass[f].append(ink_mass(r.images[1], lab))
+            regen["thick"].append(ink_mass(_regen(sd, c, s), lab))
+            regen["thin"].append(ink_mass(_regen(sd, thin, s), lab))
     curve = {str(f): float(np.mean(v)) for f, v in mass.items()}
     vals = list(curve.values())
     return {"reweight_factors": list(FACTORS), "reweight_ink_mass": curve, "reweight_captions": used,
-            "reweight_monotonic": bool(all(b > a for a, b in zip(vals, vals[1:])))}
+            "reweight_monotonic": bool(all(b > a for a, b in zip(vals, vals[1:]))),
+            "reweight_regen_ink_mass": {k: float(np.mean(v)) for k, v in regen.items()}}
 
 
 def run(num: int | None = None, seeds: int | None = None) -> dict:
@@ -258,5 +267,6 @@ def markdown(results: dict) -> list[str]:
              f"{results.get('blend_composite_colour_accuracy', float('nan')):.3f}.", "",
              "Re-weighting a thick-type word, mean ink mass per factor: "
              f"{ {k: round(v, 4) for k, v in results.get('reweight_ink_mass', {}).items()} } "
-             f"(monotonic: {results.get('reweight_monotonic')})."]
+             f"(monotonic: {results.get('reweight_monotonic')}); regenerated as written and with \"thin\" in the word's "
+             f"place: { {k: round(v, 4) for k, v in results.get('reweight_regen_ink_mass', {}).items()} }."]
     return lines
