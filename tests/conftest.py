@@ -9,7 +9,8 @@ os.environ.setdefault("JAXDIFF_CPU_DEVICES", "1")  # before jaxdiff is imported 
 if "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get("JAXDIFF_COMPILE_CACHE"):
     # one persistent XLA cache for this run, shared by the workers and the CLI subprocesses (they inherit the
     # variable): many files compile the same programs (digits-sd's loop, the tiny U-Nets), and each module's
-    # in-memory programs are dropped after it (below). Removed when the run ends; never read across runs.
+    # in-memory programs are dropped after it (below). Removed when the run ends, so never read across runs (a
+    # JAXDIFF_COMPILE_CACHE set by the caller is used as it is).
     import atexit
     import shutil
     import tempfile

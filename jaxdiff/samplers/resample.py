@@ -46,7 +46,6 @@ class Resample:
     def step(self, denoise: DenoiseFn, state: Any, x: Array, sigma: Array, sigma_next: Array,
              key: Array) -> tuple[Array, Any]:
         lift = jnp.sqrt(jnp.maximum(sigma * sigma - sigma_next * sigma_next, 0.0))
-
         fresh = self.sampler.init(x)
 
         def again(r: Array, x: Array) -> Array:

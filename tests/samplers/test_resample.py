@@ -40,7 +40,10 @@ def test_two_passes_renoise_to_the_starting_level() -> None:
 
 
 def test_more_repeats_change_the_sample_without_recompiling() -> None:
-    a, b = _sample(Resample(Euler(), 2)), _sample(Resample(Euler(), 3))
+    a = _sample(Resample(Euler(), 2))
+    programs = sampling.sample_jit._cache_size()
+    b = _sample(Resample(Euler(), 3))
+    assert sampling.sample_jit._cache_size() == programs
     assert np.abs(a - b).max() > 1e-3
     assert np.all(np.isfinite(b))
 
