@@ -1408,6 +1408,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out {args.out} must end in .png (jaxdiff writes PNGs that carry their settings)")
+    if args.blend_composite and not args.blend:
+        raise CLIError("--blend-composite pastes the edit inside the local-blend mask: give --blend WORDS too")
     real = _edit_real_image(args)
     sd = StableDiffusion.from_pretrained(model_path(args.model))
     opts = dict(cross_steps=args.cross_steps, self_steps=args.self_steps, mode=args.mode, blend_words=args.blend,

@@ -480,6 +480,8 @@ def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | S
     if not targets:
         raise ValueError("give a target prompt")
     blend_words = blend_words.split() if isinstance(blend_words, str) else blend_words
+    if blend_composite and not blend_words:
+        raise ValueError("blend_composite pastes the edit inside the local-blend mask: give blend_words too")
     record_words = record_words.split() if isinstance(record_words, str) else record_words
     if record_words is None:
         record_words = list(dict.fromkeys([*(blend_words or []), *dict(reweight or {})]))
@@ -503,8 +505,6 @@ def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | S
         raise FloatingPointError("editing produced NaN/Inf; try a lower guidance scale")
     maps, mask = np.asarray(maps), np.asarray(mask)
     if blend_composite:
-        if not blend_words:
-            raise ValueError("blend_composite pastes the edit inside the local-blend mask: give blend_words too")
         images = composite(images, mask)
     return EditResult(images, {w: maps[:, k] for k, w in enumerate(record_words)}, mask, mode)
 

@@ -38,6 +38,7 @@ def test_edit_writes_the_apis_source_edit_and_maps(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--reweight", "thick"], "WORD=FACTOR"),
     (["--out", "x.jpg"], "must end in .png"),
+    (["--blend-composite"], "give --blend WORDS"),
     (["--inversion", "ddim"], "give --image"),
     (["--image", "missing.png"], "missing.png does not exist"),
     (["--image", "missing.png", "--sampler", "euler"], "plain DDIM"),
