@@ -35,5 +35,6 @@ def test_token_prompts_fit_the_text_encoder(sets):
 
 
 def test_concept_classifier_separates_the_styles(sets):
-    c = P.ConceptClassifier(sets["train"], sets["held_out"], builtin.load_pipeline("digits-sd"), steps=150)
+    half = {k: v[: len(v) // 2] for k, v in sets["train"].items()}  # 750 source digits of 1,500: 0.992, 0.980
+    c = P.ConceptClassifier(half, sets["held_out"], builtin.load_pipeline("digits-sd"), steps=150)
     assert c.accuracy >= 0.95 and c.roundtrip_accuracy >= 0.95  # the benchmark's 600 steps: 0.997, 0.983
