@@ -147,8 +147,6 @@ def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> d
     only as a bump on a near-uniform floor."""
     from jaxdiff import editing
 
-    from jaxdiff.editing import composite
-
     paper, minmax, pasted = [], [], []
     for c, ink, bg, lab in zip(held["caption"], held["ink"], held["background"], held["label"]):
         c = str(c)
@@ -166,7 +164,7 @@ def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> d
             r = editing.edit(sd, c, target, seed=s, steps=STEPS, guidance=GUIDANCE, blend_words=[digit],
                              record_words=[digit, old], **MINMAX_BLEND, **BLEND)
             minmax.append(_blend_figures(r, digit, new))
-            pasted.append(int(dt.measure_ink(composite(r.images, r.mask)[1:2])[0]) == new)
+            pasted.append(int(dt.measure_ink(editing.composite(r.images, r.mask)[1:2])[0]) == new)
     out = _blend_summary(paper, "blend_")
     out["blend_source_word_map_peak_to_mean"] = out.pop("blend_word_map_peak_to_mean")
     return {**out, **_blend_summary(minmax, "blend_minmax_"), "blend_composite_colour_accuracy": float(np.mean(pasted))}

@@ -465,9 +465,9 @@ def composite(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
     pixel space afterwards, as diffusers' inpainting overlay does, keeps it exactly. ``mask`` (P, h, w) at latent
     size is upsampled by nearest neighbour; the source row is returned unchanged."""
     fy, fx = images.shape[1] // mask.shape[1], images.shape[2] // mask.shape[2]
-    m = np.repeat(np.repeat(mask, fy, 1), fx, 2)[..., None].astype(images.dtype)
-    m[0] = 1.0
-    return images[:1] + m * (images - images[:1])
+    inside = np.repeat(np.repeat(mask > 0, fy, 1), fx, 2)[..., None]
+    inside[0] = True
+    return np.where(inside, images, images[:1])
 
 
 def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | Sequence[str], *, seed: int,
