@@ -48,11 +48,13 @@ class Resample:
         lift = jnp.sqrt(jnp.maximum(sigma * sigma - sigma_next * sigma_next, 0.0))
         fresh = self.sampler.init(x)
 
+        def memory(first_pass: Array) -> Any:
+            return jax.tree.map(lambda held, new: jnp.where(first_pass, held, new), state, fresh)
+
         def again(r: Array, x: Array) -> Array:
-            memory = jax.tree.map(lambda a, b: jnp.where(r == 0, a, b), state, fresh)
-            x_next, _ = self.sampler.step(denoise, memory, x, sigma, sigma_next, jax.random.fold_in(key, 2 * r + 1))
+            pass_key = jax.random.fold_in(key, 2 * r + 1)
+            x_next, _ = self.sampler.step(denoise, memory(r == 0), x, sigma, sigma_next, pass_key)
             return x_next + lift * noise_like(jax.random.fold_in(key, 2 * r + 2), x)
 
         x = jax.lax.fori_loop(0, self.repeats - 1, again, x)
-        return self.sampler.step(denoise, jax.tree.map(lambda a, b: jnp.where(self.repeats > 1, b, a), state, fresh),
-                                 x, sigma, sigma_next, key)
+        return self.sampler.step(denoise, memory(self.repeats == 1), x, sigma, sigma_next, key)
