@@ -12,6 +12,8 @@ from jaxdiff import textual_inversion as ti  # noqa: E402
 from jaxdiff.data import digits_text as dt  # noqa: E402
 from jaxdiff.textual_inversion import Embedding  # noqa: E402
 
+pytestmark = pytest.mark.xla_optimized  # runs its programs more than it compiles them (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def sets():

@@ -11,6 +11,8 @@ from benchmarks import text_to_image_quality as t2i  # noqa: E402
 from jaxdiff import builtin  # noqa: E402
 from jaxdiff.data import digits_text as dt  # noqa: E402
 
+pytestmark = pytest.mark.xla_optimized  # runs its programs more than it compiles them (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def sets():
@@ -37,7 +39,7 @@ def test_floor_set_is_unseen_by_the_judge_with_the_held_out_labels(sets):
 
 def test_tiny_run_reports_every_target(tmp_path):
     out = tmp_path / "t2i.json"
-    t2i.main(["--num", "12", "--pairs", "4", "--scales", "1,3", "--json", str(out)])
+    t2i.main(["--num", "12", "--pairs", "4", "--scales", "1,3", "--steps", "8", "--json", str(out)])
     res = json.loads(out.read_text())
     assert set(res["targets"]) == set(t2i.TARGETS) and res["best_guidance"] == 3.0
     assert [r["guidance"] for r in res["sweep"]] == [1.0, 3.0]

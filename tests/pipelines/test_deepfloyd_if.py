@@ -18,6 +18,8 @@ import _if_folders as F
 from jaxdiff.pipelines import cascade as C
 from jaxdiff.pipelines import deepfloyd_if as IF
 
+pytestmark = pytest.mark.xla_optimized  # runs its programs more than it compiles them (tests/conftest.py)
+
 pytest.importorskip("diffusers")
 B, SEED = 2, 5
 PROMPTS = ["a red digit", "Two Blue Sevens "]  # lower-cased and stripped as IF does; "sevens": unknown

@@ -21,6 +21,8 @@ import pytest
 from jaxdiff import metrics, mixtures, sampling, schedules
 from jaxdiff.samplers import Resample, get_sampler
 
+pytestmark = pytest.mark.xla_optimized  # runs its programs more than it compiles them (tests/conftest.py)
+
 CAP = 256
 PROJ = jax.random.key(9)
 
