@@ -230,6 +230,17 @@ def abstract(ctor: Callable[[], M]) -> M:
         _SHAPES_ONLY.reset(token)
 
 
+def build_from_tensors(model_class: Callable[..., M], config_class: Any, config: Any, tensors: Mapping[str, Any], *,
+                       rename: Callable[[str], str | None] | None = None, ignore: Iterable[str] = (),
+                       dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> M:
+    """``model_class(config)`` built abstractly (:func:`abstract`) and filled from torch-named ``tensors``
+    (:func:`load_torch_tensors`): what every model's ``from_pretrained_tensors`` does. ``config`` is a
+    ``config.json`` dict (read by ``config_class.from_dict``) or a config already built."""
+    cfg = config_class.from_dict(config) if isinstance(config, Mapping) else config
+    module = abstract(lambda: model_class(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    return load_torch_tensors(module, tensors, rename=rename, ignore=ignore, dtype=param_dtype)
+
+
 def count_params(module: nnx.Module) -> int:
     """Number of parameters of a (possibly abstract) module."""
     state = nnx.state(module, nnx.Param)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.convert.export import torch_state_dict
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import ACTIVATIONS, KeySource, Maker, config_from_dict
 
@@ -394,11 +394,8 @@ class CLIPVisionModelWithProjection(nnx.Module):
 
 
 def _from_tensors(cls: type, config: Any, tensors: Mapping[str, Any], dtype: Any, param_dtype: Any) -> Any:
-    if isinstance(config, Mapping):
-        config = cls.config_class.from_dict(config)
-    module = abstract(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    rename = cls.rename_torch_key
-    return load_torch_tensors(module, tensors, rename=rename, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(cls, cls.config_class, config, tensors, rename=cls.rename_torch_key,
+                              ignore=IGNORED_TORCH_KEYS, dtype=dtype, param_dtype=param_dtype)
 
 
 # ----------------------------------------------------------------------------------- both towers

@@ -26,7 +26,7 @@ from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff._transforms import Transform
 from jaxdiff.conditioning import (PerImage, Residuals, StepIndex, add_residuals, conditional_flag, per_image_value,
                                   tile_batch)
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models import attention_control
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.layers import Maker, TimestepEmbedding, config_from_dict
@@ -216,9 +216,8 @@ def controlnet_from_unet(unet: nnx.Module, *, rngs: nnx.Rngs, conditioning_chann
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> ControlNetModel:
     """Build the ControlNet abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    cfg = ControlNetConfig.from_dict(config_dict)
-    model = abstract(lambda: ControlNetModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return load_torch_tensors(model, tensors, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(ControlNetModel, ControlNetConfig, config_dict, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
+                              param_dtype=param_dtype)
 
 
 # ---- several ControlNets with per-net scales and active intervals, as diffusers' pipelines run them ------------

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models import attention_control
 from jaxdiff.models.attention import attention
 from jaxdiff.models.attention_control import ControlRun, Site
@@ -327,9 +327,8 @@ def from_pretrained_tensors(
     *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
 ) -> DiTTransformer2DModel:
     """:class:`DiTTransformer2DModel` from a ``config.json`` dict and torch-named tensors (no second weight copy)."""
-    cfg = DiTConfig.from_dict(config) if isinstance(config, Mapping) else config
-    module = abstract(lambda: DiTTransformer2DModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return load_torch_tensors(module, tensors, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(DiTTransformer2DModel, DiTConfig, config, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
+                              param_dtype=param_dtype)
 
 
 def dit_init(model: DiTTransformer2DModel, seed: int = 0) -> DiTTransformer2DModel:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff._pytree import pytree_dataclass
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models.layers import FeedForward, Maker, activation, batch_timesteps, config_from_dict, timestep_embedding
 from jaxdiff.models.layers.transformer import Attention
 
@@ -213,9 +213,7 @@ class PriorTransformer(nnx.Module):
     def from_pretrained_tensors(cls, config: Mapping[str, Any] | PriorTransformerConfig, tensors: Mapping[str, Any],
                                 *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> "PriorTransformer":
         """Build abstractly from a ``config.json`` dict (or config) and fill from torch-named ``tensors``."""
-        cfg = PriorTransformerConfig.from_dict(config) if isinstance(config, Mapping) else config
-        module = abstract(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-        return load_torch_tensors(module, tensors, dtype=param_dtype)
+        return build_from_tensors(cls, PriorTransformerConfig, config, tensors, dtype=dtype, param_dtype=param_dtype)
 
 
 @pytree_dataclass

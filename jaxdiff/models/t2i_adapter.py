@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxdiff._pytree import pytree_dataclass, static_field
 from jaxdiff.conditioning import CONDITIONAL, PerImage, Residuals, Transform, per_image_value, side_network, tile_batch
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models._pure import PureModel
 from jaxdiff.models.layers import Maker, config_from_dict
 
@@ -252,9 +252,8 @@ def load_multi_adapter(path: Any, *, dtype: Any = jnp.float32) -> MultiAdapter:
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> T2IAdapter:
     """Build the adapter abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    cfg = T2IAdapterConfig.from_dict(config_dict)
-    model = abstract(lambda: T2IAdapter(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return load_torch_tensors(model, tensors, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(T2IAdapter, T2IAdapterConfig, config_dict, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
+                              param_dtype=param_dtype)
 
 
 # ---- the network transform --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models.attention import attention
 from jaxdiff.models.layers import ACTIVATIONS, Maker, config_from_dict
 
@@ -233,9 +233,8 @@ def from_pretrained_tensors(
     *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
 ) -> T5EncoderModel:
     """:class:`T5EncoderModel` from a ``config.json`` dict and torch-named tensors (no second weight copy)."""
-    cfg = T5Config.from_dict(config) if isinstance(config, Mapping) else config
-    module = abstract(lambda: T5EncoderModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
     rename = T5EncoderModel.rename_torch_key
     if "shared.weight" not in tensors.keys():  # files that store only the encoder's copy of the tied table
         rename = lambda k: "shared.weight" if k == "encoder.embed_tokens.weight" else k  # noqa: E731
-    return load_torch_tensors(module, tensors, rename=rename, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(T5EncoderModel, T5Config, config, tensors, rename=rename, ignore=IGNORED_TORCH_KEYS,
+                              dtype=dtype, param_dtype=param_dtype)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models.layers import Maker, config_from_dict
 
 Array = jax.Array
@@ -88,9 +88,7 @@ class UnCLIPTextProjModel(nnx.Module):
     @classmethod
     def from_pretrained_tensors(cls, config: Mapping[str, Any] | UnCLIPTextProjConfig, tensors: Mapping[str, Any],
                                 *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> "UnCLIPTextProjModel":
-        cfg = UnCLIPTextProjConfig.from_dict(config) if isinstance(config, Mapping) else config
-        module = abstract(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-        return load_torch_tensors(module, tensors, dtype=param_dtype)
+        return build_from_tensors(cls, UnCLIPTextProjConfig, config, tensors, dtype=dtype, param_dtype=param_dtype)
 
 
 def decoder_mask(text_mask: Array, extra_tokens: int) -> Array:

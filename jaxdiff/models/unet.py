@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdiff.conditioning import Residuals
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models import attention_control
 from jaxdiff.models.layers import (
     AddedKVAttention,
@@ -536,6 +536,5 @@ class UNet2DConditionModel(nnx.Module):
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> UNet2DConditionModel:
     """Build the U-Net abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    cfg = UNet2DConditionConfig.from_dict(config_dict)
-    model = abstract(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return load_torch_tensors(model, tensors, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(UNet2DConditionModel, UNet2DConditionConfig, config_dict, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
+                              param_dtype=param_dtype)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models import attention_control
 from jaxdiff.models.layers import (
     DownBlock,
@@ -222,6 +222,5 @@ class UNet2DModel(nnx.Module):
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> UNet2DModel:
     """Build the pixel U-Net abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    cfg = UNet2DConfig.from_dict(config_dict)
-    model = abstract(lambda: UNet2DModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return load_torch_tensors(model, tensors, rename=rename_torch_key, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(UNet2DModel, UNet2DConfig, config_dict, tensors, rename=rename_torch_key, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
+                              param_dtype=param_dtype)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models import attention_control
 from jaxdiff.models.layers import (
     Downsample2D,
@@ -363,6 +363,5 @@ class UNet3DConditionModel(nnx.Module):
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> UNet3DConditionModel:
     """Build the 3-D U-Net abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    cfg = UNet3DConditionConfig.from_dict(config_dict)
-    model = abstract(lambda: UNet3DConditionModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return load_torch_tensors(model, tensors, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(UNet3DConditionModel, UNet3DConditionConfig, config_dict, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
+                              param_dtype=param_dtype)

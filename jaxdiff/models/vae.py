@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 from jaxdiff.models.layers import (
     DownBlock,
     Downsample2D,
@@ -198,6 +198,5 @@ class AutoencoderKL(nnx.Module):
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> AutoencoderKL:
     """Build the VAE abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    cfg = AutoencoderKLConfig.from_dict(config_dict)
-    model = abstract(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
-    return load_torch_tensors(model, tensors, rename=rename_torch_key, ignore=IGNORED_TORCH_KEYS, dtype=param_dtype)
+    return build_from_tensors(AutoencoderKL, AutoencoderKLConfig, config_dict, tensors, rename=rename_torch_key, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
+                              param_dtype=param_dtype)
