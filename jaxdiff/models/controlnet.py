@@ -216,8 +216,8 @@ def controlnet_from_unet(unet: nnx.Module, *, rngs: nnx.Rngs, conditioning_chann
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> ControlNetModel:
     """Build the ControlNet abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    return build_from_tensors(ControlNetModel, ControlNetConfig, config_dict, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
-                              param_dtype=param_dtype)
+    return build_from_tensors(ControlNetModel, ControlNetConfig, config_dict, tensors,
+                              ignore=IGNORED_TORCH_KEYS, dtype=dtype, param_dtype=param_dtype)
 
 
 # ---- several ControlNets with per-net scales and active intervals, as diffusers' pipelines run them ------------

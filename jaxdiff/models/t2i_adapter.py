@@ -252,8 +252,8 @@ def load_multi_adapter(path: Any, *, dtype: Any = jnp.float32) -> MultiAdapter:
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> T2IAdapter:
     """Build the adapter abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    return build_from_tensors(T2IAdapter, T2IAdapterConfig, config_dict, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
-                              param_dtype=param_dtype)
+    return build_from_tensors(T2IAdapter, T2IAdapterConfig, config_dict, tensors,
+                              ignore=IGNORED_TORCH_KEYS, dtype=dtype, param_dtype=param_dtype)
 
 
 # ---- the network transform --------------------------------------------------------------------------

@@ -536,5 +536,5 @@ class UNet2DConditionModel(nnx.Module):
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> UNet2DConditionModel:
     """Build the U-Net abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    return build_from_tensors(UNet2DConditionModel, UNet2DConditionConfig, config_dict, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
-                              param_dtype=param_dtype)
+    return build_from_tensors(UNet2DConditionModel, UNet2DConditionConfig, config_dict, tensors,
+                              ignore=IGNORED_TORCH_KEYS, dtype=dtype, param_dtype=param_dtype)

@@ -222,5 +222,5 @@ class UNet2DModel(nnx.Module):
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> UNet2DModel:
     """Build the pixel U-Net abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    return build_from_tensors(UNet2DModel, UNet2DConfig, config_dict, tensors, rename=rename_torch_key, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
-                              param_dtype=param_dtype)
+    return build_from_tensors(UNet2DModel, UNet2DConfig, config_dict, tensors, rename=rename_torch_key,
+                              ignore=IGNORED_TORCH_KEYS, dtype=dtype, param_dtype=param_dtype)

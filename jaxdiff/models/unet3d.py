@@ -363,5 +363,5 @@ class UNet3DConditionModel(nnx.Module):
 def from_pretrained_tensors(config_dict: Mapping[str, Any], tensors: Mapping[str, Any], *,
                             dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> UNet3DConditionModel:
     """Build the 3-D U-Net abstractly from ``config.json`` and fill it with PyTorch-named tensors."""
-    return build_from_tensors(UNet3DConditionModel, UNet3DConditionConfig, config_dict, tensors, ignore=IGNORED_TORCH_KEYS, dtype=dtype,
-                              param_dtype=param_dtype)
+    return build_from_tensors(UNet3DConditionModel, UNet3DConditionConfig, config_dict, tensors,
+                              ignore=IGNORED_TORCH_KEYS, dtype=dtype, param_dtype=param_dtype)
