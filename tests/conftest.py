@@ -20,7 +20,7 @@ if "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get("JAXDIFF_COMPI
     atexit.register(shutil.rmtree, _SUITE_CACHE, True)
 # XLA's "most optimisations off" (backend level 0, no expensive LLVM passes) for every program the suite compiles,
 # the CLI subprocesses included (they inherit the variable): most files compile small programs and run them a few
-# times, so compiling dominates, and they run faster so (the suite 997 s -> 720-880 s over three runs on 2 cores;
+# times, so compiling dominates, and they run faster so (the suite 997 s -> 720-930 s over four runs on 2 cores;
 # test_controlnet_parity 80 s -> 42-52 s). Files that spend their time *running* programs (the exact mixture
 # targets: 4x slower unoptimised) carry the `xla_optimized` mark, which lifts it for that module; they then compile
 # at LLVM's first level (as fast to run as the default level, quicker to compile).
