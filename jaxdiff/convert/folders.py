@@ -31,7 +31,7 @@ from jaxdiff.convert.safetensors_io import (
     pickle_refusal_message,
     refuse_pickle,
 )
-from jaxdiff.convert.torch_layout import abstract, load_torch_tensors
+from jaxdiff.convert.torch_layout import build_from_tensors
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 SUPPORTED_DTYPES = {np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16)}
@@ -178,18 +178,16 @@ def build_network(cls: type, config: Mapping[str, Any], tensors: Mapping[str, An
     """Build ``cls`` from a reference config dict without allocating, then fill it from ``tensors``.
 
     Uses ``cls.from_pretrained_tensors`` where the network defines one; otherwise
-    ``XConfig.from_dict`` + ``nnx.eval_shape`` + :func:`load_torch_tensors` with the network's
-    ``rename_torch_key`` / ``IGNORED_TORCH_KEYS``. Parameters are stored and computed in ``dtype``.
+    :func:`~jaxdiff.convert.torch_layout.build_from_tensors` (``XConfig.from_dict``, abstract build, fill) with the
+    network's ``rename_torch_key`` / ``IGNORED_TORCH_KEYS``. Parameters are stored and computed in ``dtype``.
     """
     dtype = resolve_dtype(dtype)
     custom = getattr(cls, "from_pretrained_tensors", None)
     if callable(custom):
         return custom(dict(config), tensors, **_dtype_kwargs(custom, dtype))
-    cfg = config_class(cls).from_dict(dict(config))
-    module = abstract(lambda: cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
-    return load_torch_tensors(
-        module, tensors, rename=_hook(cls, "rename_torch_key", None), ignore=_hook(cls, "IGNORED_TORCH_KEYS", ())
-    )
+    return build_from_tensors(cls, config_class(cls), dict(config), tensors,
+                              rename=_hook(cls, "rename_torch_key", None), ignore=_hook(cls, "IGNORED_TORCH_KEYS", ()),
+                              dtype=dtype, param_dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,9 +72,8 @@ def make_source(images: Any, task: str, mask: Any = None, seed: int = 0,
 
 
 def _read_folder(folder: Path, variant: str) -> tuple[dict, Any]:
-    from flax import nnx
-
-    from jaxdiff.convert import abstract, load_torch_tensors, open_safetensors
+    from jaxdiff.convert import open_safetensors
+    from jaxdiff.convert.torch_layout import build_from_tensors
     from jaxdiff.models._pure import PureModel
     from jaxdiff.models.unet2d import UNet2DConfig, UNet2DModel
 
@@ -85,9 +84,8 @@ def _read_folder(folder: Path, variant: str) -> tuple[dict, Any]:
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing; train it with examples/palette/train_palette.py")
     cfg = json.loads(cfg_path.read_text())
-    ucfg = UNet2DConfig.from_dict(cfg["network"])
     with open_safetensors(weights) as tensors:
-        module = load_torch_tensors(abstract(lambda: UNet2DModel(ucfg, rngs=nnx.Rngs(0))), tensors)
+        module = build_from_tensors(UNet2DModel, UNet2DConfig, cfg["network"], tensors)
     return cfg, PureModel.of(module)
 
 

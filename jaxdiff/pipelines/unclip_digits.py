@@ -267,15 +267,13 @@ scales, prompts, seeds and images are traced."""
 # ------------------------------------------------------------------------------------------- loading
 
 def _load_image_proj(folder: Path) -> Any:
-    from flax import nnx
-
-    from jaxdiff.convert import abstract, load_torch_tensors, open_safetensors
+    from jaxdiff.convert import open_safetensors
+    from jaxdiff.convert.torch_layout import build_from_tensors
     from jaxdiff.models.unclip_image_proj import UnCLIPImageProj, UnCLIPImageProjConfig
 
-    cfg = UnCLIPImageProjConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    module = abstract(lambda: UnCLIPImageProj(cfg, rngs=nnx.Rngs(0)))
+    config = json.loads((folder / "config.json").read_text())
     with open_safetensors(folder / "diffusion_pytorch_model.safetensors") as tensors:
-        return load_torch_tensors(module, tensors, dtype=jnp.float32)
+        return build_from_tensors(UnCLIPImageProj, UnCLIPImageProjConfig, config, tensors)
 
 
 def _load_prior(folder: Path) -> Any:
