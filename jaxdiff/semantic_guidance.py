@@ -40,8 +40,9 @@ play this part; which layers is a parameter (``style_layers``), by default the f
 Options for a clean CLIP (:class:`SemanticGuidance`, :meth:`SemanticLoss.terms`): ``normalize`` (the x0 shift
 has RMS ``scale * sigma`` whatever CLIP's gradient size), a sigma window, ``shifts`` (the loss averaged over
 translated views), ``contrast`` (the text term as CLIP's zero-shot cross-entropy over alternative texts). On
-digits-sd with digits-clip, ``normalize=True``, ``sigma_max=5``, ``contrast`` (the ten digit texts) and
-differentiation through the denoiser is what ``benchmarks/_editing_sdg.py`` measures.
+digits-sd with digits-clip, ``normalize=True``, ``sigma_max=5``, ``contrast`` (the ten digit texts), ``shifts``
+(the 3 x 3 grid of -3 / 0 / 3 pixel shifts) and differentiation through the denoiser is what
+``benchmarks/_editing_sdg.py`` measures.
 
 Usage with a latent model (the unconditional model of digits-sd is its empty prompt at CFG scale 1)::
 
