@@ -63,17 +63,18 @@ def markdown(results: dict[str, Any]) -> str:
     for name in results["parts"]:
         lines += [*part(name).markdown(results), f"({results['part_seconds'][name]} s)", ""]
     if results.get("updated_parts"):
-        lines += [f"Parts {', '.join(results['updated_parts'])} rerun by `--update` on the machine below (the time below "
-                  "is theirs); the others are kept from the earlier full run.", ""]
+        lines += [f"Parts {', '.join(results['updated_parts'])} rerun by `--update` (each part's time is its own; the "
+                  "machine and time below are the latest rerun's); the others are kept from the earlier full run.", ""]
     return "\n".join(lines + machine_lines(results))
 
 
 def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """``old``'s report with the rerun parts' figures of ``new`` over it (per-part seconds merged, every part's
-    targets checked again); the machine and total seconds become the rerun's."""
+    targets checked again, the parts rerun since the last full run listed); the machine and total seconds become
+    the latest rerun's."""
     parts = [x for x in PARTS if x in old.get("parts", []) or x in new["parts"]]
     out = {**old, **new, "parts": parts, "part_seconds": {**old.get("part_seconds", {}), **new["part_seconds"]},
-           "updated_parts": list(new["parts"])}
+           "updated_parts": [x for x in PARTS if x in old.get("updated_parts", []) or x in new["parts"]]}
     figures, targets = dict(out), {}
     for name in parts:
         targets.update(part(name).TARGETS)

@@ -320,11 +320,17 @@ def get_embedding(sd: Any, token: str) -> Embedding:
 # ---- training (Gal et al. 2022, Eq. 2) ----------------------------------------------------------------------
 
 
+@jax.jit
+def _posterior_mean_latents(models: Any, images: Array) -> Array:
+    return models.to_latent(models.encode_image(images * 2.0 - 1.0)[0])
+
+
 def encode_images(sd: Any, images: Any, batch: int = 64) -> np.ndarray:
-    """Images (N, H, W, 3) in [0, 1] -> scaled latents (the VAE posterior means, as training uses)."""
-    fn = jax.jit(lambda m, x: m.to_latent(m.encode_image(x * 2.0 - 1.0)[0]))
+    """Images (N, H, W, 3) in [0, 1] -> scaled latents (the VAE posterior means, as training uses); one compiled
+    encoder per batch shape, reused across calls."""
     images = np.asarray(images, np.float32)
-    return np.concatenate([np.asarray(fn(sd.models, images[i: i + batch])) for i in range(0, len(images), batch)])
+    return np.concatenate([np.asarray(_posterior_mean_latents(sd.models, images[i: i + batch]))
+                           for i in range(0, len(images), batch)])
 
 
 def optimise(loss: Callable[[Any, Any, dict, Array], Array], params: Any, frozen: Any,

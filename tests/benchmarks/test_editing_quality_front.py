@@ -52,5 +52,8 @@ def test_update_reruns_one_part_and_keeps_the_others(monkeypatch, tmp_path):
     assert r["targets"]["a_score"]["met"] and r["targets"]["b_score"]["met"]
     assert set(r["part_seconds"]) == {"p2p", "sdg"} and r["updated_parts"] == ["p2p"]
     assert "b_score = 0.85" in (tmp_path / "r.md").read_text()
+    r = E.main(["--parts", "sdg", "--update", "--json", path])  # a second rerun: both parts are now rerun ones
+    assert r["updated_parts"] == ["p2p", "sdg"] and r["b_score"] == 0.0
+    assert r["a_score"] == 0.95 and not r["targets"]["b_score"]["met"]
     with pytest.raises(SystemExit):
         E.main(["--parts", "p2p", "--update", "--json", str(tmp_path / "missing.json")])
