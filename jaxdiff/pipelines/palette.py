@@ -160,6 +160,12 @@ class Palette:
         return np.asarray(_composite(out, _repeat(known, samples), _repeat(mask, samples)))
 
 
+@jax.jit
+def _regress_jit(net: Any, source: Array) -> Array:
+    """The regressor's output for a batch of sources: one compiled program per source shape, reused by every call."""
+    return Regressor(net)(source)
+
+
 @dataclass(frozen=True)
 class PaletteRegressor:
     """The paper's regression baseline: the same network predicting the target from the source in one call."""
@@ -179,5 +185,5 @@ class PaletteRegressor:
         return cls.from_folder(builtin.builtin_folder(name))
 
     def __call__(self, source: Any, *, mask: Any = None, known: Any = None, **_: Any) -> np.ndarray:
-        out = jax.jit(lambda n, s: Regressor(n)(s))(self.net, jnp.asarray(source, jnp.float32))
+        out = _regress_jit(self.net, jnp.asarray(source, jnp.float32))
         return np.asarray(_composite(out, known, mask))

@@ -78,18 +78,27 @@ def encode_latents(vae: Any, images: np.ndarray) -> np.ndarray:
     """RGB [0, 1] -> the VAE posterior means times ``scaling_factor`` (what digits-sd and the decoder train on)."""
     from jaxdiff.models._pure import PureModel
 
-    enc = jax.jit(lambda m, x: m(x)[0] * m.module().config.scaling_factor)
     pure = PureModel.of(vae, "encode")
-    return _chunked(lambda x: enc(pure, to_clip_pixels(x)), np.asarray(images, np.float32)).astype(np.float32)
+    return _chunked(lambda x: _encode_latents_jit(pure, to_clip_pixels(x)), np.asarray(images, np.float32)).astype(
+        np.float32)
+
+
+@jax.jit
+def _encode_latents_jit(vae: Any, pixels: Array) -> Array:
+    return vae(pixels)[0] * vae.module().config.scaling_factor
 
 
 def image_embeddings(clip: Any, images: np.ndarray) -> np.ndarray:
     """RGB [0, 1] (N, 32, 32, 3) -> unit digits-clip image embeddings (N, projection_dim)."""
     from jaxdiff.models._pure import PureModel
 
-    fn = jax.jit(lambda m, x: unit(m(to_clip_pixels(x))))
     pure = PureModel.of(clip, "get_image_features")
-    return _chunked(lambda x: fn(pure, x), np.asarray(images, np.float32)).astype(np.float32)
+    return _chunked(lambda x: _image_embeddings_jit(pure, x), np.asarray(images, np.float32)).astype(np.float32)
+
+
+@jax.jit
+def _image_embeddings_jit(clip: Any, images: Array) -> Array:
+    return unit(clip(to_clip_pixels(images)))
 
 
 def text_mask(ids: Array, eos_token_id: int) -> Array:
@@ -260,6 +269,7 @@ def generate(m: UnCLIPModels, prior_sampler: Any, decoder_sampler: Any, req: UnC
 
 
 generate_jit = jax.jit(generate)
+_embed_images_jit = jax.jit(lambda models, images: models.image_embeddings(images))
 """One compiled program per request structure (text, image or embeddings) and batch size: steps, guidance
 scales, prompts, seeds and images are traced."""
 
@@ -383,7 +393,7 @@ class UnCLIPDigits:
 
     def embed_images(self, images: Any) -> np.ndarray:
         """Unit digits-clip image embeddings of RGB (N, 32, 32, 3) images in [0, 1]."""
-        return np.asarray(jax.jit(lambda m, x: m.image_embeddings(x))(self.models, jnp.asarray(images, jnp.float32)))
+        return np.asarray(_embed_images_jit(self.models, jnp.asarray(images, jnp.float32)))
 
     def interpolate(self, a: Any, b: Any, num: int = 5, *, seed: int = 0, decoder_steps: int = 20,
                     decoder_guidance: float = 3.0) -> np.ndarray:

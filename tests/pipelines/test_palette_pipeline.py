@@ -48,5 +48,11 @@ def test_shipped_model_restores_inpainted_digits_better_than_the_degraded_input(
 def test_regression_baseline_loads_and_keeps_known_pixels(held):
     x = held["x"][:4]
     src, m = make_source(x, "uncrop")
-    out = PaletteRegressor.from_builtin()(src, mask=m, known=x)
+    reg = PaletteRegressor.from_builtin()
+    out = reg(src, mask=m, known=x)
     assert out.shape == x.shape and np.array_equal(out[m == 0], x[m == 0])
+    from jaxdiff.pipelines import palette
+
+    compiled = palette._regress_jit._cache_size()
+    np.testing.assert_array_equal(reg(src, mask=m, known=x), out)  # a second call reuses the program
+    assert palette._regress_jit._cache_size() == compiled

@@ -59,6 +59,11 @@ def test_variation_keeps_the_digit_and_new_steps_or_scales_compile_nothing(pipe)
     assert out.shape == (4, 32, 32, 3) and 0.0 <= out.min() and out.max() <= 1.0
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(z, pipe.embed_images(held["image"][pick]), atol=1e-5)  # the inputs' embeddings
+    from jaxdiff.pipelines import unclip_digits
+
+    compiled = unclip_digits._embed_images_jit._cache_size()
+    pipe.embed_images(held["image"][pick[::-1]])  # other images of the same shape: the same program
+    assert unclip_digits._embed_images_jit._cache_size() == compiled
     judge = load_builtin("digits-eval")
     labels = np.argmax(np.asarray(judge(jnp.asarray(judge_input(out), jnp.float32))), -1)
     assert np.mean(labels == held["label"][pick]) >= 0.75
