@@ -269,9 +269,9 @@ def generate(m: UnCLIPModels, prior_sampler: Any, decoder_sampler: Any, req: UnC
 
 
 generate_jit = jax.jit(generate)
-_embed_images_jit = jax.jit(lambda models, images: models.image_embeddings(images))
 """One compiled program per request structure (text, image or embeddings) and batch size: steps, guidance
 scales, prompts, seeds and images are traced."""
+_embed_images_jit = jax.jit(lambda models, images: models.image_embeddings(images))
 
 
 # ------------------------------------------------------------------------------------------- loading
