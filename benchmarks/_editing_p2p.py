@@ -27,7 +27,6 @@ The injection fractions were tuned on training captions (:func:`tune`), never on
 """
 from __future__ import annotations
 
-import functools
 import re
 import time
 from typing import Any
@@ -164,19 +163,8 @@ def _ideal_paste_psnr(sd: Any, source: np.ndarray, new: int, cells: np.ndarray) 
     recoloured = dt.composite(dt.measure_alpha(x, dt.measure_ink(x, bg), bg), np.array([new]), bg)
     lat = ti.encode_images(sd, np.concatenate([source[None], recoloured]).astype(np.float32))
     pasted = np.where(cells[..., None] > 0, lat[1], lat[0])
-    a, b = np.asarray(_decode(sd, np.stack([lat[0], pasted])))
+    a, b = ti.decode_latents(sd, np.stack([lat[0], pasted]))
     return float(min(10 * np.log10(1.0 / max(((b - a) ** 2)[outside].mean(), 1e-10)), 100.0))
-
-
-def _decode(sd: Any, latents: np.ndarray) -> Any:
-    return _decoder()(sd.models, latents)
-
-
-@functools.lru_cache(maxsize=1)
-def _decoder() -> Any:
-    import jax
-
-    return jax.jit(lambda models, latents: models.decode(latents))
 
 
 def _ink_cells(image: np.ndarray, cells: tuple[int, int]) -> np.ndarray:

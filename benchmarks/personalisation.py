@@ -63,10 +63,7 @@ def roundtrip(sd: Any, images: np.ndarray, batch: int = 64) -> np.ndarray:
     sample of the model carries, whatever its U-Net learned."""
     from jaxdiff import textual_inversion as ti
 
-    decode = jax.jit(lambda m, z: m.decode(z))
-    latents = ti.encode_images(sd, images, batch)
-    return np.concatenate([np.asarray(decode(sd.models, latents[i: i + batch]))
-                           for i in range(0, len(latents), batch)])
+    return ti.decode_latents(sd, ti.encode_images(sd, images, batch), batch)
 
 
 def ink_coverage(images: np.ndarray) -> np.ndarray:

@@ -333,6 +333,19 @@ def encode_images(sd: Any, images: Any, batch: int = 64) -> np.ndarray:
                            for i in range(0, len(images), batch)])
 
 
+@jax.jit
+def _decoded_images(models: Any, latents: Array) -> Array:
+    return models.decode(latents)
+
+
+def decode_latents(sd: Any, latents: Any, batch: int = 64) -> np.ndarray:
+    """Scaled latents -> images (N, H, W, 3) in [0, 1] through the pipeline's VAE decoder (the inverse of
+    :func:`encode_images`); one compiled decoder per batch shape, reused across calls."""
+    latents = np.asarray(latents, np.float32)
+    return np.concatenate([np.asarray(_decoded_images(sd.models, latents[i: i + batch]))
+                           for i in range(0, len(latents), batch)])
+
+
 def optimise(loss: Callable[[Any, Any, dict, Array], Array], params: Any, frozen: Any,
              data: Mapping[str, np.ndarray], *, steps: int, learning_rate: float, batch_size: int,
              seed: int = 0) -> tuple[Any, np.ndarray]:

@@ -145,3 +145,14 @@ def test_training_changes_only_the_new_rows(sd, tmp_path):
     path = ti.save_embedding(tmp_path / "t.safetensors", emb)
     again = ti.load_textual_inversion(sd, path)
     np.testing.assert_array_equal(np.asarray(again.encode_prompt(prompts)), np.asarray(out.encode_prompt(prompts)))
+
+
+def test_encode_and_decode_latents_are_the_pipelines_autoencoder_in_any_batching(sd):
+    import jax.numpy as jnp
+
+    images = np.random.default_rng(1).random((5, 16, 16, 3)).astype(np.float32)
+    m = sd.models
+    direct = np.asarray(m.decode(m.to_latent(m.encode_image(jnp.asarray(images * 2 - 1))[0])))
+    latents = ti.encode_images(sd, images, batch=2)  # batches of 2, 2 and 1
+    np.testing.assert_allclose(ti.decode_latents(sd, latents, batch=3), direct, atol=1e-5)
+    np.testing.assert_allclose(ti.decode_latents(sd, latents), ti.decode_latents(sd, latents, batch=3), atol=1e-6)
