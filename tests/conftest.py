@@ -58,8 +58,8 @@ LONGEST_FIRST = (  # the files that took longest (mean of two full runs on 2 cor
 def pytest_collection_modifyitems(config, items):
     """Run the longest files first. Under ``--dist loadfile`` each worker takes the next file in collection order
     when it frees, so a long file collected late (alphabetical order) kept one worker busy while the other idled at
-    the end (41-55 s of idle worker time in two full runs; 21 s after); longest first, the last files are short. The other files
-    keep their order (a stable sort); a listed file that is renamed only loses its place."""
+    the end (41-55 s of idle worker time in two full runs; 21 s after); longest first, the last files are short.
+    The other files keep their order (a stable sort); a listed file that is renamed only loses its place."""
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
 
