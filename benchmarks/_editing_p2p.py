@@ -17,7 +17,7 @@ one call of :func:`jaxdiff.editing.edit` (source and edit sampled together):
   the background is then the source's by construction, so only the new ink's colour is measured). What a mask
   allows: a perfect swap (the source re-inked) pasted in latent space inside the min-max blend's own mask
   (``blend_minmax_ideal_outside_psnr_db``) and inside the latent cells that hold the source's ink
-  (``blend_ink_cells_ideal_outside_psnr_db``), each decoded and compared outside its mask (:func:`_ideal_paste_psnr`).
+  (``blend_ink_cells_ideal_outside_psnr_db``), each decoded and compared outside its mask (:func:`_ideal_pastes`).
 - **re-weighting**: captions holding a "thick" word (thick / bold / heavy) edited with the same prompt and that
   word's maps times each factor; the mean ink mass per factor (``reweight_ink_mass``) and whether it rises
   monotonically (``reweight_monotonic``); for scale, the same captions regenerated with "thin" in the word's place
@@ -147,33 +147,29 @@ def _blend_summary(rows: list, prefix: str) -> dict:
 INK_CELL_ALPHA = 0.05  # a latent cell "holds ink" where the source's measured ink coverage exceeds this anywhere in it
 
 
-def _ideal_paste_psnr(sd: Any, source: np.ndarray, new: int, cells: np.ndarray) -> float | None:
-    """PSNR outside ``cells`` (h, w) of a *perfect* colour swap blended there: the source image (H, W, 3) re-inked in
-    colour ``new`` (its measured coverage, :func:`dt.composite`), that image's latents pasted over the source's
-    inside ``cells``, decoded, against the source decoded. The most a latent blend with this mask could keep of the
-    background through digits-sd's decoder (None when the mask covers every cell)."""
+def _ideal_pastes(sd: Any, source: np.ndarray, new: int, blend_mask: np.ndarray) -> tuple:
+    """What a mask allows a latent blend to keep: a *perfect* colour swap, the source image (H, W, 3) re-inked in
+    colour ``new`` (its measured coverage, :func:`dt.composite`), its latents pasted over the source's inside (a) the
+    blend's mask (h, w) and (b) the latent cells where the source's ink coverage exceeds :data:`INK_CELL_ALPHA`,
+    decoded. Returns the PSNR against the source decoded outside each mask (None when it covers every cell) and (b)'s
+    coverage."""
     from jaxdiff import textual_inversion as ti
 
-    f = source.shape[0] // cells.shape[0]
-    outside = np.repeat(np.repeat(cells == 0, f, 0), f, 1)
-    if not outside.any():
-        return None
     x = source[None].astype(np.float64)
     bg = dt.measure_background(x)
-    recoloured = dt.composite(dt.measure_alpha(x, dt.measure_ink(x, bg), bg), np.array([new]), bg)
+    alpha = dt.measure_alpha(x, dt.measure_ink(x, bg), bg)
+    (h, w), f = blend_mask.shape, source.shape[0] // blend_mask.shape[0]
+    ink_cells = (alpha[0].reshape(h, f, w, f).max((1, 3)) > INK_CELL_ALPHA).astype(np.float32)
+    recoloured = dt.composite(alpha, np.array([new]), bg)
     lat = ti.encode_images(sd, np.concatenate([source[None], recoloured]).astype(np.float32))
-    pasted = np.where(cells[..., None] > 0, lat[1], lat[0])
-    a, b = ti.decode_latents(sd, np.stack([lat[0], pasted]))
-    return float(min(10 * np.log10(1.0 / max(((b - a) ** 2)[outside].mean(), 1e-10)), 100.0))
-
-
-def _ink_cells(image: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
-    """(h, w) 0/1: the latent cells where the image's measured ink coverage exceeds :data:`INK_CELL_ALPHA`."""
-    x = image[None].astype(np.float64)
-    bg = dt.measure_background(x)
-    a = dt.measure_alpha(x, dt.measure_ink(x, bg), bg)[0]
-    h, w = cells
-    return (a.reshape(h, a.shape[0] // h, w, a.shape[1] // w).max((1, 3)) > INK_CELL_ALPHA).astype(np.float32)
+    masks = (blend_mask, ink_cells)
+    decoded = ti.decode_latents(sd, np.stack([lat[0], *(np.where(m[..., None] > 0, lat[1], lat[0]) for m in masks)]))
+    psnrs = []
+    for m, image in zip(masks, decoded[1:]):
+        outside = np.repeat(np.repeat(m == 0, f, 0), f, 1)
+        err = ((image - decoded[0]) ** 2)[outside]
+        psnrs.append(float(min(10 * np.log10(1.0 / max(err.mean(), 1e-10)), 100.0)) if outside.any() else None)
+    return psnrs[0], psnrs[1], float(ink_cells.mean())
 
 
 def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> dict:
@@ -200,10 +196,8 @@ def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> d
                              record_words=[digit, old], **MINMAX_BLEND, **BLEND)
             minmax.append(_blend_figures(r, digit, new))
             pasted.append(int(dt.measure_ink(editing.composite(r.images, r.mask)[1:2])[0]) == new)
-            ideal_minmax.append(_ideal_paste_psnr(sd, r.images[0], new, r.mask[1]))
-            cells = _ink_cells(r.images[0], r.mask.shape[1:])
-            ideal_ink.append(_ideal_paste_psnr(sd, r.images[0], new, cells))
-            ink_cover.append(float(cells.mean()))
+            in_mask, in_ink, cover = _ideal_pastes(sd, r.images[0], new, r.mask[1])
+            ideal_minmax.append(in_mask), ideal_ink.append(in_ink), ink_cover.append(cover)
     out = _blend_summary(paper, "blend_")
     out["blend_source_word_map_peak_to_mean"] = out.pop("blend_word_map_peak_to_mean")
     # perfect swaps pasted inside the min-max blend's masks and inside the source's ink cells: what the mask allows
