@@ -34,6 +34,7 @@ def test_one_compilation_serves_steps_scales_eta_seeds_and_labels():
         (5, 4.0, 0.7, 1.0, 3, zeros, minus),  # labels
         (5, 4.0, 0.7, 1.0, 3, zeros, ones),  # a negative label instead of the unconditional one
     ]
+    sampling.sample_jit.clear_cache()  # count this test's programs, whatever other files compiled
     before = sampling.sample_jit._cache_size()
     outs = [_run(mix, *r) for r in runs]
     assert sampling.sample_jit._cache_size() - before == 1
@@ -80,6 +81,7 @@ def test_int_and_float_sampler_options_share_one_program(name):
     mix = mixtures.ring_2d()
     sig = schedules.karras(3, 0.1, 5.0, capacity=11)  # a capacity no other test uses
     x = sampling.initial_noise(jax.random.key(0), (BATCH, 2), 5.0)
+    sampling.sample_jit.clear_cache()  # count this test's programs, whatever other files compiled
     before = sampling.sample_jit._cache_size()
     outs = [np.asarray(sampling.sample(mix, factory(**v), sig, x, 0, check_finite=False)) for v in variants]
     assert sampling.sample_jit._cache_size() - before == 1, variants
@@ -108,6 +110,7 @@ def test_int_and_float_transform_settings_share_one_program():
     uncond = jnp.full((BATCH,), -1, jnp.int32)
     for build in (lambda v: G.StaticThreshold(mix, -v, v), lambda v: G.DynamicThreshold(mix, 1, v),
                   lambda v: G.ClassifierFree(mix, v, uncond, rescale=0 * v)):
+        sampling.sample_jit.clear_cache()  # count this test's programs, whatever other files compiled
         before = sampling.sample_jit._cache_size()
         a = sampling.sample(build(2), samplers.Euler(), sig, x, 0, labels)
         b = sampling.sample(build(2.0), samplers.Euler(), sig, x, 0, labels)

@@ -338,6 +338,7 @@ def test_step_ranged_edit_acts_only_inside_its_steps_under_sample():
         edit = ac.Reweight(factors, where=where, steps=(0, jnp.where(on, 99, 0)))
         return samplers.Euler().step(lambda x_, s_: den(x_, s_, edit), (), x, sigma, sigma_next, None)[0]
 
+    sampling.sample_jit.clear_cache()  # count this test's programs, whatever other files compiled
     before = sampling.sample_jit._cache_size()
     for a, b in [(2, 4), (1, 5)]:
         got = sampling.sample(den, samplers.Euler(), sig, x, 0, ac.Reweight(factors, where=where, steps=(a, b)))

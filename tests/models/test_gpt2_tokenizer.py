@@ -159,6 +159,7 @@ def test_glide_prompt_tokens_and_text_conditions(tok):
     rng = np.random.default_rng(0)
     net = PureModel(state=jax.tree.unflatten(tree, [jnp.asarray(rng.standard_normal(x.shape) * 0.2, x.dtype)
                                                     for x in leaves]), graphdef=graphdef)
+    P._encode_jit.clear_cache()  # count this test's programs, whatever other files compiled
     before = P._encode_jit._cache_size()
     text, uncond = P.text_conditions(net, "A Corgi", 2)
     P.text_conditions(net, "an oil painting of a dog", 2)

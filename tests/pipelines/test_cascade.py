@@ -66,6 +66,7 @@ def _by_hand(steps1, steps2, scale, augment, key, noise_scale=1.0, previous=lamb
 
 def test_cascade_compiles_once_and_equals_the_stages_run_by_hand():
     key = jax.random.key(7)
+    C.cascade_jit.clear_cache()  # count this test's programs, whatever other files compiled
     before = C.cascade_jit._cache_size()
     runs = [(5, 4, 2.0, 0.1), (9, 7, 4.0, 0.5)]
     outs = [C.cascade_jit(_stages(*r), key, B) for r in runs]

@@ -11,6 +11,7 @@ def test_one_compilation_across_runtime_values(tiny_sd):
     base = dict(height=8, width=8, sampler="dpmpp_2m", output="latent")
     from jaxdiff.pipelines.stable_diffusion import generate_latents_jit  # noqa: PLC0415
 
+    generate_latents_jit.clear_cache()  # count this test's programs, whatever other files compiled
     before = generate_latents_jit._cache_size()
     outs = [tiny_sd(["a b", "c"], negative="", steps=3, seed=0, guidance=7.5, **base),
             tiny_sd(["e d", "a a a"], negative="b", steps=3, seed=0, guidance=7.5, **base),

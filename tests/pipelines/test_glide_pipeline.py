@@ -90,6 +90,7 @@ def test_guidance_is_mean_only_with_conditional_variance():
 def test_cascade_one_program_for_runtime_values():
     """Base (DDPM, learned variance, CFG) then upsampler (DDIM fast27, quantised bilinear input, temperature):
     prompts, guidance, step counts and the temperature change nothing compiled; outputs stay in [-1, 1]."""
+    glide_cascade_jit.clear_cache()  # count this test's programs only
     up_net = ToyNet(NET.w * 0.5)
     seen = []
     for guidance, respacing, temp, seed in ((3.0, "25", 0.997, 0), (1.5, "10", 1.0, 3)):

@@ -70,6 +70,7 @@ def _components(folder):
 def pipes(tmp_path_factory):
     pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
+    U.sample_jit.clear_cache()  # the program counts below are this module's (other files may sample unCLIP first)
     root = tmp_path_factory.mktemp("unclip")
     c = _components(root)
     text_keys = ("prior", "decoder", "text_proj", "text_encoder", "tokenizer", "super_res_first", "super_res_last",
