@@ -95,6 +95,13 @@ def _chunked(fn: Callable[[jax.Array], Any], x: np.ndarray, chunk: int = 256) ->
     return jax.tree.map(lambda *a: np.concatenate(a), *outs)
 
 
+@jax.jit
+def _apply(model: PureModel, x: jax.Array) -> Any:
+    """``model(x)``, compiled once per network, method and input shape and reused by later calls (a new
+    ``jax.jit`` of a lambda in each call traced and compiled again every time)."""
+    return model(x)
+
+
 # ----------------------------------------------------------------------------------------------- VAE
 
 def vae_config(cfg: dict[str, Any], scaling_factor: float = 1.0) -> AutoencoderKLConfig:
@@ -118,17 +125,15 @@ def train_vae(cfg: dict[str, Any], images: np.ndarray, *, steps: int | None = No
 
 def encode_latents(vae: AutoencoderKL, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """RGB [0, 1] images -> the posterior's (mean, std), unscaled."""
-    enc = jax.jit(lambda m, x: m(x))
     pure = PureModel.of(vae, "encode")
-    mean, logvar = _chunked(lambda x: enc(pure, x), to_pixels(images))
+    mean, logvar = _chunked(lambda x: _apply(pure, x), to_pixels(images))
     return mean, np.exp(0.5 * logvar)
 
 
 def decode_latents(vae: AutoencoderKL, z: np.ndarray) -> np.ndarray:
     """Unscaled latents -> RGB in [0, 1] (clipped)."""
-    dec = jax.jit(lambda m, x: m(x))
     pure = PureModel.of(vae, "decode")
-    return np.clip(_chunked(lambda x: dec(pure, x), z) / 2 + 0.5, 0.0, 1.0)
+    return np.clip(_chunked(lambda x: _apply(pure, x), z) / 2 + 0.5, 0.0, 1.0)
 
 
 def judge_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
@@ -136,7 +141,7 @@ def judge_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
     from jaxdiff.builtin import load_builtin
 
     judge = load_builtin("digits-eval")
-    logits = _chunked(jax.jit(lambda x: judge(x)), np.asarray(judge_input(images), np.float32))
+    logits = _chunked(lambda x: _apply(judge, x), np.asarray(judge_input(images), np.float32))
     return float(np.mean(np.argmax(logits, -1) == np.asarray(labels)))
 
 
@@ -198,9 +203,8 @@ def text_states(text_encoder: nnx.Module, tokenizer: Any, texts: list[str]) -> n
     """(N, L, D) ``last_hidden_state`` of ``texts`` padded to the tower's length, as SD's pipeline encodes prompts."""
     length = int(text_encoder.config.max_position_embeddings)
     ids = train_clip.tokenize(tokenizer, texts, length)
-    fn = jax.jit(lambda m, i: m(i))
     pure = PureModel.of(text_encoder, "hidden_state")
-    return _chunked(lambda i: fn(pure, i), ids).astype(np.float32)
+    return _chunked(lambda i: _apply(pure, i), ids).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- U-Net

@@ -39,10 +39,10 @@ def test_floor_set_is_unseen_by_the_judge_with_the_held_out_labels(sets):
 
 def test_tiny_run_reports_every_target(tmp_path):
     out = tmp_path / "t2i.json"
-    t2i.main(["--num", "12", "--pairs", "4", "--scales", "1,3", "--steps", "8", "--json", str(out)])
+    t2i.main(["--num", "12", "--pairs", "4", "--combos", "12", "--scales", "1,3", "--steps", "8", "--json", str(out)])
     res = json.loads(out.read_text())
     assert set(res["targets"]) == set(t2i.TARGETS) and res["best_guidance"] == 3.0
-    assert [r["guidance"] for r in res["sweep"]] == [1.0, 3.0]
+    assert [r["guidance"] for r in res["sweep"]] == [1.0, 3.0] and res["heldout_combination_prompts"] == 12
     for key in t2i.TARGETS:
         assert np.isfinite(res[key]), key
     assert res["vae_recon_psnr_db"] > 24 and res["prompt_colour_accuracy"] > 0.5  # trained weights, not noise
