@@ -1,13 +1,17 @@
 """One CPU device per core by default (jaxdiff.cpu_devices), and sampling split over them (jaxdiff.parallel):
-the count's sources and precedence, and the same images from a two-device run (subprocesses) as from one device."""
+the count's sources and precedence, and the same images from a two-device run (subprocesses) as from one device.
+The two-device checks of jaxdiff.parallel (user start latents, any request pytree) share that run; eight devices and
+jax.distributed are tests/test_parallel.py's."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -89,15 +93,6 @@ def test_affinity_of_two_cores_gives_two_devices_by_default():
 
 # ---- split sampling gives the single-device images -----------------------------------------------
 
-@pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    import _sd_folders
-
-    return _sd_folders.save(_sd_folders.build_pipeline(blocks=(8,), vae_blocks=(8, 8)),
-                            tmp_path_factory.mktemp("cpu") / "tiny-sd")
-
-
 CLI_RUNS = {
     "digits": ["--model", "digits", "--num", "3", "--steps", "4", "--seed", "5"],
     "sd": ["--prompt", "a red car", "--steps", "2", "--guidance", "5", "--height", "16", "--width", "16"],
@@ -109,37 +104,59 @@ def _cli(name: str, folder: Path, out: Path, devices: int) -> list[str]:
     return ["sample", *args, "--out", str(out), "--no-progress", "--cpu-devices", str(devices)]
 
 
-@pytest.fixture(scope="module")
-def split_runs(tmp_path_factory, sd_folder):
-    """The worker with JAXDIFF_CPU_DEVICES=2, and the CLI (digits, a diffusers SD folder) with --cpu-devices 2
-    against JAXDIFF_CPU_DEVICES=1."""
-    tmp = tmp_path_factory.mktemp("split")
-    procs = {"worker": subprocess.Popen([sys.executable, worker.__file__, str(tmp / "w.npz"), str(tmp / "tok")],
-                                        env=_env(**{cpu_devices.ENV: "2"}),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)}
-    for name in CLI_RUNS:
-        cmd = [sys.executable, "-m", "jaxdiff.cli", *_cli(name, sd_folder, tmp / f"{name}.png", 2)]
-        procs[name] = subprocess.Popen(cmd, env=_env(**{cpu_devices.ENV: "1"}), stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True)
-    logs = {}
-    for k, p in procs.items():
-        logs[k], _ = p.communicate(timeout=300)
-        assert p.returncode == 0, f"{k}:\n{logs[k][-3000:]}"
-    return tmp, dict(np.load(tmp / "w.npz")), logs
+def _start(cmd: list[str], devices: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=_env(**{cpu_devices.ENV: devices}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
-def test_split_sampling_gives_the_single_device_images(split_runs, tmp_path):
-    """Tiny SD at batch 1 (CFG halves split) and 3 (images split, padded to 4), digits (CFG batch 6 split)."""
+def _one_device(root: Path) -> dict:
+    """The worker's images on this process's one device (mesh=None)."""
     import _tiny_sd
 
     from jaxdiff import builtin
 
-    _, r, _ = split_runs
-    assert int(r["devices"]) == 2
-    sd = _tiny_sd.build(tmp_path / "tok")
+    sd = _tiny_sd.build(root / "tok-one")
     one = {k: sd(p, mesh=None, **worker.TINY) for k, p in worker.PROMPTS.items()}
     one["digits"] = builtin.sample_builtin("digits", mesh=None, **worker.DIGITS)
-    for k, v in one.items():
+    one["latents"] = sd(worker.LATENT_PROMPTS, mesh=None, latents=worker.start_latents(sd), **worker.LATENT_KW)
+    return one
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory):
+    """In subprocesses: the worker with JAXDIFF_CPU_DEVICES=2 (the longest, started first) and, where diffusers can
+    write the SD folder, the CLI (digits, that diffusers SD folder) with --cpu-devices 2 against
+    JAXDIFF_CPU_DEVICES=1. Meanwhile this process computes the worker's images on one device."""
+    tmp = tmp_path_factory.mktemp("split")
+    procs = {"worker": _start([sys.executable, worker.__file__, str(tmp / "w.npz"), str(tmp / "tok")], "2")}
+    folder = None
+    try:
+        if importlib.util.find_spec("diffusers") is not None:
+            import _sd_folders
+
+            folder = _sd_folders.save(_sd_folders.build_pipeline(blocks=(8,), vae_blocks=(8, 8)), tmp / "tiny-sd")
+            for name in CLI_RUNS:
+                cmd = [sys.executable, "-m", "jaxdiff.cli", *_cli(name, folder, tmp / f"{name}.png", 2)]
+                procs[name] = _start(cmd, "1")
+        one = _one_device(tmp)
+        logs = {}
+        for k, p in procs.items():
+            logs[k], _ = p.communicate(timeout=300)
+            assert p.returncode == 0, f"{k}:\n{logs[k][-3000:]}"
+    finally:
+        for p in procs.values():  # after a failure here: stop the others
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return SimpleNamespace(tmp=tmp, folder=folder, logs=logs, one=one, split=dict(np.load(tmp / "w.npz")))
+
+
+def test_split_sampling_gives_the_single_device_images(split_runs):
+    """Tiny SD at batch 1 (CFG halves split) and 3 (images split, padded to 4), digits (CFG batch 6 split)."""
+    r, one = split_runs.split, split_runs.one
+    assert int(r["devices"]) == 2
+    for k in ("tiny1", "tiny3", "digits"):
+        v = one[k]
         assert v.std() > 0.01, k
         # digits: the network at batch 3 (per device) vs 6 differs by one float32 ulp (~1e-6) on one device already;
         # guidance 3 over 4 steps amplifies that to ~2e-5
@@ -148,16 +165,38 @@ def test_split_sampling_gives_the_single_device_images(split_runs, tmp_path):
 
 def test_one_image_runs_its_cfg_halves_on_two_devices(split_runs):
     """Batch 1 on two devices: each device's U-Net convolutions see one input (cond or uncond), not the pair."""
-    assert split_runs[1]["conv_batches_b1"].tolist() == [1]
+    assert split_runs.split["conv_batches_b1"].tolist() == [1]
+
+
+def test_latents_split_over_devices_like_the_batch(split_runs):
+    """jaxdiff.parallel pads and shards the latents with the rest of the batch (3 images on 2 devices)."""
+    r, one = split_runs.split, split_runs.one["latents"]
+    assert int(r["latents_mesh"]) == 2
+    for k in ("latents_generate", "latents_pmap", "latents_default"):  # parallel.generate, pmap, the default split
+        np.testing.assert_allclose(r[k], one, atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_any_request_pytree_is_split_along_its_declared_batch_axis(split_runs):
+    """A non-SD request (batch on axis 1, a replicated field, a static tag) and a plain dict with an explicit prefix
+    tree of axes, on 2 devices: each device holds half the (padded) batch; jit and pmap give the numpy result."""
+    r = {k[len("shard_"):]: v for k, v in split_runs.split.items() if k.startswith("shard_")}
+    assert int(r["devices"]) == 2 and int(r["n"]) == 5
+    assert tuple(r["x_shard"]) == (3, 3) and tuple(r["w_shard"]) == (3,)  # (3, 5) padded to (3, 6), split on axis 1
+    assert tuple(r["dict_b_shard"]) == (2, 3)
+    for k in ("jit", "pmap"):
+        np.testing.assert_allclose(r[k], r["ref"], rtol=1e-6, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(r["dict"], r["dict_ref"], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(CLI_RUNS))
-def test_cli_cpu_devices_flag_splits_and_keeps_the_images(split_runs, sd_folder, name, tmp_path, capsys):
+def test_cli_cpu_devices_flag_splits_and_keeps_the_images(split_runs, name, tmp_path, capsys):
     from jaxdiff.cli import main
 
-    tmp, _, logs = split_runs
+    if split_runs.folder is None:
+        pytest.skip("needs diffusers (the SD folder)")
+    tmp, logs = split_runs.tmp, split_runs.logs
     assert json.loads(logs[name].strip().splitlines()[-1])["cpu_devices"] == 2  # the flag beat JAXDIFF_CPU_DEVICES=1
-    assert main(_cli(name, sd_folder, tmp_path / "one.png", 1)) == 0
+    assert main(_cli(name, split_runs.folder, tmp_path / "one.png", 1)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["cpu_devices"] == 1
     a = np.asarray(Image.open(tmp / f"{name}.png"), np.int16)
     b = np.asarray(Image.open(tmp_path / "one.png"), np.int16)

@@ -1,6 +1,7 @@
 """Data-parallel sampling: identical images for identical seeds on 1 and 8 devices, padding, FSDP, pmap, and
 two processes joined by jax.distributed (forced CPU devices, each in its own subprocess). Two devices are
-tests/test_cpu_devices.py's (the batch split over JAXDIFF_CPU_DEVICES=2, the CFG halves of one image)."""
+tests/test_cpu_devices.py's (the batch split over JAXDIFF_CPU_DEVICES=2, the CFG halves of one image, user start
+latents, any request pytree split on its batch axes)."""
 from __future__ import annotations
 
 import os
@@ -44,23 +45,31 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Start the 8-device run (5 images padded to 8) and the two-process distributed run (4 devices each) together."""
+    """Start the 8-device run (5 images padded to 8) and the two-process distributed run (4 devices each) together;
+    while they run, sample the same images in this process (one device, without any mesh: "single")."""
     tmp = tmp_path_factory.mktemp("par")
     port = str(_free_port())
     procs = {n: _start(n, tmp / f"d{n}.npz", tmp / f"tok{n}") for n in (8,)}
     dist = [_start(4, tmp / "dist.npz", tmp / "tokd", str(i), "2", port) for i in range(2)]
-    for p in [*procs.values(), *dist]:
-        _wait(p)
+    try:
+        single = _tiny_sd.build(tmp / "tok1")(worker.PROMPTS, **worker.KW)
+        for p in [*procs.values(), *dist]:
+            _wait(p)
+    finally:
+        for p in [*procs.values(), *dist]:  # after a failure here: stop the others
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     out = {n: dict(np.load(tmp / f"d{n}.npz")) for n in procs}
     out["dist"] = dict(np.load(tmp / "dist.npz"))
+    out["single"] = single
     return out
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def single(runs):
     """The same images in this process (one device), without any mesh."""
-    sd = _tiny_sd.build(tmp_path_factory.mktemp("tok"))
-    return sd(worker.PROMPTS, **worker.KW)
+    return runs["single"]
 
 
 @pytest.mark.parametrize("devices", [8])
@@ -109,21 +118,6 @@ def test_one_auto_mesh_helper_for_sampling_and_training():
     assert auto.axis_types == (AxisType.Auto,) and auto.axis_names == ("data",)
     assert list(auto.devices.flat) == list(explicit.devices.flat)
     assert step.auto_mesh is parallel.auto_mesh
-
-
-def test_any_request_pytree_is_split_along_its_declared_batch_axis(tmp_path):
-    """A non-SD request (batch on axis 1, a replicated field, a static tag) and a plain dict with an explicit prefix
-    tree of axes, on 2 devices: each device holds half the (padded) batch; jit and pmap give the numpy result."""
-    p = subprocess.run([sys.executable, str(HERE / "_shard_worker.py"), str(tmp_path / "s.npz")], env=_env(2),
-                       capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    r = dict(np.load(tmp_path / "s.npz"))
-    assert int(r["devices"]) == 2 and int(r["n"]) == 5
-    assert tuple(r["x_shard"]) == (3, 3) and tuple(r["w_shard"]) == (3,)  # (3, 5) padded to (3, 6), split on axis 1
-    assert tuple(r["dict_b_shard"]) == (2, 3)
-    for k in ("jit", "pmap"):
-        np.testing.assert_allclose(r[k], r["ref"], rtol=1e-6, atol=1e-6, err_msg=k)
-    np.testing.assert_allclose(r["dict"], r["dict_ref"], rtol=1e-6, atol=1e-6)
 
 
 def test_batch_axes_are_declared_by_the_request_class():

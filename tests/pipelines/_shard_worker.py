@@ -1,19 +1,14 @@
-"""Run with XLA_FLAGS=--xla_force_host_platform_device_count=2: shard non-SD request pytrees on their batch axes.
+"""Shard non-SD request pytrees on their batch axes, on two devices: run by tests/_cpu_devices_worker.py (in its
+two-device subprocess) and checked by tests/test_cpu_devices.py.
 
-Usage: python _shard_worker.py OUT.npz. Saves the sharded / pmapped results, their numpy references and the
-per-device shard shapes.
+:func:`results` returns the sharded / pmapped results, their numpy references and the per-device shard shapes.
 """
-import sys
-from pathlib import Path
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parents[2]))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxdiff import parallel  # noqa: E402
-from jaxdiff._pytree import pytree_dataclass, static_field  # noqa: E402
+from jaxdiff import parallel
+from jaxdiff._pytree import pytree_dataclass, static_field
 
 N = 5  # does not divide 2: padded, then trimmed
 
@@ -31,7 +26,8 @@ def weighted(r: Pairs) -> jax.Array:
     return jnp.sum(r.x * r.w[:, None], axis=0)  # (N,)
 
 
-def main() -> None:
+def results() -> dict:
+    """Shard a :class:`Pairs` request and a plain dict over every device (jit) and split them for ``jax.pmap``."""
     rng = np.random.default_rng(0)
     req = Pairs(rng.normal(size=(3, N)).astype(np.float32), np.array([1.0, -2.0, 0.5], np.float32))
     mesh = parallel.make_mesh()
@@ -51,8 +47,4 @@ def main() -> None:
     res["dict"] = np.asarray(jax.jit(lambda t: t["a"].sum(1) * t["c"] + t["b"].sum(0))(st))[:n]
     res["dict_ref"] = tree["a"].sum(1) * tree["c"] + tree["b"].sum(0)
     res["dict_b_shard"] = np.asarray(st["b"].addressable_shards[0].data.shape)
-    np.savez(sys.argv[1], **res)
-
-
-if __name__ == "__main__":
-    main()
+    return res

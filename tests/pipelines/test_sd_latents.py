@@ -1,4 +1,5 @@
-"""User start latents (diffusers' ``latents=``): the same images as diffusers, checked shapes, no recompilation."""
+"""User start latents (diffusers' ``latents=``): the same images as diffusers, checked shapes, no recompilation.
+(Their split over two devices with the rest of the batch: tests/test_cpu_devices.py, which owns the two-device run.)"""
 from __future__ import annotations
 
 import json
@@ -82,37 +83,3 @@ def test_latents_values_do_not_recompile_and_replace_the_seeds(tiny_sd):
     np.testing.assert_allclose(tiny_sd(["a b", "c"], latents=noise, seed=0, **base), seeded,
                                atol=4e-6 * np.abs(seeded).max(), rtol=0)  # float32 rounding of O(30) latents, 7.5x CFG
 
-
-SPLIT_SCRIPT = """
-import sys, tempfile, pathlib
-import numpy as np
-sys.path.insert(0, sys.argv[1])
-import _tiny_sd
-from jaxdiff import parallel
-sd = _tiny_sd.build(pathlib.Path(tempfile.mkdtemp()))
-f, c = sd.models.vae_factor, sd.models.latent_channels
-lat = np.random.default_rng(2).standard_normal((3, 16 // f, 16 // f, c)).astype(np.float32)
-kw = dict(negative="", height=16, width=16, steps=2, sampler="ddim", guidance=3.0, latents=lat)
-one = sd(["a", "b", "c"], mesh=None, **kw)
-assert parallel.make_mesh().shape["data"] == 2
-np.testing.assert_allclose(parallel.generate(sd, ["a", "b", "c"], **kw), one, atol=1e-5, rtol=0)
-np.testing.assert_allclose(parallel.pmap_generate(sd, ["a", "b", "c"], **kw), one, atol=1e-5, rtol=0)
-np.testing.assert_allclose(sd(["a", "b", "c"], **kw), one, atol=1e-5, rtol=0)  # the default split over devices
-print("ok")
-"""
-
-
-def test_latents_split_over_devices_like_the_batch():
-    """jaxdiff.parallel pads and shards the latents with the rest of the batch (3 images on 2 devices)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    here = Path(__file__).parent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               JAXDIFF_CPU_DEVICES="2")
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT, str(here)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and "ok" in run.stdout, (run.stdout + run.stderr)[-3000:]
