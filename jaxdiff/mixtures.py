@@ -40,11 +40,19 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def _log_resp(self, xf: Array, sigma: Array, labels: Any) -> tuple[Array, Array]:
-        """Unnormalised log responsibilities (B, K) and the noisy variances (B, K, d)."""
-        var = self.variances[None] + (sigma * sigma)[:, None, None]
+    def _noisy_variances(self, sigma: Array | float, x: Array) -> Array:
+        """``v_k + sigma^2``: (K, d) for one level shared by the batch (a scalar sigma, as samplers pass it),
+        else (B, K, d) for per-sample levels (B,). The shared case spends no per-sample logs or divisions."""
+        s = jnp.asarray(sigma, x.dtype)
+        if s.ndim == 0:
+            return self.variances + s * s
+        return self.variances[None] + (batch_sigma(s, x) ** 2)[:, None, None]
+
+    def _log_resp(self, xf: Array, sigma: Array | float, labels: Any) -> tuple[Array, Array]:
+        """Unnormalised log responsibilities (B, K) and the noisy variances, (K, d) or (B, K, d)."""
+        var = self._noisy_variances(sigma, xf)
         diff = xf[:, None, :] - self.means[None]
-        logpdf = -0.5 * jnp.sum(diff * diff / var + jnp.log(2 * jnp.pi * var), axis=-1)
+        logpdf = -0.5 * (jnp.sum(diff * diff * (1.0 / var), axis=-1) + jnp.sum(jnp.log(2 * jnp.pi * var), axis=-1))
         return self._prior_logits(labels, xf.shape[0]) + logpdf, var
 
     def _prior_logits(self, labels: Any, n: int) -> Array:
@@ -57,17 +65,20 @@ class GaussianMixture:
         return jnp.where(allowed, logits, -jnp.inf)
 
     def __call__(self, x: Array, sigma: Array, cond: Any = None) -> Array:
-        sigma = batch_sigma(sigma, x)
         xf = x.reshape(x.shape[0], -1)
         logits, var = self._log_resp(xf, sigma, cond)
         resp = jax.nn.softmax(logits, axis=-1)
-        x0_k = self.means[None] + self.variances[None] / var * (xf[:, None, :] - self.means[None])
-        return jnp.einsum("bk,bkd->bd", resp, x0_k).reshape(x.shape)
+        gain = self.variances / var  # E[x0 | x, k] = mu_k + gain_k (x - mu_k) = gain_k x + (1 - gain_k) mu_k
+        if gain.ndim == 2:  # one shared level: two (B, K) x (K, d) products, no (B, K, d) tensor
+            x0 = (resp @ gain) * xf + resp @ ((1.0 - gain) * self.means)
+        else:
+            x0 = jnp.einsum("bk,bkd->bd", resp, gain * xf[:, None, :] + (1.0 - gain) * self.means[None])
+        return x0.reshape(x.shape)
 
     def log_prob(self, x: Array, sigma: Array | float = 0.0, cond: Any = None) -> Array:
         """``log p_sigma(x)`` (optionally of the class-conditional mixture), shape (B,)."""
         xf = x.reshape(x.shape[0], -1)
-        logits, _ = self._log_resp(xf, batch_sigma(sigma, xf), cond)
+        logits, _ = self._log_resp(xf, sigma, cond)
         prior = self._prior_logits(cond, xf.shape[0])
         return jax.nn.logsumexp(logits, axis=-1) - jax.nn.logsumexp(prior, axis=-1)
 
@@ -79,7 +90,7 @@ class GaussianMixture:
     def class_log_posterior(self, x: Array, sigma: Array) -> Array:
         """``log p(y | x, sigma)`` for every class, shape (B, num_classes)."""
         xf = x.reshape(x.shape[0], -1)
-        logits, _ = self._log_resp(xf, batch_sigma(sigma, xf), None)
+        logits, _ = self._log_resp(xf, sigma, None)
         onehot = jax.nn.one_hot(self.component_classes, self.num_classes, dtype=bool)  # (K, C)
         per_class = jax.nn.logsumexp(jnp.where(onehot[None], logits[:, :, None], -jnp.inf), axis=1)
         return per_class - jax.nn.logsumexp(logits, axis=-1, keepdims=True)

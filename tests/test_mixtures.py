@@ -55,6 +55,20 @@ def test_denoiser_and_class_conditionals_match_numpy(mix, x, sigma):
         np.testing.assert_allclose(mix.log_prob(x, sigma, cond), want_lp, rtol=1e-5, atol=1e-4)
 
 
+def test_per_sample_levels_equal_each_samples_own_level(mix, x):
+    """A vector of levels (B,) takes the per-sample path; each row equals the shared-level path (checked against numpy
+    above) at that row's level, for the denoiser, the density and the class posterior."""
+    sigmas = jnp.array([0.02, 0.3, 0.5, 1.0, 3.0, 0.1, 2.0, 0.7])
+    labels = jnp.array([0, 1, 2, -1, 0, 1, 2, -1])
+    den, lp = mix(x, sigmas, labels), mix.log_prob(x, sigmas, labels)
+    post = mixtures.MixtureClassifier(mix)(x, sigmas)
+    for i, s in enumerate(np.asarray(sigmas)):
+        row, lab = x[i: i + 1], labels[i: i + 1]
+        np.testing.assert_allclose(den[i: i + 1], mix(row, float(s), lab), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lp[i: i + 1], mix.log_prob(row, float(s), lab), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(post[i: i + 1], mixtures.MixtureClassifier(mix)(row, float(s)), atol=1e-4)
+
+
 @pytest.mark.parametrize("sigma", [0.05, 1.0])
 def test_class_posterior_is_bayes_rule(mix, x, sigma):
     logc = np_log_components(mix, x, sigma)
