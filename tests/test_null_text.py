@@ -145,7 +145,7 @@ def test_only_the_unconditional_embedding_is_optimised(sd, inverted):
     np.testing.assert_array_equal(at_one.latents, inverted.latents)
     np.testing.assert_array_equal(at_one.uncond, np.broadcast_to(at_one.uncond[:, :1], at_one.uncond.shape))
     np.testing.assert_allclose(at_one.uncond[:, 0], np.broadcast_to(empty, (2,) + empty.shape), atol=1e-5)
-    np.testing.assert_array_equal(at_one.loss, at_one.loss_before)
+    np.testing.assert_allclose(at_one.loss, at_one.loss_before, rtol=1e-6)  # same inputs, computed at two places
     assert np.abs(np.asarray(inverted.uncond) - empty).max() > 1e-3
     assert np.all(np.asarray(inverted.inner_steps) == 10)  # loss far above 1e-5 + 2e-5 i: all N steps
     lax = nt.invert(sd, IMAGES, PROMPTS, steps=STEPS, guidance=7.5, options=nt.NullTextOptions(epsilon=1e3))

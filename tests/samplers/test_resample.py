@@ -22,7 +22,8 @@ def _sample(sampler, key: int = 3) -> np.ndarray:
 
 @pytest.mark.parametrize("inner", [Euler(), EulerAncestral(), DPMSolverPP2M()], ids=["euler", "ancestral", "dpmpp_2m"])
 def test_one_repeat_is_the_inner_sampler(inner) -> None:
-    np.testing.assert_array_equal(_sample(Resample(inner, 1)), _sample(inner))
+    # the same arithmetic in two compiled programs: equal to float32 rounding (XLA may fuse the two differently)
+    np.testing.assert_allclose(_sample(Resample(inner, 1)), _sample(inner), rtol=1e-6, atol=1e-6)
 
 
 def test_two_passes_renoise_to_the_starting_level() -> None:
