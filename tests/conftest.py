@@ -30,7 +30,7 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # s; test_guidance + test_sd_parity 74 -> 52 s), and the suite spends three quarters of its CPU time tracing and
 # compiling. Programs run somewhat slower alone (the exact mixture targets' Langevin test 8 -> 12 s). And one thread
 # per program: the two workers fill both cores, and a program splitting its work over a second thread that the other
-# worker holds waits for it (a mixture sampling step 3.8 -> 7.5 ms beside a busy core; 4.2 ms on one thread).
+# worker holds waits for it (an 8192 x 64 normal draw 3.8 -> 7.5 ms beside a busy core; 4.2 ms on one thread).
 for _flag, _value in (("xla_backend_optimization_level", "1"), ("xla_cpu_use_fusion_emitters", "false"),
                       ("xla_cpu_multi_thread_eigen", "false")):
     if _flag not in os.environ.get("XLA_FLAGS", ""):
