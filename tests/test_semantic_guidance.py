@@ -93,7 +93,7 @@ def test_normalized_gradient_and_sigma_window():
         g = np_cos_grad(d / 2 + 0.5, w, t) / 2
         want = d - (scale * sigma)[:, None] * g / np.sqrt(np.mean(g**2, axis=1, keepdims=True))
         np.testing.assert_allclose(call(den, x, sigma), want, atol=1e-5)
-    for sigma in (0.3, 1.5):  # outside: the unguided x0 (to float32 rounding: two compiled programs; inside it moves ~0.1)
+    for sigma in (0.3, 1.5):  # outside: the unguided x0 (to float32 rounding: two programs; inside it moves ~0.1)
         np.testing.assert_allclose(call(den, x, sigma), call(gaussian, x, sigma), rtol=1e-6, atol=1e-7)
 
 
