@@ -137,12 +137,14 @@ def generate_chunked(sd: Any, prompts: Sequence[str], seeds: Sequence[int], *, c
                      network_transform: Any = None, transform_for: Callable[[Any], Any] | None = None,
                      **kwargs: Any) -> Any:
     """One image per prompt from a Stable Diffusion recipe, prompt i with seed ``seeds[i]``, in batches of ``chunk``
-    (the last padded with the last prompt) so one compiled program serves every batch. ``transform_for(indices)``
-    builds a batch's network transform from its prompts' indices (e.g. their control images), else
-    ``network_transform`` serves all; ``kwargs`` go to the recipe (steps, sampler, guidance, ...)."""
+    (the last padded with the last prompt) so one compiled program serves every batch; fewer prompts than a chunk
+    (a tiny run) make one batch of their own size, not padded to a full chunk. ``transform_for(indices)`` builds a
+    batch's network transform from its prompts' indices (e.g. their control images), else ``network_transform``
+    serves all; ``kwargs`` go to the recipe (steps, sampler, guidance, ...)."""
     import numpy as np
 
     out, n = [], len(prompts)
+    chunk = min(chunk, n)
     for i in range(0, n, chunk):
         idx = np.minimum(np.arange(i, i + chunk), n - 1)
         nt = network_transform if transform_for is None else transform_for(idx)

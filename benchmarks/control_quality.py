@@ -43,7 +43,6 @@ from jaxdiff.pipelines import StableDiffusion  # noqa: E402
 
 SIDES = {"controlnet": "digits-controlnet", "adapter": "digits-adapter"}
 SCALES = (0.5, 1.0, 1.5)
-CHUNK = 64  # prompts per compiled batch
 TARGETS = {"controlnet_edge_f1": (">=", 0.6), "controlnet_edge_f1_ratio": (">=", 2.0),
            "controlnet_prompt_accuracy": (">=", 0.95), "controlnet_colour_accuracy": (">=", 0.95)}
 
@@ -81,7 +80,7 @@ def side_transform(side: str, model: Any, controls: np.ndarray, scale: float = 1
 
 
 def generate(sd: StableDiffusion, pairs: dict[str, Any], transform: Callable[[np.ndarray], Any] | None, *,
-             guidance: float, steps: int, sampler: str = "dpmpp_2m", chunk: int = CHUNK) -> np.ndarray:
+             guidance: float, steps: int, sampler: str = "dpmpp_2m", chunk: int = 64) -> np.ndarray:
     """Images (N, 32, 32, 3) for the pairs' prompts, seed i for pair i; ``transform(controls)`` builds the network
     transform of a chunk (None: no control)."""
     build = None if transform is None else (lambda idx: transform(pairs["control"][idx]))
@@ -132,8 +131,7 @@ def run(model: str = "digits-sd", sides: dict[str, str] | None = None, *, num: i
         "model": model, "sides": sides, "pairs": len(pairs["prompts"]), "sampler": sampler, "steps": steps,
         "guidance": guidance, "real_pair_edge_f1": float(edge_f1(pairs["prompt_edges"], pairs["edges"]).mean()),
         "real_pair_edge_f1_exact": float(edge_f1(pairs["prompt_edges"], pairs["edges"], 0).mean())}
-    # fewer pairs than a chunk (a tiny run) sample in one batch of their own size, not padded to a full chunk
-    look = dict(guidance=guidance, steps=steps, sampler=sampler, chunk=min(CHUNK, len(pairs["prompts"])))
+    look = dict(guidance=guidance, steps=steps, sampler=sampler)
     images = {"none": generate(sd, pairs, None, **look)}
     results["none"] = read_back(images["none"], pairs, judge)
     for side, name in sides.items():

@@ -44,7 +44,6 @@ from jaxdiff.models._pure import PureModel  # noqa: E402
 from jaxdiff.pipelines import StableDiffusion  # noqa: E402
 
 SCALES = (1.0, 2.0, 3.0, 5.0, 7.5)
-CHUNK = 64  # prompts per compiled batch
 ZERO_SHOT_PROMPT = "a photo of the digit {k}"
 TARGETS = {"clip_zero_shot_digit_accuracy": (">=", 0.90), "vae_recon_psnr_db": (">=", 24.0),
            "vae_recon_judge_accuracy": (">=", 0.97), "prompt_digit_accuracy": (">=", 0.95),
@@ -92,7 +91,7 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def generate(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], guidance: float, *, steps: int,
-             sampler: str, chunk: int = CHUNK) -> np.ndarray:
+             sampler: str, chunk: int = 64) -> np.ndarray:
     """One image per prompt (B, 32, 32, 3) in [0, 1], in batches of ``chunk`` (:func:`generate_chunked`)."""
     return generate_chunked(sd, prompts, seeds, chunk=chunk, steps=steps, sampler=sampler, guidance=guidance)
 
@@ -101,11 +100,10 @@ def generate_sets(sd: StableDiffusion, sets: dict[str, Sequence[str]], guidance:
                   sampler: str) -> dict[str, np.ndarray]:
     """Each named prompt list's images, prompt i of a list with seed i, all lists in one :func:`generate` call: in
     a compiled batch an image depends only on its prompt and seed, not on the others beside it (bitwise), so
-    sharing batches draws the same images with fewer padded ones. Fewer prompts in all than a chunk (a tiny run)
-    make one batch of their own size."""
+    sharing batches draws the same images with fewer padded ones."""
     prompts = [str(p) for ps in sets.values() for p in ps]
     seeds = np.concatenate([np.arange(len(ps)) for ps in sets.values()])
-    images = generate(sd, prompts, seeds, guidance, steps=steps, sampler=sampler, chunk=min(CHUNK, len(prompts)))
+    images = generate(sd, prompts, seeds, guidance, steps=steps, sampler=sampler)
     return dict(zip(sets, np.split(images, np.cumsum([len(ps) for ps in sets.values()])[:-1])))
 
 
