@@ -20,8 +20,9 @@ one call of :func:`jaxdiff.editing.edit` (source and edit sampled together):
   (``blend_ink_cells_ideal_outside_psnr_db``), each decoded and compared outside its mask (:func:`_ideal_pastes`).
 - **re-weighting**: captions holding a "thick" word (thick / bold / heavy) edited with the same prompt and that
   word's maps times each factor; the mean ink mass per factor (``reweight_ink_mass``) and whether it rises
-  monotonically (``reweight_monotonic``); for scale, the same captions regenerated with "thin" in the word's place
-  (``reweight_regen_ink_mass``).
+  monotonically (``reweight_monotonic``), over the paper's range c in [-2, 2] and beyond; for scale, the same captions
+  regenerated with "thin" in the word's place (``reweight_regen_ink_mass``); as a control, the same figures on
+  training captions (``reweight_train_*``).
 
 The injection fractions were tuned on training captions (:func:`tune`), never on the held-out ones.
 """
@@ -43,7 +44,9 @@ BLEND = dict(cross_steps=0.8, self_steps=0.4)  # the paper's defaults
 # min-max normalised maps of the digit's word (not the paper's); threshold 0.5 chosen on 16 training captions (0.2 /
 # 0.3 / 0.5: coverage 0.97 / 0.92 / 0.75, outside PSNR 24.4 / 22.3 / 23.9 dB, colour right 0.88 / 0.88 / 0.81)
 MINMAX_BLEND = dict(blend_normalize="minmax", blend_threshold=0.5)
-FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+# the paper's range c in [-2, 2] (Sec. 3.2, "Attention Re-weighting"; a negative c subtracts the word's values) and
+# beyond it
+FACTORS = (-2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 THICK = ("thick", "bold", "heavy")
 
 
@@ -213,7 +216,9 @@ def _mean_defined(values: list) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int) -> dict:
+def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int, prefix: str = "reweight_") -> dict:
+    """The mean ink mass per factor of :data:`FACTORS` over the captions holding a thick-type word (figures named
+    ``prefix`` + ...)."""
     from jaxdiff import editing
 
     def ink_mass(image: np.ndarray, label: int) -> float:
@@ -235,10 +240,10 @@ def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int) -> d
             thin_mass.append(ink_mass(_regen(sd, thin, s), lab))
     curve = {str(f): float(np.mean(v)) for f, v in mass.items()}
     vals = list(curve.values())
-    return {"reweight_factors": list(FACTORS), "reweight_ink_mass": curve, "reweight_captions": used,
-            "reweight_monotonic": bool(all(b > a for a, b in zip(vals, vals[1:]))),
+    return {f"{prefix}factors": list(FACTORS), f"{prefix}ink_mass": curve, f"{prefix}captions": used,
+            f"{prefix}monotonic": bool(all(b > a for a, b in zip(vals, vals[1:]))),
             # as written: the factor-1 edit, which is the caption's own image (an identity edit is exact)
-            "reweight_regen_ink_mass": {"thick": curve["1.0"], "thin": float(np.mean(thin_mass))}}
+            f"{prefix}regen_ink_mass": {"thick": curve["1.0"], "thin": float(np.mean(thin_mass))}}
 
 
 def run(num: int | None = None, seeds: int | None = None) -> dict:
@@ -257,6 +262,10 @@ def run(num: int | None = None, seeds: int | None = None) -> dict:
     out.update(word_swaps(sd, judge, caps, held["label"][:n], seeds, SWAP["cross_steps"], SWAP["self_steps"], rng))
     out.update(colour_swaps(sd, {k: v[:n] for k, v in held.items()}, seeds, rng))
     out.update(reweights(sd, [str(c) for c in held["caption"]][: 4 * n], held["label"][: 4 * n], seeds))
+    # a control: the same curve on training captions (does the word's effect keep its direction on other captions?)
+    train = sets["train"]
+    out.update(reweights(sd, [str(c) for c in train["caption"]][: 4 * n], train["label"][: 4 * n], seeds,
+                         prefix="reweight_train_"))
     out["p2p_seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -327,7 +336,14 @@ def markdown(results: dict) -> list[str]:
              f"{_num(results.get('blend_ink_cells_ideal_outside_psnr_db'))} dB inside the cells holding the source's "
              f"ink (coverage {_num(results.get('blend_ink_cells_coverage'), 3)}){_ceiling_verdict(results)}.", "",
              "Re-weighting a thick-type word, mean ink mass per factor: "
-             f"{ {k: round(v, 4) for k, v in results.get('reweight_ink_mass', {}).items()} } "
-             f"(monotonic: {results.get('reweight_monotonic')}); regenerated as written and with \"thin\" in the word's "
-             f"place: { {k: round(v, 4) for k, v in results.get('reweight_regen_ink_mass', {}).items()} }."]
+             f"{_curve(results, 'reweight_ink_mass')} (monotonic: {results.get('reweight_monotonic')}); regenerated as "
+             f"written and with \"thin\" in the word's place: {_curve(results, 'reweight_regen_ink_mass')}. The same "
+             f"on {results.get('reweight_train_captions')} training captions (a control: does the word's effect keep "
+             f"its direction?): {_curve(results, 'reweight_train_ink_mass')} (rises monotonically: "
+             f"{results.get('reweight_train_monotonic')}); with \"thin\": "
+             f"{_curve(results, 'reweight_train_regen_ink_mass')}."]
     return lines
+
+
+def _curve(results: dict, key: str) -> dict:
+    return {k: round(v, 4) for k, v in results.get(key, {}).items()}
