@@ -238,6 +238,8 @@ def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int, pref
                 r = editing.edit(sd, c, c, seed=s, steps=STEPS, guidance=GUIDANCE, reweight={word: f}, **BLEND)
                 mass[f].append(ink_mass(r.images[1], lab))
             thin_mass.append(ink_mass(_regen(sd, thin, s), lab))
+    if not used:  # a tiny run may hold no thick-type caption: no curve rather than NaNs
+        return {f"{prefix}captions": 0}
     curve = {str(f): float(np.mean(v)) for f, v in mass.items()}
     vals = list(curve.values())
     return {f"{prefix}factors": list(FACTORS), f"{prefix}ink_mass": curve, f"{prefix}captions": used,
