@@ -80,12 +80,12 @@ def side_transform(side: str, model: Any, controls: np.ndarray, scale: float = 1
 
 
 def generate(sd: StableDiffusion, pairs: dict[str, Any], transform: Callable[[np.ndarray], Any] | None, *,
-             guidance: float, steps: int, sampler: str = "dpmpp_2m", chunk: int = 64) -> np.ndarray:
+             guidance: float, steps: int, sampler: str = "dpmpp_2m") -> np.ndarray:
     """Images (N, 32, 32, 3) for the pairs' prompts, seed i for pair i; ``transform(controls)`` builds the network
     transform of a chunk (None: no control)."""
     build = None if transform is None else (lambda idx: transform(pairs["control"][idx]))
-    return generate_chunked(sd, pairs["prompts"], range(len(pairs["prompts"])), chunk=chunk, transform_for=build,
-                            steps=steps, sampler=sampler, guidance=guidance)
+    return generate_chunked(sd, pairs["prompts"], range(len(pairs["prompts"])), transform_for=build, steps=steps,
+                            sampler=sampler, guidance=guidance)
 
 
 def edge_f1(edges: np.ndarray, target_edges: np.ndarray, tolerance: int = 1) -> np.ndarray:

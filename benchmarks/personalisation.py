@@ -119,11 +119,11 @@ class ConceptClassifier:
 
 # ---- generation and read-back ------------------------------------------------------------------
 
-def generate(sd: Any, prompts: list[str], network_transform: Any = None, *, guidance: float = 3.0, steps: int = 20,
-             chunk: int = 64) -> np.ndarray:
-    """One image per prompt, seed i for prompt i."""
-    return generate_chunked(sd, prompts, range(len(prompts)), chunk=chunk, network_transform=network_transform,
-                            steps=steps, guidance=guidance)
+def generate(sd: Any, prompts: list[str], network_transform: Any = None, *, guidance: float = 3.0,
+             steps: int = 20) -> np.ndarray:
+    """One image per prompt, seed i for prompt i (in :func:`generate_chunked`'s batches)."""
+    return generate_chunked(sd, prompts, range(len(prompts)), network_transform=network_transform, steps=steps,
+                            guidance=guidance)
 
 
 def read_back(images: np.ndarray, held: dict[str, np.ndarray], judge: Any, classifier: ConceptClassifier) -> dict:

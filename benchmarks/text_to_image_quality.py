@@ -91,9 +91,9 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def generate(sd: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], guidance: float, *, steps: int,
-             sampler: str, chunk: int = 64) -> np.ndarray:
-    """One image per prompt (B, 32, 32, 3) in [0, 1], in batches of ``chunk`` (:func:`generate_chunked`)."""
-    return generate_chunked(sd, prompts, seeds, chunk=chunk, steps=steps, sampler=sampler, guidance=guidance)
+             sampler: str) -> np.ndarray:
+    """One image per prompt (B, 32, 32, 3) in [0, 1], in :func:`generate_chunked`'s batches."""
+    return generate_chunked(sd, prompts, seeds, steps=steps, sampler=sampler, guidance=guidance)
 
 
 def generate_sets(sd: StableDiffusion, sets: dict[str, Sequence[str]], guidance: float, *, steps: int,
