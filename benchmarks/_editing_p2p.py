@@ -17,12 +17,16 @@ one call of :func:`jaxdiff.editing.edit` (source and edit sampled together):
   the background is then the source's by construction, so only the new ink's colour is measured). What a mask
   allows: a perfect swap (the source re-inked) pasted in latent space inside the min-max blend's own mask
   (``blend_minmax_ideal_outside_psnr_db``) and inside the latent cells that hold the source's ink
-  (``blend_ink_cells_ideal_outside_psnr_db``), each decoded and compared outside its mask (:func:`_ideal_pastes`).
+  (``blend_ink_cells_ideal_outside_psnr_db``), and inside the paper's mask made from a perfect word map, those ink
+  cells max-pooled and thresholded as the paper (``blend_pooled_ink_cells_*``), each decoded and compared outside its
+  mask (:func:`_ideal_pastes`).
 - **re-weighting**: captions holding a "thick" word (thick / bold / heavy) edited with the same prompt and that
   word's maps times each factor; the mean ink mass per factor (``reweight_ink_mass``) and whether it rises
   monotonically (``reweight_monotonic``), over the paper's range c in [-2, 2] and beyond; for scale, the same captions
   regenerated with "thin" in the word's place (``reweight_regen_ink_mass``); as a control, the same figures on
-  training captions (``reweight_train_*``).
+  training captions (``reweight_train_*``). Where the U-Net reads the word: the share of that drop to "thin" made by
+  "thin"'s text states put at the word's own positions only (``reweight_thin_share_word_position``) or at every
+  other position (``reweight_thin_share_other_positions``; :class:`ContextPatch`).
 
 The injection fractions were tuned on training captions (:func:`tune`), never on the held-out ones.
 """
@@ -34,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxdiff._pytree import pytree_dataclass
 from jaxdiff.data import digits_text as dt
 
 TARGETS = {"p2p_target_accuracy": (">=", 0.90), "p2p_structure_gain": (">=", 1.0),
@@ -153,9 +158,11 @@ INK_CELL_ALPHA = 0.05  # a latent cell "holds ink" where the source's measured i
 def _ideal_pastes(sd: Any, source: np.ndarray, new: int, blend_mask: np.ndarray) -> tuple:
     """What a mask allows a latent blend to keep: a *perfect* colour swap, the source image (H, W, 3) re-inked in
     colour ``new`` (its measured coverage, :func:`dt.composite`), its latents pasted over the source's inside (a) the
-    blend's mask (h, w) and (b) the latent cells where the source's ink coverage exceeds :data:`INK_CELL_ALPHA`,
-    decoded. Returns the PSNR against the source decoded outside each mask (None when it covers every cell) and (b)'s
-    coverage."""
+    blend's mask (h, w), (b) the latent cells where the source's ink coverage exceeds :data:`INK_CELL_ALPHA` and (c)
+    the paper's mask made from a perfect word map, those ink cells (:func:`editing.local_blend_mask`: max-pooled
+    3 x 3 and thresholded), decoded. Returns the PSNR against the source decoded outside each mask (None when it
+    covers every cell) and the coverage of (b) and (c)."""
+    from jaxdiff import editing
     from jaxdiff import textual_inversion as ti
 
     x = source[None].astype(np.float64)
@@ -163,16 +170,17 @@ def _ideal_pastes(sd: Any, source: np.ndarray, new: int, blend_mask: np.ndarray)
     alpha = dt.measure_alpha(x, dt.measure_ink(x, bg), bg)
     (h, w), f = blend_mask.shape, source.shape[0] // blend_mask.shape[0]
     ink_cells = (alpha[0].reshape(h, f, w, f).max((1, 3)) > INK_CELL_ALPHA).astype(np.float32)
+    pooled = np.asarray(editing.local_blend_mask(ink_cells[None, ..., None], np.ones((1, 1), np.float32)))[0]
     recoloured = dt.composite(alpha, np.array([new]), bg)
     lat = ti.encode_images(sd, np.concatenate([source[None], recoloured]).astype(np.float32))
-    masks = (blend_mask, ink_cells)
+    masks = (blend_mask, ink_cells, pooled)
     decoded = ti.decode_latents(sd, np.stack([lat[0], *(np.where(m[..., None] > 0, lat[1], lat[0]) for m in masks)]))
     psnrs = []
     for m, image in zip(masks, decoded[1:]):
         outside = np.repeat(np.repeat(m == 0, f, 0), f, 1)
         err = ((image - decoded[0]) ** 2)[outside]
         psnrs.append(float(min(10 * np.log10(1.0 / max(err.mean(), 1e-10)), 100.0)) if outside.any() else None)
-    return psnrs[0], psnrs[1], float(ink_cells.mean())
+    return (*psnrs, float(ink_cells.mean()), float(pooled.mean()))
 
 
 def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> dict:
@@ -181,7 +189,7 @@ def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> d
     only as a bump on a near-uniform floor."""
     from jaxdiff import editing
 
-    paper, minmax, pasted, ideal_minmax, ideal_ink, ink_cover = [], [], [], [], [], []
+    paper, minmax, pasted, ideal_minmax, ideal_ink, ideal_pooled, ink_cover, pooled_cover = ([] for _ in range(8))
     for c, ink, bg, lab in zip(held["caption"], held["ink"], held["background"], held["label"]):
         c = str(c)
         old = dt.COLOURS[int(ink)]
@@ -199,21 +207,54 @@ def colour_swaps(sd: Any, held: dict, seeds: int, rng: np.random.Generator) -> d
                              record_words=[digit, old], **MINMAX_BLEND, **BLEND)
             minmax.append(_blend_figures(r, digit, new))
             pasted.append(int(dt.measure_ink(editing.composite(r.images, r.mask)[1:2])[0]) == new)
-            in_mask, in_ink, cover = _ideal_pastes(sd, r.images[0], new, r.mask[1])
+            in_mask, in_ink, in_pooled, cover, cover_pooled = _ideal_pastes(sd, r.images[0], new, r.mask[1])
             ideal_minmax.append(in_mask), ideal_ink.append(in_ink), ink_cover.append(cover)
+            ideal_pooled.append(in_pooled), pooled_cover.append(cover_pooled)
     out = _blend_summary(paper, "blend_")
     out["blend_source_word_map_peak_to_mean"] = out.pop("blend_word_map_peak_to_mean")
     # perfect swaps pasted inside the min-max blend's masks and inside the source's ink cells: what the mask allows
     return {**out, **_blend_summary(minmax, "blend_minmax_"), "blend_composite_colour_accuracy": float(np.mean(pasted)),
             "blend_minmax_ideal_outside_psnr_db": _mean_defined(ideal_minmax),
             "blend_ink_cells_ideal_outside_psnr_db": _mean_defined(ideal_ink),
-            "blend_ink_cells_coverage": float(np.mean(ink_cover))}
+            "blend_ink_cells_coverage": float(np.mean(ink_cover)),
+            # the paper's pooling of a perfect word map: what the paper's blend could keep at this latent grid
+            "blend_pooled_ink_cells_coverage": float(np.mean(pooled_cover)),
+            "blend_pooled_ink_cells_edits_with_pixels_outside_mask": sum(p is not None for p in ideal_pooled),
+            "blend_pooled_ink_cells_ideal_outside_psnr_db": _mean_defined(ideal_pooled)}
 
 
 def _mean_defined(values: list) -> float | None:
     """The mean of the values that are not None (None when none is)."""
     kept = [v for v in values if v is not None]
     return float(np.mean(kept)) if kept else None
+
+
+@pytree_dataclass
+class ContextPatch:
+    """``inner(x, t, cond)`` with the conditional rows' text states at ``positions`` (L,) 0/1 replaced by ``states``
+    (L, D): where does the U-Net read a word? (Another caption's states put at the word's own positions only, or at
+    every other position.)"""
+
+    inner: Any
+    positions: Any
+    states: Any
+
+    def __call__(self, x: Any, t: Any, cond: Any) -> Any:
+        import jax.numpy as jnp
+
+        from jaxdiff import conditioning
+
+        flag = conditioning.conditional_flag(cond, x.shape[0])[:, None, None]
+        put = flag * jnp.asarray(self.positions)[None, :, None]
+        return self.inner(x, t, {**cond, "context": cond["context"] * (1 - put) + jnp.asarray(self.states)[None] * put})
+
+
+def _patched(sd: Any, caption: str, donor: str, positions: np.ndarray, seed: int) -> np.ndarray:
+    """``caption`` generated with ``donor``'s text states at ``positions`` (the unconditional half untouched)."""
+    from jaxdiff._transforms import Transform
+
+    patch = Transform(ContextPatch, dict(positions=positions, states=np.asarray(sd.encode_prompt([donor]))[0]))
+    return sd(caption, seed=seed, steps=STEPS, guidance=GUIDANCE, network_transform=patch)[0]
 
 
 def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int, prefix: str = "reweight_") -> dict:
@@ -226,6 +267,7 @@ def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int, pref
 
     mass = {f: [] for f in FACTORS}
     thin_mass = []  # the word's whole effect: the caption regenerated with "thin" in its place
+    word_thin, rest_thin = [], []  # "thin"'s text states at the word's own positions only / at all the others
     used = 0
     for c, lab in zip(captions, labels):
         word = next((w for w in THICK if re.search(rf"\b{w}\b", c)), None)
@@ -233,19 +275,34 @@ def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int, pref
             continue
         used += 1
         thin = re.sub(rf"\b{word}\b", "thin", c)
+        at = np.zeros(sd.max_length, np.float32)
+        at[editing.word_positions(sd.tokenizer, c, word, sd.max_length)] = 1.0
+        same_layout = editing.word_positions(sd.tokenizer, thin, "thin", sd.max_length) == list(np.flatnonzero(at))
         for s in range(seeds):
             for f in FACTORS:
                 r = editing.edit(sd, c, c, seed=s, steps=STEPS, guidance=GUIDANCE, reweight={word: f}, **BLEND)
                 mass[f].append(ink_mass(r.images[1], lab))
             thin_mass.append(ink_mass(_regen(sd, thin, s), lab))
+            if same_layout:
+                word_thin.append((len(thin_mass) - 1, ink_mass(_patched(sd, c, thin, at, s), lab)))
+                rest_thin.append(ink_mass(_patched(sd, c, thin, 1.0 - at, s), lab))
     if not used:  # a tiny run may hold no thick-type caption: no curve rather than NaNs
         return {f"{prefix}captions": 0}
     curve = {str(f): float(np.mean(v)) for f, v in mass.items()}
     vals = list(curve.values())
+    rows = [i for i, _ in word_thin]
+    thick_m, thin_m = np.mean(np.asarray(mass[1.0])[rows]), np.mean(np.asarray(thin_mass)[rows])
+
+    def share(values: list) -> float:  # of the drop in ink mass from the word to "thin", the part this patch makes
+        return float((thick_m - np.mean(values)) / (thick_m - thin_m))
     return {f"{prefix}factors": list(FACTORS), f"{prefix}ink_mass": curve, f"{prefix}captions": used,
             f"{prefix}monotonic": bool(all(b > a for a, b in zip(vals, vals[1:]))),
             # as written: the factor-1 edit, which is the caption's own image (an identity edit is exact)
-            f"{prefix}regen_ink_mass": {"thick": curve["1.0"], "thin": float(np.mean(thin_mass))}}
+            f"{prefix}regen_ink_mass": {"thick": curve["1.0"], "thin": float(np.mean(thin_mass))},
+            # where the U-Net reads the word: "thin"'s text states at the word's own positions, or at all the others
+            **({f"{prefix}thin_share_word_position": share([m for _, m in word_thin]),
+                f"{prefix}thin_share_other_positions": share(rest_thin), f"{prefix}patched_samples": len(rows)}
+               if rows else {})}
 
 
 def run(num: int | None = None, seeds: int | None = None) -> dict:
@@ -336,14 +393,25 @@ def markdown(results: dict) -> list[str]:
              "pasted in latent space keeps the outside at "
              f"{_num(results.get('blend_minmax_ideal_outside_psnr_db'))} dB inside the min-max mask and "
              f"{_num(results.get('blend_ink_cells_ideal_outside_psnr_db'))} dB inside the cells holding the source's "
-             f"ink (coverage {_num(results.get('blend_ink_cells_coverage'), 3)}){_ceiling_verdict(results)}.", "",
+             f"ink (coverage {_num(results.get('blend_ink_cells_coverage'), 3)}){_ceiling_verdict(results)}. "
+             "The paper's mask made from a *perfect* word map (those ink cells, max-pooled 3 x 3 and thresholded) "
+             f"covers {_num(results.get('blend_pooled_ink_cells_coverage'), 3)} of the latent grid and leaves pixels "
+             f"outside in {results.get('blend_pooled_ink_cells_edits_with_pixels_outside_mask')} of "
+             f"{results.get('blend_edits')} edits (a perfect swap inside it keeps "
+             f"{_num(results.get('blend_pooled_ink_cells_ideal_outside_psnr_db'))} dB over those).", "",
              "Re-weighting a thick-type word, mean ink mass per factor: "
              f"{_curve(results, 'reweight_ink_mass')} (monotonic: {results.get('reweight_monotonic')}); regenerated as "
              f"written and with \"thin\" in the word's place: {_curve(results, 'reweight_regen_ink_mass')}. The same "
              f"on {results.get('reweight_train_captions')} training captions (a control: does the word's effect keep "
              f"its direction?): {_curve(results, 'reweight_train_ink_mass')} (rises monotonically: "
              f"{results.get('reweight_train_monotonic')}); with \"thin\": "
-             f"{_curve(results, 'reweight_train_regen_ink_mass')}."]
+             f"{_curve(results, 'reweight_train_regen_ink_mass')}. Where the U-Net reads the word (held-out): "
+             "of the drop in ink mass from the word to \"thin\", \"thin\"'s text states at the word's own position "
+             f"make {_num(results.get('reweight_thin_share_word_position'), 3)} and at all the other positions "
+             f"{_num(results.get('reweight_thin_share_other_positions'), 3)} (training captions: "
+             f"{_num(results.get('reweight_train_thin_share_word_position'), 3)} / "
+             f"{_num(results.get('reweight_train_thin_share_other_positions'), 3)}); re-weighting acts on the word's "
+             "own position only."]
     return lines
 
 
