@@ -31,7 +31,8 @@ MICRO_UNET = {"model": {"sample_size": 8, "block_out_channels": [8, 16], "layers
                         "norm_num_groups": 4, "attention_head_dim": 2,
                         "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
                         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]},
-              "steps": 3, "batch_size": 16, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 1}}
+              "steps": 3, "batch_size": 16, "optimizer": {"learning_rate": 1e-3, "warmup_steps": 1},
+              "text_layers": 0}  # the micro tower cut to its embeddings: the folder ships the cut tower
 
 
 def test_micro_run_writes_a_folder_diffusers_and_jaxdiff_load_alike(tmp_path):
@@ -64,6 +65,7 @@ def test_micro_run_writes_a_folder_diffusers_and_jaxdiff_load_alike(tmp_path):
     folder = tmp_path / "digits-sd"
     assert {p.name for p in folder.iterdir()} == {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
                                                   "scheduler"}
+    assert json.loads((folder / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 0
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
     assert pipe.safety_checker is None and type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.scheduler.config.prediction_type == "epsilon"
@@ -95,3 +97,25 @@ def test_micro_run_writes_a_folder_diffusers_and_jaxdiff_load_alike(tmp_path):
     np.testing.assert_allclose(np.asarray(eps), eps_t, atol=1e-4)
     img = jax.jit(lambda decode, z: decode(z))(sd.models.vae.bind("decode"), jnp.asarray(z))
     np.testing.assert_allclose(np.asarray(img), img_t, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers", [None, 2, 0])
+def test_text_encoder_cut_to_its_first_layers_reads_that_hidden_state(tmp_path, layers):
+    """A text tower cut to ``layers`` layers (SD 2.x style) gives, in transformers and in jaxdiff, the full tower's
+    hidden state at that depth through the final norm; a cut deeper than the tower is refused."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "examples" / "digits_sd"))
+    ex = _load("digits_sd_train", ROOT / "examples" / "digits_sd" / "train.py")
+    clip_dir = ROOT / "jaxdiff" / "assets" / "digits" / "digits-clip"
+    folder = ex.text_encoder_folder(clip_dir, tmp_path / "text_encoder", layers)
+    ids = ex.train_clip.tokenize(ex.load_tokenizer(clip_dir), ["a thick red 7 on a white background"], 24)
+    full = ex.load_text_encoder(clip_dir)
+    want = np.asarray(full.hidden_state(jnp.asarray(ids), -1 if layers is None else layers, True))
+    with torch.no_grad():
+        got_t = transformers.CLIPTextModel.from_pretrained(folder)(torch.tensor(ids)).last_hidden_state.numpy()
+    got = np.asarray(ex.load_model_folder(folder, class_name="CLIPTextModel").hidden_state(jnp.asarray(ids)))
+    np.testing.assert_allclose(got_t, want, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="between 0 and the text tower's 3 layers"):
+        ex.text_encoder_folder(clip_dir, tmp_path / "too_deep", 4)

@@ -13,10 +13,11 @@ Stages run in order; each reuses the earlier stages' outputs found in ``DIR`` wh
 - ``unet``: a ``UNet2DConditionModel`` on the scaled latents (``configs/unet.json``): epsilon prediction on SD's
   scaled-linear 1000-step betas, conditioned on the frozen text tower's ``last_hidden_state`` of the caption,
   replaced by the empty prompt's with probability ``context_dropout`` (classifier-free guidance training).
-  Written to ``DIR/unet``.
+  The recipe's ``text_layers`` (null: all) cuts the tower to its first layers first (:func:`text_encoder_folder`).
+  Written to ``DIR/unet``, the text encoder it read to ``DIR/text_encoder``.
 
 Then ``DIR/digits-sd`` is assembled (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` = the
-CLIP text tower as ``CLIPTextModel``, ``tokenizer/``, ``scheduler/`` = DPM-Solver++ 2M on the training betas)
+CLIP text tower the U-Net read as ``CLIPTextModel``, ``tokenizer/``, ``scheduler/`` = DPM-Solver++ 2M on the training betas)
 and ``DIR/training.json`` records each stage's wall time and metrics.
 """
 from __future__ import annotations
@@ -193,6 +194,28 @@ def load_text_encoder(clip_dir: Path) -> nnx.Module:
     return load_model_folder(clip_dir, class_name="CLIPTextModel")
 
 
+def text_encoder_folder(clip_dir: Path, folder: Path, layers: int | None = None) -> Path:
+    """Write digits-clip's text tower to ``folder`` as a ``CLIPTextModel``, cut to its first ``layers`` causal layers
+    (None: all), as SD 2.x folders ship their text encoder cut at the layer the U-Net reads: the folder's
+    ``last_hidden_state`` is the tower's hidden state ``layers`` through the final norm. ``layers=0`` keeps the token
+    and position embeddings only, so each word's state holds that word alone."""
+    from safetensors.numpy import load_file, save_file
+
+    save_pretrained(load_text_encoder(clip_dir), folder)
+    total = int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+    if layers is None or layers == total:
+        return folder
+    if not 0 <= layers < total:
+        raise ValueError(f"text_layers must be between 0 and the text tower's {total} layers, got {layers}")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=2) + "\n")
+    for weights in folder.glob("*.safetensors"):
+        kept = {k: v for k, v in load_file(weights).items()
+                if not (".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= layers)}
+        save_file(kept, weights, metadata={"format": "pt"})
+    return folder
+
+
 def load_tokenizer(clip_dir: Path) -> Any:
     from transformers import CLIPTokenizer
 
@@ -256,7 +279,9 @@ def unet_data(cfg: dict[str, Any], vae: AutoencoderKL, text_encoder: nnx.Module,
 def run_unet(cfg: dict[str, Any], data: dict[str, Any], out: Path, clip_dir: Path, *, steps: int | None,
              progress: bool) -> dict:
     vae = load_model_folder(out / "vae", class_name="AutoencoderKL")
-    text, tok = load_text_encoder(clip_dir), load_tokenizer(clip_dir)
+    # the text encoder the U-Net reads travels with it into the assembled folder
+    text_dir = text_encoder_folder(clip_dir, out / "text_encoder", cfg.get("text_layers"))
+    text, tok = load_model_folder(text_dir, class_name="CLIPTextModel"), load_tokenizer(clip_dir)
     start = time.perf_counter()
     latents, context, null = unet_data(cfg, vae, text, tok, data["train"])
     prep = time.perf_counter() - start
@@ -294,7 +319,10 @@ def assemble(out: Path, clip_dir: Path) -> Path:
             shutil.copy2(out / name / f, folder / name / f)
     (folder / "scheduler").mkdir()
     shutil.copy2(out / "unet" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
-    save_pretrained(load_text_encoder(clip_dir), folder / "text_encoder")
+    if (out / "text_encoder" / "config.json").exists():  # the one the U-Net stage trained on
+        shutil.copytree(out / "text_encoder", folder / "text_encoder")
+    else:
+        save_pretrained(load_text_encoder(clip_dir), folder / "text_encoder")
     (folder / "tokenizer").mkdir()
     for f in TOKENIZER_FILES:
         if (clip_dir / f).exists():
