@@ -17,8 +17,8 @@ Stages run in order; each reuses the earlier stages' outputs found in ``DIR`` wh
   Written to ``DIR/unet``, the text encoder it read to ``DIR/text_encoder``.
 
 Then ``DIR/digits-sd`` is assembled (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` = the
-CLIP text tower the U-Net read as ``CLIPTextModel``, ``tokenizer/``, ``scheduler/`` = DPM-Solver++ 2M on the training betas)
-and ``DIR/training.json`` records each stage's wall time and metrics.
+CLIP text tower the U-Net read as ``CLIPTextModel``, ``tokenizer/``, ``scheduler/`` = DPM-Solver++ 2M on the
+training betas) and ``DIR/training.json`` records each stage's wall time and metrics.
 """
 from __future__ import annotations
 
@@ -201,12 +201,13 @@ def text_encoder_folder(clip_dir: Path, folder: Path, layers: int | None = None)
     and position embeddings only, so each word's state holds that word alone."""
     from safetensors.numpy import load_file, save_file
 
-    save_pretrained(load_text_encoder(clip_dir), folder)
-    total = int(json.loads((folder / "config.json").read_text())["num_hidden_layers"])
+    tower = load_text_encoder(clip_dir)
+    total = int(tower.config.num_hidden_layers)
+    if layers is not None and not 0 <= layers <= total:
+        raise ValueError(f"text_layers must be between 0 and the text tower's {total} layers, got {layers}")
+    save_pretrained(tower, folder)
     if layers is None or layers == total:
         return folder
-    if not 0 <= layers < total:
-        raise ValueError(f"text_layers must be between 0 and the text tower's {total} layers, got {layers}")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=2) + "\n")
     for weights in folder.glob("*.safetensors"):
