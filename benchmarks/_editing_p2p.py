@@ -249,11 +249,12 @@ class ContextPatch:
         return self.inner(x, t, {**cond, "context": cond["context"] * (1 - put) + jnp.asarray(self.states)[None] * put})
 
 
-def _patched(sd: Any, caption: str, donor: str, positions: np.ndarray, seed: int) -> np.ndarray:
-    """``caption`` generated with ``donor``'s text states at ``positions`` (the unconditional half untouched)."""
+def _patched(sd: Any, caption: str, donor_states: np.ndarray, positions: np.ndarray, seed: int) -> np.ndarray:
+    """``caption`` generated with a donor caption's text states (L, D) at ``positions`` (the unconditional half
+    untouched)."""
     from jaxdiff._transforms import Transform
 
-    patch = Transform(ContextPatch, dict(positions=positions, states=np.asarray(sd.encode_prompt([donor]))[0]))
+    patch = Transform(ContextPatch, dict(positions=positions, states=donor_states))
     return sd(caption, seed=seed, steps=STEPS, guidance=GUIDANCE, network_transform=patch)[0]
 
 
@@ -267,7 +268,9 @@ def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int, pref
 
     mass = {f: [] for f in FACTORS}
     thin_mass = []  # the word's whole effect: the caption regenerated with "thin" in its place
-    word_thin, rest_thin = [], []  # "thin"'s text states at the word's own positions only / at all the others
+    # per patched sample: ink mass as written, with "thin", and with "thin"'s text states at the word's own positions
+    # only / at all the others
+    patched = []
     used = 0
     for c, lab in zip(captions, labels):
         word = next((w for w in THICK if re.search(rf"\b{w}\b", c)), None)
@@ -278,31 +281,29 @@ def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int, pref
         at = np.zeros(sd.max_length, np.float32)
         at[editing.word_positions(sd.tokenizer, c, word, sd.max_length)] = 1.0
         same_layout = editing.word_positions(sd.tokenizer, thin, "thin", sd.max_length) == list(np.flatnonzero(at))
+        thin_states = np.asarray(sd.encode_prompt([thin]))[0] if same_layout else None
         for s in range(seeds):
             for f in FACTORS:
                 r = editing.edit(sd, c, c, seed=s, steps=STEPS, guidance=GUIDANCE, reweight={word: f}, **BLEND)
                 mass[f].append(ink_mass(r.images[1], lab))
             thin_mass.append(ink_mass(_regen(sd, thin, s), lab))
             if same_layout:
-                word_thin.append((len(thin_mass) - 1, ink_mass(_patched(sd, c, thin, at, s), lab)))
-                rest_thin.append(ink_mass(_patched(sd, c, thin, 1.0 - at, s), lab))
+                patched.append((mass[1.0][-1], thin_mass[-1], ink_mass(_patched(sd, c, thin_states, at, s), lab),
+                                ink_mass(_patched(sd, c, thin_states, 1.0 - at, s), lab)))
     if not used:  # a tiny run may hold no thick-type caption: no curve rather than NaNs
         return {f"{prefix}captions": 0}
     curve = {str(f): float(np.mean(v)) for f, v in mass.items()}
     vals = list(curve.values())
-    rows = [i for i, _ in word_thin]
-    thick_m, thin_m = np.mean(np.asarray(mass[1.0])[rows]), np.mean(np.asarray(thin_mass)[rows])
-
-    def share(values: list) -> float:  # of the drop in ink mass from the word to "thin", the part this patch makes
-        return float((thick_m - np.mean(values)) / (thick_m - thin_m))
+    # of the drop in ink mass from the word to "thin", the part each patch makes
+    thick_m, thin_m, word_m, rest_m = np.mean(patched, axis=0) if patched else (np.nan,) * 4
     return {f"{prefix}factors": list(FACTORS), f"{prefix}ink_mass": curve, f"{prefix}captions": used,
             f"{prefix}monotonic": bool(all(b > a for a, b in zip(vals, vals[1:]))),
             # as written: the factor-1 edit, which is the caption's own image (an identity edit is exact)
             f"{prefix}regen_ink_mass": {"thick": curve["1.0"], "thin": float(np.mean(thin_mass))},
             # where the U-Net reads the word: "thin"'s text states at the word's own positions, or at all the others
-            **({f"{prefix}thin_share_word_position": share([m for _, m in word_thin]),
-                f"{prefix}thin_share_other_positions": share(rest_thin), f"{prefix}patched_samples": len(rows)}
-               if rows else {})}
+            **({f"{prefix}thin_share_word_position": float((thick_m - word_m) / (thick_m - thin_m)),
+                f"{prefix}thin_share_other_positions": float((thick_m - rest_m) / (thick_m - thin_m)),
+                f"{prefix}patched_samples": len(patched)} if patched else {})}
 
 
 def run(num: int | None = None, seeds: int | None = None) -> dict:
