@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = run(args.out, methods, steps=args.steps)
     if args.install:
         log["installed"] = str(install(args.out))
-    print(json.dumps({k: {m: v for m, v in rec.items() if not isinstance(v, (dict, list))} for k, rec in log.items()},
-                     indent=1))
+    print(json.dumps({k: {m: v for m, v in rec.items() if not isinstance(v, (dict, list))} if isinstance(rec, dict)
+                      else rec for k, rec in log.items()}, indent=1))
     return log
 
 

@@ -1,0 +1,34 @@
+"""examples/digits_sd/train_personal.py's command line around its training run (the run itself is the recipes':
+minutes of training, measured by benchmarks/personalisation.py)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def personal():
+    spec = importlib.util.spec_from_file_location("train_personal", ROOT / "examples" / "digits_sd" / "train_personal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_install_prints_the_summary_with_where_it_installed(personal, tmp_path, monkeypatch, capsys):
+    log = {"concept": {"style": "outline", "examples": 200}, "lora": {"seconds": 1.5, "loss_trace": [0.3, 0.2]}}
+    monkeypatch.setattr(personal, "run", lambda out, methods, steps=None: dict(log))
+    monkeypatch.setattr(personal, "install", lambda out: tmp_path / "digits-outline")
+    personal.main(["--out", str(tmp_path), "--install"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == {"concept": {"style": "outline", "examples": 200}, "lora": {"seconds": 1.5},
+                       "installed": str(tmp_path / "digits-outline")}
+
+
+def test_install_refuses_a_partial_run(personal, tmp_path):
+    with pytest.raises(SystemExit):
+        personal.main(["--out", str(tmp_path), "--methods", "lora", "--install"])
