@@ -40,7 +40,8 @@ OPTIONS: dict[str, Any] = {"through_denoiser": True, "normalize": True, "sigma_m
 # clean view lets a sample satisfy CLIP without drawing the digit. Chosen on the tuning references (image class match
 # at scales 0.8 / 1.6): one view 0.64 / 0.68; 5 views at +-1 px 0.68 / 0.72, at +-2 px 0.80 / 0.80; 9 views on the
 # +-2 px grid 0.80 / 0.72, on the +-3 px grid 0.72 / 0.88, +-3 px axial and +-2 px diagonal 0.76 / 0.84, with +-4 px
-# axial 0.76 / 0.76
+# axial 0.76 / 0.76 (this comment's and the next one's figures: digits-sd before 2026-12-02, its U-Net on the text
+# tower's last layer; the options were not chosen again for the current one)
 LOSS_OPTIONS: dict[str, Any] = {"shifts": tuple((dy, dx) for dy in (-3, 0, 3) for dx in (-3, 0, 3))}
 # passes per step (samplers.Resample: universal guidance's self-recurrence); 1: digits-sd's plan as is. 3 passes on
 # the tuning references: class match 0.56 / 0.68 / 0.68 at scales 0.4 / 0.8 / 1.6, against 0.60 / 0.64 / 0.68 with one

@@ -13,7 +13,8 @@ Stages run in order; each reuses the earlier stages' outputs found in ``DIR`` wh
 - ``unet``: a ``UNet2DConditionModel`` on the scaled latents (``configs/unet.json``): epsilon prediction on SD's
   scaled-linear 1000-step betas, conditioned on the frozen text tower's ``last_hidden_state`` of the caption,
   replaced by the empty prompt's with probability ``context_dropout`` (classifier-free guidance training).
-  The recipe's ``text_layers`` (null: all) cuts the tower to its first layers first (:func:`text_encoder_folder`).
+  The recipe's ``text_layers`` (1 as shipped; null: all) cuts the tower to its first layers first
+  (:func:`text_encoder_folder`).
   Written to ``DIR/unet``, the text encoder it read to ``DIR/text_encoder``.
 
 Then ``DIR/digits-sd`` is assembled (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` = the
