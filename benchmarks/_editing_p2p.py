@@ -295,16 +295,18 @@ def reweights(sd: Any, captions: list[str], labels: np.ndarray, seeds: int, pref
         return {f"{prefix}captions": 0}
     curve = {str(f): float(np.mean(v)) for f, v in mass.items()}
     vals = list(curve.values())
-    # of the drop in ink mass from the word to "thin", the part each patch makes
-    thick_m, thin_m, word_m, rest_m = np.mean(patched, axis=0) if patched else (np.nan,) * 4
+    shares = {}
+    if patched:  # of the drop in ink mass from the word to "thin", the part each patch makes
+        thick_m, thin_m, word_m, rest_m = np.mean(patched, axis=0)
+        shares = {f"{prefix}thin_share_word_position": float((thick_m - word_m) / (thick_m - thin_m)),
+                  f"{prefix}thin_share_other_positions": float((thick_m - rest_m) / (thick_m - thin_m)),
+                  f"{prefix}patched_samples": len(patched)}
     return {f"{prefix}factors": list(FACTORS), f"{prefix}ink_mass": curve, f"{prefix}captions": used,
             f"{prefix}monotonic": bool(all(b > a for a, b in zip(vals, vals[1:]))),
             # as written: the factor-1 edit, which is the caption's own image (an identity edit is exact)
             f"{prefix}regen_ink_mass": {"thick": curve["1.0"], "thin": float(np.mean(thin_mass))},
             # where the U-Net reads the word: "thin"'s text states at the word's own positions, or at all the others
-            **({f"{prefix}thin_share_word_position": float((thick_m - word_m) / (thick_m - thin_m)),
-                f"{prefix}thin_share_other_positions": float((thick_m - rest_m) / (thick_m - thin_m)),
-                f"{prefix}patched_samples": len(patched)} if patched else {})}
+            **shares}
 
 
 def run(num: int | None = None, seeds: int | None = None) -> dict:

@@ -26,7 +26,7 @@ def test_install_prints_the_summary_with_where_it_installed(personal, tmp_path, 
     personal.main(["--out", str(tmp_path), "--install"])
     summary = json.loads(capsys.readouterr().out)
     assert summary == {"concept": {"style": "outline", "examples": 200}, "lora": {"seconds": 1.5},
-                       "installed": str(tmp_path / "digits-outline")}
+                       "installed": {"digits-outline": str(tmp_path / "digits-outline")}}
 
 
 def test_install_refuses_a_partial_run(personal, tmp_path):

@@ -153,9 +153,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--install ships a full run of the three recipes: drop --methods and --steps")
     log = run(args.out, methods, steps=args.steps)
     if args.install:
-        log["installed"] = str(install(args.out))
-    print(json.dumps({k: {m: v for m, v in rec.items() if not isinstance(v, (dict, list))} if isinstance(rec, dict)
-                      else rec for k, rec in log.items()}, indent=1))
+        target = install(args.out)
+        log["installed"] = {target.name: str(target)}
+    summary = {k: {m: v for m, v in rec.items() if not isinstance(v, (dict, list))} for k, rec in log.items()}
+    print(json.dumps(summary, indent=1))
     return log
 
 
