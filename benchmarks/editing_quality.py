@@ -47,8 +47,10 @@ def run(parts: tuple[str, ...] = PARTS, *, num: int | None = None, seeds: int | 
     for name in parts:
         module = part(name)
         t0 = time.perf_counter()
-        results.update(module.run(num=num, seeds=seeds))
+        figures = module.run(num=num, seeds=seeds)
+        results.update(figures)
         results.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        results.setdefault("part_keys", {})[name] = sorted(figures)
         targets.update(module.TARGETS)
     figures = dict(results)
     for name in parts:  # a part may nest its figures under its own name (palette)
@@ -69,11 +71,14 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``old``'s report with the rerun parts' figures of ``new`` over it (per-part seconds merged, every part's
-    targets checked again, the parts rerun since the last full run listed); the machine and total seconds become
-    the latest rerun's."""
+    """``old``'s report with the rerun parts' figures of ``new`` in place of theirs (a figure a rerun part no longer
+    reports is dropped; per-part seconds and keys merged, every part's targets checked again, the parts rerun since
+    the last full run listed); the machine and total seconds become the latest rerun's."""
     parts = [x for x in PARTS if x in old.get("parts", []) or x in new["parts"]]
+    stale = {k for name in new["parts"] for k in old.get("part_keys", {}).get(name, [])}
+    old = {k: v for k, v in old.items() if k not in stale}
     out = {**old, **new, "parts": parts, "part_seconds": {**old.get("part_seconds", {}), **new["part_seconds"]},
+           "part_keys": {**old.get("part_keys", {}), **new["part_keys"]},
            "updated_parts": [x for x in PARTS if x in old.get("updated_parts", []) or x in new["parts"]]}
     figures, targets = dict(out), {}
     for name in parts:

@@ -1410,11 +1410,19 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {args.out} must end in .png (jaxdiff writes PNGs that carry their settings)")
     if args.blend_composite and not args.blend:
         raise CLIError("--blend-composite pastes the edit inside the local-blend mask: give --blend WORDS too")
+    if args.blend_subtract and not args.blend:
+        raise CLIError("--blend-subtract takes cells out of the local-blend mask: give --blend WORDS too")
+    if len(args.blend_threshold) > 2:
+        raise CLIError(f"--blend-threshold takes one value, or two (the blend words', the subtracted words'), "
+                       f"got {len(args.blend_threshold)}")
+    if not 0.0 <= args.blend_start <= 1.0:
+        raise CLIError(f"--blend-start is a fraction of the steps in [0, 1], got {args.blend_start}")
+    threshold = args.blend_threshold[0] if len(args.blend_threshold) == 1 else tuple(args.blend_threshold)
     real = _edit_real_image(args)
     sd = StableDiffusion.from_pretrained(model_path(args.model))
     opts = dict(cross_steps=args.cross_steps, self_steps=args.self_steps, mode=args.mode, blend_words=args.blend,
-                blend_threshold=args.blend_threshold, blend_normalize=args.blend_normalize, reweight=reweight,
-                blend_composite=args.blend_composite)
+                blend_threshold=threshold, blend_normalize=args.blend_normalize, reweight=reweight,
+                blend_composite=args.blend_composite, blend_subtract=args.blend_subtract, blend_start=args.blend_start)
     t0 = time.perf_counter()
     if real:
         r = editing.edit_image(sd, real["image"], args.prompt, args.target, steps=real["steps"],
@@ -1426,8 +1434,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     settings = dict(model=args.model, source_prompt=args.prompt, target=args.target, mode=r.mode, seed=args.seed,
                     steps=args.steps or 20, guidance=args.guidance, sampler=args.sampler, negative=args.negative,
                     cross_steps=args.cross_steps, self_steps=args.self_steps, blend=args.blend,
-                    blend_threshold=args.blend_threshold, blend_normalize=args.blend_normalize,
-                    blend_composite=args.blend_composite, reweight=reweight, jaxdiff_version=_version())
+                    blend_threshold=threshold, blend_normalize=args.blend_normalize,
+                    blend_composite=args.blend_composite, blend_subtract=args.blend_subtract,
+                    blend_start=args.blend_start, reweight=reweight, jaxdiff_version=_version())
     if real:  # the real image's source row is its reconstruction: DDIM from the inverted latents, no seed
         settings.update(steps=real["steps"], sampler="ddim", seed=None, real_image=real["path"],
                         real_image_sha256=real["sha256"], inversion=real["inversion"], inversion_steps=real["steps"])
@@ -1609,7 +1618,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="image width; default as --height")
     p.add_argument("--mode", default="auto", choices=("auto", "replace", "refine"), help="word swap or refinement")
     p.add_argument("--blend", nargs="+", default=None, metavar="WORD", help="local blending on these words' maps")
-    p.add_argument("--blend-threshold", type=float, default=0.3, help="local-blend threshold; default 0.3")
+    p.add_argument("--blend-threshold", type=float, nargs="+", default=[0.3], metavar="T",
+                   help="local-blend threshold, or two: the --blend words' and the --blend-subtract words'; "
+                        "default 0.3 (the paper's)")
+    p.add_argument("--blend-subtract", nargs="+", default=None, metavar="WORD",
+                   help="with --blend: take out of the mask the cells where these words' maps exceed the second "
+                        "threshold (the paper's code's substruct_words; e.g. the background's word)")
+    p.add_argument("--blend-start", type=float, default=0.2, metavar="F",
+                   help="local blending begins after this fraction of the steps; default 0.2 (the paper's code's)")
     p.add_argument("--blend-normalize", default="max", choices=("max", "minmax"),
                    help="local-blend maps divided by their maximum (the paper's; default) or rescaled min-max (for "
                         "models whose word maps follow the object only as a bump on a uniform floor)")

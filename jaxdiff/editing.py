@@ -14,12 +14,13 @@ the same start latents; the edited rows read the source row's attention (Sec. 3.
   after the swap or refinement) times a factor during the same steps;
 - **self-attention injection** (Sec. 4, and the paper's code): during the first ``self_steps`` the edited
   rows' self-attention maps are the source's, at grids of at most 16 x 16 query tokens;
-- **local blending** (Sec. 3.2, "Local editing"; :class:`LocalBlend`): after each step the edited latents
-  outside a mask keep the source's, ``x_t <- x_src + mask (x_edit - x_src)``; the mask comes from the
-  chosen words' cross-attention maps summed over the steps so far, averaged over heads and the layers of one
-  grid (the paper's 16 x 16 of a 64 x 64 latent, or the U-Net's grid nearest it: :func:`blend_resolution`),
-  max-pooled 3 x 3 (k = 1), normalised by its maximum and thresholded (0.3), the union of the source's and
-  the edit's.
+- **local blending** (Sec. 3.2, "Local editing"; :class:`LocalBlend`): after each step from the first 20%
+  on (the paper's code: ``start_blend``) the edited latents outside a mask keep the source's,
+  ``x_t <- x_src + mask (x_edit - x_src)``; the mask comes from the chosen words' cross-attention maps summed
+  over the steps so far, averaged over heads and the layers of one grid (the paper's 16 x 16 of a 64 x 64
+  latent, or the U-Net's grid nearest it: :func:`blend_resolution`), max-pooled 3 x 3 (k = 1), normalised by
+  its maximum and thresholded (0.3), the union of the source's and the edit's; less, as the paper's code's
+  ``substruct_words``, the cells where other words' maps (not pooled) exceed a second threshold.
 
 As in the paper's code, only the conditional half of classifier-free guidance is edited, and the maps used
 for blending and returned are recorded before the edit. Every number (fractions as step counts, factors,
@@ -55,8 +56,10 @@ Array = jax.Array
 SELF_MAX_TOKENS = 16 * 16
 """Self-attention is injected at grids of at most this many query tokens (the paper's code: 16 x 16 on SD)."""
 BLEND_THRESHOLD = 0.3
+"""The paper's local-blend threshold on the max-normalised map (its code's ``th``: the same for subtracted words)."""
+BLEND_START = 0.2
+"""The fraction of the steps before local blending begins (the paper's code's ``start_blend``)."""
 BLEND_NORMALIZE = ("max", "minmax")  # the paper's m / max; (m - min) / (max - min): see local_blend_mask
-"""The paper's local-blend threshold on the max-normalised map."""
 MODES = ("auto", "replace", "refine")
 
 
@@ -188,23 +191,34 @@ def local_blend_mask(maps: Array, words: Array, threshold: Any = BLEND_THRESHOLD
 
 @pytree_dataclass
 class LocalBlend:
-    """Local blending of the edited rows (1..P-1) with the source row 0: ``x <- x_0 + mask (x - x_0)``, the mask
-    of row ``b`` the union of the source's and row ``b``'s :func:`local_blend_mask`. ``words`` (P, T) 0/1;
-    ``threshold`` traced; ``enabled`` a traced 0/1 (0: no blending); ``subtract_min`` a traced 0/1 (1: min-max
-    normalised maps, :func:`local_blend_mask`)."""
+    """Local blending of the edited rows (1..P-1) with the source row 0: ``x <- x_0 + mask (x - x_0)`` at steps
+    ``i >= start``. The mask of row ``b``: the union of the source's and row ``b``'s :func:`local_blend_mask` of
+    ``words`` (P, T) 0/1, less the union of their masks of ``subtract_words`` (P, T), made without pooling at
+    ``subtract_threshold`` (the paper's code's ``substruct_words`` and ``th[1]``; none when all zero).
+    ``threshold``, ``start`` (a step index) traced; ``enabled`` a traced 0/1 (0: no blending); ``subtract_min`` a
+    traced 0/1 (1: min-max normalised maps, :func:`local_blend_mask`)."""
 
     words: Array
     threshold: Array
     enabled: Array
     subtract_min: Array = 0.0
+    subtract_words: Any = None
+    subtract_threshold: Array = BLEND_THRESHOLD
+    start: Array = 0
 
     def mask(self, maps: Array, size: tuple[int, int]) -> Array:
         m = local_blend_mask(maps, self.words, self.threshold, size, subtract_min=self.subtract_min)
-        return jnp.maximum(m[:1], m)
+        m = jnp.maximum(m[:1], m)
+        if self.subtract_words is None:
+            return m
+        sub = local_blend_mask(maps, self.subtract_words, self.subtract_threshold, size, k=0,
+                               subtract_min=self.subtract_min)
+        sub = jnp.where(jnp.any(self.subtract_words > 0), jnp.maximum(sub[:1], sub), 0.0)
+        return m * (1.0 - sub)
 
-    def __call__(self, x: Array, maps: Array) -> tuple[Array, Array]:
+    def __call__(self, x: Array, maps: Array, step: Array = 0) -> tuple[Array, Array]:
         mask = self.mask(maps, x.shape[1:3])
-        on = self.enabled > 0
+        on = (self.enabled > 0) & (step >= self.start)
         return jnp.where(on, x[:1] + mask[..., None] * (x - x[:1]), x), jnp.where(on, mask, 1.0)
 
 
@@ -289,7 +303,7 @@ def edit_latents(m: Any, sampler: Any, sigmas: Any, init_sigma: Array, s: EditSe
         maps = jnp.mean(jnp.stack([r[:n] for r in rec.values()]), axis=0)  # cond rows, mean over layers
         hw = record_where.resolution
         acc = acc + maps.reshape(n, hw[0], hw[1], -1)
-        x_new, mask = s.blend(x_new.astype(x.dtype), acc)
+        x_new, mask = s.blend(x_new.astype(x.dtype), acc, i)
         return x_new, state, acc, mask
 
     hw = record_where.resolution
@@ -358,14 +372,15 @@ def _indicator(sd: Any, prompt: str, words: Sequence[str]) -> np.ndarray:
 
 
 def edit_settings(sd: Any, prompts: Sequence[str], *, seed: int, steps: int, guidance: float, cross_steps: float,
-                  self_steps: float, mode: str, blend_words: Sequence[str] | None, blend_threshold: float,
+                  self_steps: float, mode: str, blend_words: Sequence[str] | None, blend_threshold: Any,
                   reweight: Mapping[str, float] | None, record_words: Sequence[str], negative: str,
                   latents: Any, uncond_embeddings: Any, height: int, width: int,
-                  blend_normalize: str = "max") -> tuple[EditSettings, str]:
+                  blend_normalize: str = "max", blend_subtract: Sequence[str] | None = None,
+                  blend_start: float = BLEND_START) -> tuple[EditSettings, str]:
     """Check the inputs and build the traced :class:`EditSettings` (and the mode applied)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    for name, f in (("cross_steps", cross_steps), ("self_steps", self_steps)):
+    for name, f in (("cross_steps", cross_steps), ("self_steps", self_steps), ("blend_start", blend_start)):
         if not 0.0 <= f <= 1.0:
             raise ValueError(f"{name} is a fraction of the steps in [0, 1], got {f}")
     n, L = len(prompts), sd.max_length
@@ -396,11 +411,21 @@ def edit_settings(sd: Any, prompts: Sequence[str], *, seed: int, steps: int, gui
             if not row.any():
                 raise ValueError(f"none of the blend words {list(blend_words)} is in the prompt {p!r}; "
                                  "give the source's word and the target's (e.g. --blend 'red blue')")
+    if blend_subtract and not blend_words:
+        raise ValueError("blend_subtract removes cells from the local-blend mask: give blend_words too")
+    sub = np.stack([_indicator(sd, p, blend_subtract) for p in prompts]) if blend_subtract else words * 0
+    if blend_subtract and not sub.any():
+        raise ValueError(f"none of the subtracted words {list(blend_subtract)} is in the prompts {list(prompts)}")
     if blend_normalize not in BLEND_NORMALIZE:
         raise ValueError(f"blend_normalize must be one of {', '.join(BLEND_NORMALIZE)}, got {blend_normalize!r}")
-    blend = LocalBlend(jnp.asarray(words), jnp.asarray(blend_threshold, jnp.float32),
-                       jnp.asarray(1.0 if blend_words else 0.0, jnp.float32),
-                       jnp.asarray(float(blend_normalize == "minmax"), jnp.float32))
+    th = np.asarray(blend_threshold, np.float32).ravel()
+    if th.size not in (1, 2):
+        raise ValueError(f"blend_threshold is one number or two (the blend words', the subtracted words'), "
+                         f"got {blend_threshold!r}")
+    th = np.resize(th, 2)  # one number serves both, as the paper's code's th = (0.3, 0.3)
+    blend = LocalBlend(jnp.asarray(words), jnp.asarray(th[0]), jnp.asarray(1.0 if blend_words else 0.0, jnp.float32),
+                       jnp.asarray(float(blend_normalize == "minmax"), jnp.float32), jnp.asarray(sub),
+                       jnp.asarray(th[1]), jnp.asarray(int(blend_start * steps), jnp.int32))
     rec = np.stack([[_indicator(sd, p, [w]) for w in record_words] for p in prompts]) if record_words else \
         np.zeros((n, 0, L), np.float32)
     f = sd.models.vae_factor
@@ -429,12 +454,14 @@ def edit_settings(sd: Any, prompts: Sequence[str], *, seed: int, steps: int, gui
 
 def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, seed: int = 0, steps: int = 20,
          guidance: float = 7.5, cross_steps: float = 0.8, self_steps: float = 0.4, mode: str = "auto",
-         blend_words: Sequence[str] | str | None = None, blend_threshold: float = BLEND_THRESHOLD,
-         blend_normalize: str = "max", reweight: Mapping[str, float] | None = None,
+         blend_words: Sequence[str] | str | None = None,
+         blend_threshold: float | tuple[float, float] = BLEND_THRESHOLD, blend_normalize: str = "max",
+         reweight: Mapping[str, float] | None = None,
          record_words: Sequence[str] | str | None = None, negative: str = "", latents: Any = None,
          uncond_embeddings: Any = None, sampler: str | None = None, schedule: str | None = None,
          height: int | None = None, width: int | None = None,
-         blend_grid: int | tuple[int, int] | None = None, blend_composite: bool = False) -> EditResult:
+         blend_grid: int | tuple[int, int] | None = None, blend_composite: bool = False,
+         blend_subtract: Sequence[str] | str | None = None, blend_start: float = BLEND_START) -> EditResult:
     """Prompt-to-Prompt: the source prompt's image and its edit(s), sampled together in one compiled program.
 
     ``mode``: ``"replace"`` (word swap, prompts of equal token counts), ``"refine"`` (added words, the paper's
@@ -443,18 +470,20 @@ def edit(sd: Any, source_prompt: str, target_prompt: str | Sequence[str], *, see
     prompt holds them) form the local-blend mask (``blend_threshold``, default the paper's 0.3; ``blend_normalize``
     ``"max"`` the paper's ``m / max`` or ``"minmax"``, :func:`local_blend_mask`; ``blend_grid``
     the grid of the maps, default :func:`blend_resolution`; ``blend_composite``: :func:`composite` the decoded
-    edits onto the source's pixels outside the last mask). ``reweight`` {word: factor} scales the target
-    tokens' maps during the cross-attention steps. ``record_words``: words whose maps :class:`EditResult` returns
-    (default: the blend and re-weighted words). ``latents``: the start x_T in the VP scale (standard normal for
-    text-to-image; an inverted image's x_T for a real image); ``uncond_embeddings`` (steps, L, D): one
-    unconditional embedding per step (null-text inversion) instead of the negative prompt's.
-    ``sampler`` must evaluate the denoiser once per step (default: the folder's scheduler)."""
+    edits onto the source's pixels outside the last mask); ``blend_subtract``: words whose maps (not pooled) take
+    cells out of it where they exceed the second of two ``blend_threshold`` values (the paper's code's
+    ``substruct_words``, ``th``); blending begins after the first ``blend_start`` of the steps (its code's 0.2).
+    ``reweight`` {word: factor} scales the target tokens' maps during the cross-attention steps. ``record_words``:
+    words whose maps :class:`EditResult` returns (default: the blend and re-weighted words). ``latents``: the start
+    x_T in the VP scale (standard normal for text-to-image; an inverted image's x_T for a real image);
+    ``uncond_embeddings`` (steps, L, D): one unconditional embedding per step (null-text inversion) instead of the
+    negative prompt's. ``sampler`` must evaluate the denoiser once per step (default: the folder's scheduler)."""
     return _edit_on_plan(sd, sd.plan(steps, sampler, schedule), source_prompt, target_prompt, seed=seed, steps=steps,
                          guidance=guidance, cross_steps=cross_steps, self_steps=self_steps, mode=mode,
                          blend_words=blend_words, blend_threshold=blend_threshold, blend_normalize=blend_normalize,
                          reweight=reweight, record_words=record_words, negative=negative, latents=latents,
                          uncond_embeddings=uncond_embeddings, height=height, width=width, blend_grid=blend_grid,
-                         blend_composite=blend_composite)
+                         blend_composite=blend_composite, blend_subtract=blend_subtract, blend_start=blend_start)
 
 
 def composite(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -472,14 +501,16 @@ def composite(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | Sequence[str], *, seed: int,
                   steps: int, guidance: float, cross_steps: float, self_steps: float, mode: str, blend_words: Any,
-                  blend_threshold: float, blend_normalize: str, reweight: Any, record_words: Any, negative: str,
+                  blend_threshold: Any, blend_normalize: str, reweight: Any, record_words: Any, negative: str,
                   latents: Any, uncond_embeddings: Any, height: int | None, width: int | None,
-                  blend_grid: Any, blend_composite: bool = False) -> EditResult:
+                  blend_grid: Any, blend_composite: bool = False, blend_subtract: Any = None,
+                  blend_start: float = BLEND_START) -> EditResult:
     """:func:`edit` on a given sampling plan (:func:`edit_image` runs it on null-text inversion's plain DDIM)."""
     targets = [target_prompt] if isinstance(target_prompt, str) else list(target_prompt)
     if not targets:
         raise ValueError("give a target prompt")
     blend_words = blend_words.split() if isinstance(blend_words, str) else blend_words
+    blend_subtract = blend_subtract.split() if isinstance(blend_subtract, str) else blend_subtract
     if blend_composite and not blend_words:
         raise ValueError("blend_composite pastes the edit inside the local-blend mask: give blend_words too")
     record_words = record_words.split() if isinstance(record_words, str) else record_words
@@ -496,7 +527,8 @@ def _edit_on_plan(sd: Any, plan: Any, source_prompt: str, target_prompt: str | S
                             cross_steps=cross_steps, self_steps=self_steps, mode=mode, blend_words=blend_words,
                             blend_threshold=blend_threshold, blend_normalize=blend_normalize, reweight=reweight,
                             record_words=record_words, negative=negative, latents=latents,
-                            uncond_embeddings=uncond_embeddings, height=height, width=width)
+                            uncond_embeddings=uncond_embeddings, height=height, width=width,
+                            blend_subtract=blend_subtract, blend_start=blend_start)
     images, maps, mask = edit_jit(sd.models, plan.sampler, plan.sigmas, jnp.asarray(plan.init_sigma, jnp.float32), s,
                                   plan.threshold, record_where=ac.Where(kind="cross", resolution=grid),
                                   quantize=plan.quantize)
@@ -571,9 +603,10 @@ def edit_image(sd: Any, image: Any, source_prompt: str, target_prompt: str | Seq
                steps: int | None = None, guidance: float | None = None, inversion: str = "null-text",
                inversion_options: Any = None, inverted: Inversion | None = None, cross_steps: float = 0.8,
                self_steps: float = 0.4, mode: str = "auto", blend_words: Sequence[str] | str | None = None,
-               blend_threshold: float = BLEND_THRESHOLD, blend_normalize: str = "max",
+               blend_threshold: float | tuple[float, float] = BLEND_THRESHOLD, blend_normalize: str = "max",
                reweight: Mapping[str, float] | None = None, record_words: Sequence[str] | str | None = None,
-               blend_grid: int | tuple[int, int] | None = None, blend_composite: bool = False) -> EditResult:
+               blend_grid: int | tuple[int, int] | None = None, blend_composite: bool = False,
+               blend_subtract: Sequence[str] | str | None = None, blend_start: float = BLEND_START) -> EditResult:
     """Prompt-to-Prompt on a real image (Mokady et al. 2023, Sec. 4): invert it with its caption
     ``source_prompt`` (:func:`invert_image`, null-text inversion by default; or pass ``inverted``, one image's
     :class:`Inversion`, and no ``image``), then :func:`edit` from its ``z*_T`` with its per-step unconditional
@@ -609,7 +642,7 @@ def edit_image(sd: Any, image: Any, source_prompt: str, target_prompt: str | Seq
                       blend_words=blend_words, blend_threshold=blend_threshold, blend_normalize=blend_normalize,
                       reweight=reweight, record_words=record_words, negative="", latents=inverted.latents[0],
                       uncond_embeddings=inverted.uncond[0], height=h * f, width=w * f, blend_grid=blend_grid,
-                      blend_composite=blend_composite)
+                      blend_composite=blend_composite, blend_subtract=blend_subtract, blend_start=blend_start)
     return dataclasses.replace(r, inversion=inverted)
 
 

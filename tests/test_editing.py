@@ -144,6 +144,67 @@ def test_local_blend_mask_equals_torch_pool_interpolate_threshold():
     assert 0 < got.mean() < 1
 
 
+def _papers_get_mask(maps, words, threshold, use_pool, size):
+    """The paper's code's ``LocalBlend.get_mask`` restated in torch: the words' maps summed, max-pooled 3 x 3 when
+    ``use_pool``, interpolated (nearest) to ``size``, over their maximum, thresholded, united with the source's."""
+    t = torch.from_numpy((maps * words[:, None, None]).sum(-1))[:, None]
+    if use_pool:
+        t = torch.nn.functional.max_pool2d(t, (3, 3), (1, 1), padding=(1, 1))
+    t = torch.nn.functional.interpolate(t, size=size)
+    m = (t / t.amax(dim=(2, 3), keepdim=True)).gt(threshold)
+    return (m[:1] | m).numpy()[:, 0]
+
+
+def test_subtracted_words_take_their_cells_out_as_the_papers_code():
+    rng = np.random.default_rng(4)
+    maps = rng.uniform(0, 1, (3, 4, 4, 6)).astype(np.float32) ** 4
+    words, sub = np.zeros((3, 6), np.float32), np.zeros((3, 6), np.float32)
+    words[:, 1], words[2, 2], sub[:, 4] = 1, 1, 1
+    blend = editing.LocalBlend(jnp.asarray(words), jnp.asarray(0.1), jnp.asarray(1.0), jnp.asarray(0.0),
+                               jnp.asarray(sub), jnp.asarray(0.4), jnp.asarray(0))
+    got = np.asarray(blend.mask(jnp.asarray(maps), (8, 8)))
+    add = _papers_get_mask(maps, words, 0.1, True, (8, 8))
+    want = add & ~_papers_get_mask(maps, sub, 0.4, False, (8, 8))  # mask * ~get_mask(substruct, use_pool=False)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert 0 < got[1:].mean() < add[1:].mean()  # the subtraction acts, and leaves some of the mask
+    no_sub = editing.LocalBlend(jnp.asarray(words), jnp.asarray(0.1), jnp.asarray(1.0), jnp.asarray(0.0),
+                                jnp.asarray(sub * 0), jnp.asarray(0.4), jnp.asarray(0))
+    np.testing.assert_array_equal(np.asarray(no_sub.mask(jnp.asarray(maps), (8, 8))), add.astype(np.float32))
+
+
+def test_blend_acts_from_its_start_step():
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 4, 4, 1)), jnp.float32)
+    maps = jnp.asarray(np.random.default_rng(4).uniform(size=(2, 4, 4, 3)), jnp.float32)
+    blend = editing.LocalBlend(jnp.ones((2, 3)), jnp.asarray(2.0), jnp.asarray(1.0), start=jnp.asarray(3))
+    out, mask = blend(x, maps, jnp.asarray(2))  # before the start: untouched, and no mask
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+    assert np.all(np.asarray(mask) == 1)
+    out, mask = blend(x, maps, jnp.asarray(3))  # from it: nothing exceeds 2 x max, so the source everywhere
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x)[[0, 0]])
+    assert np.all(np.asarray(mask) == 0)
+
+
+def test_edit_blends_from_blend_start_and_subtracts_words(tiny):
+    _, _, sd = tiny
+    edited = editing.edit(sd, SRC, TGT, **KW)
+    never = editing.edit(sd, SRC, TGT, blend_words=WORDS, blend_threshold=2.0, blend_start=1.0, **KW)  # 2 steps
+    np.testing.assert_allclose(never.images, edited.images, atol=1e-6, rtol=0)
+    last = editing.edit(sd, SRC, TGT, blend_words=WORDS, blend_threshold=2.0, blend_start=0.5, **KW)  # step 1 only
+    np.testing.assert_array_equal(last.images[1], last.images[0])
+    emptied = editing.edit(sd, SRC, TGT, blend_words=WORDS, blend_subtract=["photo"], blend_threshold=(-1.0, -1.0),
+                           **KW)  # every cell is in the mask, and every cell is subtracted
+    assert np.all(emptied.mask == 0)
+    np.testing.assert_array_equal(emptied.images[1], emptied.images[0])
+    kept = editing.edit(sd, SRC, TGT, blend_words=WORDS, blend_subtract="photo", blend_threshold=(-1.0, 2.0), **KW)
+    np.testing.assert_allclose(kept.images, edited.images, atol=1e-6, rtol=0)
+    for kw, message in ((dict(blend_subtract=["photo"]), "give blend_words"),
+                        (dict(blend_words=WORDS, blend_subtract=["tree"]), "none of the subtracted words"),
+                        (dict(blend_words=WORDS, blend_threshold=(0.3, 0.3, 0.3)), "one number or two"),
+                        (dict(blend_words=WORDS, blend_start=1.5), "blend_start is a fraction")):
+        with pytest.raises(ValueError, match=message):
+            editing.edit(sd, SRC, TGT, **{**KW, **kw})
+
+
 def test_minmax_blend_normalisation_finds_the_object_on_a_uniform_floor():
     """Maps that follow the object only as a small bump on a uniform floor (digits-sd's): the paper's ``m / max``
     puts every cell above the threshold; ``(m - min) / (max - min)`` (``subtract_min=1``) recovers the object."""

@@ -57,3 +57,16 @@ def test_update_reruns_one_part_and_keeps_the_others(monkeypatch, tmp_path):
     assert r["a_score"] == 0.95 and not r["targets"]["b_score"]["met"]
     with pytest.raises(SystemExit):
         E.main(["--parts", "p2p", "--update", "--json", str(tmp_path / "missing.json")])
+
+
+def test_update_drops_the_figures_a_rerun_part_no_longer_reports(monkeypatch, tmp_path):
+    first = fake_part("a_score", 0.5, 0.9)
+    first.run = lambda num=None, seeds=None: {"a_score": 0.5, "a_old_diagnostic": 1.0}
+    parts = {"p2p": first, "sdg": fake_part("b_score", 0.85, 0.8)}
+    monkeypatch.setattr(E, "part", parts.__getitem__)
+    path = str(tmp_path / "r.json")
+    E.main(["--parts", "p2p,sdg", "--json", path])
+    parts["p2p"] = fake_part("a_score", 0.95, 0.9)
+    r = E.main(["--parts", "p2p", "--update", "--json", path])
+    assert "a_old_diagnostic" not in r and r["a_score"] == 0.95 and r["b_score"] == 0.85
+    assert r["part_keys"] == {"p2p": ["a_score", "a_score_num"], "sdg": ["b_score", "b_score_num"]}
