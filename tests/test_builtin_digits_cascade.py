@@ -2,10 +2,7 @@
 the example's training step is deterministic."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,16 +12,11 @@ import pytest
 from jaxdiff import builtin
 from jaxdiff.pipelines import cascade as C
 from jaxdiff.pipelines import pixel_cascade as P
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests._examples import load_script
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("cascade_train", ROOT / "examples" / "cascade" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["cascade_train"] = module  # dataclasses resolve the module by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/cascade/train.py", "cascade_train")
 
 
 def test_resize_align_corners_matches_pytorch():

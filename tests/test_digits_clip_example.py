@@ -2,9 +2,7 @@
 folder it writes loads back in jaxdiff and transformers with the trained model's features."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,15 +12,12 @@ from jaxdiff.convert.folders import load_model_folder
 from jaxdiff.data.digits_text import COLOUR_PAIRS, COLOURS, SLANTS, THICKNESSES, alpha_maps, caption, composite
 from jaxdiff.models.clip import CLIPModel
 from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe
+from tests._examples import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "digits_sd" / "train_clip.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("digits_clip_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/digits_sd/train_clip.py", "digits_clip_train")
 
 
 def _mini_split(n: int, seed: int) -> dict[str, np.ndarray]:

@@ -3,7 +3,6 @@ training.json records them, and the digits-sd folder loads in diffusers (StableD
 jaxdiff with the same networks."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests._examples import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 MICRO_VAE = {"model": {"block_out_channels": [8, 8, 8], "layers_per_block": 1, "latent_channels": 4,
@@ -40,8 +34,8 @@ def test_micro_run_writes_a_folder_diffusers_and_jaxdiff_load_alike(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     sys.path.insert(0, str(ROOT / "examples" / "digits_sd"))
-    ex = _load("digits_sd_train", ROOT / "examples" / "digits_sd" / "train.py")
-    clip_test = _load("digits_clip_example_test", ROOT / "tests" / "test_digits_clip_example.py")
+    ex = load_script("examples/digits_sd/train.py", "digits_sd_train")
+    clip_test = load_script("tests/test_digits_clip_example.py", "digits_clip_example_test")
     data = {"train": clip_test._mini_split(48, 0), "held_out": clip_test._mini_split(16, 1)}
     configs = {"vae": ex.load_config("vae", **MICRO_VAE), "unet": ex.load_config("unet", **MICRO_UNET)}
     # A micro digits-clip folder (untrained: the clip stage itself is train_clip.run, tested with its script).
@@ -106,7 +100,7 @@ def test_text_encoder_cut_to_its_first_layers_reads_that_hidden_state(tmp_path, 
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     sys.path.insert(0, str(ROOT / "examples" / "digits_sd"))
-    ex = _load("digits_sd_train", ROOT / "examples" / "digits_sd" / "train.py")
+    ex = load_script("examples/digits_sd/train.py", "digits_sd_train")
     clip_dir = ROOT / "jaxdiff" / "assets" / "digits" / "digits-clip"
     folder = ex.text_encoder_folder(clip_dir, tmp_path / "text_encoder", layers)
     ids = ex.train_clip.tokenize(ex.load_tokenizer(clip_dir), ["a thick red 7 on a white background"], 24)

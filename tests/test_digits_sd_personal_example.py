@@ -2,21 +2,16 @@
 minutes of training, measured by benchmarks/personalisation.py)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._examples import load_script
 
 
 @pytest.fixture()
 def personal():
-    spec = importlib.util.spec_from_file_location("train_personal", ROOT / "examples" / "digits_sd" / "train_personal.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/digits_sd/train_personal.py", "train_personal")
 
 
 def test_install_prints_the_summary_with_where_it_installed(personal, tmp_path, monkeypatch, capsys):
