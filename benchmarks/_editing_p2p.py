@@ -133,12 +133,16 @@ def _psnr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float | None:
     return float(min(10 * np.log10(1.0 / max(((a - b) ** 2)[keep].mean(), 1e-10)), 100.0))
 
 
-def _background(image: np.ndarray) -> np.ndarray:
-    """The pixels (H, W) of an image (H, W, 3) that hold none of its digit: measured ink coverage below
-    :data:`INK_ALPHA`."""
+def _ink(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The measured ink coverage (1, H, W) of an image (H, W, 3) and its background colour index (1,)."""
     x = image[None].astype(np.float64)
     bg = dt.measure_background(x)
-    return dt.measure_alpha(x, dt.measure_ink(x, bg), bg)[0] < INK_ALPHA
+    return dt.measure_alpha(x, dt.measure_ink(x, bg), bg), bg
+
+
+def _background(image: np.ndarray) -> np.ndarray:
+    """The pixels (H, W) of an image (H, W, 3) that hold none of its digit: ink coverage below :data:`INK_ALPHA`."""
+    return _ink(image)[0][0] < INK_ALPHA
 
 
 def _blend_figures(r: Any, new: int) -> tuple[float, float | None, float | None, bool]:
@@ -171,9 +175,7 @@ def _ideal_pastes(sd: Any, source: np.ndarray, new: int, blend_mask: np.ndarray)
     Returns the PSNR against the source decoded outside each mask (None when it covers every cell)."""
     from jaxdiff import textual_inversion as ti
 
-    x = source[None].astype(np.float64)
-    bg = dt.measure_background(x)
-    alpha = dt.measure_alpha(x, dt.measure_ink(x, bg), bg)
+    alpha, bg = _ink(source)
     (h, w), f = blend_mask.shape, source.shape[0] // blend_mask.shape[0]
     ink_cells = (alpha[0].reshape(h, f, w, f).max((1, 3)) > INK_ALPHA).astype(np.float32)
     recoloured = dt.composite(alpha, np.array([new]), bg)

@@ -19,7 +19,8 @@ def test_edit_writes_the_apis_source_edit_and_maps(tmp_path, capsys):
 
     out = tmp_path / "edit.png"
     argv = ["edit", "--model", "digits-sd", "--prompt", SRC, "--target", TGT, "--blend", "red", "blue",
-            "--blend-subtract", "black", "--blend-threshold", "0.3", "0.95", "--reweight", "thick=2", "--cross-steps", "0.5", "--self-steps", "0.5", "--steps", "3", "--seed", "4",
+            "--blend-subtract", "black", "--blend-threshold", "0.3", "0.95", "--reweight", "thick=2",
+            "--cross-steps", "0.5", "--self-steps", "0.5", "--steps", "3", "--seed", "4",
             "--out", str(out), "--attention-maps", str(tmp_path / "maps.png")]
     assert main(argv) == 0
     want = editing.edit(builtin.load_pipeline("digits-sd"), SRC, TGT, seed=4, steps=3, cross_steps=0.5,

@@ -15,7 +15,6 @@ from jaxdiff.models.tokenizers import clip_tokenizer_from_bpe
 from tests._examples import load_script
 
 
-
 def _script():
     return load_script("examples/digits_sd/train_clip.py", "digits_clip_train")
 

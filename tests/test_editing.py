@@ -130,29 +130,30 @@ def test_blend_composite_keeps_the_source_pixels_outside_the_mask(tiny):
         editing.edit(sd, SRC, TGT, blend_composite=True, **KW)
 
 
+def _papers_mask(maps, words, threshold, use_pool, size):
+    """Each row's mask as the paper's code makes it, restated in torch: the words' maps summed (P, 1, h, w),
+    max-pooled 3 x 3 when ``use_pool``, interpolated (nearest) to ``size``, over their maximum, thresholded."""
+    t = torch.from_numpy((maps * words[:, None, None]).sum(-1))[:, None]
+    if use_pool:
+        t = torch.nn.functional.max_pool2d(t, (3, 3), (1, 1), padding=(1, 1))
+    t = torch.nn.functional.interpolate(t, size=size)
+    return (t / t.amax(dim=(2, 3), keepdim=True)).gt(threshold).numpy()[:, 0]
+
+
 def test_local_blend_mask_equals_torch_pool_interpolate_threshold():
     rng = np.random.default_rng(0)
     maps = rng.uniform(0, 1, (2, 4, 4, 6)).astype(np.float32) ** 6  # peaked, so the threshold splits them
     words = np.zeros((2, 6), np.float32)
     words[0, 2], words[1, [3, 4]] = 1, 1
     got = np.asarray(editing.local_blend_mask(jnp.asarray(maps), jnp.asarray(words), 0.3, (8, 8)))
-    t = torch.from_numpy((maps * words[:, None, None]).sum(-1))[:, None]  # (P, 1, h, w), as LocalBlend sums words
-    t = torch.nn.functional.max_pool2d(t, (3, 3), (1, 1), padding=(1, 1))
-    t = torch.nn.functional.interpolate(t, size=(8, 8))
-    t = t / t.amax(dim=(2, 3), keepdim=True)
-    np.testing.assert_array_equal(got, t.gt(0.3).float().numpy()[:, 0])
+    np.testing.assert_array_equal(got, _papers_mask(maps, words, 0.3, True, (8, 8)).astype(np.float32))
     assert 0 < got.mean() < 1
 
 
 def _papers_get_mask(maps, words, threshold, use_pool, size):
-    """The paper's code's ``LocalBlend.get_mask`` restated in torch: the words' maps summed, max-pooled 3 x 3 when
-    ``use_pool``, interpolated (nearest) to ``size``, over their maximum, thresholded, united with the source's."""
-    t = torch.from_numpy((maps * words[:, None, None]).sum(-1))[:, None]
-    if use_pool:
-        t = torch.nn.functional.max_pool2d(t, (3, 3), (1, 1), padding=(1, 1))
-    t = torch.nn.functional.interpolate(t, size=size)
-    m = (t / t.amax(dim=(2, 3), keepdim=True)).gt(threshold)
-    return (m[:1] | m).numpy()[:, 0]
+    """The paper's code's ``LocalBlend.get_mask``: :func:`_papers_mask` united with the source's (row 0)."""
+    m = _papers_mask(maps, words, threshold, use_pool, size)
+    return m[:1] | m
 
 
 def test_subtracted_words_take_their_cells_out_as_the_papers_code():
